@@ -1,0 +1,3 @@
+from vip2clip.cli import main
+
+raise SystemExit(main())

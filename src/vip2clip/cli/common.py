@@ -1,0 +1,92 @@
+"""Options shared by every command that builds a model (backbone, weights, checkpoint, device)."""
+
+from __future__ import annotations
+
+import argparse
+
+from vip2clip.cli import CLIError
+from vip2clip.config import DEFAULT_BACKBONE
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--backbone", default=None, help=f"open_clip ViT name or 'tiny' (default {DEFAULT_BACKBONE})")
+    group.add_argument(
+        "--clip-weights",
+        default=None,
+        help="CLIP weights: a local OpenAI-format file (state dict or TorchScript .pt) or an open_clip tag (openai)",
+    )
+    group.add_argument("--random-init", action="store_true", help="random backbone weights (tests, timing only)")
+    if checkpoint:
+        group.add_argument("--checkpoint", default=None, help="vip2clip or authors' release checkpoint")
+    group.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 518)")
+    group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    group.add_argument(
+        "--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast for the frozen encoders"
+    )
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Model hyper-parameters and the paper's ablation switches (recorded in every checkpoint)."""
+    group = parser.add_argument_group("ViP²-CLIP options (defaults: the paper's)")
+    group.add_argument("--no-vca", dest="use_vca", action="store_false", default=None, help="static prompts only")
+    group.add_argument("--no-fgp", dest="use_fgp", action="store_false", default=None, help="no fine-grained attention")
+    group.add_argument(
+        "--no-utpa", dest="use_utpa", action="store_false", default=None, help="dual-branch image score (Table 5)"
+    )
+    group.add_argument("--state-words", nargs=2, metavar=("NORMAL", "ANOMALOUS"), default=None)
+    group.add_argument("--n-context", type=int, default=None, help="static context tokens per prompt (7)")
+    group.add_argument("--n-dynamic", type=int, default=None, help="visual-conditioned generic tokens (3)")
+    group.add_argument("--top-k", type=int, default=None, help="patches pooled for the image score (50)")
+    group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps (8)")
+    group.add_argument("--feature-layers", type=int, nargs="+", default=None, help="1-based blocks (6 12 18 24)")
+
+
+CONFIG_FIELDS = (
+    "use_vca",
+    "use_fgp",
+    "use_utpa",
+    "state_words",
+    "n_context",
+    "n_dynamic",
+    "top_k",
+    "sigma",
+    "feature_layers",
+)
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    """The ModelConfig overrides the user gave (unset options keep the checkpoint's or the paper's values)."""
+    return {name: getattr(args, name) for name in CONFIG_FIELDS if getattr(args, name, None) is not None}
+
+
+def resolve_clip_weights(args: argparse.Namespace) -> str | None:
+    """The weights the user asked for; refuses to guess when neither weights nor --random-init were given.
+
+    The tiny backbone exists only with random weights, so it needs no flag.
+    """
+    if args.clip_weights and args.random_init:
+        raise CLIError("give either --clip-weights or --random-init, not both")
+    if args.clip_weights:
+        return args.clip_weights
+    if args.random_init or args.backbone == "tiny":
+        return None
+    raise CLIError(
+        "no CLIP weights given. Pass --clip-weights PATH (OpenAI's ViT-L-14-336px.pt or a state dict), "
+        "--clip-weights openai (open_clip download, needs internet), or --random-init (meaningless scores)"
+    )
+
+
+def build_model(args: argparse.Namespace, **config):
+    """create_model from the parsed model options."""
+    from vip2clip.factory import create_model
+
+    model = create_model(
+        backbone=args.backbone,
+        clip_weights=resolve_clip_weights(args),
+        checkpoint=getattr(args, "checkpoint", None),
+        image_size=args.image_size,
+        device=args.device,
+        **config,
+    )
+    return model.set_precision(args.precision)

@@ -1,0 +1,86 @@
+"""Typed configuration of the model, with the paper's (and the authors' release's) defaults.
+
+Every field is plain data so that a checkpoint can store the resolved config as a dict and
+rebuild the exact model from it (`ModelConfig.from_dict(cfg.to_dict())`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+DEFAULT_BACKBONE = "ViT-L-14-336"
+TINY_BACKBONE = "tiny"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """ViP²-CLIP hyper-parameters (paper Sec. 4 and App. B.1; release defaults where the paper is silent).
+
+    `feature_layers=None` means "the four quarter-depth blocks" of the backbone: 6/12/18/24 for ViT-L/14.
+    `metanet_hidden=None` means half the joint embedding width (384 for ViT-L/14).
+    """
+
+    backbone: str = DEFAULT_BACKBONE
+    image_size: int = 518
+    feature_layers: tuple[int, ...] | None = None
+    pos_embed_interpolation: str = "bilinear"
+    quick_gelu: bool = True
+    # ViP-VCA: "[v1..v7] good [z1..z3]" / "[w1..w7] damaged [z1..z3]"
+    state_words: tuple[str, str] = ("good", "damaged")
+    n_context: int = 7
+    n_dynamic: int = 3
+    metanet_hidden: int | None = None
+    # ViP-FGP
+    fgp_heads: int = 8
+    # UTPA
+    top_k: int = 50
+    temperature: float = 0.07
+    sigma: float = 8.0
+    # Ablation switches (paper Table 4 / Table 5)
+    use_vca: bool = True
+    use_fgp: bool = True
+    use_utpa: bool = True
+    # Text encoder: run only the positions up to the end-of-text token (exact under the causal mask).
+    truncate_text: bool = True
+
+    def __post_init__(self) -> None:
+        if self.feature_layers is not None:
+            object.__setattr__(self, "feature_layers", tuple(int(i) for i in self.feature_layers))
+        object.__setattr__(self, "state_words", tuple(self.state_words))
+        if len(self.state_words) != 2:
+            raise ValueError(f"state_words must be a (normal, anomalous) pair, got {self.state_words!r}")
+        for name in ("image_size", "n_context", "fgp_heads", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.n_dynamic < 0:
+            raise ValueError(f"n_dynamic must be >= 0, got {self.n_dynamic}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state_words"] = list(self.state_words)
+        if self.feature_layers is not None:
+            data["feature_layers"] = list(self.feature_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {unknown}; known keys: {sorted(known)}")
+        return cls(**data)
+
+    def updated(self, **changes: Any) -> ModelConfig:
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise TypeError(f"unknown model option(s) {unknown}; valid options: {sorted(known)}")
+        return replace(self, **changes)

@@ -1,0 +1,34 @@
+"""The release's preprocessing: bicubic resize, RGB, OpenAI mean/std; masks bilinear-resized and binarised at 0.5."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vip2clip.config import OPENAI_MEAN, OPENAI_STD
+
+_MEAN = torch.tensor(OPENAI_MEAN).view(3, 1, 1)
+_STD = torch.tensor(OPENAI_STD).view(3, 1, 1)
+
+
+def preprocess(image: Image.Image, image_size: int = 518) -> torch.Tensor:
+    """PIL image (any mode) -> normalised float tensor [3, S, S], as the release feeds CLIP."""
+    rgb = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (pixels - _MEAN) / _STD
+
+
+def denormalize(images: torch.Tensor) -> torch.Tensor:
+    """Inverse of the normalisation: [..., 3, H, W] -> values in [0, 1] (for drawing panels)."""
+    return (images * _STD.to(images.device) + _MEAN.to(images.device)).clamp(0.0, 1.0)
+
+
+def preprocess_mask(binary_mask: np.ndarray, image_size: int = 518) -> torch.Tensor:
+    """Boolean mask [h, w] -> float tensor [S, S] of 0/1.
+
+    Like the release: a 0/255 'L' image resized bilinearly, scaled to [0, 1] and binarised at > 0.5.
+    """
+    as_image = Image.fromarray(np.where(binary_mask, 255, 0).astype(np.uint8), mode="L")
+    resized = np.asarray(as_image.resize((image_size, image_size), Image.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy((resized > 0.5).astype(np.float32))

@@ -1,0 +1,66 @@
+"""`create_model`: the one place that turns names, files and options into a ready ViP²-CLIP model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vip2clip.config import DEFAULT_BACKBONE, ModelConfig
+from vip2clip.model.backbone import FrozenCLIP, load_clip
+from vip2clip.model.checkpoint import load_checkpoint
+from vip2clip.model.vip2clip import ViP2CLIP
+
+logger = logging.getLogger(__name__)
+
+
+def create_model(
+    backbone: str | None = None,
+    clip_weights: str | Path | None = None,
+    checkpoint: str | Path | None = None,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    **config: Any,
+) -> ViP2CLIP:
+    """Build ViP²-CLIP on a frozen open_clip CLIP.
+
+    backbone: open_clip ViT name (default "ViT-L-14-336", or the checkpoint's) or "tiny".
+    clip_weights: None (random init: for tests, the scores mean nothing), a local OpenAI-format file
+        (state dict or TorchScript .pt), or an open_clip pretrained tag ("openai", downloads when online).
+    checkpoint: our checkpoint or the authors' release checkpoint; its config is used, `config` overrides it.
+    image_size: input side (default 518, or the checkpoint's). seed: initialises the trainable parts.
+    config: any `ModelConfig` field (ablation switches, top_k, sigma, state_words, ...).
+    """
+    loaded = None
+    base = ModelConfig()
+    if checkpoint is not None:
+        loaded = load_checkpoint(checkpoint, base_config=base)
+        base = loaded.config
+        if backbone is not None and loaded.meta.get("source", "").startswith("release"):
+            base = base.updated(backbone=backbone)
+        elif backbone is not None and backbone != base.backbone:
+            raise ValueError(f"checkpoint {checkpoint} was trained on backbone {base.backbone!r}, not {backbone!r}")
+    overrides = dict(config)
+    if backbone is not None:
+        overrides["backbone"] = backbone
+    if image_size is not None:
+        overrides["image_size"] = image_size
+    cfg = base.updated(**overrides) if overrides else base
+    if cfg.backbone is None:
+        cfg = cfg.updated(backbone=DEFAULT_BACKBONE)
+
+    clip, source = load_clip(cfg.backbone, clip_weights, quick_gelu=cfg.quick_gelu)
+    if clip_weights is None:
+        logger.warning("backbone %s has random weights (%s): scores say nothing about CLIP", cfg.backbone, source)
+    frozen = FrozenCLIP(clip, cfg.feature_layers, cfg.pos_embed_interpolation, cfg.backbone, source)
+    cfg = cfg.updated(feature_layers=frozen.feature_layers)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = ViP2CLIP(frozen, cfg)
+    if loaded is not None:
+        model.load_trainable_state_dict(loaded.state)
+    return model.to(device)

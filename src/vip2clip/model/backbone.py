@@ -1,0 +1,343 @@
+"""Frozen open_clip CLIP: weights, resized positional grid, intermediate patch tokens, prompt-embedding text forward.
+
+The image side runs its own block loop (no forward hooks) so that the patch tokens after the chosen
+blocks come out of one pass. The text side takes prompt *embeddings* (the learnable prompts are vectors,
+not token ids) and, optionally, only the first positions: with CLIP's causal mask nothing after the
+end-of-text token can change it, so encoding 13 positions instead of 77 is exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP
+from torch import nn
+
+from vip2clip.config import TINY_BACKBONE
+
+logger = logging.getLogger(__name__)
+
+# A tiny CLIP built by open_clip's own classes: for tests and the offline demo (random weights, seeded).
+TINY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 224, "layers": 4, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+# Random backbones are seeded so that separate processes (train, test, predict) build the same network.
+RANDOM_INIT_SEED = 0
+# Non-tensor entries of OpenAI's TorchScript archives.
+_OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+
+
+class WeightsError(ValueError):
+    """The backbone weights could not be found or do not fit the architecture."""
+
+
+@dataclass(frozen=True)
+class ImageFeatures:
+    """Frozen image-encoder outputs: everything ViP²-CLIP needs from the vision tower.
+
+    patch_tokens: one [B, HW, D] tensor per tapped block (through ln_post and proj, L2-normalised).
+    global_feature: [B, D], the last block's class token times proj (no ln_post), L2-normalised.
+    grid: (h, w) of the patch grid.
+    """
+
+    patch_tokens: tuple[torch.Tensor, ...]
+    global_feature: torch.Tensor
+    grid: tuple[int, int]
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> ImageFeatures:
+        return ImageFeatures(
+            tuple(t.to(device=device, dtype=dtype) for t in self.patch_tokens),
+            self.global_feature.to(device=device, dtype=dtype),
+            self.grid,
+        )
+
+
+def available_backbones() -> list[str]:
+    """Backbone names accepted by `load_clip`: open_clip ViT architectures plus the tiny test model."""
+    names = [name for name in open_clip.list_models() if _is_openai_style_vit(open_clip.get_model_config(name))]
+    return [TINY_BACKBONE, *sorted(names)]
+
+
+def _is_openai_style_vit(config: dict | None) -> bool:
+    if not config:
+        return False
+    vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+    return (
+        isinstance(vision.get("layers", 12), int)
+        and not vision.get("timm_model_name")
+        and not text.get("hf_model_name")
+        and not vision.get("attentional_pool", False)
+        and vision.get("pool_type", "tok") == "tok"
+    )
+
+
+def load_clip(backbone: str, weights: str | Path | None, quick_gelu: bool = True) -> tuple[CLIP, str]:
+    """Build an open_clip CLIP and load its weights.
+
+    weights: None (random init, seeded), a local file (OpenAI state dict, OpenAI TorchScript archive,
+    or an open_clip checkpoint), or an open_clip pretrained tag such as "openai" (downloads when online).
+    Returns the model (eval mode, frozen) and a one-line description of where the weights came from.
+    """
+    config = _architecture(backbone)
+    if weights is not None and not Path(weights).is_file() and _looks_like_path(str(weights)):
+        raise WeightsError(
+            f"CLIP weights file not found: {weights}. Pass an existing OpenAI-format file (state dict or "
+            f"TorchScript .pt), an open_clip pretrained tag ({_tags_text(backbone)}), or random init."
+        )
+    if weights is not None and not Path(weights).is_file():
+        return _load_tagged(backbone, str(weights))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = CLIP(**config, quick_gelu=quick_gelu)
+    source = f"random init (seed {RANDOM_INIT_SEED})"
+    if weights is not None:
+        _load_state_dict_file(model, Path(weights))
+        source = f"file {weights}"
+    return _frozen(model), source
+
+
+def _architecture(backbone: str) -> dict:
+    if backbone == TINY_BACKBONE:
+        return {key: dict(value) if isinstance(value, dict) else value for key, value in TINY_CLIP_CONFIG.items()}
+    config = open_clip.get_model_config(backbone)
+    if config is None:
+        vits = ", ".join(available_backbones()[:12])
+        raise ValueError(f"unknown backbone {backbone!r}; open_clip ViT names include: {vits}, ...")
+    if not _is_openai_style_vit(config):
+        raise ValueError(
+            f"backbone {backbone!r} is not a plain ViT CLIP (ViP²-CLIP needs ViT patch tokens and an OpenAI-style "
+            "text tower); try ViT-L-14-336, ViT-B-16 or 'tiny'"
+        )
+    return {key: config[key] for key in ("embed_dim", "vision_cfg", "text_cfg")}
+
+
+def _looks_like_path(text: str) -> bool:
+    return "/" in text or "\\" in text or Path(text).suffix in {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
+
+
+def _tags_text(backbone: str) -> str:
+    tags = open_clip.list_pretrained_tags_by_model(backbone)
+    return ", ".join(tags) if tags else "none known for this backbone"
+
+
+def _load_tagged(backbone: str, tag: str) -> tuple[CLIP, str]:
+    if backbone == TINY_BACKBONE or not open_clip.list_pretrained_tags_by_model(backbone):
+        raise WeightsError(f"no pretrained tags exist for backbone {backbone!r}; pass a weights file or random init")
+    if tag not in open_clip.list_pretrained_tags_by_model(backbone):
+        raise WeightsError(
+            f"{tag!r} is neither an existing file nor a pretrained tag of {backbone}; tags: {_tags_text(backbone)}"
+        )
+    quick_gelu = bool(open_clip.get_pretrained_cfg(backbone, tag).get("quick_gelu", False))
+    try:
+        model = open_clip.create_model(backbone, pretrained=tag, force_quick_gelu=quick_gelu, require_pretrained=True)
+    except Exception as error:  # network, hub or cache failures all end here
+        raise WeightsError(
+            f"could not load pretrained weights {backbone}:{tag} ({type(error).__name__}: {error}). Offline? "
+            "Download OpenAI's ViT-L-14-336px.pt elsewhere and pass its path as --clip-weights / clip_weights."
+        ) from error
+    return _frozen(model), f"open_clip pretrained {backbone}:{tag}"
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a CLIP state dict from a plain torch file or OpenAI's TorchScript archive."""
+    if zipfile.is_zipfile(path) and _is_torchscript_archive(path):
+        state = torch.jit.load(str(path), map_location="cpu").state_dict()
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise WeightsError(f"cannot read CLIP weights from {path}: {error}") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state:
+        raise WeightsError(f"{path} holds no state dict (found {type(state).__name__})")
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    for key in _OPENAI_METADATA_KEYS:
+        state.pop(key, None)
+    return state
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
+
+
+def _load_state_dict_file(model: CLIP, path: Path) -> None:
+    state = read_state_dict(path)
+    expected = model.state_dict()
+    # TorchScript archives also save buffers that open_clip keeps out of its state dict (the causal mask).
+    for name, _ in model.named_buffers():
+        if name not in expected:
+            state.pop(name, None)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in sorted(set(state) & set(expected))
+        if state[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "",
+                f"wrong shapes {wrong[:3]}" if wrong else "",
+            )
+            if part
+        )
+        raise WeightsError(f"CLIP weights in {path} do not fit this architecture: {details}")
+    model.load_state_dict({key: value.float() for key, value in state.items()})
+
+
+def _frozen(model: CLIP) -> CLIP:
+    model = model.float().eval()
+    model.requires_grad_(False)
+    return model
+
+
+class FrozenCLIP(nn.Module):
+    """Frozen CLIP with the two entry points ViP²-CLIP needs.
+
+    `encode_image(images [B,3,H,W]) -> ImageFeatures` and
+    `encode_prompts(embeddings [N,L,D_text], eot [N]) -> [N, D]` (L2-normalised).
+    """
+
+    def __init__(
+        self,
+        clip: CLIP,
+        feature_layers: tuple[int, ...] | None = None,
+        pos_embed_interpolation: str = "bilinear",
+        name: str = "",
+        weights_source: str = "",
+    ) -> None:
+        super().__init__()
+        self.clip = clip
+        self.name = name
+        self.weights_source = weights_source
+        self.depth = len(clip.visual.transformer.resblocks)
+        self.feature_layers = tuple(feature_layers) if feature_layers else default_feature_layers(self.depth)
+        bad = [layer for layer in self.feature_layers if not 1 <= layer <= self.depth]
+        if bad:
+            raise ValueError(f"feature layers {bad} outside 1..{self.depth} for backbone {name!r}")
+        self.pos_embed_interpolation = pos_embed_interpolation
+        self._pos_cache: dict[tuple, torch.Tensor] = {}
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.clip.visual.proj.shape[1])
+
+    @property
+    def token_dim(self) -> int:
+        return int(self.clip.token_embedding.weight.shape[1])
+
+    @property
+    def patch_size(self) -> int:
+        return int(self.clip.visual.conv1.kernel_size[0])
+
+    def train(self, mode: bool = True) -> FrozenCLIP:
+        # Always eval: the backbone is frozen (no dropout, no patch dropout), whatever the parent does.
+        return super().train(False)
+
+    def positional_embedding(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[1 + h*w, W]: the class position as is, the square grid resized to `grid` (computed once per grid)."""
+        key = (grid, device, dtype)
+        if key not in self._pos_cache:
+            self._pos_cache[key] = resize_positional_embedding(
+                self.clip.visual.positional_embedding.detach(), grid, self.pos_embed_interpolation
+            ).to(device=device, dtype=dtype)
+        return self._pos_cache[key]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._pos_cache.clear()  # device or dtype may change
+        return super()._apply(fn, *args, **kwargs)
+
+    def compile_blocks(self, **options) -> None:
+        """torch.compile every transformer block of both towers in place (identical blocks share one graph)."""
+        for block in (*self.clip.visual.transformer.resblocks, *self.clip.transformer.resblocks):
+            block.compile(**options)
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """images [B,3,H,W] (normalised) -> ImageFeatures with patch tokens of `feature_layers`."""
+        visual = self.clip.visual
+        x = visual.conv1(images.to(visual.conv1.weight.dtype))  # [B, W, h, w]
+        grid = (int(x.shape[2]), int(x.shape[3]))
+        x = x.flatten(2).transpose(1, 2)  # [B, hw, W]
+        cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid, x.device, x.dtype)
+        x = visual.ln_pre(x)
+        batch_first = getattr(visual.transformer, "batch_first", True)
+        if not batch_first:
+            x = x.transpose(0, 1)
+        taps = []
+        for index, block in enumerate(visual.transformer.resblocks, start=1):
+            x = block(x)
+            if index in self.feature_layers:
+                taps.append(x if batch_first else x.transpose(0, 1))
+        last = x if batch_first else x.transpose(0, 1)
+        patch_tokens = tuple(F.normalize(visual.ln_post(t[:, 1:]) @ visual.proj, dim=-1) for t in taps)
+        global_feature = F.normalize(last[:, 0] @ visual.proj, dim=-1)
+        return ImageFeatures(patch_tokens, global_feature, grid)
+
+    def encode_prompts(
+        self, embeddings: torch.Tensor, eot_positions: torch.Tensor, n_positions: int | None = None
+    ) -> torch.Tensor:
+        """Prompt embeddings [N, L, D_text] -> L2-normalised text features [N, D].
+
+        n_positions: encode only the first n positions (must cover every end-of-text position).
+        """
+        clip = self.clip
+        length = embeddings.shape[1] if n_positions is None else n_positions
+        if int(eot_positions.max()) >= length:
+            raise ValueError(f"n_positions={length} cuts off an end-of-text token at {int(eot_positions.max())}")
+        x = embeddings[:, :length] + clip.positional_embedding[:length].to(embeddings.dtype)
+        mask = clip.attn_mask[:length, :length].to(device=x.device, dtype=x.dtype)
+        x = clip.transformer(x, attn_mask=mask)
+        x = clip.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot_positions]
+        projection = clip.text_projection
+        x = projection(x) if isinstance(projection, nn.Linear) else x @ projection
+        return F.normalize(x, dim=-1)
+
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [N, 77] -> token embeddings [N, 77, D_text] (for the fixed parts of the prompts)."""
+        return self.clip.token_embedding(tokens).detach()
+
+    def fingerprint(self) -> str:
+        """Short hash of the backbone's weights (a strided sample of every tensor): keys the feature cache."""
+        digest = hashlib.sha256(self.name.encode())
+        for key, tensor in sorted(self.clip.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 256)].float().cpu().numpy()
+            digest.update(key.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(sample.tobytes())
+        return digest.hexdigest()[:16]
+
+
+def default_feature_layers(depth: int) -> tuple[int, ...]:
+    """The quarter-depth blocks (1-based): 6/12/18/24 for a 24-block ViT, as in the paper."""
+    if depth < 4:
+        return tuple(range(1, depth + 1))
+    return tuple(depth * quarter // 4 for quarter in (1, 2, 3, 4))
+
+
+def resize_positional_embedding(pos: torch.Tensor, grid: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """[1 + g*g, W] -> [1 + h*w, W]: class position kept, square grid interpolated (align_corners=False)."""
+    old = round((pos.shape[0] - 1) ** 0.5)
+    if (old, old) == tuple(grid):
+        return pos
+    patches = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    align = {"align_corners": False} if mode in ("bilinear", "bicubic") else {}
+    resized = F.interpolate(patches.float(), size=grid, mode=mode, **align).to(pos.dtype)
+    return torch.cat([pos[:1], resized.permute(0, 2, 3, 1).reshape(-1, pos.shape[1])], dim=0)

@@ -1,0 +1,193 @@
+"""ViP²-CLIP: frozen CLIP + ViP-VCA prompts + ViP-FGP attention + UTPA scoring (paper Fig. 2).
+
+`forward_features` is the whole trainable part, taking precomputed `ImageFeatures` so that training can
+read them from the frozen-feature cache; `forward(images)` runs the image encoder first; `predict` gives
+the release's test outputs (image score, smoothed anomaly map) without gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vip2clip.config import ModelConfig
+from vip2clip.model import utpa
+from vip2clip.model.backbone import FrozenCLIP, ImageFeatures
+from vip2clip.model.fgp import FineGrainedPerception
+from vip2clip.model.prompt import VisualConditionedPrompts
+
+PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class ModelOutput:
+    """Training-time outputs.
+
+    image_logits: [B, 2] (normal, anomalous) logits, already divided by the temperature.
+    similarities / probabilities: one [B, HW, 2] tensor per tapped layer.
+    text: the prompt features before FGP, [B or 1, 2, D].
+    """
+
+    image_logits: torch.Tensor
+    similarities: list[torch.Tensor]
+    probabilities: list[torch.Tensor]
+    text: torch.Tensor
+    grid: tuple[int, int]
+
+    def probability_maps(self, size: tuple[int, int]) -> list[torch.Tensor]:
+        """Per layer [B, 2, H, W]: the two state probabilities upsampled to `size` (for the losses)."""
+        return [utpa.upsample(utpa.to_grid(p, self.grid), size) for p in self.probabilities]
+
+
+@dataclass
+class Prediction:
+    """pred_score [B]: anomalous probability; anomaly_map [B, H, W]: layer-averaged, Gaussian-smoothed map."""
+
+    pred_score: torch.Tensor
+    anomaly_map: torch.Tensor
+
+
+class ViP2CLIP(nn.Module):
+    def __init__(self, backbone: FrozenCLIP, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone
+        dim = backbone.embed_dim
+        if backbone.token_dim != dim:
+            raise ValueError(f"backbone text width {backbone.token_dim} differs from its embedding width {dim}")
+        self.prompts = VisualConditionedPrompts(
+            token_dim=backbone.token_dim,
+            n_context=config.n_context,
+            n_dynamic=config.n_dynamic,
+            metanet_hidden=config.metanet_hidden or dim // 2,
+            use_vca=config.use_vca,
+            context_length=int(backbone.clip.positional_embedding.shape[0]),
+        )
+        self.prompts.set_sentences(config.state_words, backbone.embed_tokens)
+        self.fgp = FineGrainedPerception(dim, config.fgp_heads) if config.use_fgp else None
+        self.precision = "fp32"
+
+    def set_precision(self, precision: str) -> ViP2CLIP:
+        """Run the frozen encoders under autocast ("fp16"/"bf16"); the small heads and softmax stay fp32."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+        self.precision = precision
+        return self
+
+    def compile_encoders(self, **options) -> ViP2CLIP:
+        """torch.compile the frozen encoders' transformer blocks in place (`options` go to torch.compile).
+
+        Compilation happens on the first calls (seconds to minutes); parameter names, and so checkpoints,
+        are unchanged. Worth it on a GPU for long runs; on the CPU it mostly costs the compile time.
+        """
+        self.backbone.compile_blocks(**options)
+        return self
+
+    def _encoder_autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.backbone.clip.visual.proj.device.type, dtype=dtype)
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        return self.backbone.feature_layers
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def num_trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters())
+
+    def encode_image(self, images: torch.Tensor) -> ImageFeatures:
+        """Frozen vision tower: images [B, 3, H, W] (normalised) -> ImageFeatures (fp32 whatever the precision)."""
+        with self._encoder_autocast():
+            features = self.backbone.encode_image(images)
+        return features if self.precision == "fp32" else features.to(images.device, torch.float32)
+
+    def encode_text(self, global_feature: torch.Tensor | None) -> torch.Tensor:
+        """The two prompts' text features [B, 2, D] (or [1, 2, D] for static prompts)."""
+        eot = self.prompts.eot_positions()
+        n_positions = int(eot.max()) + 1 if self.config.truncate_text else None
+        prompts = self.prompts(global_feature if self.config.use_vca else None, n_positions)  # [B, 2, L, Dt]
+        batch, states = prompts.shape[:2]
+        flat = prompts.reshape(batch * states, *prompts.shape[2:])
+        with self._encoder_autocast():
+            features = self.backbone.encode_prompts(flat, eot.repeat(batch), n_positions)
+        return features.float().view(batch, states, -1)
+
+    def forward_features(self, features: ImageFeatures) -> ModelOutput:
+        """The trainable part, from (possibly cached) frozen features."""
+        cfg = self.config
+        text = self.encode_text(features.global_feature)
+        similarities, probabilities = [], []
+        for patches in features.patch_tokens:
+            layer_text = self.fgp(text, patches) if self.fgp is not None else text.expand(patches.shape[0], -1, -1)
+            similarity = utpa.patch_similarity(patches, layer_text)
+            similarities.append(similarity)
+            probabilities.append(utpa.state_probabilities(similarity, cfg.temperature))
+        if cfg.use_utpa:
+            logits = utpa.topk_image_logits(similarities, probabilities, cfg.top_k, cfg.temperature)
+        else:
+            logits = utpa.global_image_logits(features.global_feature, text, cfg.temperature)
+        return ModelOutput(logits, similarities, probabilities, text, features.grid)
+
+    def forward(self, images: torch.Tensor) -> ModelOutput:
+        return self.forward_features(self.encode_image(images))
+
+    def prediction_from_output(self, output: ModelOutput, size: tuple[int, int]) -> Prediction:
+        """Image score and smoothed anomaly map [B, *size] from the outputs."""
+        score = output.image_logits.float().softmax(dim=-1)[:, utpa.ANOMALOUS]
+        probabilities = [p.float() for p in output.probabilities]
+        return Prediction(score, utpa.smoothed_anomaly_map(probabilities, output.grid, size, self.config.sigma))
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """images [B, 3, H, W], normalised with the OpenAI mean/std -> Prediction (no gradients)."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            output = self(images.to(device))
+            return self.prediction_from_output(output, (images.shape[-2], images.shape[-1]))
+        finally:
+            self.train(was_training)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything a checkpoint needs: the learnable prompt/FGP weights and the prompt buffers."""
+        return {
+            key: value.detach().cpu() for key, value in self.state_dict().items() if not key.startswith("backbone.")
+        }
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of `trainable_state_dict`, with one clear error for every mismatched key or shape."""
+        own = self.trainable_state_dict()
+        for state_name in ("normal", "anomalous"):
+            parts = [f"prompts.{kind}_{state_name}" for kind in ("prefix", "state", "suffix", "tokens")]
+            if all(part in state for part in parts):  # the state word's token count may differ from ours
+                self.prompts.set_buffers(state_name, *(state[part].to(own[part].device) for part in parts))
+        own = self.trainable_state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        wrong = [
+            f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
+            for key in sorted(set(own) & set(state))
+            if own[key].shape != state[key].shape
+        ]
+        if missing or unexpected or wrong:
+            raise ValueError(
+                "checkpoint does not fit the model: "
+                + "; ".join(
+                    text
+                    for text in (
+                        f"missing keys {missing}" if missing else "",
+                        f"unexpected keys {unexpected}" if unexpected else "",
+                        f"wrong shapes {wrong}" if wrong else "",
+                    )
+                    if text
+                )
+            )
+        self.load_state_dict(state, strict=False)

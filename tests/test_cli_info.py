@@ -1,0 +1,42 @@
+"""`vip2clip info` in-process and as a real process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from vip2clip.cli import main
+
+
+def test_info_reports_parameters_and_weights(capsys):
+    assert main(["info", "--backbone", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable parameters: 30,369" in out
+    assert "backbone weights: random init" in out
+    assert "backbone parameters requiring grad: 0" in out
+
+
+def test_info_without_weights_explains_the_options(capsys):
+    assert main(["info", "--backbone", "ViT-B-16"]) == 2
+    err = capsys.readouterr().err
+    assert "--clip-weights" in err and "--random-init" in err
+
+
+def test_info_missing_weights_file_is_a_clear_error(capsys, tmp_path):
+    assert main(["info", "--backbone", "tiny", "--clip-weights", str(tmp_path / "ViT-L-14-336px.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_info_vit_l14_subprocess_reports_the_paper_count():
+    result = subprocess.run(
+        [sys.executable, "-m", "vip2clip", "info", "--backbone", "ViT-L-14-336", "--random-init"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "trainable parameters: 4,149,121" in result.stdout
+    assert "backbone parameters requiring grad: 0" in result.stdout

@@ -1,0 +1,158 @@
+"""Image and mask loading across file flavours, checked against pixels the tests wrote themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vip2clip.data.images import BadImageError, image_size, load_image, load_mask
+
+RNG = np.random.default_rng(0)
+RGB = RNG.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
+
+
+def test_rgb_png_is_returned_unchanged(tmp_path: Path) -> None:
+    Image.fromarray(RGB).save(tmp_path / "a.png")
+    image = load_image(tmp_path / "a.png")
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), RGB)
+
+
+def test_grayscale_becomes_three_equal_channels(tmp_path: Path) -> None:
+    gray = RGB[..., 0]
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "g.png")), np.repeat(gray[..., None], 3, axis=2))
+
+
+def test_palette_image_uses_its_palette(tmp_path: Path) -> None:
+    indices = RNG.integers(0, 4, size=(10, 12), dtype=np.uint8)
+    palette = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [10, 20, 30]], dtype=np.uint8)
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette(palette.flatten().tolist())
+    image.save(tmp_path / "p.png")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "p.png")), palette[indices])
+
+
+def test_rgba_drops_alpha(tmp_path: Path) -> None:
+    alpha = RNG.integers(0, 256, size=(20, 30, 1), dtype=np.uint8)
+    Image.fromarray(np.concatenate([RGB, alpha], axis=2)).save(tmp_path / "a.png")
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "a.png")), RGB)
+
+
+def test_sixteen_bit_is_scaled_not_clipped(tmp_path: Path) -> None:
+    levels = np.array([[0, 257, 257 * 100, 65535]], dtype=np.uint16)
+    Image.fromarray(levels).save(tmp_path / "d.png")
+    assert Image.open(tmp_path / "d.png").mode.startswith("I")
+    pixels = np.asarray(load_image(tmp_path / "d.png"))
+    np.testing.assert_array_equal(pixels[..., 0], [[0, 1, 100, 255]])
+    np.testing.assert_array_equal(pixels[..., 0], pixels[..., 2])
+
+
+def test_sixteen_bit_tiff(tmp_path: Path) -> None:
+    levels = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "d.tif")
+    expected = np.rint(levels.astype(np.float64) * 255 / 65535).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "d.tif"))[..., 1], expected)
+
+
+def test_cmyk_jpeg_loads_as_rgb(tmp_path: Path) -> None:
+    Image.fromarray(RGB).convert("CMYK").save(tmp_path / "c.jpg")
+    image = load_image(tmp_path / "c.jpg")
+    assert image.mode == "RGB" and image.size == (30, 20)
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty", "garbage", "truncated", "folder"])
+def test_bad_files_raise_bad_image_error_naming_the_file(tmp_path: Path, kind: str) -> None:
+    path = tmp_path / "bad.png"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(b"not an image at all" * 10)
+    elif kind == "truncated":
+        Image.fromarray(RNG.integers(0, 256, size=(64, 64, 3), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[:300])
+    elif kind == "folder":
+        path.mkdir()
+    for loader in (load_image, load_mask):
+        with pytest.raises(BadImageError) as info:
+            loader(path)
+        assert info.value.path == path
+        assert str(path) in str(info.value)
+        assert isinstance(info.value, ValueError)
+
+
+def test_image_size_reads_only_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "t.png"
+    Image.fromarray(RNG.integers(0, 256, size=(64, 48, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:300])  # pixels cut off, header intact
+    assert image_size(path) == (48, 64)
+    with pytest.raises(BadImageError):
+        load_image(path)
+    with pytest.raises(BadImageError, match="no such file"):
+        image_size(tmp_path / "nope.png")
+
+
+def test_visa_class_index_masks_are_defects(tmp_path: Path) -> None:
+    indices = np.zeros((16, 16), dtype=np.uint8)
+    indices[2:5, 2:5] = 3
+    indices[10, 10] = 1
+    indices[12:14, 0:3] = 9
+    Image.fromarray(indices).save(tmp_path / "m.png")
+    np.testing.assert_array_equal(load_mask(tmp_path / "m.png"), indices > 0)
+
+
+def test_palette_mask_judged_by_colour(tmp_path: Path) -> None:
+    indices = np.zeros((8, 8), dtype=np.uint8)
+    indices[1:3, 1:3] = 1  # dark red: a grey conversion would round it to 0
+    indices[5, 5] = 2
+    image = Image.fromarray(indices, mode="P")
+    image.putpalette([0, 0, 0, 1, 0, 0, 0, 0, 128])
+    image.save(tmp_path / "m.png")
+    np.testing.assert_array_equal(load_mask(tmp_path / "m.png"), indices > 0)
+
+
+def _blocky_mask() -> np.ndarray:
+    mask = np.zeros((64, 64), dtype=bool)
+    mask[10:40, 20:50] = True
+    mask[45:60, 5:12] = True
+    return mask
+
+
+def test_jpeg_mask_binarised_at_half(tmp_path: Path) -> None:
+    truth = _blocky_mask()
+    Image.fromarray(np.where(truth, 255, 0).astype(np.uint8)).save(tmp_path / "m.jpg", quality=60)
+    decoded = np.asarray(Image.open(tmp_path / "m.jpg").convert("L"))
+    assert ((decoded > 0) & ~truth).any(), "the test needs JPEG noise outside the mask to mean anything"
+    mask = load_mask(tmp_path / "m.jpg")
+    np.testing.assert_array_equal(mask, decoded > 127)
+    assert (mask == truth).mean() > 0.99
+
+
+def test_jpeg_mask_detected_by_content_not_suffix(tmp_path: Path) -> None:
+    truth = _blocky_mask()
+    Image.fromarray(np.where(truth, 255, 0).astype(np.uint8)).save(tmp_path / "m.png", format="JPEG", quality=60)
+    decoded = np.asarray(Image.open(tmp_path / "m.png").convert("L"))
+    np.testing.assert_array_equal(load_mask(tmp_path / "m.png"), decoded > 127)
+
+
+@pytest.mark.parametrize(("suffix", "high"), [(".bmp", 255), (".tif", 1), (".png", 255), (".tiff", 255)])
+def test_lossless_masks_any_nonzero(tmp_path: Path, suffix: str, high: int) -> None:
+    truth = _blocky_mask()
+    Image.fromarray(np.where(truth, high, 0).astype(np.uint8)).save(tmp_path / f"m{suffix}")
+    np.testing.assert_array_equal(load_mask(tmp_path / f"m{suffix}"), truth)
+
+
+def test_rgb_one_bit_and_sixteen_bit_masks(tmp_path: Path) -> None:
+    truth = _blocky_mask()
+    colour = np.zeros((64, 64, 3), dtype=np.uint8)
+    colour[truth, 2] = 200  # blue only
+    Image.fromarray(colour).save(tmp_path / "rgb.png")
+    Image.fromarray(truth).save(tmp_path / "bit.png")
+    Image.fromarray(np.where(truth, 1, 0).astype(np.uint16)).save(tmp_path / "deep.png")
+    for name in ("rgb.png", "bit.png", "deep.png"):
+        mask = load_mask(tmp_path / name)
+        assert mask.dtype == bool and mask.shape == (64, 64)
+        np.testing.assert_array_equal(mask, truth)
