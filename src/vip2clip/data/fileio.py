@@ -50,3 +50,13 @@ def atomic_save_image(image: Image.Image, path: str | Path, image_format: str | 
     with _atomic_file(path, "wb", durable=False) as stream:
         image.save(stream, format=image_format)
     return path
+
+
+def atomic_torch_save(obj: object, path: str | Path) -> Path:
+    """torch.save atomically and durably (checkpoints, optimizer states)."""
+    import torch  # imported here: the dataset tools that use this module do not need torch
+
+    path = Path(path)
+    with _atomic_file(path, "wb", durable=True) as stream:
+        torch.save(obj, stream)
+    return path

@@ -8,8 +8,6 @@ normal prompt built from the anomalous sentence) is reproduced exactly.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 
 from vip2clip import __version__
 from vip2clip.config import ModelConfig
+from vip2clip.data.fileio import atomic_torch_save
 
 FORMAT = "vip2clip-checkpoint"
 FORMAT_VERSION = 1
@@ -55,23 +54,6 @@ class Checkpoint:
     config: ModelConfig
     state: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(obj, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], **meta: Any) -> Path:
