@@ -21,6 +21,7 @@ from open_clip.model import CLIP
 from torch import nn
 
 from vip2clip.config import TINY_BACKBONE
+from vip2clip.model.state_check import state_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -178,24 +179,9 @@ def _load_state_dict_file(model: CLIP, path: Path) -> None:
     for name, _ in model.named_buffers():
         if name not in expected:
             state.pop(name, None)
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [
-        f"{key}: file {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
-        for key in sorted(set(state) & set(expected))
-        if state[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or wrong:
-        details = "; ".join(
-            part
-            for part in (
-                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
-                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "",
-                f"wrong shapes {wrong[:3]}" if wrong else "",
-            )
-            if part
-        )
-        raise WeightsError(f"CLIP weights in {path} do not fit this architecture: {details}")
+    problem = state_mismatch(expected, state)
+    if problem:
+        raise WeightsError(f"CLIP weights in {path} do not fit this architecture: {problem}")
     model.load_state_dict({key: value.float() for key, value in state.items()})
 
 

@@ -18,6 +18,7 @@ from vip2clip.model import utpa
 from vip2clip.model.backbone import FrozenCLIP, ImageFeatures
 from vip2clip.model.fgp import FineGrainedPerception
 from vip2clip.model.prompt import VisualConditionedPrompts
+from vip2clip.model.state_check import state_mismatch
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -169,25 +170,7 @@ class ViP2CLIP(nn.Module):
             parts = [f"prompts.{kind}_{state_name}" for kind in ("prefix", "state", "suffix", "tokens")]
             if all(part in state for part in parts):  # the state word's token count may differ from ours
                 self.prompts.set_buffers(state_name, *(state[part].to(own[part].device) for part in parts))
-        own = self.trainable_state_dict()
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        wrong = [
-            f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(own[key].shape)}"
-            for key in sorted(set(own) & set(state))
-            if own[key].shape != state[key].shape
-        ]
-        if missing or unexpected or wrong:
-            raise ValueError(
-                "checkpoint does not fit the model: "
-                + "; ".join(
-                    text
-                    for text in (
-                        f"missing keys {missing}" if missing else "",
-                        f"unexpected keys {unexpected}" if unexpected else "",
-                        f"wrong shapes {wrong}" if wrong else "",
-                    )
-                    if text
-                )
-            )
+        problem = state_mismatch(self.trainable_state_dict(), state)
+        if problem:
+            raise ValueError(f"checkpoint does not fit the model: {problem}")
         self.load_state_dict(state, strict=False)
