@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from vip2clip import __version__
 
 # Modules under vip2clip.cli that each add one or more sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ("info", "data")
+COMMAND_MODULES: tuple[str, ...] = ("info", "data", "train")
 
 
 class CLIError(Exception):
@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError) as error:
+    except (CLIError, OSError, ValueError) as error:  # user-facing: bad paths, full disks, bad files or options
         print(f"vip2clip {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
