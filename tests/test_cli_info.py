@@ -40,3 +40,23 @@ def test_info_vit_l14_subprocess_reports_the_paper_count():
     assert result.returncode == 0, result.stderr
     assert "trainable parameters: 4,149,121" in result.stdout
     assert "backbone parameters requiring grad: 0" in result.stdout
+
+
+def test_backbone_comes_from_the_checkpoint(capsys, tmp_path):
+    import vip2clip
+    from vip2clip.model.checkpoint import save_checkpoint
+
+    model = vip2clip.create_model("tiny", image_size=64, seed=0, n_context=5)
+    path = save_checkpoint(tmp_path / "tiny.pt", model.config, model.trainable_state_dict())
+    assert main(["info", "--checkpoint", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "backbone: tiny" in out and '"n_context": 5' in out
+
+
+def test_bad_image_error_survives_pickling():
+    import pickle
+
+    from vip2clip.data.images import BadImageError
+
+    error = pickle.loads(pickle.dumps(BadImageError("/data/x.png", "truncated")))
+    assert str(error) == "/data/x.png: truncated" and error.problem == "truncated"

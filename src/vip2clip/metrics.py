@@ -37,10 +37,8 @@ PIXEL_KEYS = ("pixel_auroc", "pixel_aupro", "pixel_f1")
 METRIC_KEYS = IMAGE_KEYS + PIXEL_KEYS
 AUPRO_VARIANTS = ("cflow", "exact")
 
-# 8-connectivity inside each [H, W] plane and none across planes: labelling the whole [N, H, W] stack at once gives
-# the same regions as `skimage.measure.label` image by image, with ids that are already unique over the class.
-_PLANE_8_CONNECTED = np.zeros((3, 3, 3), dtype=bool)
-_PLANE_8_CONNECTED[1] = True
+# 8-connectivity, the regions of `skimage.measure.label` (the community code's labelling).
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 class UndefinedMetricWarning(UserWarning):
@@ -249,13 +247,27 @@ def _pro_at_values(data: _PixelData) -> np.ndarray:
     Each defect pixel carries weight 1 / (regions x its region's size), so the weights above a threshold sum to
     the mean over regions of the fraction of the region above it.
     """
-    regions, n_regions = ndimage.label(data.masks, structure=_PLANE_8_CONNECTED)
-    region_of_pixel = regions[data.masks]
+    region_of_pixel, n_regions = _defect_region_ids(data.masks)
     weight = 1.0 / (n_regions * np.bincount(region_of_pixel)[region_of_pixel])
     value_index = np.searchsorted(data.ranking.values, data.maps[data.masks])
     mass = np.bincount(value_index, weights=weight, minlength=data.ranking.values.size)
     # Rounding in the running sum could push the top a hair over 1, as MVTec's code also notes.
     return np.minimum(np.cumsum(mass[::-1])[::-1], 1.0)
+
+
+def _defect_region_ids(masks: np.ndarray) -> tuple[np.ndarray, int]:
+    """Region id (1..R, unique over the class) of every defect pixel in `masks[masks]` order, and R.
+
+    Labelled image by image: one int32 label image at a time instead of one for the whole [N, H, W] stack
+    (1 GB for 1,000 images of 518 x 518).
+    """
+    ids, offset = [], 0
+    for mask in masks:
+        if mask.any():
+            regions, count = ndimage.label(mask, structure=_EIGHT_CONNECTED)
+            ids.append(regions[mask] + offset)
+            offset += count
+    return (np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)), offset
 
 
 def _floor_to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from vip2clip import __version__
 
 # Modules under vip2clip.cli that each add one or more sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ("info", "data", "train")
+COMMAND_MODULES: tuple[str, ...] = ("info", "data", "predict", "train", "evaluate")
 
 
 class CLIError(Exception):

@@ -69,12 +69,21 @@ def resolve_clip_weights(args: argparse.Namespace) -> str | None:
         raise CLIError("give either --clip-weights or --random-init, not both")
     if args.clip_weights:
         return args.clip_weights
-    if args.random_init or args.backbone == "tiny":
+    if args.random_init or _effective_backbone(args) == "tiny":
         return None
     raise CLIError(
         "no CLIP weights given. Pass --clip-weights PATH (OpenAI's ViT-L-14-336px.pt or a state dict), "
         "--clip-weights openai (open_clip download, needs internet), or --random-init (meaningless scores)"
     )
+
+
+def _effective_backbone(args: argparse.Namespace) -> str | None:
+    """--backbone, else the backbone recorded in --checkpoint (our format), else None."""
+    if args.backbone or not getattr(args, "checkpoint", None):
+        return args.backbone
+    from vip2clip.model.checkpoint import load_checkpoint
+
+    return load_checkpoint(args.checkpoint).config.backbone
 
 
 def build_model(args: argparse.Namespace, **config):

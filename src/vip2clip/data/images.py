@@ -33,6 +33,10 @@ class BadImageError(ValueError):
         self.path = Path(path)
         self.problem = problem
 
+    def __reduce__(self):
+        # Rebuild with both arguments when it crosses a process boundary (DataLoader workers).
+        return (type(self), (self.path, self.problem))
+
 
 def _open(path: str | Path) -> Image.Image:
     """Open and fully decode a file, turning every decoder failure into a BadImageError."""

