@@ -1,13 +1,19 @@
-"""Shared fixtures: a tiny random CLIP built by open_clip's own classes (no network), small images."""
+"""Shared fixtures: a tiny random CLIP built by open_clip's own classes (no network), small images, and one tiny
+model trained on a synthetic benchmark for the practitioner tests (predict, serve)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
 import vip2clip
+from vip2clip.data.index import DatasetIndex
 
 TINY_SIZE = 64  # 4x4 patch grid with the tiny backbone's 16-pixel patches
+TRAINED_SIZE = 96  # the trained tiny model's input and image size: a 6x6 grid, enough to localise defects
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +26,31 @@ def tiny_model():
 def tiny_images() -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
     return torch.randn(2, 3, TINY_SIZE, TINY_SIZE, generator=generator)
+
+
+@dataclass(frozen=True)
+class TrainedTiny:
+    """checkpoint: a tiny model trained on one synthetic benchmark (seed 1); unseen: another one (seed 2, other
+    look) with train/good images to calibrate on and a labelled test split, for zero-shot checks."""
+
+    checkpoint: Path
+    unseen: DatasetIndex
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TrainedTiny:
+    """Trained once per session (about a minute on 2 cores) for every test that needs a model that has learned."""
+    from vip2clip.data.synthetic import generate_benchmark
+    from vip2clip.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("trained")
+    sizes = {"classes": 1, "image_size": TRAINED_SIZE}
+    train_index = generate_benchmark(root / "train", seed=1, n_train_good=0, n_test_good=8, n_test_defect=24, **sizes)
+    unseen = generate_benchmark(root / "unseen", seed=2, n_train_good=20, n_test_good=8, n_test_defect=8, **sizes)
+    model = vip2clip.create_model("tiny", image_size=TRAINED_SIZE, seed=0, top_k=8)
+    config = TrainConfig(epochs=12, batch_size=8, lr_prompt=1e-2, lr_fgp=1e-3)  # faster than the release's
+    result = train(model, train_index, root / "run", config, progress=False)
+    return TrainedTiny(result.checkpoint, unseen)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -31,7 +31,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     generate_benchmark(test_root, seed=2, style="structured", n_test_good=2, n_test_defect=3, **sizes)
     out = base / "out"
     argv = ["benchmark", "--train", f"textured={train_root}", "--test", f"synth-objects={test_root}",
-            "--out", str(out), "--epochs", "1", "--no-progress", *MODEL_ARGS]  # fmt: skip
+            "--out", str(out), "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "3", "--no-progress",
+            *MODEL_ARGS]  # fmt: skip
     assert main(argv) == 0
     return {"out": out, "test_root": test_root, "train_root": train_root, "checkpoint": out / "train/checkpoint.pt"}
 
@@ -55,6 +56,7 @@ def test_benchmark_writes_the_combined_table_and_per_dataset_folders(run: dict[s
     combined = json.loads((out / "benchmark.json").read_text())
     assert combined["datasets"][0]["mean"] == per_dataset["mean"]
     assert combined["training"]["name"] == "textured" and combined["training"]["config"]["epochs"] == 1
+    assert combined["training"]["config"]["batch_size"] == 4
     assert per_dataset["config"]["top_k"] == 4 and per_dataset["checkpoint"] == str(run["checkpoint"].resolve())
     assert [c["name"] for c in per_dataset["classes"]] == ["object_0", "object_1"]
 
@@ -62,8 +64,10 @@ def test_benchmark_writes_the_combined_table_and_per_dataset_folders(run: dict[s
 @pytest.mark.slow
 def test_test_command_reproduces_the_benchmark_numbers(run: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "test"
+    # The benchmark's evaluation batches (--eval-batch-size 3): the float rounding of the scores depends on them.
     argv = ["test", "--data", str(run["test_root"]), "--checkpoint", str(run["checkpoint"]), "--out", str(out),
-            "--save-maps", "--max-maps", "2", "--no-progress", "--backbone", "tiny"]  # fmt: skip
+            "--save-maps", "--max-maps", "2", "--no-progress", "--backbone", "tiny",
+            "--eval-batch-size", "3"]  # fmt: skip
     assert main(argv) == 0
     assert "| **Mean** |" in capsys.readouterr().out
     ours = json.loads((out / "results.json").read_text())
@@ -113,7 +117,9 @@ def test_user_errors_exit_2_with_a_message(argv: list[str], message: str, tmp_pa
 
 
 @pytest.mark.slow
-def test_image_level_only_data_gives_dashes_and_no_calibration(run: dict[str, Path], tmp_path: Path, caplog) -> None:
+def test_image_level_only_data_gives_dashes_and_no_pixel_threshold(
+    run: dict[str, Path], tmp_path: Path, caplog, capsys
+) -> None:
     index = read_index(run["test_root"])
     no_masks = [replace(s, mask_path="") for s in index.samples("test")]  # like HeadCT / BrainMRI / Br35H
     write_index(build_index(index.root, {"test": no_masks}), tmp_path / "meta.json")
@@ -124,5 +130,14 @@ def test_image_level_only_data_gives_dashes_and_no_calibration(run: dict[str, Pa
     rows = _rows((out / "results.md").read_text(encoding="utf-8"))
     assert [r[0] for r in rows[2:]] == ["object_1", "**Mean**"]
     assert rows[2][4:] == ["-", "-", "-"] and all(cell != "-" for cell in rows[2][1:4])
-    assert not (out / "calibration.json").exists()
-    assert "calibration.json not written" in caplog.text
+    assert "no pixel threshold" in caplog.text
+    calibration = json.loads((out / "calibration.json").read_text())
+    assert calibration["pixel_threshold"] is None
+    assert calibration["image_threshold"] == json.loads((out / "results.json").read_text())["thresholds"]["image"]
+    # Image decisions work with the file alone; masks need an explicit pixel threshold.
+    image = str(read_index(run["test_root"]).resolve(no_masks[0].img_path))
+    predict = ["predict", image, "--checkpoint", str(run["checkpoint"]), "--calibration", str(out / "calibration.json"),
+               "--backbone", "tiny", "--no-progress"]  # fmt: skip
+    assert main([*predict, "--out", str(tmp_path / "p1")]) == 2
+    assert "has no pixel threshold" in capsys.readouterr().err
+    assert main([*predict, "--out", str(tmp_path / "p2"), "--pixel-threshold", "0.6"]) == 0

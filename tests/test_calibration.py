@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -112,6 +113,23 @@ def test_save_load_round_trip(tiny_model, checkpoint: Path, tmp_path: Path) -> N
     data = json.loads(path.read_text())
     assert data["format"] == calib.FORMAT and data["method"] == "f1-optimal on labelled images"
     assert calib.load(path) == original
+
+
+@pytest.mark.parametrize("missing", ["image_threshold", "pixel_threshold"])
+def test_one_threshold_may_be_undefined(missing: str, tiny_model, checkpoint: Path, tmp_path: Path) -> None:
+    thresholds = {"image_threshold": 0.4, "pixel_threshold": 0.6, missing: None}
+    original = calib.make_calibration(tiny_model, checkpoint, method=calib.METHOD_F1, n_images=5, **thresholds)
+    path = original.save(tmp_path / "calibration.json")
+    data = json.loads(path.read_text())
+    assert data[missing] is None and "null" in path.read_text()
+    assert calib.load(path) == original and getattr(calib.load(path), missing) is None
+    path.write_text(json.dumps({**data, "image_threshold": None, "pixel_threshold": None}))
+    with pytest.raises(ValueError, match=r"calibration\.json.*both null"):
+        calib.load(path)
+    with pytest.raises(ValueError, match="finite number or null"):
+        calib.make_calibration(
+            tiny_model, None, method=calib.METHOD_F1, n_images=5, **{**thresholds, missing: math.nan}
+        )
 
 
 def test_load_errors_name_the_file(tmp_path: Path, tiny_model) -> None:

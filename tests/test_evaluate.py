@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vip2clip import calibration as calib
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import BadImageError
 from vip2clip.data.index import DatasetIndex, Sample, build_index
@@ -18,6 +20,7 @@ from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.data.transforms import preprocess, preprocess_mask
 from vip2clip.evaluate import EvalConfig, PixelF1Histogram, evaluate, predict_class
 from vip2clip.metrics import METRIC_KEYS, UndefinedMetricWarning, best_f1_threshold, compute_all
+from vip2clip.protocol import CALIBRATION_NAME, evaluate_dataset
 from vip2clip.visualize import heatmap_overlay, jet, normalize_map
 
 SIZE = 64  # the conftest tiny model's input size
@@ -129,6 +132,26 @@ def test_undefined_metrics_are_nan_by_kind_of_class(tiny_model, bench: DatasetIn
     # The mean of a metric skips the classes where it is undefined.
     defined = [by_name[n].metrics["image_auroc"] for n in ("full", "image_only")]
     assert result.mean["image_auroc"] == pytest.approx(np.mean(defined))
+
+
+def test_calibration_file_has_null_for_the_undefined_threshold(tiny_model, bench: DatasetIndex, tmp_path: Path) -> None:
+    mixed = _mixed_index(bench)
+    expected = {"image_only": ("image", None), "pixel_only": (None, "pixel"), "normal_only": (None, None)}
+    for name, kinds in expected.items():
+        out = tmp_path / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            result = evaluate_dataset(tiny_model, mixed, out, EvalConfig(classes=(name,), progress=False), name)
+        if kinds == (None, None):  # one label and no defect pixels: nothing to decide with, so no file
+            assert not (out / CALIBRATION_NAME).exists()
+            continue
+        data = json.loads((out / CALIBRATION_NAME).read_text())
+        written = calib.load(out / CALIBRATION_NAME)
+        for kind, value in zip(("image", "pixel"), (written.image_threshold, written.pixel_threshold), strict=True):
+            if kind in kinds:
+                assert value == getattr(result, f"{kind}_threshold") and math.isfinite(value)
+            else:
+                assert data[f"{kind}_threshold"] is None and value is None  # JSON null, not NaN
 
 
 def test_panels_are_written_with_a_shared_scale(tiny_model, bench: DatasetIndex, tmp_path: Path) -> None:

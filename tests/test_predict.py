@@ -134,6 +134,27 @@ def test_resolve_thresholds(tiny_model, checkpoint: Path, tmp_path: Path) -> Non
         resolve_thresholds(tiny_model, None, saved)
 
 
+@pytest.mark.parametrize(("missing", "flag"), [("image", "--threshold"), ("pixel", "--pixel-threshold")])
+def test_a_calibration_without_one_threshold_needs_it_explicitly(
+    missing: str, flag: str, tiny_model, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    thresholds = {"image_threshold": 0.3, "pixel_threshold": 0.4, f"{missing}_threshold": None}
+    saved = calib.make_calibration(tiny_model, checkpoint, method=calib.METHOD_F1, n_images=4, **thresholds).save(
+        tmp_path / "c.json"
+    )
+    with pytest.raises(ValueError, match=f"c\\.json has no {missing} threshold.*{flag}"):
+        resolve_thresholds(tiny_model, checkpoint, saved)
+    given = resolve_thresholds(tiny_model, checkpoint, saved, **{f"{missing}_threshold": 0.8})
+    assert (given.image, given.pixel) == ((0.8, 0.4) if missing == "image" else (0.3, 0.8))
+    Image.fromarray(_rgb(40, 40, 9)).save(tmp_path / "one.png")
+    args = [str(tmp_path / "one.png"), "--checkpoint", str(checkpoint), "--calibration", str(saved)]
+    assert _predict(*args, "--out", str(tmp_path / "refused")) == 2
+    assert f"has no {missing} threshold" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert _predict(*args, flag, "0.8", "--out", str(tmp_path / "out")) == 0
+    settings = json.loads((tmp_path / "out" / "predictions.json").read_text())["settings"]
+    assert settings[f"{missing}_threshold"] == 0.8 and "c.json" in settings["thresholds_source"]
+
+
 def test_find_images(tmp_path: Path) -> None:
     root = tmp_path / "in"
     for name in ("b.png", "a.JPG", "sub/deeper/c.tiff", "sub/d.webp", "notes.txt", ".hidden.png", ".cache/e.png"):
@@ -301,27 +322,11 @@ def test_predict_and_calibrate_as_subprocesses(checkpoint: Path, tmp_path: Path)
     assert len((tmp_path / "out" / "predictions.csv").read_text().splitlines()) == len(sizes) + 1
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, object]:
-    """A tiny model trained on one synthetic benchmark; a second one (other seed) to calibrate and test on."""
-    from vip2clip.train import TrainConfig, train
-
-    root = tmp_path_factory.mktemp("trained")
-    train_index = generate_benchmark(
-        root / "train", classes=1, seed=1, image_size=96, n_train_good=0, n_test_good=8, n_test_defect=24
-    )
-    unseen = generate_benchmark(
-        root / "unseen", classes=1, seed=2, image_size=96, n_train_good=20, n_test_good=8, n_test_defect=8
-    )
-    model = vip2clip.create_model("tiny", image_size=96, seed=0, top_k=8)
-    config = TrainConfig(epochs=12, batch_size=8, lr_prompt=1e-2, lr_fgp=1e-3)  # faster than the release's
-    result = train(model, train_index, root / "run", config, progress=False)
-    return result.checkpoint, unseen
-
-
 @pytest.mark.slow
-def test_calibrated_decisions_beat_chance(trained, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    checkpoint, unseen = trained
+def test_calibrated_decisions_beat_chance(
+    trained_tiny_checkpoint, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint, unseen = trained_tiny_checkpoint.checkpoint, trained_tiny_checkpoint.unseen
     classes = list(unseen.splits["test"])
     model_args = ["--checkpoint", str(checkpoint), "--backbone", "tiny", "--no-progress"]
     good = [str(unseen.root / name / "train" / "good") for name in classes]

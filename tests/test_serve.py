@@ -22,8 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vip2clip
 from vip2clip.cli import main
-from vip2clip.model.checkpoint import save_checkpoint
+from vip2clip.data.index import DatasetIndex
 from vip2clip.predict import Predictor, Thresholds
 from vip2clip.serve import UploadError, decode_upload, is_loopback, make_server, synthetic_examples
 
@@ -132,13 +133,11 @@ def _chrome_paths() -> tuple[str, str] | None:
 
 
 @pytest.fixture
-def served(tiny_model, tmp_path: Path) -> Iterator[str]:
-    """`python -m vip2clip serve` as a real process on a free loopback port (port 0); yields its URL."""
-    checkpoint = save_checkpoint(tmp_path / "checkpoint.pt", tiny_model.config, tiny_model.trainable_state_dict())
+def served(trained_tiny_checkpoint) -> Iterator[str]:
+    """`python -m vip2clip serve` with the trained tiny model, a real process on a free loopback port; its URL."""
+    checkpoint = trained_tiny_checkpoint.checkpoint
     command = [sys.executable, "-m", "vip2clip", "serve", "--checkpoint", str(checkpoint), "--backbone", "tiny"]
-    process = subprocess.Popen(
-        [*command, "--image-size", "64", "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    process = subprocess.Popen([*command, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     try:
@@ -156,8 +155,23 @@ def served(tiny_model, tmp_path: Path) -> Iterator[str]:
         process.wait(timeout=30)
 
 
+def best_found_defect(predictor: Predictor, index: DatasetIndex) -> tuple[Path, float]:
+    """The defective test image whose mask (at the predictor's pixel threshold) best overlaps the ground truth,
+    and that overlap (intersection over union), after checking that its score beats every normal image's."""
+    samples = index.samples("test")
+    results = predictor.predict([index.resolve(s.img_path) for s in samples])
+    normal_scores = [r.score for r, s in zip(results, samples, strict=True) if not s.anomaly]
+    overlaps = {}
+    for result, sample in zip(results, samples, strict=True):
+        if sample.anomaly and result.score > max(normal_scores):
+            truth = np.asarray(Image.open(index.resolve(sample.mask_path))) > 0
+            overlaps[index.resolve(sample.img_path)] = (result.mask & truth).sum() / (result.mask | truth).sum()
+    assert overlaps, "the trained model ranks no defective image above all normal ones"
+    return max(overlaps.items(), key=lambda item: item[1])
+
+
 @pytest.mark.slow
-def test_browser_upload_shows_score_overlay_and_errors(served: str, tiny_model, tmp_path: Path) -> None:
+def test_browser_upload_shows_score_overlay_and_errors(served: str, trained_tiny_checkpoint, tmp_path: Path) -> None:
     paths = _chrome_paths()
     if paths is None:
         pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
@@ -174,14 +188,19 @@ def test_browser_upload_shows_score_overlay_and_errors(served: str, tiny_model, 
         wait = WebDriverWait(driver, 120)
         driver.get(served)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "button.example")) == 3)
+        # The screenshot should show what a trained model does: upload an unseen defect it finds.
+        model = vip2clip.create_model(checkpoint=trained_tiny_checkpoint.checkpoint)
+        reference_predictor = Predictor(model, Thresholds(0.5, 0.5, "test"))
+        found, overlap = best_found_defect(reference_predictor, trained_tiny_checkpoint.unseen)
+        assert overlap > 0.4, f"the trained model's mask hardly overlaps the defect of {found} (IoU {overlap:.2f})"
         image = tmp_path / "part.png"
-        image.write_bytes(synthetic_examples(size=96)[1].png)  # a defective synthetic image
+        shutil.copy(found, image)
         driver.find_element(By.ID, "file").send_keys(str(image))
         wait.until(lambda d: d.find_element(By.ID, "score").text != "")
         score = float(driver.find_element(By.ID, "score").text)
         assert 0.0 <= score <= 1.0
         assert driver.find_element(By.ID, "overlay").get_attribute("src").startswith("data:image/png;base64,")
-        reference = Predictor(tiny_model, Thresholds(0.5, 0.5, "test")).predict(image)[0]
+        reference = reference_predictor.predict(image)[0]
         assert score == pytest.approx(reference.score, abs=1e-4)
         assert driver.find_element(By.ID, "decision").text == reference.decision
         area = driver.find_element(By.ID, "area").text

@@ -17,7 +17,8 @@ from PIL import Image
 
 import vip2clip
 import vip2clip.train as train_module
-from vip2clip.cli import main
+from vip2clip.cli import build_parser, main
+from vip2clip.cli.train import train_config_from_args
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.synthetic import generate_benchmark
@@ -49,6 +50,21 @@ def test_config_defaults_are_the_release_ones() -> None:
     assert config.cache and config.cache_dtype == "float16" and TrainConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
+
+
+def test_train_and_benchmark_read_the_same_training_options() -> None:
+    parser = build_parser()
+    options = ["--epochs", "3", "--batch-size", "5", "--lr-prompt", "0.01", "--lr-fgp", "0.002", "--seed", "7",
+               "--no-cache", "--cache-dtype", "float32", "--skip-bad", "--num-workers", "2"]  # fmt: skip
+    train_args = parser.parse_args(["train", "--data", "d", "--out", "o", *options])
+    bench_args = parser.parse_args(["benchmark", "--test", "a=b", "--out", "o", "--eval-batch-size", "9", *options])
+    expected = TrainConfig(epochs=3, batch_size=5, lr_prompt=0.01, lr_fgp=0.002, seed=7, cache=False,
+                           cache_dtype="float32", skip_bad=True, num_workers=2)  # fmt: skip
+    assert train_config_from_args(train_args) == train_config_from_args(bench_args) == expected
+    assert bench_args.eval_batch_size == 9  # the benchmark's inference batch is separate from training's
+    defaults = [parser.parse_args(["train", "--data", "d", "--out", "o"]), parser.parse_args(["benchmark", "--test",
+                "a=b", "--out", "o"])]  # fmt: skip
+    assert [train_config_from_args(args) for args in defaults] == [TrainConfig(), TrainConfig()]
 
 
 def test_optimizer_groups_and_epoch_order() -> None:

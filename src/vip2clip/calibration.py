@@ -5,6 +5,11 @@ A `Calibration` holds an image threshold (image score >= threshold -> "anomalous
 belong to: checkpoint file hash, backbone name (and weights fingerprint when known) and input size. Scores
 of a different model or resolution are on a different scale, so `check_compatible` refuses such pairs.
 
+Either threshold may be None (JSON null): undefined for the data it was derived from. Image-level-only data
+(no masks: HeadCT, BrainMRI, Br35H) has no pixel threshold, and data with one image label only (all anomalous:
+ISIC, Kvasir, ...) no image threshold. Such a file still decides the other kind; decisions of the missing kind
+need an explicit threshold (`vip2clip predict --threshold` / `--pixel-threshold`), see `predict.resolve_thresholds`.
+
 Two ways to obtain thresholds:
 - "f1-optimal on labelled images": `vip2clip test` picks the thresholds that maximise image and pixel F1 on a
   labelled test set (see `make_calibration`).
@@ -49,6 +54,8 @@ DEFAULT_PIXEL_QUANTILE = 0.999
 class Calibration:
     """Image and pixel decision thresholds plus the identity of the model they were computed for.
 
+    image_threshold / pixel_threshold: None when undefined for the calibration data (see the module docstring);
+        at least one is a number.
     quantile / pixel_quantile: the quantiles used by the "normal-quantile" method (None otherwise).
     checkpoint / checkpoint_sha256: the trained-weights file (None for a model without a checkpoint).
     backbone_fingerprint: `model.backbone.fingerprint()` (None when unknown, then not checked).
@@ -56,8 +63,8 @@ class Calibration:
     created: ISO-8601 UTC time stamp.
     """
 
-    image_threshold: float
-    pixel_threshold: float
+    image_threshold: float | None
+    pixel_threshold: float | None
     method: str
     quantile: float | None
     n_images: int
@@ -76,8 +83,10 @@ class Calibration:
             raise ValueError(f"unknown calibration method {self.method!r}; expected one of {list(METHODS)}")
         for name in ("image_threshold", "pixel_threshold"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
+            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number or null (undefined), got {value!r}")
+        if self.image_threshold is None and self.pixel_threshold is None:
+            raise ValueError("image_threshold and pixel_threshold are both null: the calibration decides nothing")
         if self.image_size < 1 or self.n_images < 0:
             raise ValueError(f"bad calibration: image_size={self.image_size}, n_images={self.n_images}")
 
@@ -188,8 +197,8 @@ def make_calibration(
     model: ViP2CLIP,
     checkpoint_path: str | Path | None,
     *,
-    image_threshold: float,
-    pixel_threshold: float,
+    image_threshold: float | None,
+    pixel_threshold: float | None,
     method: str,
     n_images: int,
     quantile: float | None = None,
@@ -197,11 +206,11 @@ def make_calibration(
 ) -> Calibration:
     """A Calibration stamped with `model`'s identity (checkpoint hash, backbone, fingerprint, size) and now.
 
-    `vip2clip test` calls it with method=METHOD_F1 and the F1-optimal thresholds.
+    `vip2clip test` calls it with method=METHOD_F1 and the F1-optimal thresholds (None where undefined).
     """
     return Calibration(
-        image_threshold=float(image_threshold),
-        pixel_threshold=float(pixel_threshold),
+        image_threshold=_optional_float(image_threshold),
+        pixel_threshold=_optional_float(pixel_threshold),
         method=method,
         quantile=quantile,
         n_images=int(n_images),
@@ -215,6 +224,10 @@ def make_calibration(
         top_k=model.config.top_k,
         sigma=model.config.sigma,
     )
+
+
+def _optional_float(value: float | None) -> float | None:
+    return None if value is None else float(value)
 
 
 class StreamingQuantile:

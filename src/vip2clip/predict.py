@@ -55,7 +55,9 @@ def resolve_thresholds(
 ) -> Thresholds:
     """Explicit thresholds win; the rest come from the calibration (checked against the model), else 0.5.
 
-    Raises ValueError when the calibration was made for another checkpoint, backbone, image size or top_k/sigma.
+    Raises ValueError when the calibration was made for another checkpoint, backbone, image size or top_k/sigma,
+    and when it has no threshold of a kind (null: undefined for its data) that is not given explicitly: a
+    calibrated file with a gap should not silently fall back to the uncalibrated 0.5.
     """
     sources = []
     if calibration is not None:
@@ -63,8 +65,8 @@ def resolve_thresholds(
         loaded.check_compatible(model, checkpoint)
         name = calibration if not isinstance(calibration, calib.Calibration) else "calibration"
         sources.append(f"calibration {name} ({loaded.method}, {loaded.n_images} images)")
-        image_threshold = loaded.image_threshold if image_threshold is None else image_threshold
-        pixel_threshold = loaded.pixel_threshold if pixel_threshold is None else pixel_threshold
+        image_threshold = _from_calibration(loaded.image_threshold, image_threshold, name, "image", "--threshold")
+        pixel_threshold = _from_calibration(loaded.pixel_threshold, pixel_threshold, name, "pixel", "--pixel-threshold")
     if image_threshold is None or pixel_threshold is None:
         sources.append(f"default {DEFAULT_THRESHOLD} (uncalibrated)")
     return Thresholds(
@@ -72,6 +74,21 @@ def resolve_thresholds(
         DEFAULT_THRESHOLD if pixel_threshold is None else float(pixel_threshold),
         " + ".join(sources) or "given explicitly",
     )
+
+
+def _from_calibration(
+    calibrated: float | None, explicit: float | None, name: object, kind: str, flag: str
+) -> float | None:
+    """The explicit threshold, else the calibration's; ValueError when both are missing."""
+    if explicit is not None:
+        return explicit
+    if calibrated is None:
+        raise ValueError(
+            f"calibration {name} has no {kind} threshold (it was undefined for the data it was computed on, e.g. "
+            f"{'data with one image label only' if kind == 'image' else 'images without masks'}), but {kind} "
+            f"decisions need one: give it explicitly ({flag} on the command line, {kind}_threshold= in Python)"
+        )
+    return calibrated
 
 
 @dataclass

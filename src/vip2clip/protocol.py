@@ -1,9 +1,10 @@
 """The zero-shot protocol runner: evaluate one dataset into a folder, or several into a benchmark table.
 
-`evaluate_dataset` writes OUT/results.{md,csv,json}, OUT/calibration.json (the F1-optimal thresholds) and, when
-asked, panels under OUT/maps/. `run_benchmark` does that for each test dataset in OUT/NAME/ and writes the combined
-Table 1/2-style OUT/benchmark.{md,csv,json}. Training (when no checkpoint is given) is the caller's business
-(`vip2clip.train.train`), so that the same functions serve `vip2clip test`, `vip2clip benchmark` and the demo.
+`evaluate_dataset` writes OUT/results.{md,csv,json}, OUT/calibration.json (the F1-optimal thresholds, null where
+undefined) and, when asked, panels under OUT/maps/. `run_benchmark` does that for each test dataset in OUT/NAME/
+and writes the combined Table 1/2-style OUT/benchmark.{md,csv,json}. Training (when no checkpoint is given) is
+the caller's business (`vip2clip.train.train`), so that the same functions serve `vip2clip test`, `vip2clip
+benchmark` and the demo.
 """
 
 from __future__ import annotations
@@ -109,22 +110,34 @@ def run_context(
     }
 
 
+_UNDEFINED_REASON = {
+    "image": "all images have the same label (e.g. all anomalous)",
+    "pixel": "no defect pixels or no normal pixels (e.g. no masks)",
+}
+
+
 def write_calibration(
     path: Path, model: ViP2CLIP, checkpoint: str | Path | None, result: EvaluationResult
 ) -> Path | None:
-    """calibration.json with the F1-optimal thresholds; None (and a warning) when one of them is undefined,
-    e.g. an image-level-only dataset has no pixel threshold."""
-    if math.isnan(result.image_threshold) or math.isnan(result.pixel_threshold):
+    """calibration.json with the F1-optimal thresholds, null for an undefined one (an image-level-only dataset
+    has no pixel threshold, an all-anomalous one no image threshold), with a warning; None (not written) when
+    both are undefined."""
+    thresholds = {"image": result.image_threshold, "pixel": result.pixel_threshold}
+    undefined = [kind for kind, value in thresholds.items() if math.isnan(value)]
+    for kind in undefined:
+        flag = "--threshold" if kind == "image" else "--pixel-threshold"
         logger.warning(
-            "%s not written: the %s threshold is undefined for this data (one label only, or no masks)",
-            path, "image" if math.isnan(result.image_threshold) else "pixel",
+            "%s: no %s threshold, %s; it is null in the file and `vip2clip predict` needs %s for %s decisions",
+            path, kind, _UNDEFINED_REASON[kind], flag, kind,
         )  # fmt: skip
+    if len(undefined) == len(thresholds):
+        logger.warning("%s not written: neither threshold is defined for this data", path)
         return None
     calibration = make_calibration(
         model,
         checkpoint,
-        image_threshold=result.image_threshold,
-        pixel_threshold=result.pixel_threshold,
+        image_threshold=None if "image" in undefined else thresholds["image"],
+        pixel_threshold=None if "pixel" in undefined else thresholds["pixel"],
         method=METHOD_F1,
         n_images=result.n_images,
     )

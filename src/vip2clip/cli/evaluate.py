@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vip2clip.cli import CLIError
 from vip2clip.cli.common import add_config_arguments, add_model_arguments, build_model, config_from_args
+from vip2clip.cli.train import add_train_arguments, train_config_from_args
 from vip2clip.evaluate import MAP_DTYPES, EvalConfig
 
 logger = logging.getLogger(__name__)
@@ -27,9 +28,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.set_defaults(func=run_convert)
 
 
-def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_evaluation_arguments(parser: argparse.ArgumentParser, batch_flags: tuple[str, ...]) -> None:
+    """Evaluation options; batch_flags name the inference batch size (the benchmark's --batch-size trains)."""
     group = parser.add_argument_group("evaluation")
-    group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
+    group.add_argument(
+        *batch_flags, dest="eval_batch_size", metavar="N", type=int, default=8, help="images per forward pass (8)"
+    )
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding images (0)")
     group.add_argument("--save-maps", action="store_true", help="write input | heat map | ground truth panels")
     group.add_argument("--max-maps", type=int, default=None, help="at most this many panels per class (all)")
@@ -43,7 +47,7 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser) -> None:
 def _eval_config(args: argparse.Namespace, classes: list[str] | None = None) -> EvalConfig:
     return EvalConfig(
         classes=tuple(classes) if classes else None,
-        batch_size=args.batch_size,
+        batch_size=args.eval_batch_size,
         num_workers=args.num_workers,
         skip_bad=args.skip_bad,
         map_dtype=args.map_dtype,
@@ -58,7 +62,7 @@ def _register_test(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", default=None, help="benchmark name, to convert a native root on the fly")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes")
-    _add_evaluation_arguments(parser)
+    _add_evaluation_arguments(parser, ("--batch-size", "--eval-batch-size"))
     add_model_arguments(parser)
     # Only inference options: the architecture comes from the checkpoint.
     group = parser.add_argument_group("inference options (default: the checkpoint's)")
@@ -99,34 +103,21 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train", default=None, metavar="NAME=ROOT", help="dataset to train on (its test split)")
     parser.add_argument("--test", nargs="+", required=True, metavar="NAME=ROOT", help="datasets to evaluate")
     parser.add_argument("--out", required=True, help="output folder")
-    _add_evaluation_arguments(parser)
+    _add_evaluation_arguments(parser, ("--eval-batch-size",))
     add_model_arguments(parser)
     add_config_arguments(parser)
-    group = parser.add_argument_group("training (when no --checkpoint; defaults: the release's)")
-    group.add_argument("--epochs", type=int, default=10)
-    group.add_argument("--train-batch-size", type=int, default=8)
-    group.add_argument("--lr-prompt", type=float, default=1e-3)
-    group.add_argument("--lr-fgp", type=float, default=1e-5)
-    group.add_argument("--seed", type=int, default=111)
+    add_train_arguments(parser, data_loading=False)  # --skip-bad, --num-workers: the evaluation's serve both
     parser.set_defaults(func=run_benchmark)
 
 
 def _train_for_benchmark(args: argparse.Namespace, train_spec, out: Path):
     """Train a fresh model on the --train dataset; returns (model, checkpoint path, training record)."""
     from vip2clip.protocol import load_dataset
-    from vip2clip.train import TrainConfig, train
+    from vip2clip.train import train
 
+    config = train_config_from_args(args)
     index = load_dataset(train_spec)
-    model = build_model(args, **config_from_args(args))
-    config = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.train_batch_size,
-        lr_prompt=args.lr_prompt,
-        lr_fgp=args.lr_fgp,
-        seed=args.seed,
-        skip_bad=args.skip_bad,
-        num_workers=args.num_workers,
-    )
+    model = build_model(args, seed=config.seed, **config_from_args(args))  # seeded like `vip2clip train`
     result = train(model, index, out / "train", config, progress=not args.no_progress)
     record = {"name": train_spec.title, "root": str(index.root), "config": config.to_dict(), "trained": True}
     return model, result.checkpoint, record

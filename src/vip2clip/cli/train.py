@@ -23,9 +23,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", default=None, help="benchmark name, to convert a native root on the fly")
     parser.add_argument("--split", default="test", help="split to train on (the release uses 'test')")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, log, feature cache)")
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_train_arguments(parser)
+    add_model_arguments(parser)
+    add_config_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, data_loading: bool = True) -> None:
+    """The `TrainConfig` options, shared by `vip2clip train` and `vip2clip benchmark` (same names, same defaults).
+
+    data_loading=False leaves out --skip-bad and --num-workers, for a command that already declares them with
+    the same meaning for its other work (the benchmark's evaluation options); they then serve both.
+    """
     group = parser.add_argument_group("training (defaults: the release's)")
     group.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
-    group.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size)
+    group.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="training images per step")
     group.add_argument(
         "--lr",
         "--lr-prompt",
@@ -37,22 +51,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--lr-fgp", type=float, default=_DEFAULTS.lr_fgp, help="Adam learning rate of FGP")
     group.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="initialisation and shuffling seed")
     group.add_argument("--no-cache", dest="cache", action="store_false", help="run the image encoder every epoch")
-    group.add_argument("--cache-dir", default=None, help="feature cache folder (default OUT/feature_cache)")
+    group.add_argument(
+        "--cache-dir", default=None, help="feature cache folder (default: feature_cache/ in the training output folder)"
+    )
     group.add_argument("--cache-dtype", default=_DEFAULTS.cache_dtype, choices=["float16", "float32"])
-    group.add_argument("--skip-bad", action="store_true", help="drop unreadable images / bad masks (listed)")
-    group.add_argument("--num-workers", type=int, default=_DEFAULTS.num_workers, help="image loading processes")
-    group.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    add_model_arguments(parser)
-    add_config_arguments(parser)
-    parser.set_defaults(func=run)
+    if data_loading:
+        group.add_argument("--skip-bad", action="store_true", help="drop unreadable images / bad masks (listed)")
+        group.add_argument("--num-workers", type=int, default=_DEFAULTS.num_workers, help="image loading processes")
 
 
-def run(args: argparse.Namespace) -> int:
-    from vip2clip.data.registry import resolve_index
-    from vip2clip.train import train
-
-    config = TrainConfig(
+def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of options added by `add_train_arguments` (ValueError for out-of-range values)."""
+    return TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
         lr_prompt=args.lr_prompt,
@@ -64,6 +74,13 @@ def run(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         num_workers=args.num_workers,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    from vip2clip.data.registry import resolve_index
+    from vip2clip.train import train
+
+    config = train_config_from_args(args)
     index = resolve_index(args.data, args.dataset)
     model = build_model(args, seed=config.seed, **config_from_args(args))
     try:
