@@ -89,6 +89,8 @@ def machine_description(device: torch.device | str = "cpu") -> dict[str, str]:
         "cpu": _cpu_name(),
         "cores": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
+        # Other processes on a shared machine slow small operations most: say how busy it was.
+        "load avg (1 min, at start)": f"{os.getloadavg()[0]:.2f}",
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

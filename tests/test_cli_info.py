@@ -60,3 +60,14 @@ def test_bad_image_error_survives_pickling():
 
     error = pickle.loads(pickle.dumps(BadImageError("/data/x.png", "truncated")))
     assert str(error) == "/data/x.png: truncated" and error.problem == "truncated"
+
+
+def test_compile_flag_compiles_the_encoders(monkeypatch, capsys):
+    from vip2clip.model.vip2clip import ViP2CLIP
+
+    calls = []
+    monkeypatch.setattr(ViP2CLIP, "compile_encoders", lambda self, **options: calls.append(self) or self)
+    assert main(["info", "--backbone", "tiny", "--compile"]) == 0
+    assert len(calls) == 1
+    assert main(["info", "--backbone", "tiny"]) == 0
+    assert len(calls) == 1

@@ -97,4 +97,8 @@ def test_smoothed_map_equals_resize_then_scipy_gaussian(grid, size, sigma):
 def test_smoothed_map_without_smoothing_is_the_upsampled_mean():
     probabilities = [torch.rand(1, 16, 2).softmax(-1) for _ in range(2)]
     actual = utpa.smoothed_anomaly_map(probabilities, (4, 4), (32, 32), sigma=0.0)
-    torch.testing.assert_close(actual, utpa.fused_anomaly_map(probabilities, (4, 4), (32, 32)))
+    per_layer = [
+        F.interpolate(p.transpose(1, 2).reshape(1, 2, 4, 4), size=(32, 32), mode="bilinear", align_corners=False)[:, 1]
+        for p in probabilities
+    ]
+    torch.testing.assert_close(actual, torch.stack(per_layer).mean(0), rtol=1e-5, atol=1e-6)

@@ -24,6 +24,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True
     group.add_argument(
         "--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast for the frozen encoders"
     )
+    group.add_argument(
+        "--compile", action="store_true", help="torch.compile the encoder blocks (pays off on a GPU; slow start)"
+    )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -98,4 +101,5 @@ def build_model(args: argparse.Namespace, **config):
         device=args.device,
         **config,
     )
-    return model.set_precision(args.precision)
+    model.set_precision(args.precision)
+    return model.compile_encoders() if args.compile else model

@@ -54,25 +54,16 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
-def fused_anomaly_map(probabilities: list[torch.Tensor], grid: tuple[int, int], size: tuple[int, int]) -> torch.Tensor:
-    """Mean over layers of the upsampled anomalous probability -> [B, H, W].
-
-    Averaging before the (linear) bilinear upsampling gives the same map as the release's
-    upsample-then-average, with one upsampling instead of one per layer.
-    """
-    mean = torch.stack([p[..., ANOMALOUS] for p in probabilities]).mean(dim=0)  # [B, HW]
-    return upsample(to_grid(mean.unsqueeze(-1), grid), size)[:, 0]
-
-
 def smoothed_anomaly_map(
     probabilities: list[torch.Tensor], grid: tuple[int, int], size: tuple[int, int], sigma: float
 ) -> torch.Tensor:
-    """`gaussian_blur(fused_anomaly_map(...), sigma)` as two small matrix products -> [B, H, W].
+    """Layer-mean anomalous probability, upsampled (bilinear) and Gaussian-smoothed -> [B, H, W].
 
-    Upsampling (bilinear, align_corners=False) and the Gaussian are both linear and separable, so the whole
-    map is A_h @ P @ A_w^T with P the [B, h, w] layer-mean probability and A = blur @ upsample a [H, h]
-    matrix per axis (cached). At 518 px from a 37x37 grid that is ~20 MFLOP per image instead of a
-    65-tap convolution over 518x518 pixels, and it runs on the maps' device.
+    Equal to the release's per-layer upsampling, averaging and scipy `gaussian_filter` (mode "reflect"):
+    averaging commutes with the linear upsampling, and upsampling (bilinear, align_corners=False) and the
+    Gaussian are both linear and separable, so the whole map is A_h @ P @ A_w^T with P the [B, h, w]
+    layer-mean probability and A = blur @ upsample a [H, h] matrix per axis (cached). At 518 px from a 37x37
+    grid that is ~20 MFLOP per image instead of a 65-tap convolution over 518x518 pixels, on the maps' device.
     """
     mean = torch.stack([p[..., ANOMALOUS] for p in probabilities]).mean(dim=0)  # [B, HW]
     device, dtype = mean.device, mean.dtype
@@ -102,24 +93,6 @@ def _gaussian_kernel(sigma: float, truncate: float) -> torch.Tensor:
     offsets = torch.arange(-radius, radius + 1, dtype=torch.float64)
     kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return kernel / kernel.sum()  # float64: callers cast
-
-
-def gaussian_blur(maps: torch.Tensor, sigma: float, truncate: float = 4.0) -> torch.Tensor:
-    """Separable Gaussian filter of [B, H, W] maps, equal to scipy.ndimage.gaussian_filter(mode="reflect").
-
-    scipy's "reflect" repeats the edge pixel (d c b a | a b c d), which torch's "reflect" padding does not,
-    so the border is built by flipping slices. Runs on the maps' device.
-    """
-    if sigma <= 0:
-        return maps
-    kernel = _gaussian_kernel(float(sigma), float(truncate)).to(device=maps.device, dtype=maps.dtype)
-    radius = kernel.numel() // 2
-    x = maps.unsqueeze(1)
-    for dim in (3, 2):
-        x = _reflect_pad(x, radius, dim)
-        weight = kernel.view(1, 1, 1, -1) if dim == 3 else kernel.view(1, 1, -1, 1)
-        x = F.conv2d(x, weight)
-    return x[:, 0]
 
 
 def _reflect_pad(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
