@@ -6,7 +6,9 @@ loader's binarisation can be checked on them.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,28 @@ def write_mask(
     pixels[top:bottom, left:right] = value
     Image.fromarray(pixels).save(path)
     return path
+
+
+@cache
+def _encoded(suffix: str, mask: bool) -> bytes:
+    """The bytes of one tiny image (or 0/255 mask) in the format of `suffix`, encoded once per format."""
+    buffer = io.BytesIO()
+    pixels = np.zeros((8, 8), dtype=np.uint8) if mask else np.full((8, 8, 3), 128, dtype=np.uint8)
+    if mask:
+        pixels[2:5, 2:5] = 255
+    fmt = {".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF"}.get(suffix.lower(), suffix[1:].upper())
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write_copies(folder: Path, names: Iterable[str], mask: bool = False) -> int:
+    """Many tiny files fast: the same pre-encoded 8x8 image (or mask) under each name; returns how many."""
+    folder.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for name in names:
+        (folder / name).write_bytes(_encoded(Path(name).suffix, mask))
+        count += 1
+    return count
 
 
 def write_images(folder: Path, names: Iterable[str], **kwargs) -> list[Path]:
@@ -80,10 +104,21 @@ def build_visa(root: Path, classes: dict[str, tuple[list[str], list[str]]], mask
     return rows
 
 
-def build_ksdd_raw(root: Path, n_kos: int, defects: dict[tuple[int, int], tuple[int, int]], height: int = 30) -> None:
-    """`kosNN/PartN.jpg` + `PartN_label.bmp` (8 parts each); `defects[(kos, part)] = (first row, last row)`."""
+def build_ksdd_raw(
+    root: Path,
+    n_kos: int,
+    defects: dict[tuple[int, int], tuple[int, int]],
+    height: int = 30,
+    missing: Iterable[tuple[int, int]] = (),
+) -> None:
+    """`kosNN/PartN.jpg` + `PartN_label.bmp` (8 parts each); `defects[(kos, part)] = (first row, last row)`.
+
+    `missing` (kos, part) pairs are not written (the real set has 399 images, not 50 x 8)."""
+    skipped = set(missing)
     for kos in range(1, n_kos + 1):
         for part in range(8):
+            if (kos, part) in skipped:
+                continue
             folder = root / f"kos{kos:02d}"
             write_image(folder / f"Part{part}.jpg", size=(4, height), seed=kos * 10 + part, gray=True)
             rows = defects.get((kos, part))

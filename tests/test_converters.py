@@ -211,11 +211,12 @@ def test_ksdd_raw_derivation(tmp_path: Path, capsys) -> None:
     anomalous = _defect_crops(defects, 30)
     assert anomalous == {"kos01_Part3_1", "kos02_Part5_0", "kos02_Part5_1"}
     n_normal = 3 * 8 * 3 - len(anomalous)
-    assert totals(out) == (n_normal // 4, 3, 3)
+    n_test = n_normal - (3 * n_normal) // 4  # train takes floor(75%) of the normal crops
+    assert totals(out) == (n_test, 3, 3)
     index = read_index(tmp_path / "raw")
     assert index.classes() == ["electrical commutators"]
     assert {Path(s.img_path).stem for s in index.samples() if s.anomaly} == anomalous
-    assert len(index.samples("train")) == n_normal - n_normal // 4
+    assert len(index.samples("train")) == (3 * n_normal) // 4
     # A crop holds exactly its rows of the original, and its mask the label's rows.
     sample = next(s for s in index.samples() if s.img_path.endswith("kos02_Part5_1.png"))
     original = np.asarray(Image.open(tmp_path / "raw/kos02/Part5.jpg"))
@@ -236,18 +237,19 @@ def test_ksdd_already_derived_copy(tmp_path: Path, capsys) -> None:
     run_convert(capsys, "ksdd", tmp_path / "raw")
     shutil.copytree(tmp_path / "raw" / "zsad_3crop", tmp_path / "derived")
     code, out, _ = run_convert(capsys, "ksdd", tmp_path / "derived")
-    assert code == 0 and totals(out) == ((48 - 1) // 4, 1, 1)
+    assert code == 0 and totals(out) == (47 - (3 * 47) // 4, 1, 1)
     assert read_index(tmp_path / "derived").samples()[0].img_path.startswith("test/good/kos")
 
 
 @pytest.mark.slow
 def test_ksdd_full_size_counts_match_the_paper(tmp_path: Path, capsys) -> None:
-    # 50 x 8 images; 52 defective images, two of them straddling a crop boundary: 54 anomalous crops.
+    # 399 images (like the real set: 50 x 8 less one); 52 defective images, two of them straddling a crop
+    # boundary: 54 anomalous crops, 1143 normal ones.
     height = 30
     defects = {(kos, 2): (12, 14) for kos in range(1, 51)}
     defects.update({(1, 6): (8, 11), (2, 6): (18, 21)})
     assert len(_defect_crops(defects, height)) == 54
-    build_ksdd_raw(tmp_path, n_kos=50, defects=defects, height=height)
+    build_ksdd_raw(tmp_path, n_kos=50, defects=defects, height=height, missing=[(50, 7)])
     code, out, _ = run_convert(capsys, "ksdd", tmp_path)
     assert code == 0
     assert totals(out) == (286, 54, 54)

@@ -8,8 +8,9 @@ The ZSAD protocol's derivation, written to `ROOT/zsad_3crop/` in MVTec layout:
 2. A crop whose label crop has any non-zero pixel is anomalous: `test/defect/` with
    `ground_truth/defect/NAME_mask.png` (0/255). All anomalous crops are test crops.
 3. Normal crops, in natural name order, are shuffled with `numpy.random.default_rng(seed)` (seed 0 by default,
-   `--seed` to change); the first `n // 4` go to `test/good/` and the rest to `train/good/`. On the real
-   data, 1146 normal crops give 286 test normals (and 54 anomalous crops): the paper's 286/54.
+   `--seed` to change); the first `n - (3 * n) // 4` go to `test/good/` and the other `(3 * n) // 4` to
+   `train/good/` (train takes the floor of 75%). The real data has 399 images (not 50 x 8): 1197 crops, 54
+   anomalous, 1143 normal, giving 286 test normals: the paper's 286/54.
 Conversion rewrites the derived folder every time (it is a pure function of the raw data and the seed).
 The class name is the release's: "electrical commutators".
 """
@@ -92,7 +93,7 @@ def derive_three_crops(kos_dirs: list[Path], out: Path, seed: int, conversion: C
                 normal.append((name, image_path, k))
     normal.sort(key=lambda item: natural_key(item[0]))
     order = np.random.default_rng(seed).permutation(len(normal))
-    n_test = len(normal) // 4
+    n_test = len(normal) - (3 * len(normal)) // 4  # train takes floor(75%): 1143 -> 286 test, as in the paper
     folders: dict[Path, list[tuple[str, int, str]]] = {}
     for rank, position in enumerate(order):
         name, image_path, k = normal[position]
