@@ -23,15 +23,14 @@ import torch
 
 import vip2clip
 from common import (
-    RESULTS_PATH,
     Timing,
     add_common_arguments,
-    append_results,
     apply_common_arguments,
     describe_machine,
     machine_description,
     markdown_table,
     paired_ratio,
+    publish,
     synchronizer,
     time_interleaved,
 )
@@ -194,11 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         diff = precision_difference(model, args.sizes[0], args.batches[-1])
         body += f"\n\n{args.precision} vs fp32, same inputs: max |Δ score| {diff['pred_score']:.2e}, "
         body += f"max |Δ map| {diff['anomaly_map']:.2e}"
-    print(body)
-    targets = [RESULTS_PATH] if args.record else []
-    targets += [args.output] if args.output else []
-    for path in targets:
-        append_results(title, body, info, path)
+    publish(title, body, info, args.record, args.output)
     return 0
 
 

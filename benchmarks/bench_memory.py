@@ -21,14 +21,13 @@ import torch
 
 import vip2clip
 from common import (
-    RESULTS_PATH,
     add_common_arguments,
-    append_results,
     apply_common_arguments,
     describe_machine,
     machine_description,
     markdown_table,
     peak_rss_mib,
+    publish,
     reset_peak_rss,
 )
 
@@ -114,11 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Resident before the calls (model and inputs): {model_rss:.0f} MiB RSS. One call each (backbone first).\n\n"
         + markdown_table(HEADERS, [row.cells() for row in rows])
     )
-    print(body)
-    targets = [RESULTS_PATH] if args.record else []
-    targets += [args.output] if args.output else []
-    for path in targets:
-        append_results(title, body, info, path)
+    publish(title, body, info, args.record, args.output)
     return 0
 
 

@@ -166,6 +166,14 @@ def append_results(title: str, body: str, info: dict[str, str], path: Path = RES
         os.close(folder)
 
 
+def publish(title: str, body: str, info: dict[str, str], record: bool, output: str | Path | None = None) -> None:
+    """Print a result section; append it to RESULTS.md with `record` (--record) and to `output` (--output)."""
+    print(body)
+    targets = ([RESULTS_PATH] if record else []) + ([Path(output)] if output else [])
+    for path in targets:
+        append_results(title, body, info, path)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, repeats: int = 3, timing: bool = True) -> None:
     """--threads --device --record, and with `timing` --repeats --warmup: the options benchmark scripts share."""
     if timing:
