@@ -12,6 +12,9 @@ from typing import Any
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
+# Storage types of cached features and evaluation maps (numpy names).
+STORAGE_DTYPES = ("float16", "float32")
+
 DEFAULT_BACKBONE = "ViT-L-14-336"
 TINY_BACKBONE = "tiny"
 
@@ -84,3 +87,39 @@ class ModelConfig:
         if unknown:
             raise TypeError(f"unknown model option(s) {unknown}; valid options: {sorted(known)}")
         return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters; the defaults are the release's."""
+
+    epochs: int = 10
+    batch_size: int = 8
+    lr_prompt: float = 1e-3
+    lr_fgp: float = 1e-5
+    seed: int = 111
+    cache: bool = True
+    cache_dir: str | None = None  # None: OUT/feature_cache
+    cache_dtype: str = "float16"
+    skip_bad: bool = False
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr_prompt", "lr_fgp"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.cache_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {list(STORAGE_DTYPES)}, got {self.cache_dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})

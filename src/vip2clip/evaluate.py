@@ -37,6 +37,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from vip2clip.config import STORAGE_DTYPES
 from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.data.images import load_image
 from vip2clip.data.index import DatasetIndex
@@ -46,7 +47,7 @@ from vip2clip.visualize import save_panel
 
 logger = logging.getLogger(__name__)
 
-MAP_DTYPES = {"float16": np.float16, "float32": np.float32}
+MAP_DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 

@@ -34,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from vip2clip.config import STORAGE_DTYPES
 from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.data.fileio import atomic_write_text
 from vip2clip.model.backbone import ImageFeatures
@@ -44,7 +45,7 @@ CACHE_FORMAT = "vip2clip-feature-cache"
 CACHE_VERSION = 1
 MANIFEST = "manifest.json"
 ARRAY_FILES = ("patch_tokens.npy", "global_feature.npy", "masks.npy")
-DTYPES = {"float16": np.float16, "float32": np.float32}
+DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
 
 
 def file_sha1(path: str | Path) -> str:

@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +29,10 @@ import torch
 from tqdm import tqdm
 
 from vip2clip import __version__
+from vip2clip.config import TrainConfig
 from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.data.index import DatasetIndex
-from vip2clip.features import DTYPES, FeatureCache, load_or_build_cache
+from vip2clip.features import FeatureCache, load_or_build_cache
 from vip2clip.losses import training_loss
 from vip2clip.model.backbone import ImageFeatures
 from vip2clip.model.checkpoint import load_checkpoint, save_checkpoint
@@ -44,42 +45,6 @@ TRAIN_LOG = "train_log.jsonl"
 CACHE_SUBDIR = "feature_cache"
 # Settings that may differ between a run and its resumption: they change at most the fp16 rounding of the features.
 _RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "cache", "cache_dir"})
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Training hyper-parameters; the defaults are the release's."""
-
-    epochs: int = 10
-    batch_size: int = 8
-    lr_prompt: float = 1e-3
-    lr_fgp: float = 1e-5
-    seed: int = 111
-    cache: bool = True
-    cache_dir: str | None = None  # None: OUT/feature_cache
-    cache_dtype: str = "float16"
-    skip_bad: bool = False
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr_prompt", "lr_fgp"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
-        if self.cache_dtype not in DTYPES:
-            raise ValueError(f"cache_dtype must be one of {sorted(DTYPES)}, got {self.cache_dtype!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in data.items() if key in known})
 
 
 @dataclass

@@ -10,7 +10,7 @@ from pathlib import Path
 from vip2clip.cli import CLIError
 from vip2clip.cli.common import add_config_arguments, add_model_arguments, build_model, config_from_args
 from vip2clip.cli.train import add_train_arguments, train_config_from_args
-from vip2clip.evaluate import MAP_DTYPES, EvalConfig
+from vip2clip.config import STORAGE_DTYPES
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,14 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser, batch_flags: tupl
     group.add_argument("--max-maps", type=int, default=None, help="at most this many panels per class (all)")
     group.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     group.add_argument(
-        "--map-dtype", choices=sorted(MAP_DTYPES), default="float16", help="storage of the maps (float16 halves RAM)"
+        "--map-dtype", choices=STORAGE_DTYPES, default="float16", help="storage of the maps (float16 halves RAM)"
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _eval_config(args: argparse.Namespace, classes: list[str] | None = None) -> EvalConfig:
+def _eval_config(args: argparse.Namespace, classes: list[str] | None = None):
+    from vip2clip.evaluate import EvalConfig
+
     return EvalConfig(
         classes=tuple(classes) if classes else None,
         batch_size=args.eval_batch_size,

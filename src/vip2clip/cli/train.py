@@ -7,7 +7,7 @@ import json
 
 from vip2clip.cli import CLIError
 from vip2clip.cli.common import add_config_arguments, add_model_arguments, build_model, config_from_args
-from vip2clip.train import TrainConfig
+from vip2clip.config import TrainConfig
 
 _DEFAULTS = TrainConfig()
 
