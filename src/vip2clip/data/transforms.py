@@ -19,11 +19,6 @@ def preprocess(image: Image.Image, image_size: int = 518) -> torch.Tensor:
     return (pixels - _MEAN) / _STD
 
 
-def denormalize(images: torch.Tensor) -> torch.Tensor:
-    """Inverse of the normalisation: [..., 3, H, W] -> values in [0, 1] (for drawing panels)."""
-    return (images * _STD.to(images.device) + _MEAN.to(images.device)).clamp(0.0, 1.0)
-
-
 def preprocess_mask(binary_mask: np.ndarray, image_size: int = 518) -> torch.Tensor:
     """Boolean mask [h, w] -> float tensor [S, S] of 0/1.
 
