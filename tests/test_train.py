@@ -149,23 +149,14 @@ def test_final_checkpoint_loads_with_create_model(bench: DatasetIndex, tmp_path:
     assert "optimizer" not in load_checkpoint(result.checkpoint).meta  # only last.pt carries the resume state
 
 
+def tiny_train_cli(data: Path, epochs: int, *extra: str) -> list[str]:
+    """`vip2clip train` arguments for the tiny backbone at the tests' image size, batch 4, no progress bars."""
+    tiny = ["--backbone", "tiny", "--image-size", str(SIZE), "--top-k", "4", "--batch-size", "4", "--no-progress"]
+    return ["train", "--data", str(data), "--epochs", str(epochs), *tiny, *extra]
+
+
 def test_cli_bad_inputs(bench: DatasetIndex, tmp_path: Path, capsys) -> None:
-    args = [
-        "train",
-        "--data",
-        str(bench.root),
-        "--backbone",
-        "tiny",
-        "--image-size",
-        str(SIZE),
-        "--top-k",
-        "4",
-        "--epochs",
-        "1",
-        "--batch-size",
-        "4",
-        "--no-progress",
-    ]
+    args = tiny_train_cli(bench.root, epochs=1)
     samples = bench.samples("test")
     corrupt = bench.resolve(samples[0].img_path)
     corrupt.write_bytes(b"garbage")
@@ -201,26 +192,7 @@ def test_unusual_images_and_a_class_without_anomalies_train(tmp_path: Path) -> N
 def test_killed_cli_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     index = generate_benchmark(tmp_path / "bench", classes=1, image_size=SIZE, n_test_good=4, n_test_defect=4)
     out = tmp_path / "out"
-    args = [
-        "train",
-        "--data",
-        str(index.root),
-        "--out",
-        str(out),
-        "--backbone",
-        "tiny",
-        "--image-size",
-        str(SIZE),
-        "--top-k",
-        "4",
-        "--epochs",
-        "12",
-        "--batch-size",
-        "4",
-        "--lr-fgp",
-        "1e-3",
-        "--no-progress",
-    ]
+    args = tiny_train_cli(index.root, 12, "--out", str(out), "--lr-fgp", "1e-3")
     with open(tmp_path / "stderr.txt", "w") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "vip2clip", *args], stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + 120
