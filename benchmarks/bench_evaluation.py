@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from common import append_results, machine_description, markdown_table, peak_rss_mib, reset_peak_rss
-from vip2clip.evaluate import MAP_DTYPES, EvalConfig, class_metrics, predict_class
+from vip2clip.evaluation.evaluate import MAP_DTYPES, EvalConfig, class_metrics, predict_class
 from vip2clip.model.vip2clip import Prediction
 
 
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--map-dtype", choices=sorted(MAP_DTYPES), default="float16")
     args = parser.parse_args()
     dataset, model = StandInDataset(args.images, args.size), StandInModel(args.size)
-    config = EvalConfig(map_dtype=args.map_dtype, progress=False)
+    config = EvalConfig(map_dtype=args.map_dtype)
     baseline = peak_rss_mib()
     reset_peak_rss()
     started = time.perf_counter()

@@ -27,7 +27,7 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from vip2clip import metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "metrics"))
 from test_metrics import naive_aupro_cflow  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"

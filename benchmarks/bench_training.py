@@ -22,7 +22,7 @@ from pathlib import Path
 import vip2clip
 from common import add_common_arguments, append_results, apply_common_arguments, machine_description, markdown_table
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.train import TrainConfig, TrainResult, train
+from vip2clip.training.loop import TrainConfig, TrainResult, train
 
 # ViT-L/14 at 518 px: 4 tapped layers x 37*37 patches x 768, plus the 768-d global feature; fp16; packed mask.
 VIT_L_CACHE_BYTES = (4 * 37 * 37 * 768 + 768) * 2 + 518 * ((518 + 7) // 8)
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace, root: Path, cache: bool) -> tuple[TrainResult,
     index = vip2clip.data.index.read_index(root / "bench")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, cache=cache)
     started = time.perf_counter()
-    result = train(model, index, root / ("cached" if cache else "uncached"), config, progress=False)
+    result = train(model, index, root / ("cached" if cache else "uncached"), config)
     return result, time.perf_counter() - started
 
 

@@ -20,9 +20,10 @@ import torch
 from open_clip.model import CLIP
 from open_clip.tokenizer import tokenize
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import vip2clip
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "model"))
 from release_reference import release_predict
+
+import vip2clip
 
 WIDTH, HIDDEN, N_CTX, N_DYN = 768, 384, 7, 3
 

@@ -41,7 +41,7 @@ class TrainedTiny:
 def trained_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TrainedTiny:
     """Trained once per session (about a minute on 2 cores) for every test that needs a model that has learned."""
     from vip2clip.data.synthetic import generate_benchmark
-    from vip2clip.train import TrainConfig, train
+    from vip2clip.training.loop import TrainConfig, train
 
     root = tmp_path_factory.mktemp("trained")
     sizes = {"classes": 1, "image_size": TRAINED_SIZE}
@@ -49,7 +49,7 @@ def trained_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Trained
     unseen = generate_benchmark(root / "unseen", seed=2, n_train_good=20, n_test_good=8, n_test_defect=8, **sizes)
     model = vip2clip.create_model("tiny", image_size=TRAINED_SIZE, seed=0, top_k=8)
     config = TrainConfig(epochs=12, batch_size=8, lr_prompt=1e-2, lr_fgp=1e-3)  # faster than the release's
-    result = train(model, train_index, root / "run", config, progress=False)
+    result = train(model, train_index, root / "run", config)
     return TrainedTiny(result.checkpoint, unseen)
 
 

@@ -1,7 +1,11 @@
 """vip2clip: ViP²-CLIP zero-shot anomaly detection on a frozen CLIP.
 
-Public API: `create_model`, `preprocess`, `ModelConfig`, `__version__`. They load lazily, so that commands
-which need neither torch nor open_clip (dataset conversion, validation) start fast.
+Public API: `create_model`, `preprocess`, `Predictor`, `ModelConfig`, `metrics`, `__version__`. They load lazily,
+so that commands which need neither torch nor open_clip (dataset conversion, validation) start fast.
+
+The package is grouped by pipeline: `model/` (the network), `data/` (datasets, images, converters), `training/`,
+`evaluation/` (with `metrics/` beside it), `inference/` (Predictor, calibration, folder runs), `visualization/`,
+`apps/` (server, demo) and `cli/`.
 """
 
 from __future__ import annotations
@@ -11,15 +15,19 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-_LAZY = {
+_LAZY_ATTRIBUTES = {
     "ModelConfig": "vip2clip.config",
     "create_model": "vip2clip.factory",
     "preprocess": "vip2clip.data.transforms",
+    "Predictor": "vip2clip.inference.predictor",
 }
-__all__ = ["ModelConfig", "__version__", "create_model", "preprocess"]
+_LAZY_MODULES = ("metrics",)
+__all__ = ["ModelConfig", "Predictor", "__version__", "create_model", "metrics", "preprocess"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _LAZY_ATTRIBUTES:
+        return getattr(importlib.import_module(_LAZY_ATTRIBUTES[name]), name)
+    if name in _LAZY_MODULES:
+        return importlib.import_module(f"vip2clip.{name}")
     raise AttributeError(f"module 'vip2clip' has no attribute {name!r}")

@@ -9,9 +9,10 @@ from typing import Any
 import torch
 
 from vip2clip.config import DEFAULT_BACKBONE, ModelConfig
-from vip2clip.model.backbone import FrozenCLIP, load_clip
+from vip2clip.model.backbone import FrozenCLIP
 from vip2clip.model.checkpoint import load_checkpoint
 from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.model.weights import load_clip
 
 logger = logging.getLogger(__name__)
 
@@ -23,6 +24,7 @@ def create_model(
     image_size: int | None = None,
     device: str | torch.device = "cpu",
     seed: int | None = None,
+    precision: str = "fp32",
     **config: Any,
 ) -> ViP2CLIP:
     """Build ViP²-CLIP on a frozen open_clip CLIP.
@@ -32,6 +34,7 @@ def create_model(
         (state dict or TorchScript .pt), or an open_clip pretrained tag ("openai", downloads when online).
     checkpoint: our checkpoint or the authors' release checkpoint; its config is used, `config` overrides it.
     image_size: input side (default 518, or the checkpoint's). seed: initialises the trainable parts.
+    precision: "fp32", or "fp16"/"bf16" autocast for the frozen encoders (the heads stay fp32).
     config: any `ModelConfig` field (ablation switches, top_k, sigma, state_words, ...).
     """
     loaded = None
@@ -63,4 +66,4 @@ def create_model(
         model = ViP2CLIP(frozen, cfg)
     if loaded is not None:
         model.load_trainable_state_dict(loaded.state)
-    return model.to(device)
+    return model.set_precision(precision).to(device)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from vip2clip import __version__
 
 # Modules under vip2clip.cli that each add one or more sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ("info", "data", "predict", "train", "evaluate")
+COMMAND_MODULES: tuple[str, ...] = ("model", "data", "train", "evaluate", "predict", "apps")
 
 
 class CLIError(Exception):

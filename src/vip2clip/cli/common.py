@@ -1,11 +1,19 @@
-"""Options shared by every command that builds a model (backbone, weights, checkpoint, device)."""
+"""Options shared by the commands, each defined once: model and weights, model hyper-parameters, inference
+options, decision thresholds, progress bars; and the model builder and progress reporter they configure."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import TYPE_CHECKING
 
 from vip2clip.cli import CLIError
 from vip2clip.config import DEFAULT_BACKBONE
+
+if TYPE_CHECKING:
+    from vip2clip.model.identity import ModelIdentity
+    from vip2clip.model.vip2clip import ViP2CLIP
+    from vip2clip.utils.progress import Progress
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
@@ -43,6 +51,40 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, default=None, help="patches pooled for the image score (50)")
     group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps (8)")
     group.add_argument("--feature-layers", type=int, nargs="+", default=None, help="1-based blocks (6 12 18 24)")
+
+
+def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that change scores without retraining (recorded in calibration files and checked)."""
+    group = parser.add_argument_group("inference options (default: the checkpoint's)")
+    group.add_argument("--top-k", type=int, default=None, help="patches pooled for the image score")
+    group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps")
+
+
+def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decisions")
+    group.add_argument("--calibration", default=None, help="calibration JSON from `vip2clip calibrate` or `test`")
+    group.add_argument("--threshold", type=float, default=None, help="image threshold (overrides the calibration)")
+    group.add_argument(
+        "--pixel-threshold", type=float, default=None, help="pixel threshold for masks (overrides the calibration)"
+    )
+
+
+def add_progress_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def progress_for(args: argparse.Namespace) -> Progress:
+    """tqdm bars on stderr when it is a terminal and --no-progress was not given; silence otherwise."""
+    from vip2clip.utils.progress import silent
+
+    if not getattr(args, "progress", True) or not sys.stderr.isatty():
+        return silent
+    from tqdm import tqdm
+
+    def bars(items, *, total=None, desc=""):
+        return tqdm(items, total=total, desc=desc, leave=False)
+
+    return bars
 
 
 CONFIG_FIELDS = (
@@ -89,8 +131,8 @@ def _effective_backbone(args: argparse.Namespace) -> str | None:
     return load_checkpoint(args.checkpoint).config.backbone
 
 
-def build_model(args: argparse.Namespace, **config):
-    """create_model from the parsed model options."""
+def build_model(args: argparse.Namespace, **config) -> ViP2CLIP:
+    """create_model from the parsed model options (`config`: ModelConfig overrides and the seed)."""
     from vip2clip.factory import create_model
 
     model = create_model(
@@ -99,7 +141,14 @@ def build_model(args: argparse.Namespace, **config):
         checkpoint=getattr(args, "checkpoint", None),
         image_size=args.image_size,
         device=args.device,
+        precision=args.precision,
         **config,
     )
-    model.set_precision(args.precision)
     return model.compile_encoders() if args.compile else model
+
+
+def model_identity(args: argparse.Namespace, model: ViP2CLIP) -> ModelIdentity:
+    """The identity of the model built from `args` (its checkpoint hashed once, here)."""
+    from vip2clip.model.identity import ModelIdentity
+
+    return ModelIdentity.of(model, getattr(args, "checkpoint", None))

@@ -1,14 +1,22 @@
-"""`vip2clip test`, `benchmark`, `demo` and `convert-checkpoint`: the evaluation protocol from the command line."""
+"""`vip2clip test` and `vip2clip benchmark`: the evaluation protocol from the command line."""
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from vip2clip.cli import CLIError
-from vip2clip.cli.common import add_config_arguments, add_model_arguments, build_model, config_from_args
+from vip2clip.cli.common import (
+    add_config_arguments,
+    add_inference_arguments,
+    add_model_arguments,
+    add_progress_argument,
+    build_model,
+    config_from_args,
+    model_identity,
+    progress_for,
+)
 from vip2clip.cli.train import add_train_arguments, train_config_from_args
 from vip2clip.config import STORAGE_DTYPES
 
@@ -18,14 +26,6 @@ logger = logging.getLogger(__name__)
 def register(subparsers: argparse._SubParsersAction) -> None:
     _register_test(subparsers)
     _register_benchmark(subparsers)
-    _register_demo(subparsers)
-    convert = subparsers.add_parser(
-        "convert-checkpoint", help="convert a checkpoint between our format and the authors' release format"
-    )
-    convert.add_argument("source", help="checkpoint to read (either format)")
-    convert.add_argument("destination", help="file to write")
-    convert.add_argument("--to", required=True, choices=["release", "vip2clip"], help="format to write")
-    convert.set_defaults(func=run_convert)
 
 
 def _add_evaluation_arguments(parser: argparse.ArgumentParser, batch_flags: tuple[str, ...]) -> None:
@@ -41,11 +41,11 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser, batch_flags: tupl
     group.add_argument(
         "--map-dtype", choices=STORAGE_DTYPES, default="float16", help="storage of the maps (float16 halves RAM)"
     )
-    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_progress_argument(parser)
 
 
 def _eval_config(args: argparse.Namespace, classes: list[str] | None = None):
-    from vip2clip.evaluate import EvalConfig
+    from vip2clip.evaluation.evaluate import EvalConfig
 
     return EvalConfig(
         classes=tuple(classes) if classes else None,
@@ -54,7 +54,6 @@ def _eval_config(args: argparse.Namespace, classes: list[str] | None = None):
         skip_bad=args.skip_bad,
         map_dtype=args.map_dtype,
         max_panels=args.max_maps,
-        progress=not args.no_progress and sys.stderr.isatty(),
     )
 
 
@@ -66,17 +65,14 @@ def _register_test(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes")
     _add_evaluation_arguments(parser, ("--batch-size", "--eval-batch-size"))
     add_model_arguments(parser)
-    # Only inference options: the architecture comes from the checkpoint.
-    group = parser.add_argument_group("inference options (default: the checkpoint's)")
-    group.add_argument("--top-k", type=int, default=None, help="patches pooled for the image score")
-    group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps")
+    add_inference_arguments(parser)  # only these: the architecture comes from the checkpoint
     parser.set_defaults(func=run_test)
 
 
 def run_test(args: argparse.Namespace) -> int:
     from vip2clip.data.registry import dataset_info, resolve_index
-    from vip2clip.protocol import evaluate_dataset
-    from vip2clip.reports import class_table_markdown
+    from vip2clip.evaluation.benchmark import evaluate_dataset
+    from vip2clip.evaluation.reports import class_table_markdown
 
     if not args.checkpoint:
         raise CLIError("--checkpoint is required (a vip2clip or release checkpoint to evaluate)")
@@ -84,9 +80,8 @@ def run_test(args: argparse.Namespace) -> int:
     model = build_model(args, **config_from_args(args))
     name = dataset_info(args.dataset).title if args.dataset else Path(index.root).name
     out = Path(args.out)
-    result = evaluate_dataset(
-        model, index, out, _eval_config(args, args.classes), name, args.checkpoint, args.save_maps
-    )
+    config, identity = _eval_config(args, args.classes), model_identity(args, model)
+    result = evaluate_dataset(model, index, out, config, name, identity, args.save_maps, progress=progress_for(args))
     print(class_table_markdown(result, name))
     print(f"results: {out / 'results.md'} (+ .csv, .json)")
     if (out / "calibration.json").is_file():
@@ -114,20 +109,21 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
 
 def _train_for_benchmark(args: argparse.Namespace, train_spec, out: Path):
     """Train a fresh model on the --train dataset; returns (model, checkpoint path, training record)."""
-    from vip2clip.protocol import load_dataset
-    from vip2clip.train import train
+    from vip2clip.evaluation.benchmark import load_dataset
+    from vip2clip.training.loop import train
 
     config = train_config_from_args(args)
     index = load_dataset(train_spec)
     model = build_model(args, seed=config.seed, **config_from_args(args))  # seeded like `vip2clip train`
-    result = train(model, index, out / "train", config, progress=not args.no_progress)
+    result = train(model, index, out / "train", config, progress=progress_for(args))
     record = {"name": train_spec.title, "root": str(index.root), "config": config.to_dict(), "trained": True}
     return model, result.checkpoint, record
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from vip2clip.protocol import load_dataset, parse_dataset_spec, run_benchmark
-    from vip2clip.reports import benchmark_table_markdown
+    from vip2clip.evaluation.benchmark import load_dataset, parse_dataset_spec, run_benchmark
+    from vip2clip.evaluation.reports import benchmark_table_markdown
+    from vip2clip.model.identity import ModelIdentity
 
     if not args.train and not args.checkpoint:
         raise CLIError("give --train NAME=ROOT (to train first) or --checkpoint CKPT")
@@ -144,40 +140,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         training = {"name": train_spec.title if train_spec else None, "trained": False}
     else:
         model, checkpoint, training = _train_for_benchmark(args, train_spec, out)
-    entries = run_benchmark(model, indexes, out, _eval_config(args), checkpoint, training, args.save_maps)
+    identity = ModelIdentity.of(model, checkpoint)
+    entries = run_benchmark(
+        model, indexes, out, _eval_config(args), identity, training, args.save_maps, progress_for(args)
+    )
     print(benchmark_table_markdown(entries))
     print(f"benchmark: {out / 'benchmark.md'} (+ .csv, .json); per dataset: {', '.join(s.folder for s in tests)}")
-    return 0
-
-
-def _register_demo(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "demo", help="offline end-to-end demo: synthetic data, train, zero-shot test, table and heat maps"
-    )
-    parser.add_argument("--out", default="vip2clip_demo", help="output folder (./vip2clip_demo)")
-    parser.add_argument("--backbone", default="tiny", help="'tiny' (random, offline) or e.g. ViT-L-14-336")
-    parser.add_argument("--clip-weights", default=None, help="CLIP weights file for a real backbone")
-    parser.add_argument("--image-size", type=int, default=None, help="model input size (tiny: 128, real: 518)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (demo default)")
-    parser.add_argument("--device", default="cpu")
-    parser.set_defaults(func=run_demo)
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    from vip2clip.demo import DemoConfig
-    from vip2clip.demo import run_demo as demo
-
-    overrides = {"image_size": args.image_size, "epochs": args.epochs}
-    config = DemoConfig(**{key: value for key, value in overrides.items() if value is not None})
-    demo(args.out, args.backbone, args.clip_weights, args.device, config)
-    return 0
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    from vip2clip.model.checkpoint import convert_checkpoint
-
-    if Path(args.source).resolve() == Path(args.destination).resolve():
-        raise CLIError("source and destination are the same file; write the converted checkpoint elsewhere")
-    written = convert_checkpoint(args.source, args.destination, to=args.to)
-    print(f"wrote {written} ({args.to} format)")
     return 0

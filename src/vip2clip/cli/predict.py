@@ -1,4 +1,4 @@
-"""`vip2clip predict`, `vip2clip calibrate` and `vip2clip serve`: the practitioner's commands."""
+"""`vip2clip predict` and `vip2clip calibrate`: the practitioner's commands on files and folders."""
 
 from __future__ import annotations
 
@@ -6,34 +6,30 @@ import argparse
 import logging
 import sys
 import warnings
+from typing import TYPE_CHECKING
 
 from vip2clip.cli import CLIError
-from vip2clip.cli.common import add_model_arguments, build_model, config_from_args
+from vip2clip.cli.common import (
+    add_inference_arguments,
+    add_model_arguments,
+    add_progress_argument,
+    add_threshold_arguments,
+    build_model,
+    config_from_args,
+    model_identity,
+    progress_for,
+)
+
+if TYPE_CHECKING:
+    from vip2clip.inference.predictor import Predictor
 
 logger = logging.getLogger(__name__)
 
 _LISTED_FAILURES = 20  # unreadable files printed in the summary; all of them are in predictions.json
 
 
-def _add_threshold_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("decisions")
-    group.add_argument("--calibration", default=None, help="calibration JSON from `vip2clip calibrate` or `test`")
-    group.add_argument("--threshold", type=float, default=None, help="image threshold (overrides the calibration)")
-    group.add_argument(
-        "--pixel-threshold", type=float, default=None, help="pixel threshold for masks (overrides the calibration)"
-    )
-    group.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
-
-
-def _add_inference_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options that change scores without retraining; recorded in calibration files and checked."""
-    group = parser.add_argument_group("inference options (default: the checkpoint's)")
-    group.add_argument("--top-k", type=int, default=None, help="patches pooled for the image score")
-    group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps")
-
-
-def _build(args: argparse.Namespace):
-    return build_model(args, **config_from_args(args))
+def add_batch_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,10 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", required=True, help="output folder (re-running with it resumes)")
     predict.add_argument("--overwrite", action="store_true", help="redo images already predicted in --out")
     predict.add_argument("--no-overlays", dest="overlays", action="store_false", help="write masks only")
-    predict.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_progress_argument(predict)
+    add_batch_argument(predict)
     add_model_arguments(predict)
-    _add_inference_arguments(predict)
-    _add_threshold_arguments(predict)
+    add_inference_arguments(predict)
+    add_threshold_arguments(predict)
     predict.set_defaults(func=run_predict)
 
     calibrate = subparsers.add_parser("calibrate", help="derive thresholds from defect-free images only")
@@ -53,31 +50,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--out", required=True, help="calibration JSON to write")
     calibrate.add_argument("--quantile", type=float, default=0.99, help="quantile of the image scores (0.99)")
     calibrate.add_argument("--pixel-quantile", type=float, default=0.999, help="quantile of the pixel scores (0.999)")
-    calibrate.add_argument("--batch-size", type=int, default=8, help="images per forward pass (8)")
-    calibrate.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_progress_argument(calibrate)
+    add_batch_argument(calibrate)
     add_model_arguments(calibrate)
-    _add_inference_arguments(calibrate)
+    add_inference_arguments(calibrate)
     calibrate.set_defaults(func=run_calibrate)
 
-    serve = subparsers.add_parser("serve", help="browser demo: upload an image, see score, overlay and mask")
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    serve.add_argument("--port", type=int, default=7860, help="port (7860; 0 picks a free one)")
-    serve.add_argument("--max-upload-mb", type=float, default=10.0, help="largest accepted upload (10 MB)")
-    add_model_arguments(serve)
-    _add_inference_arguments(serve)
-    _add_threshold_arguments(serve)
-    serve.set_defaults(func=run_serve)
 
-
-def _predictor(args: argparse.Namespace):
-    from vip2clip.predict import Predictor, resolve_thresholds
+def build_predictor(args: argparse.Namespace, thresholds: bool = True) -> Predictor:
+    """The Predictor of the parsed options: model, identity and (thresholds=True) the decision thresholds."""
+    from vip2clip.inference.predictor import Predictor, resolve_thresholds
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    model = _build(args)
-    thresholds = resolve_thresholds(model, args.checkpoint, args.calibration, args.threshold, args.pixel_threshold)
-    logger.info("thresholds: image %.4g, pixel %.4g (%s)", thresholds.image, thresholds.pixel, thresholds.source)
-    return Predictor(model, thresholds, args.batch_size)
+    model = build_model(args, **config_from_args(args))
+    identity = model_identity(args, model)
+    if not thresholds:
+        return Predictor(model, batch_size=args.batch_size, identity=identity)
+    decisions = resolve_thresholds(identity, args.calibration, args.threshold, args.pixel_threshold)
+    logger.info("thresholds: image %.4g, pixel %.4g (%s)", decisions.image, decisions.pixel, decisions.source)
+    return Predictor(model, decisions, args.batch_size, identity)
 
 
 def _print_failures(failed: list[tuple[str, str]]) -> None:
@@ -91,12 +83,10 @@ def _print_failures(failed: list[tuple[str, str]]) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from vip2clip.predict_files import predict_files
+    from vip2clip.inference.folder_run import predict_folder
 
-    predictor = _predictor(args)
-    progress = args.progress and sys.stderr.isatty()
-    summary = predict_files(
-        predictor, args.paths, args.out, args.checkpoint, args.overwrite, args.overlays, progress=progress
+    summary = predict_folder(
+        build_predictor(args), args.paths, args.out, args.overwrite, args.overlays, progress=progress_for(args)
     )
     print(
         f"{summary.found} images found: {summary.predicted} predicted, {summary.skipped} already done, "
@@ -109,17 +99,13 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from vip2clip.predict import Predictor
-    from vip2clip.predict_files import calibrate_files
+    from vip2clip.inference.folder_run import calibrate_folder
 
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    predictor = Predictor(_build(args), batch_size=args.batch_size)
-    progress = args.progress and sys.stderr.isatty()
+    predictor = build_predictor(args, thresholds=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        calibration, failed = calibrate_files(
-            predictor, args.paths, args.checkpoint, args.quantile, args.pixel_quantile, progress
+        calibration, failed = calibrate_folder(
+            predictor, args.paths, args.quantile, args.pixel_quantile, progress_for(args)
         )
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
@@ -131,13 +117,4 @@ def run_calibrate(args: argparse.Namespace) -> int:
         f"(quantile {args.pixel_quantile})"
     )
     print(f"written: {path}")
-    return 0
-
-
-def run_serve(args: argparse.Namespace) -> int:
-    from vip2clip.serve import serve
-
-    if args.max_upload_mb <= 0:
-        raise CLIError(f"--max-upload-mb must be > 0, got {args.max_upload_mb}")
-    serve(_predictor(args), args.host, args.port, int(args.max_upload_mb * 1024 * 1024))
     return 0

@@ -6,7 +6,14 @@ import argparse
 import json
 
 from vip2clip.cli import CLIError
-from vip2clip.cli.common import add_config_arguments, add_model_arguments, build_model, config_from_args
+from vip2clip.cli.common import (
+    add_config_arguments,
+    add_model_arguments,
+    add_progress_argument,
+    build_model,
+    config_from_args,
+    progress_for,
+)
 from vip2clip.config import TrainConfig
 
 _DEFAULTS = TrainConfig()
@@ -24,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--split", default="test", help="split to train on (the release uses 'test')")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, log, feature cache)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_progress_argument(parser)
     add_train_arguments(parser)
     add_model_arguments(parser)
     add_config_arguments(parser)
@@ -78,13 +85,15 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     from vip2clip.data.registry import resolve_index
-    from vip2clip.train import train
+    from vip2clip.training.loop import train
 
     config = train_config_from_args(args)
     index = resolve_index(args.data, args.dataset)
     model = build_model(args, seed=config.seed, **config_from_args(args))
     try:
-        result = train(model, index, args.out, config, split=args.split, resume=args.resume, progress=args.progress)
+        result = train(
+            model, index, args.out, config, split=args.split, resume=args.resume, progress=progress_for(args)
+        )
     except OSError as error:  # a full disk or an unwritable --out / --cache-dir: the user's to fix
         if isinstance(error, FileNotFoundError):
             raise

@@ -1,8 +1,23 @@
-"""Loading images and masks from the benchmarks' many file flavours.
+"""The one image reader: files, uploaded bytes, PIL images and arrays become 8-bit RGB by one set of rules.
 
-Images come back as 8-bit RGB. Alpha is dropped (not composited): that is what `Image.convert("RGB")` in the
-authors' release does, so scores match theirs. 16-bit images (`I;16*`, or 32-bit `I` holding 16-bit data)
-are scaled by 255/65535 instead of being clipped at 255 as PIL's own conversion would do.
+Every part of the package that reads an image (datasets, the feature cache, `predict`, `calibrate`, `serve`,
+evaluation panels) goes through this module, so a file scores the same wherever it is read.
+
+Decoding (`open_image`): the whole file is decoded at once, so truncated files fail here and not later; every
+decoder failure becomes a `BadImageError` naming the file (or "upload") and the problem. `max_pixels` refuses
+larger images from their header, before their pixels are decoded (the server's memory bound).
+
+EXIF orientation is applied, as every photo viewer does, so that maps and masks line up with the picture the
+user sees. Image *sizes* read from headers (`image_size`) are the displayed sizes too.
+
+Conversion to RGB (`to_rgb`):
+- grey, palette, CMYK, YCbCr, LAB, HSV: PIL's conversion;
+- RGBA / LA / PA: alpha is dropped, not composited, as `Image.convert("RGB")` in the authors' release does;
+- 16-bit (`I;16*`) and 32-bit integer (`I`) images: scaled by 255/65535; `I` data above 65535 is stretched to its
+  own maximum instead of being clipped;
+- float (`F`) images: values in [0, 1] are scaled by 255, anything larger is read as 16-bit data;
+- arrays: [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] of uint8, bool, or float in [0, 1] (alpha dropped);
+  other integer types must hold values in 0..255.
 
 Masks come back as bool [H, W]. The rule that decides "defect" depends on the file, not the dataset name:
 - JPEG masks (Kvasir-SEG): compression noise leaves small non-zero values around the edges, so a pixel is a
@@ -13,20 +28,25 @@ Masks come back as bool [H, W]. The rule that decides "defect" depends on the fi
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+ImageInput = str | Path | Image.Image | np.ndarray
 
 _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 _JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 _JPEG_MASK_THRESHOLD = 127  # half of 255
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+_SWAPS_SIDES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class BadImageError(ValueError):
-    """An image or mask file that cannot be used; the message names the file and the problem."""
+    """An image or mask that cannot be used; the message names the file and the problem."""
 
     def __init__(self, path: str | Path, problem: str) -> None:
         super().__init__(f"{path}: {problem}")
@@ -38,19 +58,47 @@ class BadImageError(ValueError):
         return (type(self), (self.path, self.problem))
 
 
-def _open(path: str | Path) -> Image.Image:
-    """Open and fully decode a file, turning every decoder failure into a BadImageError."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadImageError(path, "no such file" if not path.exists() else "not a file")
+def _orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored), read without decoding the pixels."""
+    if "exif" not in image.info and image.format != "TIFF":
+        return 1  # asking PIL anyway would decode a PNG's pixels just to find no EXIF block
+    return int(image.getexif().get(ExifTags.Base.Orientation, 1) or 1)
+
+
+def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
+    """Decode a file (path) or an upload (bytes) completely, EXIF orientation applied, in its own mode.
+
+    Raises BadImageError for a missing file, an empty upload, a non-image, a truncated or damaged image, and an
+    image of more than `max_pixels` pixels (checked from the header, before decoding).
+    """
+    name = "upload" if isinstance(source, bytes) else source
+    if isinstance(source, bytes):
+        if not source:
+            raise BadImageError(name, "empty (no bytes)")
+        stream: str | Path | io.BytesIO = io.BytesIO(source)
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise BadImageError(path, "no such file" if not path.exists() else "not a file")
+        stream = path
     try:
         with warnings.catch_warnings():
             # A decompression-bomb warning is not a reason to refuse a large benchmark image.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(path)
+            image = Image.open(stream)
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise BadImageError(name, f"image is {width}x{height} pixels; the limit is {max_pixels:,} pixels")
             image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise BadImageError(path, f"cannot read image ({error})") from None
+    except BadImageError:
+        raise
+    except UnidentifiedImageError:
+        raise BadImageError(name, "not an image (no known format: PNG, JPEG, BMP, TIFF, WebP ...)") from None
+    except _DECODE_ERRORS as error:
+        raise BadImageError(name, f"damaged or unsupported image ({error})") from None
+    if _orientation(image) != 1:
+        image_format, image = image.format, ImageOps.exif_transpose(image)
+        image.format = image_format  # the mask rules look at the file format
     return image
 
 
@@ -66,15 +114,52 @@ def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Load any image file as an 8-bit RGB PIL image (grayscale, palette, RGBA, 16-bit, CMYK ...).
+def _array_to_rgb(array: np.ndarray) -> Image.Image:
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if not (array.ndim == 2 or (array.ndim == 3 and array.shape[-1] in (3, 4))):
+        raise ValueError(f"expected an image array [H, W], [H, W, 3] or [H, W, 4], got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"empty image array of shape {array.shape}")
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    elif array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError("image array contains NaN or infinite values")
+        array = np.rint(np.clip(array, 0.0, 1.0) * 255)
+    elif array.dtype != np.uint8 and (array.min() < 0 or array.max() > 255):
+        raise ValueError(f"integer image array of type {array.dtype} must hold values in 0..255")
+    array = np.ascontiguousarray(array.astype(np.uint8))
+    return Image.fromarray(array[..., :3] if array.ndim == 3 else array).convert("RGB")
 
-    Raises BadImageError for missing, truncated or undecodable files.
+
+def to_rgb(image: ImageInput) -> Image.Image:
+    """A path, PIL image (any mode) or array -> 8-bit RGB PIL image by the module's rules (EXIF applied).
+
+    Raises BadImageError for unreadable files, ValueError for arrays of another shape or type.
     """
-    image = _open(path)
+    if isinstance(image, (str, Path)):
+        image = open_image(image)
+    elif isinstance(image, Image.Image):
+        if _orientation(image) != 1:
+            image = ImageOps.exif_transpose(image)
+    elif isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    else:
+        raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         return Image.fromarray(_high_bit_depth_to_uint8(image)).convert("RGB")
     return image.convert("RGB")
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """Load an image file as 8-bit RGB (see the module docstring). Raises BadImageError naming the file."""
+    return to_rgb(open_image(path, max_pixels))
+
+
+def decode_image_bytes(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Uploaded bytes -> 8-bit RGB; BadImageError ("upload: ...") for anything that is not a usable image."""
+    return to_rgb(open_image(data, max_pixels))
 
 
 def _mask_values(image: Image.Image) -> np.ndarray:
@@ -90,19 +175,20 @@ def _mask_values(image: Image.Image) -> np.ndarray:
 def load_mask(path: str | Path) -> np.ndarray:
     """Load a ground-truth mask as bool [H, W] (rules in the module docstring). Raises BadImageError."""
     path = Path(path)
-    image = _open(path)
+    image = open_image(path)
     if image.format in _JPEG_FORMATS or (image.format is None and path.suffix.lower() in _JPEG_SUFFIXES):
         return np.asarray(image.convert("L")) > _JPEG_MASK_THRESHOLD
     return _mask_values(image) > 0
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image file, read from its header without decoding the pixels."""
+    """(width, height) of an image file as displayed (EXIF orientation applied), read from its header."""
     path = Path(path)
     if not path.is_file():
         raise BadImageError(path, "no such file" if not path.exists() else "not a file")
     try:
         with Image.open(path) as image:
-            return image.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            width, height = image.size
+            return (height, width) if _orientation(image) in _SWAPS_SIDES else (width, height)
+    except _DECODE_ERRORS as error:
         raise BadImageError(path, f"cannot read image header ({error})") from None

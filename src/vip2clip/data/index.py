@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from vip2clip.data.fileio import atomic_write_text
+from vip2clip.utils.fileio import atomic_write_text
 
 INDEX_NAME = "meta.json"
 SPLITS = ("train", "test")

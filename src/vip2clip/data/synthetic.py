@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vip2clip.data.fileio import atomic_save_image
 from vip2clip.data.index import INDEX_NAME, DatasetIndex, Sample, build_index, write_index
+from vip2clip.utils.fileio import atomic_save_image
 
 STYLES = ("textured", "structured")
 DEFECT_KINDS = ("scratch", "blob", "patch", "stain")

@@ -16,7 +16,7 @@ import torch
 
 from vip2clip import __version__
 from vip2clip.config import ModelConfig
-from vip2clip.data.fileio import atomic_torch_save
+from vip2clip.utils.fileio import atomic_torch_save
 
 FORMAT = "vip2clip-checkpoint"
 FORMAT_VERSION = 1

@@ -26,8 +26,8 @@ from PIL import Image
 
 from vip2clip.data.converters.common import Conversion, ConvertOptions, list_dirs, list_images, natural_key
 from vip2clip.data.converters.mvtec import ClassLayout, convert_class
-from vip2clip.data.fileio import atomic_save_image
 from vip2clip.data.images import load_mask
+from vip2clip.utils.fileio import atomic_save_image
 
 KSDD_CLASS = "electrical commutators"
 DERIVED_DIR = "zsad_3crop"

@@ -1,0 +1,198 @@
+"""The zero-shot protocol runner: evaluate one dataset into a folder, or several into a benchmark table.
+
+`evaluate_dataset` writes OUT/results.{md,csv,json}, OUT/calibration.json (the F1-optimal thresholds, null where
+undefined) and, when asked, panels under OUT/maps/. `run_benchmark` does that for each test dataset in OUT/NAME/
+and writes the combined Table 1/2-style OUT/benchmark.{md,csv,json}. Training (when no checkpoint is given) is
+the caller's business (`vip2clip.training.loop.train`), so that the same functions serve `vip2clip test`, `vip2clip
+benchmark` and the demo.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from vip2clip import __version__
+from vip2clip.data.index import DatasetIndex
+from vip2clip.data.registry import DATASETS, dataset_info, resolve_index
+from vip2clip.evaluation.evaluate import EvalConfig, EvaluationResult, evaluate
+from vip2clip.evaluation.reports import BenchmarkEntry, write_benchmark, write_results
+from vip2clip.inference.calibration import METHOD_F1, make_calibration
+from vip2clip.model.identity import ModelIdentity
+from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.utils.progress import Progress, silent
+
+logger = logging.getLogger(__name__)
+
+CALIBRATION_NAME = "calibration.json"
+MAPS_DIR = "maps"
+AUPRO_PROTOCOL = "cflow: 200 thresholds between the class's min and max map value, FPR < 0.3 rescaled to [0, 1]"
+RANDOM_WEIGHTS_NOTE = (
+    "the {} backbone has RANDOM weights (no pretrained CLIP): these numbers say nothing about CLIP or ViP²-CLIP."
+)
+_UNSAFE_FOLDER = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A dataset on the command line, NAME=ROOT. `title` is the registry's display name, or NAME."""
+
+    name: str
+    root: Path
+    title: str
+
+    @property
+    def registered(self) -> bool:
+        return _registry_key(self.name) is not None
+
+    @property
+    def folder(self) -> str:
+        return _UNSAFE_FOLDER.sub("_", self.name)
+
+
+def _registry_key(name: str) -> str | None:
+    try:
+        return dataset_info(name).name
+    except ValueError:
+        return None
+
+
+def parse_dataset_spec(text: str) -> DatasetSpec:
+    """ "NAME=ROOT" -> DatasetSpec; NAME is a registry name (mvtec, visa, ...) or any label when ROOT has a
+    meta.json."""
+    name, separator, root = text.partition("=")
+    if not separator or not name.strip() or not root.strip():
+        raise ValueError(f"expected NAME=ROOT (e.g. visa=/data/visa), got {text!r}")
+    key = _registry_key(name.strip())
+    title = DATASETS[key].title if key else name.strip()
+    return DatasetSpec(name.strip(), Path(root.strip()), title)
+
+
+def load_dataset(spec: DatasetSpec) -> DatasetIndex:
+    """The index of a DatasetSpec: ROOT's meta.json, or converted on the fly when NAME is a registry name."""
+    if not spec.registered and spec.root.is_dir() and not (spec.root / "meta.json").is_file():
+        raise FileNotFoundError(
+            f"{spec.root}: no meta.json, and {spec.name!r} is not a dataset name to convert it with "
+            f"(known: {', '.join(DATASETS)})"
+        )
+    return resolve_index(spec.root, spec.name if spec.registered else None)
+
+
+def run_context(
+    model: ViP2CLIP, identity: ModelIdentity, dataset: Mapping[str, Any], config: EvalConfig
+) -> dict[str, Any]:
+    """What a results file records about how it was made: package, model identity, dataset, protocol."""
+    return {
+        "vip2clip_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": dict(dataset),
+        "model": identity.to_dict(),
+        "precision": model.precision,
+        "protocol": {
+            "split": config.split,
+            "map_size": model.config.image_size,
+            "map_dtype": config.map_dtype,
+            "aupro": AUPRO_PROTOCOL,
+            "mean": "over the classes where the metric is defined",
+            "thresholds": "F1-optimal, 'score >= threshold' is anomalous, all classes pooled",
+        },
+    }
+
+
+_UNDEFINED_REASON = {
+    "image": "all images have the same label (e.g. all anomalous)",
+    "pixel": "no defect pixels or no normal pixels (e.g. no masks)",
+}
+
+
+def write_calibration(path: Path, identity: ModelIdentity, result: EvaluationResult) -> Path | None:
+    """calibration.json with the F1-optimal thresholds, null for an undefined one (an image-level-only dataset
+    has no pixel threshold, an all-anomalous one no image threshold), with a warning; None (not written) when
+    both are undefined."""
+    thresholds = {"image": result.image_threshold, "pixel": result.pixel_threshold}
+    undefined = [kind for kind, value in thresholds.items() if math.isnan(value)]
+    for kind in undefined:
+        flag = "--threshold" if kind == "image" else "--pixel-threshold"
+        logger.warning(
+            "%s: no %s threshold, %s; it is null in the file and `vip2clip predict` needs %s for %s decisions",
+            path, kind, _UNDEFINED_REASON[kind], flag, kind,
+        )  # fmt: skip
+    if len(undefined) == len(thresholds):
+        logger.warning("%s not written: neither threshold is defined for this data", path)
+        return None
+    calibration = make_calibration(
+        identity,
+        image_threshold=None if "image" in undefined else thresholds["image"],
+        pixel_threshold=None if "pixel" in undefined else thresholds["pixel"],
+        method=METHOD_F1,
+        n_images=result.n_images,
+    )
+    return calibration.save(path)
+
+
+def evaluate_dataset(
+    model: ViP2CLIP,
+    index: DatasetIndex,
+    out_dir: str | Path,
+    config: EvalConfig,
+    name: str,
+    identity: ModelIdentity,
+    save_maps: bool = False,
+    notes: Sequence[str] = (),
+    progress: Progress = silent,
+) -> EvaluationResult:
+    """Evaluate and write results.{md,csv,json}, calibration.json and (save_maps) the panels in OUT/maps/.
+
+    identity: `ModelIdentity.of(model, checkpoint)`, recorded in the results and the calibration.
+    `notes` go into results.md and results.json; a note on random backbone weights is added automatically.
+    """
+    out_dir = Path(out_dir)
+    if save_maps:
+        config = replace(config, panels_dir=out_dir / MAPS_DIR)
+    result = evaluate(model, index, config, progress)
+    dataset = {"name": name, "root": str(index.root), "split": config.split}
+    if model.backbone.weights_source.startswith("random"):
+        notes = [RANDOM_WEIGHTS_NOTE.format(model.config.backbone), *notes]
+    write_results(out_dir, result, run_context(model, identity, dataset, config), title=name, notes=notes)
+    write_calibration(out_dir / CALIBRATION_NAME, identity, result)
+    for path, reason in result.skipped:
+        logger.warning("skipped %s: %s", path, reason)
+    return result
+
+
+def run_benchmark(
+    model: ViP2CLIP,
+    tests: Sequence[tuple[DatasetSpec, DatasetIndex]],
+    out_dir: str | Path,
+    config: EvalConfig,
+    identity: ModelIdentity,
+    training: Mapping[str, Any] | None = None,
+    save_maps: bool = False,
+    progress: Progress = silent,
+) -> list[BenchmarkEntry]:
+    """Evaluate every test dataset into OUT/NAME/ and write the combined OUT/benchmark.{md,csv,json}.
+
+    identity: `ModelIdentity.of(model, checkpoint)`; training: what the model was trained on (in benchmark.json).
+    """
+    out_dir = Path(out_dir)
+    folders = [spec.folder for spec, _ in tests]
+    if len(set(folders)) != len(folders):
+        raise ValueError(f"two test datasets share an output folder name: {folders}")
+    entries = []
+    for spec, index in tests:
+        logger.info("evaluating %s (%s)", spec.title, index.root)
+        result = evaluate_dataset(
+            model, index, out_dir / spec.folder, config, spec.title, identity, save_maps, progress=progress
+        )
+        entries.append(BenchmarkEntry(spec.title, result))
+    tested = {"tests": [{"name": s.title, "root": str(i.root)} for s, i in tests]}
+    context = run_context(model, identity, tested, config)
+    context["training"] = dict(training or {})
+    write_benchmark(out_dir, entries, context)
+    return entries

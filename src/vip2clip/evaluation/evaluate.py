@@ -1,0 +1,303 @@
+"""Batched, gradient-free evaluation of a dataset split with the community protocol (paper Sec. 4, Tables 1-2).
+
+Per class: image AUROC / AP / max-F1 of the image scores and pixel AUROC / AUPRO / max-F1 of the anomaly maps at
+the model's input size (518 px by default, as the release), via `vip2clip.metrics.compute_all`; the dataset row is
+the mean of the class values (classes where a metric is undefined are left out of that metric's mean).
+
+Memory: classes are evaluated one at a time and their maps are kept as float16 (`EvalConfig.map_dtype`), with the
+masks as bool: a 1,000-image class at 518 px holds 0.54 GB of maps and 0.27 GB of masks. float16 has about three
+significant digits, so two pixels whose scores differ by less than ~0.05 % tie; use map_dtype="float32" to rule
+that out at twice the memory.
+
+Which metrics a class gets follows from its labels and masks (the medical sets work this way):
+- normal and anomalous images, with masks: all six;
+- no masks at all (HeadCT, BrainMRI, Br35H): image metrics only, pixel metrics NaN;
+- anomalous images only, with masks (ISIC, CVC, Kvasir): pixel metrics only, image metrics NaN;
+- anomalous images without a mask in a class that has masks: left out of the pixel metrics (with a warning), since
+  an all-zero mask would count their defects as normal pixels.
+
+The F1-optimal thresholds for a calibration file are computed over the whole dataset (all classes pooled), image
+scores exactly and pixel scores from a histogram of the float16-rounded values, so no class's maps need to be
+kept; per-class optima are reported too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from vip2clip.config import STORAGE_DTYPES
+from vip2clip.data.dataset import AnomalyDataset, collate_items
+from vip2clip.data.images import load_image
+from vip2clip.data.index import DatasetIndex
+from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, best_f1_threshold, compute_all
+from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.utils.progress import Progress, silent
+from vip2clip.visualization.heatmap import save_panel
+
+logger = logging.getLogger(__name__)
+
+MAP_DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate. panels_dir: write input | overlay | ground-truth PNGs there (None: no panels);
+    max_panels: at most this many per class (anomalous images first; None: all)."""
+
+    split: str = "test"
+    classes: tuple[str, ...] | None = None
+    batch_size: int = 8
+    num_workers: int = 0
+    skip_bad: bool = False
+    map_dtype: str = "float16"
+    panels_dir: Path | None = None
+    max_panels: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.map_dtype not in MAP_DTYPES:
+            raise ValueError(f"map_dtype must be one of {sorted(MAP_DTYPES)}, got {self.map_dtype!r}")
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError(f"bad batch_size {self.batch_size} or num_workers {self.num_workers}")
+        if self.max_panels is not None and self.max_panels < 0:
+            raise ValueError(f"max_panels must be >= 0, got {self.max_panels}")
+
+
+@dataclass
+class ClassResult:
+    """One class: counts of the evaluated images, the six metrics (fractions, NaN when undefined) and the
+    class's own F1-optimal thresholds (NaN when undefined)."""
+
+    name: str
+    n_normal: int
+    n_anomalous: int
+    metrics: dict[str, float]
+    image_threshold: float = math.nan
+    pixel_threshold: float = math.nan
+
+
+@dataclass
+class EvaluationResult:
+    """All classes, their mean, the dataset-level F1-optimal thresholds and the files that were skipped."""
+
+    classes: list[ClassResult]
+    mean: dict[str, float]
+    image_threshold: float
+    pixel_threshold: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def n_images(self) -> int:
+        return sum(c.n_normal + c.n_anomalous for c in self.classes)
+
+
+@dataclass
+class ClassOutputs:
+    """One class's outputs. scores [N] float32, labels [N] int; maps [N, S, S] (map_dtype) and masks [N, S, S]
+    bool when kept (else None); pixel_rows [N] bool: the images that count for the pixel metrics."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    maps: np.ndarray | None
+    masks: np.ndarray | None
+    pixel_rows: np.ndarray
+    positions: np.ndarray  # [N] position of each row in the class's AnomalyDataset
+    histogram: PixelF1Histogram  # the pixel values of `pixel_rows`, for the F1-optimal pixel threshold
+
+
+def _loader(dataset: AnomalyDataset, config: EvalConfig) -> DataLoader:
+    return DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers, collate_fn=collate_items
+    )
+
+
+def _pixel_rows(dataset: AnomalyDataset) -> np.ndarray:
+    """[N] bool: normal images and anomalous images with a mask (the images the pixel metrics can use)."""
+    return np.array([not s.anomaly or bool(s.mask_path) for s in dataset.samples], dtype=bool)
+
+
+def collect_class_outputs(
+    model: ViP2CLIP, dataset: AnomalyDataset, config: EvalConfig, progress: Progress = silent
+) -> ClassOutputs:
+    """Run the model over one class's dataset; maps and masks are kept when the class has masks or panels are
+    wanted."""
+    n, size = len(dataset), dataset.image_size
+    usable = _pixel_rows(dataset)
+    has_masks = any(s.anomaly and s.mask_path for s in dataset.samples)
+    keep_maps = has_masks or config.panels_dir is not None
+    maps = np.empty((n, size, size), dtype=MAP_DTYPES[config.map_dtype]) if keep_maps else None
+    masks = np.zeros((n, size, size), dtype=bool) if keep_maps else None
+    scores = np.zeros(n, dtype=np.float32)
+    done = np.zeros(n, dtype=bool)
+    histogram = PixelF1Histogram()
+    loader = _loader(dataset, config)
+    for batch in progress(loader, total=len(loader), desc=dataset.samples[0].cls_name if n else ""):
+        if batch is None:  # every image of the batch was unreadable (skip_bad)
+            continue
+        rows = batch["index"].numpy()
+        prediction = model.predict(batch["image"])
+        scores[rows] = prediction.pred_score.float().cpu().numpy()
+        done[rows] = True
+        batch_maps = prediction.anomaly_map.float().cpu().numpy()
+        batch_masks = batch["mask"].numpy() > 0.5
+        if maps is not None:
+            maps[rows], masks[rows] = batch_maps, batch_masks
+        if has_masks:
+            counted = usable[rows]
+            histogram.add(batch_maps[counted], batch_masks[counted])
+    positions = np.flatnonzero(done)
+    compact = positions.size < n  # rows of images that failed to decode are dropped (a copy, rare)
+    return ClassOutputs(
+        scores=scores[positions],
+        labels=np.array(dataset.labels, dtype=np.int64)[positions],
+        maps=maps[positions] if compact and maps is not None else maps,
+        masks=masks[positions] if compact and masks is not None else masks,
+        pixel_rows=(usable & has_masks)[positions],
+        positions=positions,
+        histogram=histogram,
+    )
+
+
+def class_metrics(name: str, outputs: ClassOutputs) -> ClassResult:
+    """The six metrics of one class with its own F1-optimal thresholds; see the module docstring for which
+    metrics are defined."""
+    labels, scores = outputs.labels, outputs.scores
+    n_anomalous = int(labels.sum())
+    n_normal = int(labels.size - n_anomalous)
+    both_labels = n_normal > 0 and n_anomalous > 0
+    pixel = outputs.pixel_rows
+    if pixel.any() and not pixel.all():  # in a class with masks only mask-less anomalous images are left out
+        logger.warning(
+            "%s: %d anomalous image(s) have no mask; they are left out of the pixel metrics",
+            name, int((~pixel).sum()),
+        )  # fmt: skip
+    if not both_labels and not pixel.any():
+        logger.warning("%s: only %s images and no masks: every metric is undefined", name,
+                       "anomalous" if n_normal == 0 else "normal")  # fmt: skip
+    image_args = (labels, scores) if both_labels else (None, None)
+    if pixel.all():  # no copy needed when every image counts
+        pixel_args = (outputs.masks, outputs.maps)
+    else:
+        pixel_args = (outputs.masks[pixel], outputs.maps[pixel]) if pixel.any() else (None, None)
+    metrics = compute_all(*image_args, *pixel_args)
+    image_threshold = best_f1_threshold(labels, scores)[1] if both_labels else math.nan
+    pixel_threshold = outputs.histogram.best()[1]
+    return ClassResult(name, n_normal, n_anomalous, metrics, image_threshold, pixel_threshold)
+
+
+def mean_metrics(results: list[ClassResult]) -> dict[str, float]:
+    """Per metric, the mean over the classes where it is defined (NaN when it is defined for none)."""
+    mean = {}
+    for key in METRIC_KEYS:
+        values = [r.metrics[key] for r in results if not math.isnan(r.metrics[key])]
+        mean[key] = float(np.mean(values)) if values else math.nan
+    return mean
+
+
+def _panel_order(outputs: ClassOutputs, limit: int | None) -> np.ndarray:
+    """Rows to draw, up to `limit`: anomalous and normal images alternately (anomalous first), so that even a few
+    panels show a normal image staying cold next to a defect lighting up."""
+    anomalous, normal = np.flatnonzero(outputs.labels == 1), np.flatnonzero(outputs.labels == 0)
+    pairs = min(anomalous.size, normal.size)
+    alternating = np.stack([anomalous[:pairs], normal[:pairs]], axis=1).ravel()
+    order = np.concatenate([alternating, anomalous[pairs:], normal[pairs:]])
+    return order if limit is None else order[:limit]
+
+
+def write_panels(dataset: AnomalyDataset, outputs: ClassOutputs, out_dir: Path, limit: int | None) -> int:
+    """One PNG per image under out_dir/CLASS/ (DEFECT_STEM.png); the heat maps of a class share one scale
+    (its min and max map value), so a calm normal image stays cold. Returns the number written."""
+    if outputs.maps is None or outputs.maps.size == 0:
+        return 0
+    low, high = float(outputs.maps.min()), float(outputs.maps.max())
+    written = 0
+    for row in _panel_order(outputs, limit):
+        sample = dataset.samples[int(outputs.positions[row])]
+        image_path = dataset.index.resolve(sample.img_path)
+        size = dataset.image_size
+        image = load_image(image_path).resize((size, size), Image.BICUBIC)
+        name = _UNSAFE_NAME.sub("_", f"{sample.specie_name or 'image'}_{Path(sample.img_path).stem}") + ".png"
+        mask = outputs.masks[row] if outputs.pixel_rows[row] else None
+        save_panel(out_dir / _UNSAFE_NAME.sub("_", sample.cls_name) / name, image, outputs.maps[row], mask,
+                   low, high)  # fmt: skip
+        written += 1
+    return written
+
+
+def _skipped(dataset: AnomalyDataset, outputs: ClassOutputs) -> list[tuple[str, str]]:
+    """dataset.skipped, plus images that failed to decode in a DataLoader worker (whose record stays there)."""
+    listed = list(dataset.skipped)
+    known = {path for path, _ in listed}
+    for i in sorted(set(range(len(dataset))) - set(outputs.positions.tolist())):
+        path = os.path.abspath(dataset.index.resolve(dataset.samples[i].img_path))
+        if path not in known:
+            listed.append((path, "cannot decode the image (in a DataLoader worker)"))
+    return listed
+
+
+@torch.no_grad()
+def evaluate(
+    model: ViP2CLIP, index: DatasetIndex, config: EvalConfig | None = None, progress: Progress = silent
+) -> EvaluationResult:
+    """Evaluate `model` on a split of `index`, one class at a time (see the module docstring)."""
+    config = config or EvalConfig()
+    classes = list(config.classes) if config.classes else index.classes(config.split)
+    index.samples(config.split, classes)  # an unknown class is an error before any work
+    if not classes:
+        raise ValueError(f"{index.root}: split {config.split!r} has no images")
+    histogram = PixelF1Histogram()
+    results: list[ClassResult] = []
+    all_scores, all_labels, skipped = [], [], []
+    for name in classes:
+        dataset = AnomalyDataset(index, config.split, [name], model.config.image_size, config.skip_bad)
+        outputs = collect_class_outputs(model, dataset, config, progress)
+        skipped += _skipped(dataset, outputs)
+        if outputs.labels.size == 0:
+            logger.warning("%s: no readable image; class left out", name)
+            continue
+        results.append(class_metrics(name, outputs))
+        histogram.merge(outputs.histogram)
+        all_scores.append(outputs.scores)
+        all_labels.append(outputs.labels)
+        if config.panels_dir is not None:
+            write_panels(dataset, outputs, Path(config.panels_dir), config.max_panels)
+        logger.info("%s: %s", name, ", ".join(f"{k} {100 * v:.1f}" for k, v in results[-1].metrics.items()))
+    if not results:
+        raise ValueError(f"{index.root}: no readable image in split {config.split!r}")
+    labels = np.concatenate(all_labels)
+    image_threshold = math.nan
+    if 0 < labels.sum() < labels.size:
+        image_threshold = best_f1_threshold(labels, np.concatenate(all_scores))[1]
+    return EvaluationResult(results, mean_metrics(results), image_threshold, histogram.best()[1], skipped)
+
+
+def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
+    """Plain-data form (NaN kept as float NaN; the JSON writer turns it into null)."""
+    return {
+        "classes": [
+            {
+                "name": c.name,
+                "n_normal": c.n_normal,
+                "n_anomalous": c.n_anomalous,
+                **c.metrics,
+                "image_threshold": c.image_threshold,
+                "pixel_threshold": c.pixel_threshold,
+            }
+            for c in result.classes
+        ],
+        "mean": dict(result.mean),
+        "thresholds": {"image": result.image_threshold, "pixel": result.pixel_threshold},
+        "n_images": result.n_images,
+        "skipped": [{"path": path, "reason": reason} for path, reason in result.skipped],
+    }

@@ -1,0 +1,162 @@
+"""Result tables in the paper's layout (markdown, x100 with one decimal) and in full precision (CSV, JSON).
+
+Per dataset (`vip2clip test`): one row per class and a mean row, columns image AUROC / AP / F1 and pixel AUROC /
+PRO / F1. Across datasets (`vip2clip benchmark`), the layout of the paper's Tables 1-2: an image-level block and a
+pixel-level block, one row per dataset holding "(AUROC, AP, F1)" or "(AUROC, PRO, F1)", and an AVERAGE row per
+block. A dataset whose block is entirely undefined (the medical image-only or pixel-only sets) is left out of that
+block, as in Table 2. Undefined values are "-" in markdown, empty in CSV and null in JSON.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vip2clip.evaluation.evaluate import EvaluationResult, result_to_dict
+from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
+from vip2clip.utils.fileio import atomic_write_json, atomic_write_text
+
+CLASS_HEADER = ("Class", "Image AUROC", "Image AP", "Image F1", "Pixel AUROC", "Pixel PRO", "Pixel F1")
+BLOCKS = (("Image-level (AUROC, AP, F1)", IMAGE_KEYS), ("Pixel-level (AUROC, PRO, F1)", PIXEL_KEYS))
+UNDEFINED_NOTE = "'-': undefined for this data (one label only, or no masks); means skip undefined classes."
+
+
+@dataclass(frozen=True)
+class BenchmarkEntry:
+    """One evaluated dataset of a benchmark: its display name and its result."""
+
+    name: str
+    result: EvaluationResult
+
+
+def percent(value: float) -> str:
+    """A metric fraction as the paper prints it: x100, one decimal; "-" when undefined."""
+    return "-" if value is None or math.isnan(value) else f"{100.0 * value:.1f}"
+
+
+def _markdown_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [_markdown_row(header), _markdown_row(["---"] * len(header))]
+    lines += [_markdown_row(row) for row in rows]
+    return "\n".join(lines)
+
+
+def class_table_markdown(result: EvaluationResult, title: str | None = None, notes: Sequence[str] = ()) -> str:
+    """Per-class markdown table with a Mean row (paper layout, x100); `notes` are printed above the table."""
+    rows = [[c.name, *(percent(c.metrics[k]) for k in METRIC_KEYS)] for c in result.classes]
+    rows.append(["**Mean**", *(f"**{percent(result.mean[k])}**" for k in METRIC_KEYS)])
+    heading = f"## {title}\n\n" if title else ""
+    heading += "".join(f"**Note:** {note}\n\n" for note in notes)
+    return f"{heading}{_markdown_table(CLASS_HEADER, rows)}\n\n{UNDEFINED_NOTE}\n"
+
+
+def _triple(values: Mapping[str, float], keys: Sequence[str]) -> str:
+    return "(" + ", ".join(percent(values[k]) for k in keys) + ")"
+
+
+def block_average(entries: Sequence[BenchmarkEntry], keys: Sequence[str]) -> dict[str, float]:
+    """Per metric, the mean over the datasets where it is defined (NaN when none)."""
+    average = {}
+    for key in keys:
+        values = [e.result.mean[key] for e in entries if not math.isnan(e.result.mean[key])]
+        average[key] = sum(values) / len(values) if values else math.nan
+    return average
+
+
+def _block_entries(entries: Sequence[BenchmarkEntry], keys: Sequence[str]) -> list[BenchmarkEntry]:
+    return [e for e in entries if any(not math.isnan(e.result.mean[k]) for k in keys)]
+
+
+def benchmark_table_markdown(entries: Sequence[BenchmarkEntry], method: str = "ViP²-CLIP") -> str:
+    """The paper's Table 1/2 layout: Task | Datasets | C | METHOD, image block then pixel block, AVERAGE rows."""
+    rows = []
+    for task, keys in BLOCKS:
+        shown = _block_entries(entries, keys)
+        for position, entry in enumerate(shown):
+            rows.append([task if position == 0 else "", entry.name, str(len(entry.result.classes)),
+                         _triple(entry.result.mean, keys)])  # fmt: skip
+        if shown:
+            rows.append(["", "AVERAGE", "-", _triple(block_average(shown, keys), keys)])
+    return _markdown_table(("Task", "Datasets", "C", method), rows) + "\n"
+
+
+def _csv_number(value: float) -> str:
+    return "" if value is None or math.isnan(value) else repr(float(value))
+
+
+def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def class_table_csv(result: EvaluationResult) -> str:
+    """Full-precision CSV (fractions, not x100): one row per class, then a "mean" row."""
+    header = ("class", "n_normal", "n_anomalous", *METRIC_KEYS, "image_threshold", "pixel_threshold")
+    rows = [
+        [c.name, c.n_normal, c.n_anomalous, *(_csv_number(c.metrics[k]) for k in METRIC_KEYS),
+         _csv_number(c.image_threshold), _csv_number(c.pixel_threshold)]
+        for c in result.classes
+    ]  # fmt: skip
+    n_normal = sum(c.n_normal for c in result.classes)
+    n_anomalous = sum(c.n_anomalous for c in result.classes)
+    rows.append(["mean", n_normal, n_anomalous, *(_csv_number(result.mean[k]) for k in METRIC_KEYS),
+                 _csv_number(result.image_threshold), _csv_number(result.pixel_threshold)])  # fmt: skip
+    return _csv_text(header, rows)
+
+
+def benchmark_csv(entries: Sequence[BenchmarkEntry]) -> str:
+    """Full-precision CSV: one row per dataset (its mean over classes), then the block averages."""
+    header = ("dataset", "n_classes", *METRIC_KEYS)
+    rows = [[e.name, len(e.result.classes), *(_csv_number(e.result.mean[k]) for k in METRIC_KEYS)] for e in entries]
+    average = {**block_average(_block_entries(entries, IMAGE_KEYS), IMAGE_KEYS),
+               **block_average(_block_entries(entries, PIXEL_KEYS), PIXEL_KEYS)}  # fmt: skip
+    rows.append(["AVERAGE", "", *(_csv_number(average[k]) for k in METRIC_KEYS)])
+    return _csv_text(header, rows)
+
+
+def write_results(
+    out_dir: str | Path,
+    result: EvaluationResult,
+    context: Mapping[str, Any],
+    title: str | None = None,
+    notes: Sequence[str] = (),
+) -> dict[str, Path]:
+    """Write results.md, results.csv and results.json (with `context`: config, checkpoint, dataset ...; `notes`
+    go into the markdown and the JSON)."""
+    out_dir = Path(out_dir)
+    data = {**context, "notes": list(notes), "metrics_scale": "fraction (markdown: x100)", **result_to_dict(result)}
+    return {
+        "markdown": atomic_write_text(out_dir / "results.md", class_table_markdown(result, title, notes)),
+        "csv": atomic_write_text(out_dir / "results.csv", class_table_csv(result)),
+        "json": atomic_write_json(out_dir / "results.json", data),
+    }
+
+
+def write_benchmark(
+    out_dir: str | Path, entries: Sequence[BenchmarkEntry], context: Mapping[str, Any], method: str = "ViP²-CLIP"
+) -> dict[str, Path]:
+    """Write benchmark.md, benchmark.csv and benchmark.json (per-dataset means, block averages, `context`)."""
+    out_dir = Path(out_dir)
+    averages = {task: block_average(_block_entries(entries, keys), keys) for task, keys in BLOCKS}
+    data = {
+        **context,
+        "metrics_scale": "fraction (markdown: x100)",
+        "datasets": [{"name": e.name, "n_classes": len(e.result.classes), "mean": e.result.mean} for e in entries],
+        "average": averages,
+    }
+    return {
+        "markdown": atomic_write_text(out_dir / "benchmark.md", benchmark_table_markdown(entries, method)),
+        "csv": atomic_write_text(out_dir / "benchmark.csv", benchmark_csv(entries)),
+        "json": atomic_write_json(out_dir / "benchmark.json", data),
+    }

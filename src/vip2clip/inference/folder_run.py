@@ -1,0 +1,289 @@
+"""`vip2clip predict` and `vip2clip calibrate` on files and folders: resumable outputs, streamed calibration.
+
+Images are found by `vip2clip.data.files.find_images` and scored by `Predictor.score`, the one batching path.
+
+Layout of OUT (predict):
+- `predictions.csv` / `predictions.json`: one row per readable image (path, pred_score, pred_label,
+  max_pixel_score, defect_area at the pixel threshold, width, height, pred_mask and overlay files); the JSON also
+  holds the settings (the model's identity, thresholds) and the files that could not be read in the last run.
+- `masks/KEY.png` (0/255, the image's original size) and `overlays/KEY.png` (heat map blended over the image),
+  where KEY is the image's path below the folder given on the command line (its name included), with the
+  suffix folded into the name: `good/a.jpg` -> `masks/good/a_jpg.png` (so `a.jpg` and `a.png` never collide).
+- `predictions.jsonl`: the journal. A settings line, then one line per finished image, appended after its
+  PNGs are written. A re-run with the same OUT and the same settings skips every image whose line exists and
+  whose file is unchanged (size and mtime) and outputs are present; other settings are an error unless
+  `overwrite`. A killed run loses at most the image in progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from vip2clip.data.files import InputImage, find_images, no_images_error
+from vip2clip.data.images import load_image
+from vip2clip.inference import calibration as calib
+from vip2clip.inference.predictor import ImageResult, Predictor, ScoredImage
+from vip2clip.metrics.threshold import DEFAULT_IMAGE_QUANTILE, DEFAULT_PIXEL_QUANTILE, StreamingQuantile
+from vip2clip.model.identity import ModelIdentity
+from vip2clip.utils.fileio import atomic_save_image, atomic_write_json, atomic_write_text
+from vip2clip.utils.progress import Progress, silent
+from vip2clip.visualization.heatmap import heatmap_overlay
+
+logger = logging.getLogger(__name__)
+
+JOURNAL = "predictions.jsonl"
+CSV_COLUMNS = (
+    "path", "pred_score", "pred_label", "max_pixel_score", "defect_area", "width", "height", "pred_mask", "overlay"
+)  # fmt: skip
+
+
+@dataclass
+class RunSummary:
+    found: int
+    predicted: int
+    skipped: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    anomalous: int = 0
+    total_rows: int = 0
+    out_dir: Path = Path()
+
+
+def _load(image: InputImage) -> Image.Image:
+    return load_image(image.path)
+
+
+def _failure(scored: ScoredImage[InputImage]) -> tuple[str, str]:
+    logger.warning("skipping unreadable file %s", scored.error)
+    return str(scored.source.path), scored.error.problem
+
+
+def output_name(key: str) -> str:
+    """ "good/a.jpg" -> "good/a_jpg.png": the suffix joins the stem so that a.jpg and a.png stay apart."""
+    path = Path(key)
+    suffix = path.suffix.lstrip(".").lower()
+    return (path.with_name(f"{path.stem}_{suffix}" if suffix else path.name)).as_posix() + ".png"
+
+
+def _unique_key(key: str, taken: set[str]) -> str:
+    """`key`, or "stem~2.ext", "stem~3.ext"... if another image already has that key."""
+    path, number, candidate = Path(key), 2, key
+    while candidate in taken:
+        candidate = path.with_name(f"{path.stem}~{number}{path.suffix}").as_posix()
+        number += 1
+    return candidate
+
+
+def _assign_keys(todo: list[InputImage], records: dict[str, dict[str, Any]]) -> list[InputImage]:
+    """Give each image to redo a key no other image (of this run or kept from earlier runs) uses."""
+    redo = {str(image.path) for image in todo}
+    taken = {record["key"] for path, record in records.items() if path not in redo}
+    assigned = []
+    for image in todo:
+        key = _unique_key(image.key, taken)
+        taken.add(key)
+        assigned.append(InputImage(image.path, key))
+    return assigned
+
+
+def run_settings(predictor: Predictor, overlays: bool) -> dict[str, Any]:
+    """What decides the outputs: the model's identity, the thresholds and the overlay switch."""
+    return {
+        "model": predictor.identity.to_dict(),
+        "image_threshold": predictor.thresholds.image,
+        "pixel_threshold": predictor.thresholds.pixel,
+        "thresholds_source": predictor.thresholds.source,
+        "overlays": overlays,
+    }
+
+
+def read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
+    """(settings, records by absolute path) from a journal; a line cut short by a crash is ignored."""
+    settings, records = None, {}
+    if not path.is_file():
+        return settings, records
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s: ignoring unreadable line %d (interrupted write?)", path, number + 1)
+            continue
+        if number == 0 and "settings" in entry:
+            settings = entry["settings"]
+        elif isinstance(entry, dict) and "path" in entry:
+            records[entry["path"]] = entry
+    return settings, records
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The settings that differ; the model by its identity (paths and wording do not count)."""
+    ignored = {"thresholds_source", "model"}
+    changed = sorted(key for key in set(old) | set(new) if key not in ignored and old.get(key) != new.get(key))
+    if not isinstance(old.get("model"), dict):
+        return ["model", *changed]
+    return [*ModelIdentity.from_dict(old["model"]).mismatches(ModelIdentity.from_dict(new["model"])), *changed]
+
+
+def _is_done(image: InputImage, record: dict[str, Any] | None, out_dir: Path) -> bool:
+    if record is None:
+        return False
+    try:
+        stat = image.path.stat()
+    except OSError:  # vanished since the walk: let the loader report it
+        return False
+    outputs = [record["pred_mask"]] + ([record["overlay"]] if record.get("overlay") else [])
+    return (
+        record.get("file_size") == stat.st_size
+        and record.get("file_mtime_ns") == stat.st_mtime_ns
+        and all((out_dir / name).is_file() for name in outputs)
+    )
+
+
+def _record(image: InputImage, result: ImageResult, mask: str, overlay: str) -> dict[str, Any]:
+    stat = image.path.stat()
+    width, height = result.size
+    return {
+        "path": str(image.path),
+        "key": image.key,
+        "pred_score": result.pred_score,
+        "pred_label": result.pred_label,
+        "max_pixel_score": result.max_pixel_score,
+        "defect_area": result.defect_area,
+        "width": width,
+        "height": height,
+        "pred_mask": mask,
+        "overlay": overlay,
+        "file_size": stat.st_size,
+        "file_mtime_ns": stat.st_mtime_ns,
+    }
+
+
+def save_outputs(
+    out_dir: Path, image: InputImage, rgb: Image.Image, result: ImageResult, overlays: bool
+) -> tuple[str, str]:
+    """Write the mask (and overlay) PNGs of one image; returns their paths relative to `out_dir`.
+
+    The overlay's colours span map values 0 (blue) to 1 (red) for every image, so colours compare across images.
+    """
+    name = output_name(image.key)
+    mask_name, overlay_name = f"masks/{name}", f"overlays/{name}" if overlays else ""
+    mask = Image.fromarray(np.where(result.pred_mask, 255, 0).astype(np.uint8), mode="L")
+    atomic_save_image(mask, out_dir / mask_name)
+    if overlays:
+        atomic_save_image(heatmap_overlay(rgb, result.anomaly_map, 0.0, 1.0), out_dir / overlay_name)
+    return mask_name, overlay_name
+
+
+def write_tables(out_dir: Path, settings: dict, records: list[dict], failed: list[tuple[str, str]]) -> None:
+    """predictions.csv (readable images) and predictions.json (settings, rows, unreadable files), atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(records)
+    atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
+    payload = {
+        "settings": settings,
+        "predictions": [{key: row[key] for key in CSV_COLUMNS} for row in records],
+        "failed": [{"path": path, "error": error} for path, error in failed],
+    }
+    atomic_write_json(out_dir / "predictions.json", payload)
+
+
+def _start_journal(out_dir: Path, settings: dict, overwrite: bool) -> dict[str, dict[str, Any]]:
+    """Check the earlier run's settings, then rewrite the journal compactly (one line per image)."""
+    journal = out_dir / JOURNAL
+    old_settings, records = (None, {}) if overwrite else read_journal(journal)
+    if old_settings is not None and _differences(old_settings, settings):
+        raise ValueError(
+            f"{out_dir} holds predictions made with other settings ({', '.join(_differences(old_settings, settings))}"
+            " differ); pass --overwrite to redo them, or choose another --out"
+        )
+    lines = [json.dumps({"settings": settings})] + [json.dumps(record) for record in records.values()]
+    atomic_write_text(journal, "\n".join(lines) + "\n")
+    return records
+
+
+def predict_folder(
+    predictor: Predictor,
+    paths: Sequence[str | Path],
+    out_dir: str | Path,
+    overwrite: bool = False,
+    overlays: bool = True,
+    progress: Progress = silent,
+) -> RunSummary:
+    """Predict every image in `paths` (files or folders, recursive) into `out_dir`; see the module docstring.
+
+    Unreadable files are listed in the summary and in predictions.json and never stop the run.
+    """
+    out_dir = Path(out_dir)
+    images = find_images(paths, exclude=out_dir)
+    if not images:
+        raise no_images_error(paths)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(predictor, overlays)
+    records = _start_journal(out_dir, settings, overwrite)
+    todo = [image for image in images if not _is_done(image, records.get(str(image.path)), out_dir)]
+    todo = _assign_keys(todo, records)
+    failed: list[tuple[str, str]] = []
+    with (out_dir / JOURNAL).open("a", encoding="utf-8") as journal:
+        for scored in progress(predictor.score(todo, _load), total=len(todo), desc="predict"):
+            if scored.error is not None:
+                failed.append(_failure(scored))
+                continue
+            result = predictor.result(scored)
+            record = _record(
+                scored.source, result, *save_outputs(out_dir, scored.source, scored.image, result, overlays)
+            )
+            records[record["path"]] = record
+            journal.write(json.dumps(record) + "\n")
+            journal.flush()
+    rows = sorted(records.values(), key=lambda row: row["key"])
+    write_tables(out_dir, settings, rows, failed)
+    return RunSummary(
+        found=len(images),
+        predicted=len(todo) - len(failed),
+        skipped=len(images) - len(todo),
+        failed=failed,
+        anomalous=sum(row["pred_label"] == "anomalous" for row in rows),
+        total_rows=len(rows),
+        out_dir=out_dir,
+    )
+
+
+def calibrate_folder(
+    predictor: Predictor,
+    paths: Sequence[str | Path],
+    image_quantile: float = DEFAULT_IMAGE_QUANTILE,
+    pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
+    progress: Progress = silent,
+) -> tuple[calib.Calibration, list[tuple[str, str]]]:
+    """Normal-quantile calibration (`calib.calibrate_from_normal`) on the defect-free images in `paths`.
+
+    Pixel scores are the maps at the model's input size [S, S], streamed into an exact quantile so that memory
+    stays bounded. Returns the calibration and the unreadable files (skipped).
+    """
+    images = find_images(paths)
+    if not images:
+        raise no_images_error(paths)
+    side = predictor.image_size
+    pixels = StreamingQuantile(pixel_quantile, len(images) * side * side)
+    scores: list[float] = []
+    failed: list[tuple[str, str]] = []
+    for scored in progress(predictor.score(images, _load), total=len(images), desc="calibrate"):
+        if scored.error is not None:
+            failed.append(_failure(scored))
+            continue
+        scores.append(scored.pred_score)
+        pixels.add(scored.anomaly_map)
+    if not scores:
+        raise ValueError("none of the images could be read: " + "; ".join(f"{p}: {e}" for p, e in failed[:5]))
+    return calib.calibrate_from_normal(scores, pixels, predictor.identity, image_quantile), failed

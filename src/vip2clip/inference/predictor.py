@@ -1,0 +1,262 @@
+"""Predicting on images a practitioner has: PIL images, files or arrays, in their original sizes.
+
+`Predictor` holds an inference engine (a `ViP2CLIP` model, or anything with its `predict` and `config`), the
+model's identity and the decision thresholds. Images are preprocessed like training (bicubic resize to the
+model's square input), scored in batches by one batching path (`Predictor.score`, which every caller uses:
+`predict`, folder runs, calibration, the server), and each anomaly map is brought back to the image's own size
+(bilinear), so masks and overlays line up with the original pixels.
+
+Vocabulary (as anomalib's): `pred_score` the image score, `pred_label` the decision, `anomaly_map` the map,
+`pred_mask` the defect pixels. An image is "anomalous" when pred_score >= the image threshold; a pixel is a defect
+when its map value >= the pixel threshold. Both are probabilities in [0, 1]; without a calibration file or explicit
+thresholds both default to 0.5, which is uncalibrated and said so (`Thresholds.source`).
+
+Folder runs (`vip2clip predict`, `vip2clip calibrate`) live in `vip2clip.inference.folder_run`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vip2clip.config import ModelConfig
+from vip2clip.data.images import BadImageError, ImageInput, to_rgb
+from vip2clip.data.transforms import preprocess, resize_map
+from vip2clip.inference import calibration as calib
+from vip2clip.model.identity import ModelIdentity
+from vip2clip.model.vip2clip import Prediction
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_THRESHOLD = 0.5
+ANOMALOUS, NORMAL = "anomalous", "normal"
+T = TypeVar("T")
+
+
+class InferenceEngine(Protocol):
+    """What a Predictor needs from a model: its configuration and a batched, gradient-free predict."""
+
+    config: ModelConfig
+
+    def predict(self, images: torch.Tensor) -> Prediction:
+        """images [B, 3, S, S] (normalised) -> Prediction(pred_score [B], anomaly_map [B, S, S])."""
+        ...
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Image and pixel decision thresholds and where they came from (shown to the user)."""
+
+    image: float
+    pixel: float
+    source: str
+
+
+def resolve_thresholds(
+    identity: ModelIdentity,
+    calibration: str | Path | calib.Calibration | None = None,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
+) -> Thresholds:
+    """Explicit thresholds win; the rest come from the calibration (checked against `identity`), else 0.5.
+
+    Raises ValueError when the calibration was made for another checkpoint, backbone, image size or top_k/sigma,
+    and when it has no threshold of a kind (null: undefined for its data) that is not given explicitly: a
+    calibrated file with a gap should not silently fall back to the uncalibrated 0.5.
+    """
+    sources = []
+    if calibration is not None:
+        loaded = calibration if isinstance(calibration, calib.Calibration) else calib.load(calibration)
+        loaded.check_compatible(identity)
+        name = calibration if not isinstance(calibration, calib.Calibration) else "calibration"
+        sources.append(f"calibration {name} ({loaded.method}, {loaded.n_images} images)")
+        image_threshold = _from_calibration(loaded.image_threshold, image_threshold, name, "image", "--threshold")
+        pixel_threshold = _from_calibration(loaded.pixel_threshold, pixel_threshold, name, "pixel", "--pixel-threshold")
+    if image_threshold is None or pixel_threshold is None:
+        sources.append(f"default {DEFAULT_THRESHOLD} (uncalibrated)")
+    return Thresholds(
+        DEFAULT_THRESHOLD if image_threshold is None else float(image_threshold),
+        DEFAULT_THRESHOLD if pixel_threshold is None else float(pixel_threshold),
+        " + ".join(sources) or "given explicitly",
+    )
+
+
+def _from_calibration(
+    calibrated: float | None, explicit: float | None, name: object, kind: str, flag: str
+) -> float | None:
+    """The explicit threshold, else the calibration's; ValueError when both are missing."""
+    if explicit is not None:
+        return explicit
+    if calibrated is None:
+        raise ValueError(
+            f"calibration {name} has no {kind} threshold (it was undefined for the data it was computed on, e.g. "
+            f"{'data with one image label only' if kind == 'image' else 'images without masks'}), but {kind} "
+            f"decisions need one: give it explicitly ({flag} on the command line, {kind}_threshold= in Python)"
+        )
+    return calibrated
+
+
+@dataclass
+class ImageResult:
+    """One image's outcome. Maps and masks are in the image's original size [H, W].
+
+    pred_score: image anomaly score in [0, 1]; pred_label: "anomalous" if pred_score >= image_threshold else
+    "normal". anomaly_map: float32 [H, W]; pred_mask: bool [H, W], anomaly_map >= pixel_threshold.
+    max_pixel_score: anomaly_map.max(); defect_area: pred_mask.mean() (fraction of the image flagged).
+    """
+
+    pred_score: float
+    pred_label: str
+    anomaly_map: np.ndarray
+    pred_mask: np.ndarray
+    max_pixel_score: float
+    defect_area: float
+    image_threshold: float
+    pixel_threshold: float
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.pred_label == ANOMALOUS
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the original image."""
+        return self.anomaly_map.shape[1], self.anomaly_map.shape[0]
+
+
+def make_result(pred_score: float, anomaly_map: np.ndarray, thresholds: Thresholds) -> ImageResult:
+    """Decisions for one image from its score and its map [H, W] (pure)."""
+    anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    pred_mask = anomaly_map >= thresholds.pixel
+    return ImageResult(
+        pred_score=float(pred_score),
+        pred_label=ANOMALOUS if pred_score >= thresholds.image else NORMAL,
+        anomaly_map=anomaly_map,
+        pred_mask=pred_mask,
+        max_pixel_score=float(anomaly_map.max()),
+        defect_area=float(pred_mask.mean()),
+        image_threshold=thresholds.image,
+        pixel_threshold=thresholds.pixel,
+    )
+
+
+@dataclass
+class ScoredImage(Generic[T]):
+    """One input after `Predictor.score`: the input as given, its decoded RGB image, its score and its map
+    [S, S] at the model's input size. An input that could not be decoded has `error` set (and no image or map)."""
+
+    source: T
+    image: Image.Image | None = None
+    pred_score: float = float("nan")
+    anomaly_map: np.ndarray | None = None
+    error: BadImageError | None = None
+
+
+class Predictor:
+    """Loads a model once and predicts on images of any size. Not thread-safe: serialise calls.
+
+    >>> predictor = Predictor.from_checkpoint("checkpoint.pt", calibration="calibration.json")  # doctest: +SKIP
+    >>> result = predictor.predict("part.png")[0]  # doctest: +SKIP
+    >>> result.pred_score, result.pred_label, result.pred_mask.shape  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: InferenceEngine,
+        thresholds: Thresholds | None = None,
+        batch_size: int = 8,
+        identity: ModelIdentity | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.thresholds = thresholds or Thresholds(DEFAULT_THRESHOLD, DEFAULT_THRESHOLD, "default (uncalibrated)")
+        self.batch_size = batch_size
+        self._identity = identity
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path | None,
+        backbone: str | None = None,
+        clip_weights: str | Path | None = None,
+        calibration: str | Path | calib.Calibration | None = None,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        device: str = "cpu",
+        image_size: int | None = None,
+        precision: str = "fp32",
+        batch_size: int = 8,
+        **config: Any,
+    ) -> Predictor:
+        """Build the model (`vip2clip.create_model`) and resolve the thresholds (`resolve_thresholds`)."""
+        from vip2clip.factory import create_model
+
+        model = create_model(backbone, clip_weights, checkpoint, image_size, device, precision=precision, **config)
+        identity = ModelIdentity.of(model, checkpoint)
+        thresholds = resolve_thresholds(identity, calibration, image_threshold, pixel_threshold)
+        return cls(model, thresholds, batch_size, identity)
+
+    @property
+    def identity(self) -> ModelIdentity:
+        """The model's identity (for a model without a checkpoint unless one was given)."""
+        if self._identity is None:
+            self._identity = ModelIdentity.of(self.model)
+        return self._identity
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    def with_thresholds(self, thresholds: Thresholds) -> Predictor:
+        """The same model with other thresholds (no reload)."""
+        return Predictor(self.model, thresholds, self.batch_size, self._identity)
+
+    def score(self, inputs: Iterable[T], load: Callable[[T], Image.Image] = to_rgb) -> Iterator[ScoredImage[T]]:
+        """Decode `inputs` with `load`, score them in batches of `batch_size`, yield one ScoredImage per input in
+        order. A BadImageError from `load` is reported on its ScoredImage and never stops the stream."""
+        batch: list[ScoredImage[T]] = []
+        for source in inputs:
+            try:
+                batch.append(ScoredImage(source, image=load(source)))
+            except BadImageError as error:
+                batch.append(ScoredImage(source, error=error))
+            if len(batch) == self.batch_size:
+                yield from self._score_batch(batch)
+                batch = []
+        if batch:
+            yield from self._score_batch(batch)
+
+    def _score_batch(self, batch: list[ScoredImage[T]]) -> list[ScoredImage[T]]:
+        decoded = [item for item in batch if item.image is not None]
+        if decoded:
+            tensors = torch.stack([preprocess(item.image, self.image_size) for item in decoded])
+            prediction = self.model.predict(tensors)
+            scores = prediction.pred_score.float().cpu().numpy()
+            maps = prediction.anomaly_map.float().cpu().numpy()
+            for item, score, anomaly_map in zip(decoded, scores, maps, strict=True):
+                item.pred_score, item.anomaly_map = float(score), anomaly_map
+        return batch
+
+    def result(self, scored: ScoredImage) -> ImageResult:
+        """The decisions for a scored image, with its map resized to the image's original size."""
+        if scored.image is None or scored.anomaly_map is None:
+            raise ValueError(f"{scored.source} was not scored: {scored.error}")
+        return make_result(scored.pred_score, resize_map(scored.anomaly_map, scored.image.size), self.thresholds)
+
+    def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[ImageResult]:
+        """Predict on one input or a list of inputs (paths, PIL images, arrays); one result per input, in order.
+
+        Every input is decoded before any is scored: an unreadable path raises BadImageError (a ValueError naming
+        the file) before work starts.
+        """
+        single = isinstance(inputs, (str, Path, Image.Image, np.ndarray))
+        images = [to_rgb(item) for item in ([inputs] if single else inputs)]
+        return [self.result(scored) for scored in self.score(images, load=lambda image: image)]

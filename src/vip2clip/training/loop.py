@@ -1,0 +1,235 @@
+"""Training loop of the release (paper Sec. 4.3): Adam on the prompt learner and FGP, no scheduler, no augmentation.
+
+The frozen image encoder runs once per image, into the feature cache (`vip2clip.training.feature_cache`); every
+epoch then reads cached rows, so only the text encoder (VCA prompts depend on the image's global feature) and the
+small heads run per batch. With `cache=False` the encoder runs on every batch instead.
+
+Each epoch visits the samples in an order drawn from (seed, epoch) alone, so a run resumed from its last
+checkpoint (`resume=True`: weights, Adam state, epoch, RNG state) takes the same steps as an uninterrupted one.
+The cache lives in OUT/feature_cache unless `cache_dir` is given (one cache per directory: point several runs on
+the same data and backbone at one --cache-dir to share it; a different key rebuilds it).
+After every epoch OUT/last.pt is written atomically and one JSON line is appended to OUT/train_log.jsonl; the
+final model (the last epoch: no selection on any test set) is OUT/checkpoint.pt, loadable by
+`create_model(checkpoint=...)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vip2clip import __version__
+from vip2clip.config import TrainConfig
+from vip2clip.data.dataset import AnomalyDataset, collate_items
+from vip2clip.data.index import DatasetIndex
+from vip2clip.model.backbone import ImageFeatures
+from vip2clip.model.checkpoint import load_checkpoint, save_checkpoint
+from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.training.feature_cache import FeatureCache, load_or_build_cache
+from vip2clip.training.losses import training_loss
+from vip2clip.utils.progress import Progress, silent
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last.pt"
+FINAL_CHECKPOINT = "checkpoint.pt"
+TRAIN_LOG = "train_log.jsonl"
+CACHE_SUBDIR = "feature_cache"
+# Settings that may differ between a run and its resumption: they change at most the fp16 rounding of the features.
+_RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "cache", "cache_dir"})
+
+
+@dataclass
+class TrainResult:
+    """checkpoint: OUT/checkpoint.pt; history: one dict per epoch (epoch, losses, seconds, steps)."""
+
+    checkpoint: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    cache_bytes: int = 0
+
+
+def build_optimizer(model: ViP2CLIP, config: TrainConfig) -> torch.optim.Adam:
+    """Adam with two groups: the prompt learner at lr_prompt, FGP at lr_fgp (the release's 0.01x)."""
+    prompt_params = [p for p in model.prompts.parameters() if p.requires_grad]
+    fgp_params = [p for p in model.fgp.parameters() if p.requires_grad] if model.fgp is not None else []
+    covered = {id(p) for p in prompt_params + fgp_params}
+    stray = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    if stray:
+        raise ValueError(f"trainable parameters outside the prompt learner and FGP: {stray}")
+    groups = [{"params": prompt_params, "lr": config.lr_prompt, "name": "prompt"}]
+    if fgp_params:
+        groups.append({"params": fgp_params, "lr": config.lr_fgp, "name": "fgp"})
+    return torch.optim.Adam(groups)
+
+
+def epoch_batches(rows: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The shuffled batches of one epoch (epoch is 1-based), a pure function of (rows, seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(len(rows), generator=generator).tolist()
+    shuffled = [rows[i] for i in order]
+    return [shuffled[start : start + batch_size] for start in range(0, len(shuffled), batch_size)]
+
+
+Batch = tuple[ImageFeatures, torch.Tensor, torch.Tensor]  # features, masks [B, S, S], labels [B]
+
+
+def _cached_batches(cache: FeatureCache, labels: list[int], batches: list[list[int]], device) -> Iterator[Batch]:
+    for rows in batches:
+        yield (
+            cache.features(rows, device),
+            cache.masks(rows).to(device),
+            torch.tensor([labels[row] for row in rows], device=device),
+        )
+
+
+def _encoded_batches(
+    model: ViP2CLIP, dataset: AnomalyDataset, batches: list[list[int]], workers: int
+) -> Iterator[Batch]:
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_items, num_workers=workers)
+    for batch in loader:
+        if batch is None:  # every image of the batch failed to decode (skip_bad)
+            continue
+        features = model.encode_image(batch["image"].to(device))
+        yield features, batch["mask"].to(device), batch["label"].to(device)
+
+
+def train_step(model: ViP2CLIP, optimizer: torch.optim.Optimizer, batch: Batch) -> dict[str, float]:
+    """One optimisation step on a batch; returns the loss parts as floats."""
+    features, masks, labels = batch
+    output = model.forward_features(features)
+    maps = output.probability_maps((masks.shape[-2], masks.shape[-1]))  # L x [B, 2, S, S]
+    parts = training_loss(maps, masks, output.image_logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    parts.total.backward()
+    optimizer.step()
+    return parts.as_floats()
+
+
+def run_epoch(model: ViP2CLIP, optimizer: torch.optim.Optimizer, batches: Iterable[Batch]) -> dict[str, float]:
+    """One pass over `batches`: mean loss parts, number of steps and seconds taken."""
+    started = time.perf_counter()
+    sums = {"total": 0.0, "focal": 0.0, "dice": 0.0, "image": 0.0}
+    steps = 0
+    for batch in batches:
+        losses = train_step(model, optimizer, batch)
+        sums = {key: sums[key] + losses[key] for key in sums}
+        steps += 1
+    means = {key: value / max(1, steps) for key, value in sums.items()}
+    return {**means, "steps": steps, "seconds": round(time.perf_counter() - started, 3)}
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+
+
+def _run_meta(model: ViP2CLIP, index: DatasetIndex, split: str, config: TrainConfig) -> dict[str, Any]:
+    backbone = model.backbone
+    return {
+        "train_config": config.to_dict(),
+        "dataset": {"name": index.root.name, "root": str(index.root), "split": split},
+        "backbone": {"name": backbone.name, "weights": backbone.weights_source, "fingerprint": backbone.fingerprint()},
+        "precision": model.precision,
+        "trained_with": f"vip2clip {__version__}",
+    }
+
+
+def _resume(model: ViP2CLIP, optimizer: torch.optim.Optimizer, out_dir: Path, config: TrainConfig) -> tuple[int, list]:
+    """Restore weights, Adam state and RNG from OUT/last.pt; returns (epochs done, history)."""
+    path = out_dir / LAST_CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {path} does not exist (no epoch of this run finished)")
+    checkpoint = load_checkpoint(path)
+    if checkpoint.config != model.config:
+        raise ValueError(f"cannot resume {path}: it was trained with another model configuration ({checkpoint.config})")
+    before = checkpoint.meta["train_config"]
+    changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and before.get(k) != v)
+    if changed:
+        raise ValueError(f"cannot resume {path} with different training settings: {changed} (were {before})")
+    model.load_trainable_state_dict(checkpoint.state)
+    optimizer.load_state_dict(checkpoint.meta["optimizer"])
+    _set_rng_state(checkpoint.meta["rng"])
+    logger.info("resuming %s after epoch %d", path, checkpoint.meta["epoch"])
+    return int(checkpoint.meta["epoch"]), list(checkpoint.meta["history"])
+
+
+def _prepare_batches(
+    model: ViP2CLIP, dataset: AnomalyDataset, out_dir: Path, config: TrainConfig, progress: Progress
+) -> tuple[list[int], Callable[[list[list[int]]], Iterator[Batch]], int]:
+    """(trainable rows, batches -> iterator of Batch, cache bytes): from the cache, or encoding every batch."""
+    if not config.cache:
+        return list(range(len(dataset))), lambda b: _encoded_batches(model, dataset, b, config.num_workers), 0
+    directory = Path(config.cache_dir) if config.cache_dir else out_dir / CACHE_SUBDIR
+    cache = load_or_build_cache(
+        model, dataset, directory, config.cache_dtype, config.batch_size, config.num_workers, progress
+    )
+    device = next(model.parameters()).device
+    labels = dataset.labels
+    return cache.valid_indices, lambda b: _cached_batches(cache, labels, b, device), cache.disk_bytes
+
+
+def train(
+    model: ViP2CLIP,
+    index: DatasetIndex,
+    out_dir: str | Path,
+    config: TrainConfig | None = None,
+    split: str = "test",
+    resume: bool = False,
+    progress: Progress = silent,
+) -> TrainResult:
+    """Train `model`'s prompt learner and FGP on a split of `index`; checkpoints and log go to `out_dir`."""
+    config = config or TrainConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = AnomalyDataset(index, split, image_size=model.config.image_size, skip_bad=config.skip_bad)
+    if len(dataset) == 0:
+        raise ValueError(f"{index.root}: split {split!r} has no usable samples to train on")
+    optimizer = build_optimizer(model, config)
+    start, history = _resume(model, optimizer, out_dir, config) if resume else (0, [])
+    if not resume:
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+    rows, make_batches, cache_bytes = _prepare_batches(model, dataset, out_dir, config, progress)
+    meta = _run_meta(model, index, split, config)
+    model.train()
+    for epoch in range(start + 1, config.epochs + 1):
+        batches = epoch_batches(rows, config.batch_size, config.seed, epoch)
+        steps = progress(make_batches(batches), total=len(batches), desc=f"epoch {epoch}/{config.epochs}")
+        record = {"epoch": epoch, **run_epoch(model, optimizer, steps)}
+        history.append(record)
+        state = model.trainable_state_dict()
+        resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
+        save_checkpoint(
+            out_dir / LAST_CHECKPOINT, model.config, state, **meta, epoch=epoch, history=history, **resume_state
+        )
+        with open(out_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
+            log.write(json.dumps(record) + "\n")
+        logger.info(
+            "epoch %d/%d: loss %.4f (%d steps, %.1f s)",
+            epoch,
+            config.epochs,
+            record["total"],
+            record["steps"],
+            record["seconds"],
+        )
+    model.eval()
+    done = history[-1]["epoch"] if history else 0
+    final = save_checkpoint(
+        out_dir / FINAL_CHECKPOINT, model.config, model.trainable_state_dict(), **meta, epoch=done, history=history
+    )
+    # Without the cache a file that fails to decode is met (and recorded) once per epoch.
+    return TrainResult(final, history, list(dict.fromkeys(dataset.skipped)), cache_bytes)

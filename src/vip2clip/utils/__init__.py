@@ -1,0 +1,1 @@
+"""Small shared jobs, each written once: atomic file writes, file hashing, progress reporting."""

@@ -1,0 +1,1 @@
+"""Pictures of results: heat-map overlays and input | heat map | ground-truth panels."""

@@ -1,0 +1,210 @@
+"""Per-class evaluation on tiny synthetic sets: metrics against an independent pass, storage, undefined metrics,
+panels."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vip2clip.data.dataset import AnomalyDataset
+from vip2clip.data.images import BadImageError
+from vip2clip.data.index import DatasetIndex, Sample, build_index
+from vip2clip.data.synthetic import generate_benchmark
+from vip2clip.data.transforms import preprocess, preprocess_mask
+from vip2clip.evaluation.benchmark import CALIBRATION_NAME, evaluate_dataset
+from vip2clip.evaluation.evaluate import EvalConfig, collect_class_outputs, evaluate
+from vip2clip.inference import calibration as calib
+from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, UndefinedMetricWarning, best_f1_threshold, compute_all
+from vip2clip.model.identity import ModelIdentity
+from vip2clip.visualization.heatmap import heatmap_overlay, jet, normalize_map
+
+SIZE = 64  # the conftest tiny model's input size
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory: pytest.TempPathFactory) -> DatasetIndex:
+    return generate_benchmark(
+        tmp_path_factory.mktemp("bench"), classes=2, seed=4, image_size=48, n_train_good=0, n_test_good=3,
+        n_test_defect=3,
+    )  # fmt: skip
+
+
+def _reference_outputs(model, index: DatasetIndex, name: str) -> tuple[np.ndarray, ...]:
+    """Labels, scores, bool masks and float16 maps of one class (compute_all's order), without evaluate.py.
+
+    One batch holds the whole class, as in the evaluation below: an untrained model's scores differ by ~1e-6,
+    so even the rounding differences of another batch size could reorder them.
+    """
+    samples = index.samples("test", [name])
+    images = torch.stack([preprocess(Image.open(index.root / s.img_path), SIZE) for s in samples])
+    prediction = model.predict(images)
+    masks = [
+        preprocess_mask(np.asarray(Image.open(index.root / s.mask_path)) > 0 if s.mask_path else np.zeros((48, 48)),
+                        SIZE).numpy() > 0.5
+        for s in samples
+    ]  # fmt: skip
+    labels = np.array([s.anomaly for s in samples])
+    return labels, prediction.pred_score.numpy(), np.stack(masks), prediction.anomaly_map.numpy().astype(np.float16)
+
+
+@pytest.mark.slow  # two passes of the model over 12 images: seconds on a loaded machine
+def test_metrics_and_thresholds_match_an_independent_pass(tiny_model, bench: DatasetIndex) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)  # an untrained model may give flat maps
+        result = evaluate(tiny_model, bench, EvalConfig(batch_size=6))
+        references = {name: _reference_outputs(tiny_model, bench, name) for name in bench.classes()}
+        expected = {name: compute_all(*ref) for name, ref in references.items()}
+    assert [c.name for c in result.classes] == bench.classes()
+    for cls in result.classes:
+        labels, scores, masks, maps = references[cls.name]
+        assert (cls.n_normal, cls.n_anomalous) == (3, 3)
+        for key in METRIC_KEYS:
+            assert cls.metrics[key] == pytest.approx(expected[cls.name][key], abs=1e-6, nan_ok=True), key
+        assert cls.image_threshold == pytest.approx(best_f1_threshold(labels, scores)[1], abs=1e-6)
+        assert cls.pixel_threshold == best_f1_threshold(masks.ravel(), maps.ravel())[1]
+    for key in METRIC_KEYS:
+        values = [expected[name][key] for name in expected if not math.isnan(expected[name][key])]
+        assert result.mean[key] == pytest.approx(np.mean(values) if values else math.nan, nan_ok=True)
+    pooled = [np.concatenate(parts) for parts in zip(*references.values(), strict=True)]
+    assert result.image_threshold == pytest.approx(best_f1_threshold(pooled[0], pooled[1])[1], abs=1e-6)
+    assert result.pixel_threshold == best_f1_threshold(pooled[2].ravel(), pooled[3].ravel())[1]
+    assert result.n_images == 12 and result.skipped == []
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_maps_are_stored_compactly(tiny_model, bench: DatasetIndex, dtype: str) -> None:
+    dataset = AnomalyDataset(bench, classes=[bench.classes()[0]], image_size=SIZE)
+    predictions = collect_class_outputs(tiny_model, dataset, EvalConfig(map_dtype=dtype))
+    assert predictions.maps.dtype == np.dtype(dtype) and predictions.maps.shape == (6, SIZE, SIZE)
+    assert predictions.masks.dtype == bool and predictions.scores.shape == (6,)
+    direct = tiny_model.predict(torch.stack([dataset[i]["image"] for i in range(6)])).anomaly_map.numpy()
+    np.testing.assert_array_equal(predictions.maps, direct.astype(dtype))
+
+
+def test_pixel_histogram_equals_the_exact_best_f1() -> None:
+    rng = np.random.default_rng(0)
+    histogram = PixelF1Histogram()
+    maps = [np.round(rng.normal(0.5, 0.2, (3, 9, 9)), 2).astype(np.float16) for _ in range(3)]  # many ties
+    maps[0][0, 0, 0] = -0.0  # -0 and +0 must count as one value
+    masks = [rng.random((3, 9, 9)) < 0.3 + 0.2 * m.astype(np.float32) for m in maps]
+    for batch_maps, batch_masks in zip(maps, masks, strict=True):
+        histogram.add(batch_maps, batch_masks)
+    best = best_f1_threshold(np.concatenate(masks).ravel(), np.concatenate(maps).ravel())
+    assert histogram.best() == pytest.approx(best)
+    assert all(math.isnan(v) for v in PixelF1Histogram().best())
+
+
+def _mixed_index(bench: DatasetIndex) -> DatasetIndex:
+    """Four kinds of class built from the generated files: full, normal only, pixel-only and image-only."""
+    full = bench.samples("test", [bench.classes()[0]])
+    other = bench.samples("test", [bench.classes()[1]])
+
+    def renamed(samples: list[Sample], name: str, drop_masks: bool = False) -> list[Sample]:
+        return [Sample(s.img_path, "" if drop_masks else s.mask_path, name, s.specie_name, s.anomaly) for s in samples]
+
+    samples = (
+        renamed(full, "full")
+        + renamed([s for s in other if not s.anomaly], "normal_only")
+        + renamed([s for s in other if s.anomaly], "pixel_only")
+        + renamed(other, "image_only", drop_masks=True)
+    )
+    return build_index(bench.root, {"test": samples})
+
+
+@pytest.mark.slow  # 24 images through the model: seconds on a loaded machine
+def test_undefined_metrics_are_nan_by_kind_of_class(tiny_model, bench: DatasetIndex) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        result = evaluate(tiny_model, _mixed_index(bench), EvalConfig())
+    by_name = {c.name: c for c in result.classes}
+    assert all(math.isnan(v) for v in by_name["normal_only"].metrics.values())
+    image_keys, pixel_keys = METRIC_KEYS[:3], METRIC_KEYS[3:]
+    assert all(math.isnan(by_name["pixel_only"].metrics[k]) for k in image_keys)
+    assert not math.isnan(by_name["pixel_only"].metrics["pixel_auroc"])
+    assert all(math.isnan(by_name["image_only"].metrics[k]) for k in pixel_keys)
+    assert all(not math.isnan(by_name["image_only"].metrics[k]) for k in image_keys)
+    assert math.isnan(by_name["image_only"].pixel_threshold) and math.isnan(by_name["pixel_only"].image_threshold)
+    # The mean of a metric skips the classes where it is undefined.
+    defined = [by_name[n].metrics["image_auroc"] for n in ("full", "image_only")]
+    assert result.mean["image_auroc"] == pytest.approx(np.mean(defined))
+
+
+def test_calibration_file_has_null_for_the_undefined_threshold(tiny_model, bench: DatasetIndex, tmp_path: Path) -> None:
+    mixed = _mixed_index(bench)
+    expected = {"image_only": ("image", None), "pixel_only": (None, "pixel"), "normal_only": (None, None)}
+    for name, kinds in expected.items():
+        out = tmp_path / name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            identity = ModelIdentity.of(tiny_model)
+            result = evaluate_dataset(tiny_model, mixed, out, EvalConfig(classes=(name,)), name, identity)
+        if kinds == (None, None):  # one label and no defect pixels: nothing to decide with, so no file
+            assert not (out / CALIBRATION_NAME).exists()
+            continue
+        data = json.loads((out / CALIBRATION_NAME).read_text())
+        written = calib.load(out / CALIBRATION_NAME)
+        for kind, value in zip(("image", "pixel"), (written.image_threshold, written.pixel_threshold), strict=True):
+            if kind in kinds:
+                assert value == getattr(result, f"{kind}_threshold") and math.isfinite(value)
+            else:
+                assert data[f"{kind}_threshold"] is None and value is None  # JSON null, not NaN
+
+
+def test_panels_are_written_with_a_shared_scale(tiny_model, bench: DatasetIndex, tmp_path: Path) -> None:
+    config = EvalConfig(panels_dir=tmp_path / "maps", max_panels=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        evaluate(tiny_model, bench, config)
+    for name in bench.classes():
+        panels = sorted((tmp_path / "maps" / name).glob("*.png"))
+        assert len(panels) == 3
+        assert sum(p.name.startswith("good_") for p in panels) == 1  # anomalous and normal alternate
+        with Image.open(panels[0]) as panel:
+            assert panel.size == (3 * SIZE + 8, SIZE) and panel.mode == "RGB"
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # the header survives, the pixels do not
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_images_stop_or_are_skipped(tiny_model, tmp_path: Path, workers: int) -> None:
+    index = generate_benchmark(tmp_path / "b", classes=1, image_size=48, n_train_good=0, n_test_good=3,
+                               n_test_defect=3)  # fmt: skip
+    broken = index.samples("test")[1]
+    _truncate(index.root / broken.img_path)
+    if workers == 0:  # a worker re-raises BadImageError as RuntimeError (its __init__ takes two arguments)
+        with pytest.raises(BadImageError, match=Path(broken.img_path).name):
+            evaluate(tiny_model, index, EvalConfig())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        result = evaluate(tiny_model, index, EvalConfig(batch_size=2, num_workers=workers, skip_bad=True))
+    assert [Path(p).name for p, _ in result.skipped] == [Path(broken.img_path).name]
+    assert (result.classes[0].n_normal, result.classes[0].n_anomalous) == (2, 3)
+
+
+def test_unknown_class_and_bad_options_are_errors(tiny_model, bench: DatasetIndex) -> None:
+    with pytest.raises(ValueError, match="unknown class"):
+        evaluate(tiny_model, bench, EvalConfig(classes=("nope",)))
+    with pytest.raises(ValueError, match="map_dtype"):
+        EvalConfig(map_dtype="int8")
+
+
+def test_heatmap_colours_and_overlay_size() -> None:
+    ramp = jet(np.linspace(0.0, 1.0, 11)[None])[0].astype(int)
+    assert tuple(ramp[0]) == (0, 0, 128) and tuple(ramp[-1]) == (128, 0, 0)  # dark blue -> dark red
+    assert ramp[:, 2].argmax() < ramp[:, 1].argmax() < ramp[:, 0].argmax()  # blue, then green, then red peak
+    image = np.full((30, 40, 3), 200, dtype=np.uint8)
+    overlay = heatmap_overlay(image, np.arange(12, dtype=np.float32).reshape(3, 4), alpha=1.0)
+    assert overlay.size == (40, 30)  # the map is resized to the image
+    pixels = np.asarray(overlay)
+    assert pixels[0, 0, 2] > pixels[0, 0, 0] and pixels[-1, -1, 0] > pixels[-1, -1, 2]  # low blue, high red
+    assert not normalize_map(np.full((4, 4), 0.5)).any()  # a flat map is drawn cold, not as noise
