@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
-from vip2clip.data.images import BadImageError, image_size, load_image, load_mask
+from vip2clip.data.images import BadImageError, decode_image_bytes, image_size, load_image, load_mask, to_rgb
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, size=(20, 30, 3), dtype=np.uint8)
@@ -156,3 +157,57 @@ def test_rgb_one_bit_and_sixteen_bit_masks(tmp_path: Path) -> None:
         mask = load_mask(tmp_path / name)
         assert mask.dtype == bool and mask.shape == (64, 64)
         np.testing.assert_array_equal(mask, truth)
+
+
+def _with_orientation(pixels: np.ndarray, path: Path, orientation: int) -> Path:
+    """Save `pixels` with an EXIF orientation tag (as cameras store portrait photos)."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
+def test_exif_orientation_is_applied_like_a_photo_viewer(tmp_path: Path, suffix: str) -> None:
+    # Orientation 6: the stored pixels are shown rotated 90 degrees clockwise.
+    path = _with_orientation(RGB, tmp_path / f"portrait{suffix}", 6)
+    stored = RGB if suffix != ".jpg" else np.asarray(Image.open(path).convert("RGB"))  # JPEG: as compressed
+    shown = np.rot90(stored, k=-1)
+    assert image_size(path) == (20, 30)  # (width, height) as displayed: the stored 30x20 turned upright
+    loaded = np.asarray(load_image(path))
+    assert loaded.shape == (30, 20, 3)
+    np.testing.assert_array_equal(loaded, shown)
+    np.testing.assert_array_equal(np.asarray(decode_image_bytes(path.read_bytes())), shown)
+    np.testing.assert_array_equal(np.asarray(to_rgb(Image.open(path))), shown)
+    mask = _with_orientation((RGB[..., 0] > 128).astype(np.uint8) * 255, tmp_path / "mask.png", 6)
+    np.testing.assert_array_equal(load_mask(mask), np.rot90(RGB[..., 0] > 128, k=-1))
+
+
+def test_upload_decoding_refuses_what_it_cannot_use() -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(RGB).save(buffer, format="PNG")
+    truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    for data, problem in ((b"", "empty"), (b"plain text", "not an image"), (truncated, "damaged")):
+        with pytest.raises(BadImageError, match=f"upload: {problem}"):
+            decode_image_bytes(data)
+    with pytest.raises(BadImageError, match="30x20 pixels; the limit is 100"):
+        decode_image_bytes(buffer.getvalue(), max_pixels=100)
+    assert decode_image_bytes(buffer.getvalue(), max_pixels=600).size == (30, 20)
+
+
+@pytest.mark.parametrize(
+    ("mode", "values", "expected"),
+    [
+        ("I;16", np.array([[0, 65535, 32768]], np.uint16), [0, 255, 128]),
+        ("I", np.array([[0, 65535, 32768]], np.int32), [0, 255, 128]),
+        ("F", np.array([[0.0, 1.0, 0.5]], np.float32), [0, 255, 128]),
+    ],
+)
+def test_one_rule_for_high_bit_depth_files_and_pil_images(tmp_path: Path, mode: str, values, expected) -> None:
+    """Files and PIL images given directly (the Predictor's inputs) are converted by the same rule."""
+    image = Image.fromarray(values)
+    assert image.mode == mode
+    np.testing.assert_array_equal(np.asarray(to_rgb(image))[0, :, 0], expected)
+    if mode == "I;16":  # PNG stores neither 32-bit integer nor float images
+        image.save(tmp_path / "deep.png")
+        np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "deep.png"))[0, :, 0], expected)

@@ -59,9 +59,13 @@ class BadImageError(ValueError):
 
 
 def _orientation(image: Image.Image) -> int:
-    """The EXIF orientation tag (1 = as stored), read without decoding the pixels."""
-    if "exif" not in image.info and image.format != "TIFF":
-        return 1  # asking PIL anyway would decode a PNG's pixels just to find no EXIF block
+    """The EXIF orientation still to apply (1 = none), read without decoding the pixels.
+
+    Only an EXIF block counts: PIL turns TIFF images upright itself (its size is already the displayed one), and
+    asking PIL about an image without the block would decode a PNG's pixels just to find none.
+    """
+    if "exif" not in image.info:
+        return 1
     return int(image.getexif().get(ExifTags.Base.Orientation, 1) or 1)
 
 
