@@ -2,7 +2,7 @@
 
 Random CLIP weights (saved as an OpenAI-layout state dict) and a random release-format checkpoint; prints the
 largest score difference and the largest relative map difference. The test suite runs the same comparison on
-the tiny backbone (tests/test_release_equivalence.py); this script shows it holds at the paper's size.
+the tiny backbone (tests/model/test_release_equivalence.py); this script shows it holds at the paper's size.
 Usage: python benchmarks/check_release_equivalence.py [--images 2] [--workdir DIR]
 """
 

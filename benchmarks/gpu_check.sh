@@ -50,7 +50,7 @@ COMMON=(--device "$DEVICE" --backbone "$BACKBONE" --sizes 518 --batches 8 --outp
 step 120 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision bf16 --repeats 20 --warmup 3
 step 60 python3 benchmarks/bench_memory.py --device "$DEVICE" --backbone "$BACKBONE" --precision bf16 --output "$RESULTS"
 step 60 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision fp32 --repeats 10 --warmup 2
-step 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_precision.py
+step 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_precision.py
 step 150 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision bf16 --repeats 20 --warmup 3 --compile
 
 echo
