@@ -23,7 +23,6 @@ from vip2clip.evaluation.evaluate import EvalConfig, collect_class_outputs, eval
 from vip2clip.inference import calibration as calib
 from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, UndefinedMetricWarning, best_f1_threshold, compute_all
 from vip2clip.model.identity import ModelIdentity
-from vip2clip.visualization.heatmap import heatmap_overlay, jet, normalize_map
 
 SIZE = 64  # the conftest tiny model's input size
 
@@ -196,15 +195,3 @@ def test_unknown_class_and_bad_options_are_errors(tiny_model, bench: DatasetInde
         evaluate(tiny_model, bench, EvalConfig(classes=("nope",)))
     with pytest.raises(ValueError, match="map_dtype"):
         EvalConfig(map_dtype="int8")
-
-
-def test_heatmap_colours_and_overlay_size() -> None:
-    ramp = jet(np.linspace(0.0, 1.0, 11)[None])[0].astype(int)
-    assert tuple(ramp[0]) == (0, 0, 128) and tuple(ramp[-1]) == (128, 0, 0)  # dark blue -> dark red
-    assert ramp[:, 2].argmax() < ramp[:, 1].argmax() < ramp[:, 0].argmax()  # blue, then green, then red peak
-    image = np.full((30, 40, 3), 200, dtype=np.uint8)
-    overlay = heatmap_overlay(image, np.arange(12, dtype=np.float32).reshape(3, 4), alpha=1.0)
-    assert overlay.size == (40, 30)  # the map is resized to the image
-    pixels = np.asarray(overlay)
-    assert pixels[0, 0, 2] > pixels[0, 0, 0] and pixels[-1, -1, 0] > pixels[-1, -1, 2]  # low blue, high red
-    assert not normalize_map(np.full((4, 4), 0.5)).any()  # a flat map is drawn cold, not as noise

@@ -100,6 +100,10 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train", default=None, metavar="NAME=ROOT", help="dataset to train on (its test split)")
     parser.add_argument("--test", nargs="+", required=True, metavar="NAME=ROOT", help="datasets to evaluate")
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument(
+        "--reference", choices=("paper",), default=None,
+        help="add the paper's ViP²-CLIP numbers (Tables 1-2) and our difference to them to the tables",
+    )  # fmt: skip
     _add_evaluation_arguments(parser, ("--eval-batch-size",))
     add_model_arguments(parser)
     add_config_arguments(parser)
@@ -122,11 +126,13 @@ def _train_for_benchmark(args: argparse.Namespace, train_spec, out: Path):
 
 def run_benchmark(args: argparse.Namespace) -> int:
     from vip2clip.evaluation.benchmark import load_dataset, parse_dataset_spec, run_benchmark
+    from vip2clip.evaluation.reference import load_reference
     from vip2clip.evaluation.reports import benchmark_table_markdown
     from vip2clip.model.identity import ModelIdentity
 
     if not args.train and not args.checkpoint:
         raise CLIError("give --train NAME=ROOT (to train first) or --checkpoint CKPT")
+    reference = load_reference(args.reference) if args.reference else None
     train_spec = parse_dataset_spec(args.train) if args.train else None
     tests = [parse_dataset_spec(text) for text in args.test]
     out = Path(args.out)
@@ -142,8 +148,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
         model, checkpoint, training = _train_for_benchmark(args, train_spec, out)
     identity = ModelIdentity.of(model, checkpoint)
     entries = run_benchmark(
-        model, indexes, out, _eval_config(args), identity, training, args.save_maps, progress_for(args)
+        model, indexes, out, _eval_config(args), identity, training, args.save_maps, progress_for(args), reference
     )
-    print(benchmark_table_markdown(entries))
+    print(benchmark_table_markdown(entries, reference=reference))
     print(f"benchmark: {out / 'benchmark.md'} (+ .csv, .json); per dataset: {', '.join(s.folder for s in tests)}")
     return 0

@@ -76,9 +76,11 @@ class ConversionResult:
 
 
 def dataset_info(name: str) -> ConverterInfo:
-    """The registry entry for a benchmark name (case-insensitive, a few aliases); unknown -> ValueError."""
+    """The registry entry for a benchmark name, alias or title ("visa", "dtd", "VisA"; case-insensitive);
+    unknown -> ValueError."""
     key = name.strip().lower()
     key = _ALIASES.get(key, key)
+    key = next((info.name for info in DATASETS.values() if info.title.lower() == key), key)
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}")
     return DATASETS[key]

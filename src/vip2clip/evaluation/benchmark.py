@@ -22,6 +22,7 @@ from vip2clip import __version__
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.registry import DATASETS, dataset_info, resolve_index
 from vip2clip.evaluation.evaluate import EvalConfig, EvaluationResult, evaluate
+from vip2clip.evaluation.reference import Reference
 from vip2clip.evaluation.reports import BenchmarkEntry, write_benchmark, write_results
 from vip2clip.inference.calibration import METHOD_F1, make_calibration
 from vip2clip.model.identity import ModelIdentity
@@ -175,10 +176,12 @@ def run_benchmark(
     training: Mapping[str, Any] | None = None,
     save_maps: bool = False,
     progress: Progress = silent,
+    reference: Reference | None = None,
 ) -> list[BenchmarkEntry]:
     """Evaluate every test dataset into OUT/NAME/ and write the combined OUT/benchmark.{md,csv,json}.
 
-    identity: `ModelIdentity.of(model, checkpoint)`; training: what the model was trained on (in benchmark.json).
+    identity: `ModelIdentity.of(model, checkpoint)`; training: what the model was trained on (in benchmark.json);
+    reference: numbers to compare with (`evaluation.reference.load_reference("paper")`), added to the tables.
     """
     out_dir = Path(out_dir)
     folders = [spec.folder for spec, _ in tests]
@@ -194,5 +197,5 @@ def run_benchmark(
     tested = {"tests": [{"name": s.title, "root": str(i.root)} for s, i in tests]}
     context = run_context(model, identity, tested, config)
     context["training"] = dict(training or {})
-    write_benchmark(out_dir, entries, context)
+    write_benchmark(out_dir, entries, context, reference=reference)
     return entries

@@ -26,35 +26,31 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from vip2clip.config import STORAGE_DTYPES
 from vip2clip.data.dataset import AnomalyDataset, collate_items
-from vip2clip.data.images import load_image
 from vip2clip.data.index import DatasetIndex
+from vip2clip.evaluation.panels import PanelSpool
 from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, best_f1_threshold, compute_all
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.utils.progress import Progress, silent
-from vip2clip.visualization.heatmap import save_panel
 
 logger = logging.getLogger(__name__)
 
 MAP_DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
-_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """How to evaluate. panels_dir: write input | overlay | ground-truth PNGs there (None: no panels);
-    max_panels: at most this many per class (anomalous images first; None: all)."""
+    """How to evaluate. panels_dir: write labelled panels there (`evaluation.panels`; None: no panels);
+    max_panels: at most this many per class (anomalous and normal alternately; None: all)."""
 
     split: str = "test"
     classes: tuple[str, ...] | None = None
@@ -205,36 +201,6 @@ def mean_metrics(results: list[ClassResult]) -> dict[str, float]:
     return mean
 
 
-def _panel_order(outputs: ClassOutputs, limit: int | None) -> np.ndarray:
-    """Rows to draw, up to `limit`: anomalous and normal images alternately (anomalous first), so that even a few
-    panels show a normal image staying cold next to a defect lighting up."""
-    anomalous, normal = np.flatnonzero(outputs.labels == 1), np.flatnonzero(outputs.labels == 0)
-    pairs = min(anomalous.size, normal.size)
-    alternating = np.stack([anomalous[:pairs], normal[:pairs]], axis=1).ravel()
-    order = np.concatenate([alternating, anomalous[pairs:], normal[pairs:]])
-    return order if limit is None else order[:limit]
-
-
-def write_panels(dataset: AnomalyDataset, outputs: ClassOutputs, out_dir: Path, limit: int | None) -> int:
-    """One PNG per image under out_dir/CLASS/ (DEFECT_STEM.png); the heat maps of a class share one scale
-    (its min and max map value), so a calm normal image stays cold. Returns the number written."""
-    if outputs.maps is None or outputs.maps.size == 0:
-        return 0
-    low, high = float(outputs.maps.min()), float(outputs.maps.max())
-    written = 0
-    for row in _panel_order(outputs, limit):
-        sample = dataset.samples[int(outputs.positions[row])]
-        image_path = dataset.index.resolve(sample.img_path)
-        size = dataset.image_size
-        image = load_image(image_path).resize((size, size), Image.BICUBIC)
-        name = _UNSAFE_NAME.sub("_", f"{sample.specie_name or 'image'}_{Path(sample.img_path).stem}") + ".png"
-        mask = outputs.masks[row] if outputs.pixel_rows[row] else None
-        save_panel(out_dir / _UNSAFE_NAME.sub("_", sample.cls_name) / name, image, outputs.maps[row], mask,
-                   low, high)  # fmt: skip
-        written += 1
-    return written
-
-
 def _skipped(dataset: AnomalyDataset, outputs: ClassOutputs) -> list[tuple[str, str]]:
     """dataset.skipped, plus images that failed to decode in a DataLoader worker (whose record stays there)."""
     listed = list(dataset.skipped)
@@ -259,6 +225,7 @@ def evaluate(
     histogram = PixelF1Histogram()
     results: list[ClassResult] = []
     all_scores, all_labels, skipped = [], [], []
+    panels = PanelSpool(config.panels_dir, config.max_panels) if config.panels_dir is not None else None
     for name in classes:
         dataset = AnomalyDataset(index, config.split, [name], model.config.image_size, config.skip_bad)
         outputs = collect_class_outputs(model, dataset, config, progress)
@@ -270,8 +237,8 @@ def evaluate(
         histogram.merge(outputs.histogram)
         all_scores.append(outputs.scores)
         all_labels.append(outputs.labels)
-        if config.panels_dir is not None:
-            write_panels(dataset, outputs, Path(config.panels_dir), config.max_panels)
+        if panels is not None:
+            panels.add(dataset, outputs)
         logger.info("%s: %s", name, ", ".join(f"{k} {100 * v:.1f}" for k, v in results[-1].metrics.items()))
     if not results:
         raise ValueError(f"{index.root}: no readable image in split {config.split!r}")
@@ -279,6 +246,8 @@ def evaluate(
     image_threshold = math.nan
     if 0 < labels.sum() < labels.size:
         image_threshold = best_f1_threshold(labels, np.concatenate(all_scores))[1]
+    if panels is not None:  # drawn now: they show the decisions at the dataset's thresholds
+        panels.write(image_threshold, histogram.best()[1], model.config.image_size)
     return EvaluationResult(results, mean_metrics(results), image_threshold, histogram.best()[1], skipped)
 
 

@@ -5,6 +5,10 @@ PRO / F1. Across datasets (`vip2clip benchmark`), the layout of the paper's Tabl
 pixel-level block, one row per dataset holding "(AUROC, AP, F1)" or "(AUROC, PRO, F1)", and an AVERAGE row per
 block. A dataset whose block is entirely undefined (the medical image-only or pixel-only sets) is left out of that
 block, as in Table 2. Undefined values are "-" in markdown, empty in CSV and null in JSON.
+
+With a reference (`benchmark --reference paper`, `evaluation.reference`) the benchmark table gains the reference's
+numbers and ours - reference per dataset and metric ("-" where the reference has none); the markdown difference
+is that of the printed (rounded) values, so that it can be checked by eye; CSV and JSON keep full precision.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from vip2clip.evaluation.evaluate import EvaluationResult, result_to_dict
+from vip2clip.evaluation.reference import Reference, difference
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
 from vip2clip.utils.fileio import atomic_write_json, atomic_write_text
 
@@ -75,17 +80,62 @@ def _block_entries(entries: Sequence[BenchmarkEntry], keys: Sequence[str]) -> li
     return [e for e in entries if any(not math.isnan(e.result.mean[k]) for k in keys)]
 
 
-def benchmark_table_markdown(entries: Sequence[BenchmarkEntry], method: str = "ViP²-CLIP") -> str:
-    """The paper's Table 1/2 layout: Task | Datasets | C | METHOD, image block then pixel block, AVERAGE rows."""
+def _difference_triple(ours: Mapping[str, float], reference: Mapping[str, float] | None, keys: Sequence[str]) -> str:
+    """ "(+0.3, -, -1.2)": printed ours - printed reference, "-" where either is missing."""
+    if reference is None:
+        return "-"
+    cells = []
+    for key in keys:
+        ours_text, reference_text = percent(ours[key]), percent(reference.get(key, math.nan))
+        if "-" in (ours_text, reference_text):
+            cells.append("-")
+        else:
+            cells.append(f"{round(float(ours_text) - float(reference_text), 1) or 0.0:+.1f}")  # no "-0.0"
+    return "(" + ", ".join(cells) + ")"
+
+
+def _reference_cells(
+    reference: Reference | None, ours: Mapping[str, float], theirs: Mapping[str, float] | None, keys: Sequence[str]
+) -> list[str]:
+    if reference is None:
+        return []
+    return [_triple(theirs, keys) if theirs else "-", _difference_triple(ours, theirs, keys)]
+
+
+def _reference_values(reference: Reference, name: str, keys: Sequence[str]) -> dict[str, float] | None:
+    """The reference's values of one block for a dataset (None: it does not report that block)."""
+    row = reference.row_for(name)
+    return {k: row.values[k] for k in keys} if row and all(k in row.values for k in keys) else None
+
+
+def benchmark_table_markdown(
+    entries: Sequence[BenchmarkEntry], method: str = "ViP²-CLIP", reference: Reference | None = None
+) -> str:
+    """The paper's Table 1/2 layout: Task | Datasets | C | METHOD, image block then pixel block, AVERAGE rows;
+    with a reference, two more columns: its values and ours - reference (see the module docstring)."""
     rows = []
     for task, keys in BLOCKS:
         shown = _block_entries(entries, keys)
         for position, entry in enumerate(shown):
+            theirs = _reference_values(reference, entry.name, keys) if reference else None
             rows.append([task if position == 0 else "", entry.name, str(len(entry.result.classes)),
-                         _triple(entry.result.mean, keys)])  # fmt: skip
+                         _triple(entry.result.mean, keys),
+                         *_reference_cells(reference, entry.result.mean, theirs, keys)])  # fmt: skip
         if shown:
-            rows.append(["", "AVERAGE", "-", _triple(block_average(shown, keys), keys)])
-    return _markdown_table(("Task", "Datasets", "C", method), rows) + "\n"
+            average = block_average(shown, keys)
+            theirs = reference.block_average([e.name for e in shown], keys) if reference else None
+            rows.append(
+                ["", "AVERAGE", "-", _triple(average, keys), *_reference_cells(reference, average, theirs, keys)]
+            )
+    header = ("Task", "Datasets", "C", method) + ((reference.name, f"ours - {reference.name}") if reference else ())
+    table = _markdown_table(header, rows) + "\n"
+    if reference:
+        table += (
+            f"\n{reference.name}: {reference.source} ({reference.protocol}). Differences in points of the printed "
+            "values; '-': not reported there. The reference's AVERAGE is its printed one when the block holds "
+            "exactly that table's datasets, else the mean of its values for these datasets.\n"
+        )
+    return table
 
 
 def _csv_number(value: float) -> str:
@@ -115,13 +165,37 @@ def class_table_csv(result: EvaluationResult) -> str:
     return _csv_text(header, rows)
 
 
-def benchmark_csv(entries: Sequence[BenchmarkEntry]) -> str:
-    """Full-precision CSV: one row per dataset (its mean over classes), then the block averages."""
-    header = ("dataset", "n_classes", *METRIC_KEYS)
-    rows = [[e.name, len(e.result.classes), *(_csv_number(e.result.mean[k]) for k in METRIC_KEYS)] for e in entries]
+def _reference_average(reference: Reference, entries: Sequence[BenchmarkEntry]) -> dict[str, float]:
+    """The reference's AVERAGE row over the same datasets as ours, block by block (missing keys: none)."""
+    average: dict[str, float] = {}
+    for _, keys in BLOCKS:
+        average.update(reference.block_average([e.name for e in _block_entries(entries, keys)], keys) or {})
+    return average
+
+
+def benchmark_csv(entries: Sequence[BenchmarkEntry], reference: Reference | None = None) -> str:
+    """Full-precision CSV: one row per dataset (its mean over classes), then the block averages; with a
+    reference, its table, its values (reference_KEY) and ours - reference (difference_KEY), fractions."""
+    extra = ("reference_table", *(f"reference_{k}" for k in METRIC_KEYS), *(f"difference_{k}" for k in METRIC_KEYS))
+    header = ("dataset", "n_classes", *METRIC_KEYS, *(extra if reference else ()))
+
+    def cells(ours: Mapping[str, float], table: str, theirs: Mapping[str, float] | None) -> list[str]:
+        if reference is None:
+            return []
+        theirs = theirs or {}
+        gaps = difference(ours, theirs, METRIC_KEYS)
+        return [table, *(_csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
+                *(_csv_number(gaps[k]) for k in METRIC_KEYS)]  # fmt: skip
+
+    rows = []
+    for e in entries:
+        row = reference.row_for(e.name) if reference else None
+        rows.append([e.name, len(e.result.classes), *(_csv_number(e.result.mean[k]) for k in METRIC_KEYS),
+                     *cells(e.result.mean, row.table if row else "", row.values if row else None)])  # fmt: skip
     average = {**block_average(_block_entries(entries, IMAGE_KEYS), IMAGE_KEYS),
                **block_average(_block_entries(entries, PIXEL_KEYS), PIXEL_KEYS)}  # fmt: skip
-    rows.append(["AVERAGE", "", *(_csv_number(average[k]) for k in METRIC_KEYS)])
+    theirs = _reference_average(reference, entries) if reference else None
+    rows.append(["AVERAGE", "", *(_csv_number(average[k]) for k in METRIC_KEYS), *cells(average, "", theirs)])
     return _csv_text(header, rows)
 
 
@@ -143,10 +217,33 @@ def write_results(
     }
 
 
+def _reference_json(reference: Reference, entries: Sequence[BenchmarkEntry]) -> dict[str, Any]:
+    """benchmark.json's "reference": where the numbers come from, per dataset and per block average."""
+    datasets = []
+    for e in entries:
+        row = reference.row_for(e.name)
+        values = row.values if row else {}
+        gaps = {k: v for k, v in difference(e.result.mean, values, METRIC_KEYS).items() if k in values}
+        source = {"table": row.table, "printed_name": row.printed_name} if row else {"table": None}
+        datasets.append({"name": e.name, **source, "values": values, "difference": gaps})
+    average = {}
+    for task, keys in BLOCKS:
+        shown = _block_entries(entries, keys)
+        theirs = reference.block_average([e.name for e in shown], keys)
+        average[task] = theirs and {"values": theirs, "difference": difference(block_average(shown, keys), theirs,
+                                                                               keys)}  # fmt: skip
+    return {**reference.describe(), "metrics_scale": "fraction", "datasets": datasets, "average": average}
+
+
 def write_benchmark(
-    out_dir: str | Path, entries: Sequence[BenchmarkEntry], context: Mapping[str, Any], method: str = "ViP²-CLIP"
+    out_dir: str | Path,
+    entries: Sequence[BenchmarkEntry],
+    context: Mapping[str, Any],
+    method: str = "ViP²-CLIP",
+    reference: Reference | None = None,
 ) -> dict[str, Path]:
-    """Write benchmark.md, benchmark.csv and benchmark.json (per-dataset means, block averages, `context`)."""
+    """Write benchmark.md, benchmark.csv and benchmark.json (per-dataset means, block averages, `context`, and
+    the reference's numbers and our differences when one is given)."""
     out_dir = Path(out_dir)
     averages = {task: block_average(_block_entries(entries, keys), keys) for task, keys in BLOCKS}
     data = {
@@ -155,8 +252,10 @@ def write_benchmark(
         "datasets": [{"name": e.name, "n_classes": len(e.result.classes), "mean": e.result.mean} for e in entries],
         "average": averages,
     }
+    if reference is not None:
+        data["reference"] = _reference_json(reference, entries)
     return {
-        "markdown": atomic_write_text(out_dir / "benchmark.md", benchmark_table_markdown(entries, method)),
-        "csv": atomic_write_text(out_dir / "benchmark.csv", benchmark_csv(entries)),
+        "markdown": atomic_write_text(out_dir / "benchmark.md", benchmark_table_markdown(entries, method, reference)),
+        "csv": atomic_write_text(out_dir / "benchmark.csv", benchmark_csv(entries, reference)),
         "json": atomic_write_json(out_dir / "benchmark.json", data),
     }

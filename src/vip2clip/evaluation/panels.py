@@ -1,0 +1,122 @@
+"""Evaluation panels (`test`/`benchmark --save-maps`, the demo's maps/): one labelled PNG per image.
+
+A panel shows the input, its anomaly map on the fixed colour scale (`visualization.heatmap`), the ground truth
+(or the predicted mask where the image has none), the image score and the decision at the dataset's F1-optimal
+thresholds: the ones written to calibration.json, so a panel says what `vip2clip predict --calibration` would.
+Those thresholds are known only once every class has been scored. The maps and masks of the images to draw are
+therefore spooled class by class to unlinked temporary files in the panels folder (in the maps' storage dtype,
+0.5 MB per image at 518 px in float16, less than the PNG each becomes) and the panels drawn after the last class:
+memory stays that of one class, and a run that stops early leaves no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from vip2clip.data.dataset import AnomalyDataset
+from vip2clip.data.images import load_image
+from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyle, PanelText, save_panel
+
+if TYPE_CHECKING:  # evaluate.py imports this module
+    from vip2clip.evaluation.evaluate import ClassOutputs
+
+THRESHOLD_SOURCE = "F1-optimal"
+_UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def panel_order(labels: np.ndarray, limit: int | None) -> np.ndarray:
+    """Rows to draw, up to `limit`: anomalous and normal images alternately (anomalous first), so that even a few
+    panels show a normal image staying cold next to a defect lighting up."""
+    anomalous, normal = np.flatnonzero(labels == 1), np.flatnonzero(labels == 0)
+    pairs = min(anomalous.size, normal.size)
+    alternating = np.stack([anomalous[:pairs], normal[:pairs]], axis=1).ravel()
+    order = np.concatenate([alternating, anomalous[pairs:], normal[pairs:]])
+    return order if limit is None else order[:limit]
+
+
+def _spool(array: np.ndarray, folder: Path) -> np.ndarray:
+    """A copy of `array` in a memory map of an unlinked temporary file in `folder` (freed with the map)."""
+    with tempfile.TemporaryFile(dir=folder, prefix=".panels-") as handle:  # the map keeps its own descriptor
+        spooled = np.memmap(handle, dtype=array.dtype, mode="w+", shape=array.shape)
+    spooled[:] = array
+    return spooled
+
+
+@dataclass
+class _SpooledClass:
+    """The images of one class to draw: files, names, scores, truth, and their maps and masks [n, S, S]."""
+
+    image_paths: list[Path]
+    names: list[str]  # CLASS/DEFECT_STEM.png
+    captions: list[str]
+    scores: np.ndarray
+    has_truth: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray
+
+
+class PanelSpool:
+    """Collects the images to draw per class (`add`), draws them once the thresholds are known (`write`)."""
+
+    def __init__(self, out_dir: str | Path, limit: int | None = None) -> None:
+        self.out_dir = Path(out_dir)
+        self.limit = limit
+        self._classes: list[_SpooledClass] = []
+
+    def add(self, dataset: AnomalyDataset, outputs: ClassOutputs) -> None:
+        """Spool up to `limit` images of one evaluated class (see `panel_order`)."""
+        if outputs.maps is None or outputs.maps.size == 0:
+            return
+        rows = panel_order(outputs.labels, self.limit)
+        if rows.size == 0:
+            return
+        samples = [dataset.samples[int(outputs.positions[row])] for row in rows]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        folder = _UNSAFE_NAME.sub("_", samples[0].cls_name)
+        self._classes.append(
+            _SpooledClass(
+                image_paths=[Path(dataset.index.resolve(s.img_path)) for s in samples],
+                names=[f"{folder}/" + _UNSAFE_NAME.sub("_", f"{s.specie_name or 'image'}_{Path(s.img_path).stem}")
+                       + ".png" for s in samples],
+                captions=[f"{s.cls_name} / {s.specie_name or '-'} / {Path(s.img_path).name} (truth: "
+                          f"{'anomalous' if s.anomaly else 'normal'})" for s in samples],
+                scores=outputs.scores[rows].copy(),
+                has_truth=outputs.pixel_rows[rows].copy(),
+                maps=_spool(outputs.maps[rows], self.out_dir),
+                masks=_spool(outputs.masks[rows], self.out_dir),
+            )
+        )  # fmt: skip
+
+    def write(self, image_threshold: float, pixel_threshold: float, model_size: int) -> int:
+        """Draw every spooled image at these thresholds (NaN: undefined); returns the number of PNGs written.
+
+        Tiles are drawn at most at `model_size` (the maps' resolution), at least at the style's minimum side.
+        """
+        style = PanelStyle(max_side=max(model_size, PanelStyle.min_side))
+        known = {"image": not math.isnan(image_threshold), "pixel": not math.isnan(pixel_threshold)}
+        written = 0
+        for spooled in self._classes:
+            for i, path in enumerate(spooled.image_paths):
+                anomaly_map = np.asarray(spooled.maps[i], dtype=np.float32)
+                if spooled.has_truth[i]:
+                    mask, title = spooled.masks[i], GROUND_TRUTH
+                else:  # no ground truth: what the model flags at the pixel threshold, if there is one
+                    mask, title = (anomaly_map >= pixel_threshold if known["pixel"] else None), PREDICTED_MASK
+                text = PanelText(
+                    pred_score=float(spooled.scores[i]),
+                    image_threshold=image_threshold if known["image"] else None,
+                    threshold_source=THRESHOLD_SOURCE,
+                    pixel_threshold=pixel_threshold if known["pixel"] else None,
+                    caption=spooled.captions[i],
+                )
+                save_panel(self.out_dir / spooled.names[i], load_image(path), anomaly_map, mask, title, text, style)
+                written += 1
+        self._classes.clear()  # frees the spooled files
+        return written
