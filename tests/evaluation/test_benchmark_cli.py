@@ -62,6 +62,28 @@ def test_benchmark_writes_the_combined_table_and_per_dataset_folders(run: dict[s
 
 
 @pytest.mark.slow
+def test_benchmark_reference_paper_matches_by_dataset_name(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """`--test visa=ROOT` is compared with the paper's VisA row; a label the paper lacks gets "-"."""
+    out = tmp_path / "ref"
+    root = run["test_root"]
+    argv = ["benchmark", "--checkpoint", str(run["checkpoint"]), "--test", f"visa={root}", f"mine={root}",
+            "--reference", "paper", "--out", str(out), "--no-progress", "--eval-batch-size", "3",
+            *MODEL_ARGS]  # fmt: skip
+    assert main(argv) == 0
+    assert "| paper | ours - paper |" in capsys.readouterr().out
+    rows = _rows((out / "benchmark.md").read_text(encoding="utf-8"))
+    assert rows[0][4:] == ["paper", "ours - paper"]
+    paper = (88.5, 90.4, 84.8)
+    assert rows[2][1] == "VisA" and rows[2][4] == f"{paper}"  # Table 1, ViP²-CLIP column
+    ours = [float(v) for v in rows[2][3].strip("()").split(", ")]
+    differences = [f"{round(o - p, 1) or 0.0:+.1f}" for o, p in zip(ours, paper, strict=True)]
+    assert rows[2][5] == "(" + ", ".join(differences) + ")"
+    assert rows[3][1] == "mine" and rows[3][4:] == ["-", "-"]
+    data = json.loads((out / "benchmark.json").read_text())
+    assert data["reference"]["datasets"][0]["values"]["pixel_aupro"] == 0.922
+
+
+@pytest.mark.slow
 def test_test_command_reproduces_the_benchmark_numbers(run: dict[str, Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "test"
     # The benchmark's evaluation batches (--eval-batch-size 3): the float rounding of the scores depends on them.

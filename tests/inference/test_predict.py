@@ -20,10 +20,11 @@ from vip2clip.data.files import find_images
 from vip2clip.data.images import BadImageError, load_image
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.inference import calibration as calib
-from vip2clip.inference.folder_run import output_name
+from vip2clip.inference.folder_run import output_name, panel_threshold_source
 from vip2clip.inference.predictor import Predictor, Thresholds, resolve_thresholds
 from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
+from vip2clip.visualization.panel import layout_panel
 
 MODEL_ARGS = ["--backbone", "tiny", "--image-size", "64"]
 
@@ -363,3 +364,23 @@ def test_calibrated_decisions_beat_chance(
     assert balanced_accuracy >= 0.65
     assert tpr > 0.3 and tpr > 3 * fpr
     assert torch.isfinite(torch.tensor([tpr, fpr])).all()
+
+
+def test_predict_panels_and_theirpanel_threshold_source(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    image = tmp_path / "images" / "part.png"
+    image.parent.mkdir()
+    Image.fromarray(_rgb(80, 60, seed=3)).save(image)
+    out = tmp_path / "out"
+    assert _predict(str(image), "--checkpoint", str(checkpoint), "--out", str(out), "--panels") == 0
+    assert "panels/" in capsys.readouterr().out
+    row = json.loads((out / "predictions.json").read_text())["predictions"][0]
+    assert row["panel"] == "panels/part_png.png"
+    assert Image.open(out / row["panel"]).size == layout_panel((80, 60), 3).size  # caption, decision, scale
+    (out / row["panel"]).unlink()  # a missing panel is redone on the next run, like a missing mask
+    assert _predict(str(image), "--checkpoint", str(checkpoint), "--out", str(out), "--panels") == 0
+    assert "1 predicted, 0 already done" in capsys.readouterr().out and (out / row["panel"]).is_file()
+    assert _predict(str(image), "--checkpoint", str(checkpoint), "--out", str(out)) == 2  # other settings
+    assert "panels" in capsys.readouterr().err
+    assert panel_threshold_source(Thresholds(0.5, 0.5, "default 0.5 (uncalibrated)")) == ""
+    assert panel_threshold_source(Thresholds(0.7, 0.5, "default 0.5 (uncalibrated)")) == "given"  # --threshold 0.7
+    assert panel_threshold_source(Thresholds(0.6, 0.4, "calibration c.json (f1, 9 images)")) == "calibration"

@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument("--out", required=True, help="output folder (re-running with it resumes)")
     predict.add_argument("--overwrite", action="store_true", help="redo images already predicted in --out")
     predict.add_argument("--no-overlays", dest="overlays", action="store_false", help="write masks only")
+    predict.add_argument(
+        "--panels", action="store_true", help="also write labelled panels (input | map | mask, score, decision)"
+    )
     add_progress_argument(predict)
     add_batch_argument(predict)
     add_model_arguments(predict)
@@ -86,7 +89,7 @@ def run_predict(args: argparse.Namespace) -> int:
     from vip2clip.inference.folder_run import predict_folder
 
     summary = predict_folder(
-        build_predictor(args), args.paths, args.out, args.overwrite, args.overlays, progress=progress_for(args)
+        build_predictor(args), args.paths, args.out, args.overwrite, args.overlays, progress_for(args), args.panels
     )
     print(
         f"{summary.found} images found: {summary.predicted} predicted, {summary.skipped} already done, "
@@ -94,7 +97,8 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     print(f"{summary.anomalous} of {summary.total_rows} predicted images are anomalous")
     _print_failures(summary.failed)
-    print(f"results: {summary.out_dir / 'predictions.csv'} (+ predictions.json, masks/, overlays/)")
+    folders = "masks/" + (", overlays/" if args.overlays else "") + (", panels/" if args.panels else "")
+    print(f"results: {summary.out_dir / 'predictions.csv'} (+ predictions.json, {folders})")
     return 0
 
 

@@ -9,6 +9,8 @@ Layout of OUT (predict):
 - `masks/KEY.png` (0/255, the image's original size) and `overlays/KEY.png` (heat map blended over the image),
   where KEY is the image's path below the folder given on the command line (its name included), with the
   suffix folded into the name: `good/a.jpg` -> `masks/good/a_jpg.png` (so `a.jpg` and `a.png` never collide).
+- with `panels`, `panels/KEY.png`: input | anomaly map | predicted mask with titles, the colour bar, the score and
+  the decision (`vip2clip.visualization.panel`; a preview, at most 640 px a tile).
 - `predictions.jsonl`: the journal. A settings line, then one line per finished image, appended after its
   PNGs are written. A re-run with the same OUT and the same settings skips every image whose line exists and
   whose file is unchanged (size and mtime) and outputs are present; other settings are an error unless
@@ -32,18 +34,20 @@ from PIL import Image
 from vip2clip.data.files import InputImage, find_images, no_images_error
 from vip2clip.data.images import load_image
 from vip2clip.inference import calibration as calib
-from vip2clip.inference.predictor import ImageResult, Predictor, ScoredImage
+from vip2clip.inference.predictor import DEFAULT_THRESHOLD, ImageResult, Predictor, ScoredImage, Thresholds
 from vip2clip.metrics.threshold import DEFAULT_IMAGE_QUANTILE, DEFAULT_PIXEL_QUANTILE, StreamingQuantile
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.utils.fileio import atomic_save_image, atomic_write_json, atomic_write_text
 from vip2clip.utils.progress import Progress, silent
 from vip2clip.visualization.heatmap import heatmap_overlay
+from vip2clip.visualization.panel import PREDICTED_MASK, PanelText, save_panel
 
 logger = logging.getLogger(__name__)
 
 JOURNAL = "predictions.jsonl"
 CSV_COLUMNS = (
-    "path", "pred_score", "pred_label", "max_pixel_score", "defect_area", "width", "height", "pred_mask", "overlay"
+    "path", "pred_score", "pred_label", "max_pixel_score", "defect_area", "width", "height", "pred_mask", "overlay",
+    "panel",
 )  # fmt: skip
 
 
@@ -95,15 +99,16 @@ def _assign_keys(todo: list[InputImage], records: dict[str, dict[str, Any]]) -> 
     return assigned
 
 
-def run_settings(predictor: Predictor, overlays: bool) -> dict[str, Any]:
-    """What decides the outputs: the model's identity, the thresholds and the overlay switch."""
-    return {
+def run_settings(predictor: Predictor, overlays: bool, panels: bool = False) -> dict[str, Any]:
+    """What decides the outputs: the model's identity, the thresholds and the overlay and panel switches."""
+    settings = {
         "model": predictor.identity.to_dict(),
         "image_threshold": predictor.thresholds.image,
         "pixel_threshold": predictor.thresholds.pixel,
         "thresholds_source": predictor.thresholds.source,
         "overlays": overlays,
     }
+    return {**settings, "panels": True} if panels else settings  # absent when off: earlier runs stay compatible
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
@@ -140,7 +145,7 @@ def _is_done(image: InputImage, record: dict[str, Any] | None, out_dir: Path) ->
         stat = image.path.stat()
     except OSError:  # vanished since the walk: let the loader report it
         return False
-    outputs = [record["pred_mask"]] + ([record["overlay"]] if record.get("overlay") else [])
+    outputs = [record["pred_mask"]] + [record[kind] for kind in ("overlay", "panel") if record.get(kind)]
     return (
         record.get("file_size") == stat.st_size
         and record.get("file_mtime_ns") == stat.st_mtime_ns
@@ -148,7 +153,7 @@ def _is_done(image: InputImage, record: dict[str, Any] | None, out_dir: Path) ->
     )
 
 
-def _record(image: InputImage, result: ImageResult, mask: str, overlay: str) -> dict[str, Any]:
+def _record(image: InputImage, result: ImageResult, mask: str, overlay: str, panel: str = "") -> dict[str, Any]:
     stat = image.path.stat()
     width, height = result.size
     return {
@@ -162,6 +167,7 @@ def _record(image: InputImage, result: ImageResult, mask: str, overlay: str) -> 
         "height": height,
         "pred_mask": mask,
         "overlay": overlay,
+        "panel": panel,
         "file_size": stat.st_size,
         "file_mtime_ns": stat.st_mtime_ns,
     }
@@ -183,6 +189,22 @@ def save_outputs(
     return mask_name, overlay_name
 
 
+def panel_threshold_source(thresholds: Thresholds) -> str:
+    """How the image threshold was chosen, for a panel: "" for the uncalibrated default."""
+    if "calibration" in thresholds.source:
+        return "calibration"
+    uncalibrated = "uncalibrated" in thresholds.source and thresholds.image == DEFAULT_THRESHOLD
+    return "" if uncalibrated else "given"
+
+
+def save_panel_output(out_dir: Path, image: InputImage, rgb: Image.Image, result: ImageResult, source: str) -> str:
+    """Write panels/KEY.png for one image (see the module docstring); returns its path relative to `out_dir`."""
+    name = f"panels/{output_name(image.key)}"
+    text = PanelText(result.pred_score, result.image_threshold, source, result.pixel_threshold, image.key)
+    save_panel(out_dir / name, rgb, result.anomaly_map, result.pred_mask, PREDICTED_MASK, text)
+    return name
+
+
 def write_tables(out_dir: Path, settings: dict, records: list[dict], failed: list[tuple[str, str]]) -> None:
     """predictions.csv (readable images) and predictions.json (settings, rows, unreadable files), atomically."""
     buffer = io.StringIO()
@@ -192,7 +214,7 @@ def write_tables(out_dir: Path, settings: dict, records: list[dict], failed: lis
     atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
     payload = {
         "settings": settings,
-        "predictions": [{key: row[key] for key in CSV_COLUMNS} for row in records],
+        "predictions": [{key: row.get(key, "") for key in CSV_COLUMNS} for row in records],
         "failed": [{"path": path, "error": error} for path, error in failed],
     }
     atomic_write_json(out_dir / "predictions.json", payload)
@@ -219,6 +241,7 @@ def predict_folder(
     overwrite: bool = False,
     overlays: bool = True,
     progress: Progress = silent,
+    panels: bool = False,
 ) -> RunSummary:
     """Predict every image in `paths` (files or folders, recursive) into `out_dir`; see the module docstring.
 
@@ -229,7 +252,7 @@ def predict_folder(
     if not images:
         raise no_images_error(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(predictor, overlays)
+    settings = run_settings(predictor, overlays, panels)
     records = _start_journal(out_dir, settings, overwrite)
     todo = [image for image in images if not _is_done(image, records.get(str(image.path)), out_dir)]
     todo = _assign_keys(todo, records)
@@ -240,9 +263,11 @@ def predict_folder(
                 failed.append(_failure(scored))
                 continue
             result = predictor.result(scored)
-            record = _record(
-                scored.source, result, *save_outputs(out_dir, scored.source, scored.image, result, overlays)
-            )
+            files = save_outputs(out_dir, scored.source, scored.image, result, overlays)
+            if panels:
+                source = panel_threshold_source(predictor.thresholds)
+                files += (save_panel_output(out_dir, scored.source, scored.image, result, source),)
+            record = _record(scored.source, result, *files)
             records[record["path"]] = record
             journal.write(json.dumps(record) + "\n")
             journal.flush()
