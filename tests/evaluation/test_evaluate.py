@@ -1,5 +1,5 @@
-"""Per-class evaluation on tiny synthetic sets: metrics against an independent pass, storage, undefined metrics,
-panels."""
+"""Per-class evaluation on tiny synthetic sets: metrics against an independent pass, storage, undefined metrics
+(panels: test_eval_panels.py)."""
 
 from __future__ import annotations
 
@@ -154,19 +154,6 @@ def test_calibration_file_has_null_for_the_undefined_threshold(tiny_model, bench
                 assert value == getattr(result, f"{kind}_threshold") and math.isfinite(value)
             else:
                 assert data[f"{kind}_threshold"] is None and value is None  # JSON null, not NaN
-
-
-def test_panels_are_written_with_a_shared_scale(tiny_model, bench: DatasetIndex, tmp_path: Path) -> None:
-    config = EvalConfig(panels_dir=tmp_path / "maps", max_panels=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UndefinedMetricWarning)
-        evaluate(tiny_model, bench, config)
-    for name in bench.classes():
-        panels = sorted((tmp_path / "maps" / name).glob("*.png"))
-        assert len(panels) == 3
-        assert sum(p.name.startswith("good_") for p in panels) == 1  # anomalous and normal alternate
-        with Image.open(panels[0]) as panel:
-            assert panel.size == (3 * SIZE + 8, SIZE) and panel.mode == "RGB"
 
 
 def _truncate(path: Path) -> None:
