@@ -22,15 +22,20 @@ from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyl
 
 @pytest.fixture
 def drawn(monkeypatch) -> list[dict]:
-    """Records the arguments of every panel written (the real `save_panel` still writes it)."""
+    """Records the arguments and the file of every panel written (the real functions still draw and write it)."""
     calls: list[dict] = []
-    real = panels_module.save_panel
+    make, save = panels_module.make_panel, panels_module.atomic_save_image
 
-    def recording(path, image, anomaly_map, mask, mask_title, text, style):
-        calls.append({"path": Path(path), "mask": mask, "mask_title": mask_title, "text": text, "style": style})
-        return real(path, image, anomaly_map, mask, mask_title, text, style)
+    def recording_make(image, anomaly_map, mask, mask_title, text, style):
+        calls.append({"mask": mask, "mask_title": mask_title, "text": text, "style": style})
+        return make(image, anomaly_map, mask, mask_title, text, style)
 
-    monkeypatch.setattr(panels_module, "save_panel", recording)
+    def recording_save(image, path):
+        calls[-1]["path"] = Path(path)
+        return save(image, path)
+
+    monkeypatch.setattr(panels_module, "make_panel", recording_make)
+    monkeypatch.setattr(panels_module, "atomic_save_image", recording_save)
     return calls
 
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import load_image
-from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyle, PanelText, save_panel
+from vip2clip.utils.fileio import atomic_save_image
+from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyle, PanelText, make_panel
 
 if TYPE_CHECKING:  # evaluate.py imports this module
     from vip2clip.evaluation.evaluate import ClassOutputs
@@ -116,7 +117,8 @@ class PanelSpool:
                     pixel_threshold=pixel_threshold if known["pixel"] else None,
                     caption=spooled.captions[i],
                 )
-                save_panel(self.out_dir / spooled.names[i], load_image(path), anomaly_map, mask, title, text, style)
+                panel = make_panel(load_image(path), anomaly_map, mask, title, text, style)
+                atomic_save_image(panel, self.out_dir / spooled.names[i])
                 written += 1
         self._classes.clear()  # frees the spooled files
         return written

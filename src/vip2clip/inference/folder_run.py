@@ -40,7 +40,7 @@ from vip2clip.model.identity import ModelIdentity
 from vip2clip.utils.fileio import atomic_save_image, atomic_write_json, atomic_write_text
 from vip2clip.utils.progress import Progress, silent
 from vip2clip.visualization.heatmap import heatmap_overlay
-from vip2clip.visualization.panel import PREDICTED_MASK, PanelText, save_panel
+from vip2clip.visualization.panel import PREDICTED_MASK, PanelText, make_panel
 
 logger = logging.getLogger(__name__)
 
@@ -178,14 +178,15 @@ def save_outputs(
 ) -> tuple[str, str]:
     """Write the mask (and overlay) PNGs of one image; returns their paths relative to `out_dir`.
 
-    The overlay's colours span map values 0 (blue) to 1 (red) for every image, so colours compare across images.
+    The overlay's colours span map values 0 (blue) to 1 (red) for every image (the fixed scale of
+    `visualization.heatmap`), so colours compare across images.
     """
     name = output_name(image.key)
     mask_name, overlay_name = f"masks/{name}", f"overlays/{name}" if overlays else ""
     mask = Image.fromarray(np.where(result.pred_mask, 255, 0).astype(np.uint8), mode="L")
     atomic_save_image(mask, out_dir / mask_name)
     if overlays:
-        atomic_save_image(heatmap_overlay(rgb, result.anomaly_map, 0.0, 1.0), out_dir / overlay_name)
+        atomic_save_image(heatmap_overlay(rgb, result.anomaly_map), out_dir / overlay_name)
     return mask_name, overlay_name
 
 
@@ -201,7 +202,7 @@ def save_panel_output(out_dir: Path, image: InputImage, rgb: Image.Image, result
     """Write panels/KEY.png for one image (see the module docstring); returns its path relative to `out_dir`."""
     name = f"panels/{output_name(image.key)}"
     text = PanelText(result.pred_score, result.image_threshold, source, result.pixel_threshold, image.key)
-    save_panel(out_dir / name, rgb, result.anomaly_map, result.pred_mask, PREDICTED_MASK, text)
+    atomic_save_image(make_panel(rgb, result.anomaly_map, result.pred_mask, PREDICTED_MASK, text), out_dir / name)
     return name
 
 

@@ -19,13 +19,11 @@ the model predicts at the pixel threshold ("mask (prediction)"), else an empty "
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from vip2clip.data.transforms import resize_map
-from vip2clip.utils.fileio import atomic_save_image
 from vip2clip.visualization.heatmap import MAP_HIGH, MAP_LOW, as_rgb_array, heatmap_overlay, jet, normalize_map
 from vip2clip.visualization.text import Colour, fitted_text_image, text_image
 
@@ -227,16 +225,3 @@ def _draw_ticks(panel: Image.Image, layout: PanelLayout, style: PanelStyle) -> N
         label = text_image(_tick_label(style.low + fraction * (style.high - style.low)), layout.font_size)
         label_top = min(max(y - label.height // 2, top), bottom - label.height)  # the end labels stay beside the bar
         panel.paste(label, (layout.labels_left, label_top))
-
-
-def save_panel(
-    path: str | Path,
-    image: Image.Image | np.ndarray,
-    anomaly_map: np.ndarray,
-    mask: np.ndarray | None = None,
-    mask_title: str = GROUND_TRUTH,
-    text: PanelText | None = None,
-    style: PanelStyle = PanelStyle(),
-) -> Path:
-    """Write `make_panel(...)` to `path` (PNG, atomically)."""
-    return atomic_save_image(make_panel(image, anomaly_map, mask, mask_title, text, style), path)
