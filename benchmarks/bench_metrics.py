@@ -4,8 +4,8 @@
     python benchmarks/bench_metrics.py --naive-steps 20  # time 20 of the 200 thresholds and scale up
 
 The naive side is what the community code does: scikit-learn for AUROC / AP / precision-recall F1 on the flat
-arrays, and the literal 200-threshold AUPRO loop (`naive_aupro_cflow` from tests/metrics/test_metrics.py). Appends a table
-row to benchmarks/RESULTS.md with the machine, library versions and date.
+arrays, and the literal 200-threshold AUPRO loop (`naive_aupro_cflow` from tests/metrics/test_metrics.py).
+Appends a table row to benchmarks/RESULTS.md with the machine, library versions and date.
 """
 
 from __future__ import annotations
