@@ -366,7 +366,7 @@ def test_calibrated_decisions_beat_chance(
     assert torch.isfinite(torch.tensor([tpr, fpr])).all()
 
 
-def test_predict_panels_and_theirpanel_threshold_source(checkpoint: Path, tmp_path: Path, capsys) -> None:
+def test_predict_panels_and_their_threshold_source(checkpoint: Path, tmp_path: Path, capsys) -> None:
     image = tmp_path / "images" / "part.png"
     image.parent.mkdir()
     Image.fromarray(_rgb(80, 60, seed=3)).save(image)
