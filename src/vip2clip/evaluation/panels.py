@@ -42,11 +42,13 @@ def panel_order(labels: np.ndarray, limit: int | None) -> np.ndarray:
     return order if limit is None else order[:limit]
 
 
-def _spool(array: np.ndarray, folder: Path) -> np.ndarray:
-    """A copy of `array` in a memory map of an unlinked temporary file in `folder` (freed with the map)."""
+def _spool(array: np.ndarray, rows: np.ndarray, folder: Path) -> np.ndarray:
+    """array[rows] in a memory map of an unlinked temporary file in `folder` (freed with the map), copied row by
+    row so that no second in-memory copy of a class's maps is made."""
     with tempfile.TemporaryFile(dir=folder, prefix=".panels-") as handle:  # the map keeps its own descriptor
-        spooled = np.memmap(handle, dtype=array.dtype, mode="w+", shape=array.shape)
-    spooled[:] = array
+        spooled = np.memmap(handle, dtype=array.dtype, mode="w+", shape=(rows.size, *array.shape[1:]))
+    for position, row in enumerate(rows):
+        spooled[position] = array[row]
     return spooled
 
 
@@ -90,8 +92,8 @@ class PanelSpool:
                           f"{'anomalous' if s.anomaly else 'normal'})" for s in samples],
                 scores=outputs.scores[rows].copy(),
                 has_truth=outputs.pixel_rows[rows].copy(),
-                maps=_spool(outputs.maps[rows], self.out_dir),
-                masks=_spool(outputs.masks[rows], self.out_dir),
+                maps=_spool(outputs.maps, rows, self.out_dir),
+                masks=_spool(outputs.masks, rows, self.out_dir),
             )
         )  # fmt: skip
 
