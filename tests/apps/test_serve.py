@@ -1,35 +1,46 @@
-"""`vip2clip serve`: the HTTP API in-process, then the real page in headless Chromium (Selenium)."""
+"""`vip2clip serve`: the API contract against a real uvicorn server in a thread, hostile clients on raw sockets, a
+load test on a real `python -m vip2clip serve` process, and the real page in headless Chromium (Selenium)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
+import copy
+import http.client
 import io
 import json
 import os
-import queue
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import vip2clip
-from vip2clip.apps.serve import UploadError, decode_upload, is_loopback, make_server, synthetic_examples
+from vip2clip.apps.serve import is_loopback, listen, make_server
+from vip2clip.apps.serve_jobs import JobQueue, QueueFull, ServeLimits, synthetic_examples
+from vip2clip.apps.serve_models import PredictResponse
 from vip2clip.cli import main
 from vip2clip.data.index import DatasetIndex
 from vip2clip.inference.predictor import Predictor, Thresholds
+from vip2clip.model.identity import ModelIdentity
+from vip2clip.visualization.heatmap import jet
 
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "serve-screenshot.png"
-LIMIT = 200_000
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "serve-screenshot.png"
+LIMITS = ServeLimits(
+    max_upload_bytes=200_000, max_pixels=1_000_000, max_queue=2, body_timeout=1.0, keep_alive_timeout=1
+)
 
 
 def _png(array: np.ndarray, image_format: str = "PNG") -> bytes:
@@ -43,87 +54,403 @@ def _from_data_url(url: str) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))))
 
 
+def _call(url: str, method: str = "GET", body=None, headers: dict | None = None) -> tuple[int, dict, object]:
+    """One request with http.client (an iterable body is sent chunked); (status, headers, JSON or bytes)."""
+    parts = urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    chunked = body is not None and not isinstance(body, bytes)
+    connection.request(method, target, body=body, headers=headers or {}, encode_chunked=chunked)
+    response = connection.getresponse()
+    data, answer_headers = response.read(), dict(response.headers)
+    connection.close()
+    is_json = answer_headers.get("content-type", "").startswith("application/json")
+    return response.status, answer_headers, json.loads(data) if is_json else data
+
+
+def _post(url: str, body: bytes, content_type: str = "application/octet-stream") -> tuple[int, dict, object]:
+    return _call(url, "POST", body, {"Content-Type": content_type})
+
+
+def _raw(url: str, request: bytes) -> socket.socket:
+    """A socket that has sent `request` (raw bytes: the hostile clients)."""
+    parts = urlsplit(url)
+    sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+    sock.sendall(request)
+    return sock
+
+
+def _read_answer(sock: socket.socket) -> tuple[int, dict]:
+    """Status and JSON body of one response on a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"connection closed without an answer: {data!r}"
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(
+        next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1]), json.loads(body)
+
+
+def _headers(length: int | str, content_type: str = "image/png") -> bytes:
+    return (
+        f"POST /api/predict HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+@contextlib.contextmanager
+def running(predictor: Predictor, limits: ServeLimits = LIMITS, examples=None) -> Iterator[str]:
+    """The real uvicorn server of `vip2clip serve` in a thread, on a free loopback port; its URL."""
+    server = make_server(predictor, limits, synthetic_examples(size=64) if examples is None else examples)
+    sock = listen("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=15)
+        server.config.app.state.jobs.close()
+        sock.close()
+
+
 @pytest.fixture(scope="module")
 def predictor(tiny_model) -> Predictor:
     return Predictor(tiny_model, Thresholds(0.5, 0.5, "test"))
 
 
 @pytest.fixture(scope="module")
-def server_url(predictor: Predictor) -> Iterator[str]:
-    server = make_server(predictor, "127.0.0.1", 0, LIMIT, synthetic_examples(size=64))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    host, port = server.server_address[:2]
-    yield f"http://{host}:{port}"
-    server.shutdown()
-    server.server_close()
+def url(predictor: Predictor) -> Iterator[str]:
+    with running(predictor) as address:
+        yield address
 
 
-def _request(url: str, data: bytes | None = None) -> tuple[int, dict | str]:
-    request = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            status, body, kind = response.status, response.read(), response.headers["Content-Type"]
-    except urllib.error.HTTPError as error:
-        status, body, kind = error.code, error.read(), error.headers["Content-Type"]
-    return status, json.loads(body) if kind == "application/json" else body.decode()
-
-
-def test_page_and_examples(server_url: str) -> None:
-    status, page = _request(server_url + "/")
-    assert status == 200 and "vip2clip" in page and f"const MAX_BYTES = {LIMIT};" in page
-    status, examples = _request(server_url + "/api/examples")
+def test_page_info_examples_and_colour_bar(url: str) -> None:
+    status, _, page = _call(url + "/")
+    assert status == 200 and b"vip2clip" in page and b"/api/info" in page and b"colour-bar" in page
+    status, _, info = _call(url + "/api/info")
+    assert status == 200 and info["model"]["random_weights"] and info["model"]["weights"].startswith("random")
+    assert info["limits"] == {"max_upload_bytes": 200_000, "max_pixels": 1_000_000, "max_queue": 2, "body_timeout_s": 1}
+    assert (info["image_threshold"], info["pixel_threshold"], info["threshold_source"]) == (0.5, 0.5, "test")
+    status, _, examples = _call(url + "/api/examples")
     assert status == 200 and [e["label"].split()[0] for e in examples] == ["normal", "defect", "defect"]
     assert _from_data_url(examples[0]["thumbnail"]).shape == (64, 64, 3)
-    status, result = _request(server_url + f"/api/example?name={examples[1]['name']}", b"")
-    assert status == 200 and (result["width"], result["height"]) == (64, 64)
-    assert _request(server_url + "/api/example?name=nope", b"")[0] == 404
-    assert _request(server_url + "/missing")[0] == 404
+    status, _, result = _post(url + f"/api/example?name={examples[1]['name']}&images=true", b"")
+    assert status == 200 and (result["width"], result["height"]) == (64, 64) and result["images"]["overlay"]
+    status, _, answer = _post(url + "/api/example?name=nope", b"")
+    assert status == 404 and answer == {"error": "no example named 'nope'"}
+    status, _, answer = _post(url + "/api/example", b"")
+    assert status == 422 and "name" in answer["error"]
+    assert _call(url + "/missing")[2] == {"error": "no such page: /missing"}
+    status, headers, png = _call(url + "/colour-bar.png")
+    bar = np.asarray(Image.open(io.BytesIO(png)))
+    assert status == 200 and headers["content-type"] == "image/png" and bar.shape == (1, 256, 3)
+    np.testing.assert_array_equal(bar[0, [0, 255]], jet(np.array([0.0, 1.0])))  # the overlays' scale, 0 to 1
 
 
-def test_predict_upload_matches_predictor(server_url: str, predictor: Predictor) -> None:
+def _multipart(data: bytes, field: str = "file", filename: str | None = "part.png") -> tuple[bytes, str]:
+    boundary = "vip2clip-test-boundary"
+    disposition = f'form-data; name="{field}"' + (f'; filename="{filename}"' if filename else "")
+    body = (
+        f"--{boundary}\r\nContent-Disposition: {disposition}\r\nContent-Type: image/png\r\n\r\n".encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, f"multipart/form-data; boundary={boundary}"
+
+
+def test_predict_raw_and_multipart_match_the_predictor(url: str, predictor: Predictor) -> None:
     grey = np.random.default_rng(0).integers(0, 256, (50, 70), dtype=np.uint8)
-    status, result = _request(server_url + "/api/predict", _png(grey))
-    assert status == 200
     reference = predictor.predict(grey)[0]
+    status, headers, result = _post(url + "/api/predict?images=true", _png(grey), "image/png")
+    assert status == 200 and headers["cache-control"] == "no-store"
+    PredictResponse.model_validate(result)
     assert (result["width"], result["height"]) == (70, 50)
     assert result["pred_score"] == pytest.approx(reference.pred_score, abs=1e-6)
     assert result["pred_label"] == reference.pred_label
+    assert result["max_pixel_score"] == pytest.approx(reference.max_pixel_score, abs=1e-6)
     assert result["defect_area"] == pytest.approx(reference.defect_area)
-    assert (result["image_threshold"], result["pixel_threshold"]) == (0.5, 0.5)
-    encoded = _from_data_url(result["map"]).astype(int)
-    decoded = (encoded[..., 0] * 256 + encoded[..., 1]) / 65535
-    np.testing.assert_allclose(decoded, reference.anomaly_map, atol=1e-5)
-    np.testing.assert_array_equal(_from_data_url(result["mask"]) > 0, reference.pred_mask)
-    assert _from_data_url(result["overlay"]).shape == (50, 70, 3)
+    assert (result["image_threshold"], result["pixel_threshold"], result["threshold_source"]) == (0.5, 0.5, "test")
+    encoded = _from_data_url(result["images"]["map"]).astype(int)
+    np.testing.assert_allclose((encoded[..., 0] * 256 + encoded[..., 1]) / 65535, reference.anomaly_map, atol=1e-5)
+    np.testing.assert_array_equal(_from_data_url(result["images"]["mask"]) > 0, reference.pred_mask)
+    assert _from_data_url(result["images"]["overlay"]).shape == (50, 70, 3)
+
+    status, _, plain = _post(url + "/api/predict", _png(grey))  # no images unless asked
+    assert status == 200 and plain == {**result, "images": None}
+    status, _, uploaded = _post(url + "/api/predict", *_multipart(_png(grey)))
+    assert status == 200 and uploaded == plain
 
 
-def test_bad_uploads_get_messages(server_url: str) -> None:
-    status, answer = _request(server_url + "/api/predict", b"just some text, certainly not a picture")
-    assert status == 400 and "not an image" in answer["error"]
-    status, answer = _request(server_url + "/api/predict", b"")
-    assert status == 400 and "empty" in answer["error"]
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        (b"just some text, certainly not a picture", "image/png", 400, "upload: not an image"),
+        (b"", "image/png", 400, "upload: empty (no bytes)"),
+        ("truncated", "image/png", 400, "upload: damaged or unsupported image"),
+        ("png", "text/plain", 415, "Content-Type text/plain is not accepted"),
+        ("1100x1000", "image/png", 413, "image is 1100x1000 pixels; the limit is 1,000,000 pixels"),
+        ("multipart without file", None, 400, "the multipart upload holds no file"),
+        (b"--x\r\nnonsense", "multipart/form-data", 400, "boundary"),
+    ],
+)
+def test_bad_uploads_get_json_errors(url: str, body, content_type, status: int, message: str) -> None:
     noise = _png(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
-    status, answer = _request(server_url + "/api/predict", noise[: len(noise) // 2])
-    assert status == 400 and "damaged" in answer["error"]
-    status, answer = _request(server_url + "/api/predict", os.urandom(LIMIT + 1))
-    assert status == 413 and "limit is 0.2 MB" in answer["error"]
+    if body == "truncated":
+        body = noise[: len(noise) // 2]
+    elif body == "png":
+        body = noise
+    elif body == "1100x1000":
+        body = _png(np.zeros((1000, 1100), np.uint8))  # 1.1 MP, a few kB
+    elif body == "multipart without file":
+        body, content_type = _multipart(b"not a file", filename=None)
+    answer_status, headers, answer = _post(url + "/api/predict", body, content_type)
+    assert (answer_status, headers["content-type"]) == (status, "application/json")
+    assert set(answer) == {"error"} and message in answer["error"]
 
 
-def test_decode_upload_limits() -> None:
-    data = _png(np.zeros((20, 30, 3), np.uint8), "BMP")
-    assert decode_upload(data).size == (30, 20)
-    with pytest.raises(UploadError, match="image is 30x20 pixels"):
-        decode_upload(data, max_pixels=100)
-    rgba = decode_upload(_png(np.zeros((5, 6, 4), np.uint8)))
-    assert rgba.mode == "RGB"
+def test_upload_limits_apply_before_the_body_is_read(url: str) -> None:
+    # Content-Length above the limit: answered at once, although not one byte of the body was sent.
+    sock = _raw(url, _headers(50_000_000))
+    assert _read_answer(sock) == (413, {"error": "the upload is 47.7 MB; the limit is 0.2 MB"})
+    sock.close()
+    # A chunked body (no Content-Length) is counted as it arrives.
+    chunks = (bytes(10_000) for _ in range(30))
+    status, _, answer = _call(url + "/api/predict", "POST", chunks, {"Content-Type": "application/octet-stream"})
+    assert (status, answer) == (413, {"error": "the upload is larger than the limit of 0.2 MB (reading stopped there)"})
+    assert _call(url + "/api/info")[2]["queue"]["in_use"] == 0
 
 
-def test_loopback_detection_and_cli_errors(capsys: pytest.CaptureFixture) -> None:
+def test_full_queue_answers_503_and_slow_uploads_time_out(url: str) -> None:
+    # Two uploads that stall hold both slots of the queue (max_queue=2) ...
+    stalled = [_raw(url, _headers(1000) + b"\x89PNG") for _ in range(2)]
+    time.sleep(0.3)
+    status, headers, answer = _post(url + "/api/predict", _png(np.zeros((8, 8), np.uint8)))
+    assert status == 503 and int(headers["retry-after"]) >= 1 and "the server is busy" in answer["error"]
+    # ... until the body timeout (1 s) answers them with 408 and closes their connections.
+    for sock in stalled:
+        status, answer = _read_answer(sock)
+        assert status == 408 and "did not arrive within 1 s (4 bytes received)" in answer["error"]
+        assert sock.recv(1) == b""
+        sock.close()
+    assert _post(url + "/api/predict", _png(np.zeros((8, 8), np.uint8)))[0] == 200
+    assert _call(url + "/api/info")[2]["queue"]["in_use"] == 0
+
+
+def test_idle_kept_alive_connections_are_closed(url: str) -> None:
+    sock = _raw(url, b"GET /api/info HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert _read_answer(sock)[0] == 200
+    start = time.monotonic()
+    assert sock.recv(1) == b"" and time.monotonic() - start < 5  # keep_alive_timeout=1
+    sock.close()
+
+
+class GatedModel:
+    """The tiny model, but each predict waits for `gate`: holds the worker busy for as long as a test needs."""
+
+    def __init__(self, model, gate: threading.Event) -> None:
+        self.model, self.config, self.gate = model, model.config, gate
+
+    def predict(self, images: torch.Tensor):
+        assert self.gate.wait(timeout=60)
+        return self.model.predict(images)
+
+
+def test_a_waiting_job_whose_client_left_is_skipped(tiny_model) -> None:
+    gate = threading.Event()
+    predictor = Predictor(
+        GatedModel(tiny_model, gate), Thresholds(0.5, 0.5, "test"), identity=ModelIdentity.of(tiny_model)
+    )
+    image = _png(np.zeros((16, 16), np.uint8))
+    with running(predictor, ServeLimits(max_queue=3), examples=[]) as address:
+        answers = []
+        first = threading.Thread(target=lambda: answers.append(_post(address + "/api/predict", image)))
+        first.start()  # runs, and blocks the worker at the gate
+        deadline = time.monotonic() + 30
+        while _call(address + "/api/info")[2]["queue"]["in_use"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _raw(address, _headers(len(image)) + image).close()  # a whole request, then the client leaves
+        while (queue := _call(address + "/api/info")[2]["queue"])["skipped"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gate.set()
+        first.join(timeout=60)
+        assert answers[0][0] == 200
+        assert _call(address + "/api/info")[2]["queue"] == {"in_use": 0, "done": 1, "skipped": 1}, queue
+
+
+def test_openapi_documents_the_predict_contract(url: str) -> None:
+    status, _, schema = _call(url + "/openapi.json")
+    assert status == 200
+    operation = schema["paths"]["/api/predict"]["post"]
+    assert set(operation["requestBody"]["content"]) == {"image/*", "application/octet-stream", "multipart/form-data"}
+    ok = operation["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok["$ref"].endswith("/PredictResponse")
+    for code in ("400", "408", "413", "415", "503"):
+        assert operation["responses"][code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    fields = schema["components"]["schemas"]["PredictResponse"]["properties"]
+    assert {"pred_score", "pred_label", "max_pixel_score", "defect_area", "width", "height"} <= set(fields)
+    assert {"image_threshold", "pixel_threshold", "threshold_source", "images"} <= set(fields)
+
+
+def test_job_queue_bounds_admission_and_skips_jobs_whose_client_left() -> None:
+    async def scenario() -> list[str]:
+        jobs, ran, release = JobQueue(capacity=2), [], threading.Event()
+        never, left = asyncio.Event(), asyncio.Event()
+        with jobs.slot():
+            first = asyncio.create_task(jobs.run(lambda: release.wait() and ran.append("first"), never.wait))
+            with jobs.slot():
+                second = asyncio.create_task(jobs.run(lambda: ran.append("second"), left.wait))
+                with pytest.raises(QueueFull, match="2 requests in progress"), jobs.slot():
+                    pass
+                await asyncio.sleep(0.05)
+                left.set()  # the second client leaves while its job waits behind the first
+                assert await second is None
+            release.set()
+            await first
+        assert (jobs.in_use, jobs.done, jobs.skipped) == (0, 1, 1)
+        jobs.close()
+        return ran
+
+    assert asyncio.run(scenario()) == ["first"]
+
+
+def test_nan_model_fails_closed(tiny_model) -> None:
+    broken = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        for parameter in broken.parameters():
+            if parameter.requires_grad:
+                parameter.fill_(float("nan"))
+    with running(Predictor(broken, Thresholds(0.5, 0.5, "test")), examples=[]) as address:
+        status, _, answer = _post(address + "/api/predict", _png(np.zeros((32, 32), np.uint8)))
+    assert status == 500 and "not a number (NaN or infinite): no decision" in answer["error"]
+
+
+def test_cli_refuses_bad_options_before_loading_a_model(capsys, monkeypatch) -> None:
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("example.org")
-    assert main(["serve", "--backbone", "tiny", "--max-upload-mb", "0"]) == 2
-    assert "--max-upload-mb must be > 0" in capsys.readouterr().err
+    for options, message in [
+        (["--port", "70000"], "--port must be in 0..65535 (0 picks a free port), got 70000"),
+        (["--port", "-1"], "--port must be in 0..65535"),
+        (["--max-upload-mb", "0"], "--max-upload-mb must be > 0"),
+        (["--max-megapixels", "nan"], "--max-megapixels must be > 0"),
+        (["--max-queue", "0"], "--max-queue must be >= 1"),
+        (["--body-timeout", "-5"], "--body-timeout must be > 0"),
+    ]:
+        assert main(["serve", "--backbone", "tiny", *options]) == 2
+        assert message in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        assert main(["serve", "--backbone", "tiny", "--port", str(port)]) == 2
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if it were not installed
+    assert main(["serve", "--backbone", "tiny"]) == 2
+    assert "needs uvicorn, which is not installed: pip install 'vip2clip[serve]'" in capsys.readouterr().err
+
+
+class ServerProcess:
+    """`python -m vip2clip serve ... --port 0` as a real process: its URL, pid and everything it printed."""
+
+    def __init__(self, *options: str) -> None:
+        command = [sys.executable, "-m", "vip2clip", "serve", *options, "--port", "0"]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log: list[str] = []
+        self._reader = threading.Thread(target=lambda: [self.log.append(line) for line in self.process.stdout])
+        self._reader.start()
+        deadline = time.monotonic() + 180
+        while not (started := [line for line in self.log if "serving the vip2clip demo on " in line]):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("server did not start:\n" + self.stop())
+            time.sleep(0.1)
+        self.url = started[0].split(" on ")[1].split()[0].rstrip("/")
+
+    def status(self, field: str) -> int:
+        """A /proc/PID/status memory field (VmRSS, VmHWM) in MB."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) // 1024
+        raise KeyError(field)
+
+    def stop(self) -> str:
+        """Terminate the process; all it printed."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+        self._reader.join(timeout=10)
+        return "".join(self.log)
+
+
+LOAD_CLIENTS = 20
+LOAD_QUEUE = 4
+RSS_BOUND_MB = 400  # peak above the idle server: one 12 MP job (~150 MB) plus 4 queued uploads, with margin
+
+
+@pytest.mark.slow
+def test_load_and_disconnects_get_answers_in_bounded_memory() -> None:
+    """20 clients at once, each sending twice a 12-megapixel PNG (36 MB decoded, 50 kB on the wire): every request
+    is answered (200, or 503 with a message and Retry-After), the server's peak memory stays within RSS_BOUND_MB of
+    its idle size (20 concurrent decodes alone would take 720 MB), and clients that leave mid-request leave no
+    traceback in the log and no slot taken."""
+    server = ServerProcess("--backbone", "tiny", "--image-size", "64", "--max-queue", str(LOAD_QUEUE))
+    try:
+        rows, cols = np.mgrid[0:3000, 0:4000]
+        big = _png(np.stack([rows % 256, cols % 256, (rows + cols) % 256], axis=-1).astype(np.uint8))
+        assert _post(server.url + "/api/predict", big)[0] == 200  # warm-up
+        Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # restart the peak-RSS count (VmHWM)
+        idle = server.status("VmRSS")
+        answers: list[tuple[int, dict, object] | BaseException] = []
+        start = threading.Barrier(LOAD_CLIENTS)
+
+        def client() -> None:
+            start.wait()
+            for _ in range(2):
+                try:
+                    answers.append(_post(server.url + "/api/predict", big, "image/png"))
+                except BaseException as error:  # a reset or a timeout: the failure this test is about
+                    answers.append(error)
+
+        threads = [threading.Thread(target=client) for _ in range(LOAD_CLIENTS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        peak = server.status("VmHWM")
+        failures = [a for a in answers if isinstance(a, BaseException)]
+        assert len(answers) == 2 * LOAD_CLIENTS and not failures, failures
+        codes = [status for status, _, _ in answers]
+        assert set(codes) == {200, 503}, codes
+        for status, headers, body in answers:
+            assert status == 200 or ("busy" in body["error"] and int(headers["retry-after"]) >= 1)
+        assert peak - idle < RSS_BOUND_MB, f"peak RSS {peak} MB, idle {idle} MB"
+        print(f"load: {codes.count(200)} x 200, {codes.count(503)} x 503; RSS idle {idle} MB, peak {peak} MB")
+
+        # Clients that leave: mid-upload, right after sending, with a reset, with garbage, mid-headers.
+        request = _headers(len(big)) + big
+        for cut in (len(request) // 3, len(request), len(request), 7):
+            sock = _raw(server.url, request[:cut])
+            sock.close()
+        reset = _raw(server.url, request)
+        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        reset.close()
+        _raw(server.url, b"NOT HTTP AT ALL\r\n\r\n").close()
+        time.sleep(1.0)
+        assert _post(server.url + "/api/predict", _png(np.zeros((8, 8), np.uint8)))[0] == 200
+        deadline = time.monotonic() + 30
+        while (info := _call(server.url + "/api/info")[2])["queue"]["in_use"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert info["queue"]["in_use"] == 0, info
+    finally:
+        log = server.stop()
+    assert "Traceback" not in log and "ERROR" not in log, log
 
 
 def _chrome_paths() -> tuple[str, str] | None:
@@ -136,23 +463,12 @@ def _chrome_paths() -> tuple[str, str] | None:
 def served(trained_tiny_checkpoint) -> Iterator[str]:
     """`python -m vip2clip serve` with the trained tiny model, a real process on a free loopback port; its URL."""
     checkpoint = trained_tiny_checkpoint.checkpoint
-    command = [sys.executable, "-m", "vip2clip", "serve", "--checkpoint", str(checkpoint), "--backbone", "tiny"]
-    process = subprocess.Popen([*command, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    server = ServerProcess("--checkpoint", str(checkpoint), "--backbone", "tiny")
+    assert server.url.startswith("http://127.0.0.1:"), server.log
     try:
-        url, seen, deadline = None, [], time.monotonic() + 180
-        while url is None:
-            assert process.poll() is None and time.monotonic() < deadline, "server did not start:\n" + "".join(seen)
-            with contextlib.suppress(queue.Empty):
-                seen.append(lines.get(timeout=1))
-                if "serving the vip2clip demo on " in seen[-1]:
-                    url = seen[-1].split(" on ")[1].split()[0]
-        assert url.startswith("http://127.0.0.1:"), seen
-        yield url
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
 
 
 def best_found_defect(predictor: Predictor, index: DatasetIndex) -> tuple[Path, float]:
@@ -173,7 +489,9 @@ def best_found_defect(predictor: Predictor, index: DatasetIndex) -> tuple[Path, 
 
 
 @pytest.mark.slow
-def test_browser_upload_shows_score_overlay_and_errors(served: str, trained_tiny_checkpoint, tmp_path: Path) -> None:
+def test_browser_upload_shows_score_overlay_scale_and_errors(
+    served: str, trained_tiny_checkpoint, tmp_path: Path
+) -> None:
     paths = _chrome_paths()
     if paths is None:
         pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
@@ -183,13 +501,17 @@ def test_browser_upload_shows_score_overlay_and_errors(served: str, trained_tiny
 
     options = webdriver.ChromeOptions()
     options.binary_location = paths[0]
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,760"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,860"):
         options.add_argument(argument)
     driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=paths[1]), options=options)
     try:
         wait = WebDriverWait(driver, 120)
         driver.get(served)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "button.example")) == 3)
+        # The backbone of the tiny model is random: the page must say so.
+        notice = driver.find_element(By.ID, "random-notice")
+        wait.until(lambda d: notice.is_displayed())
+        assert "has random weights" in notice.text and "(backbone weights: random init" in notice.text
         # The screenshot should show what a trained model does: upload an unseen defect it finds.
         model = vip2clip.create_model(checkpoint=trained_tiny_checkpoint.checkpoint)
         reference_predictor = Predictor(model, Thresholds(0.5, 0.5, "test"))
@@ -207,6 +529,10 @@ def test_browser_upload_shows_score_overlay_and_errors(served: str, trained_tiny
         assert driver.find_element(By.ID, "decision").text == reference.pred_label
         area = driver.find_element(By.ID, "area").text
         assert float(area.rstrip(" %")) == pytest.approx(100 * reference.defect_area, abs=2.0)
+        bar = driver.find_element(By.ID, "colour-bar")
+        assert bar.is_displayed() and driver.execute_script("return arguments[0].naturalWidth", bar) == 256
+        ticks = driver.find_element(By.CSS_SELECTOR, "#colour-scale .ticks").text.split()
+        assert ticks == ["0", "0.25", "0.5", "0.75", "1"]
 
         def slide(slider: str, value: float) -> None:
             script = "const s = document.getElementById(arguments[0]); s.value = arguments[1];"
@@ -220,6 +546,7 @@ def test_browser_upload_shows_score_overlay_and_errors(served: str, trained_tiny
         assert driver.find_element(By.ID, "area").text == "100.00 %"
         slide("pixel-threshold", 1.0)
         assert driver.find_element(By.ID, "area").text == "0.00 %"
+        assert driver.find_element(By.ID, "threshold-marker").value_of_css_property("left") == "212px"
         slide("image-threshold", 0.5)
         slide("pixel-threshold", 0.5)
         assert driver.find_element(By.ID, "area").text == area

@@ -1,1 +1,2 @@
-"""Applications on top of the pipelines: the browser demo server (`serve`) and the offline end-to-end demo (`demo`)."""
+"""Applications on top of the pipelines: the prediction server and its page (`serve`) and the offline end-to-end demo
+(`demo`)."""

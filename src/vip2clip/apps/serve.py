@@ -1,211 +1,277 @@
-"""`vip2clip serve`: a one-page browser demo on the standard library's http.server (no extra dependency).
+"""`vip2clip serve`: the prediction API and its browser page, a FastAPI app served by uvicorn.
 
-The page uploads an image (or picks a bundled synthetic example, generated at start-up) to `POST /api/predict`
-and shows the score, the decision, the heat-map overlay and the defect mask. The anomaly map travels as a PNG holding
-round(value x 65535) in its red (high byte) and green (low byte) channels, so moving the threshold sliders
-re-draws the mask and the decision in the browser, without another request and without 8-bit rounding.
+Routes: `GET /` the page (package data `serve_page.html`), `GET /api/info` model, thresholds and limits,
+`GET /api/examples` the bundled synthetic examples, `POST /api/example?name=...` and `POST /api/predict` a
+prediction (JSON; `?images=true` adds the display PNGs the page draws). OpenAPI at `/openapi.json` and `/docs`.
+`POST /api/predict` takes the image as the raw request body (`Content-Type: image/*` or
+`application/octet-stream`) or as the one file of a `multipart/form-data` upload.
 
-Safety: binds 127.0.0.1 unless told otherwise (a warning is logged for any other address), refuses uploads
-above `max_upload_bytes` (HTTP 413) and images above `MAX_PIXELS` before decoding them, and answers anything
-that is not a readable image with HTTP 400 and a message. Predictions are serialised with a lock.
+Limits (`ServeLimits`): Content-Length is checked before the body is read and the bytes are counted while they
+arrive (chunked bodies), so nothing above `max_upload_bytes` is held (413); a body must arrive within `body_timeout`
+(408); images above `max_pixels` are refused from their header (413); at most `max_queue` requests are admitted at
+once (uploading, waiting or running) and the rest get 503 with Retry-After; decoding and prediction run one at a
+time on a worker thread (`serve_jobs.JobQueue`), off the event loop. Clients that leave are dropped quietly (a job
+still waiting is skipped). Every error is JSON `{"error": "..."}`.
 """
 
 from __future__ import annotations
 
-import base64
-import io
 import ipaddress
-import json
 import logging
-import tempfile
-import threading
-from dataclasses import dataclass
-from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import socket
 from importlib import resources
+from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
-import numpy as np
-from PIL import Image
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from vip2clip.data.images import BadImageError, decode_image_bytes
-from vip2clip.data.transforms import resize_map
+from vip2clip import __version__
+from vip2clip.apps.serve_jobs import (
+    Example,
+    JobQueue,
+    ModelOutputError,
+    QueueFull,
+    ServeLimits,
+    colour_bar_png,
+    data_url,
+    predict_upload,
+    synthetic_examples,
+)
+from vip2clip.apps.serve_models import (
+    PREDICT_BODY,
+    ExampleInfo,
+    ExampleName,
+    ImagesFlag,
+    Info,
+    LimitsInfo,
+    ModelInfo,
+    PredictResponse,
+    QueueInfo,
+    error_responses,
+)
+from vip2clip.data.images import BadImageError, TooManyPixelsError
 from vip2clip.inference.predictor import Predictor
-from vip2clip.visualization.heatmap import heatmap_overlay
 
 logger = logging.getLogger(__name__)
 
-MAX_PIXELS = 40_000_000  # ~ 7700 x 5200: larger uploads are refused before decoding (memory)
-DISPLAY_SIDE = 768  # images are shown (not scored) at most this large
 
+class ApiError(Exception):
+    """An answer `{"error": message}` with an HTTP status (and headers, e.g. Retry-After)."""
 
-class UploadError(ValueError):
-    """A bad upload: the message is shown to the user; `status` is the HTTP status."""
-
-    def __init__(self, message: str, status: HTTPStatus = HTTPStatus.BAD_REQUEST) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status = status
-
-
-@dataclass(frozen=True)
-class Example:
-    name: str
-    label: str
-    png: bytes
-
-
-def synthetic_examples(size: int = 128, seed: int = 7) -> list[Example]:
-    """A normal image and two defective ones from the synthetic benchmark, generated in a temporary folder."""
-    from vip2clip.data.synthetic import generate_benchmark
-
-    with tempfile.TemporaryDirectory(prefix="vip2clip-serve-") as folder:
-        index = generate_benchmark(folder, classes=1, seed=seed, image_size=size, n_test_good=1, n_test_defect=2)
-        examples = []
-        samples = [sample for class_samples in index.splits["test"].values() for sample in class_samples]
-        for sample in samples:
-            label = "normal" if sample.anomaly == 0 else f"defect ({sample.specie_name})"
-            png = (index.root / sample.img_path).read_bytes()
-            examples.append(Example(f"example-{len(examples) + 1}", label, png))
-    return examples
-
-
-def decode_upload(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Upload bytes -> RGB PIL image (`vip2clip.data.images`); UploadError (400) for anything unusable."""
-    try:
-        return decode_image_bytes(data, max_pixels)
-    except BadImageError as error:
-        raise UploadError(str(error)) from None
+        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def page_html() -> str:
-    """The demo page (package data `serve_page.html`): it decodes the 16-bit map of `encode_map` in a canvas and
-    re-thresholds it when a slider moves, so mask and decision follow the sliders without a new request."""
+    """The page (package data `serve_page.html`): it reads /api/info and /api/examples, posts uploads to
+    /api/predict?images=true and re-thresholds the 16-bit map of `encode_map` in a canvas when a slider moves."""
     return resources.files(__package__).joinpath("serve_page.html").read_text(encoding="utf-8")
 
 
-def _bytes_data_url(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def _upload_kind(content_type: str | None) -> str:
+    """'raw' or 'multipart' for an accepted Content-Type; ApiError 415 otherwise."""
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == "multipart/form-data":
+        return "multipart"
+    if media in ("", "application/octet-stream") or media.startswith("image/"):
+        return "raw"
+    raise ApiError(
+        415,
+        f"Content-Type {media} is not accepted: send the image's bytes with Content-Type image/* or "
+        "application/octet-stream (curl --data-binary @part.png -H 'Content-Type: image/png'), or as a "
+        "multipart/form-data file (curl -F file=@part.png)",
+    )
 
 
-def _png_data_url(image: Image.Image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return _bytes_data_url(buffer.getvalue())
+def _too_large(limit: int, size: int | None = None) -> ApiError:
+    limit_mb = f"{limit / 1024 / 1024:.1f} MB"
+    if size is None:
+        return ApiError(413, f"the upload is larger than the limit of {limit_mb} (reading stopped there)")
+    return ApiError(413, f"the upload is {size / 1024 / 1024:.1f} MB; the limit is {limit_mb}")
 
 
-def _display_size(size: tuple[int, int]) -> tuple[int, int]:
-    scale = min(1.0, DISPLAY_SIDE / max(size))
-    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+async def read_body(request: Request, limits: ServeLimits) -> bytes:
+    """The request body, refused (413) as soon as it is known to exceed the limit: from Content-Length before
+    reading, else by counting the bytes as they arrive. 408 (and the connection closed) when it takes longer than
+    `body_timeout`. ClientDisconnect when the client leaves."""
+    limit = limits.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise _too_large(limit, int(length))
+    body = bytearray()
+    try:
+        with anyio.fail_after(limits.body_timeout):
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > limit:
+                    raise _too_large(limit)
+    except TimeoutError:
+        message = f"the upload did not arrive within {limits.body_timeout:g} s ({len(body)} bytes received)"
+        raise ApiError(408, message, {"Connection": "close"}) from None
+    return bytes(body)
 
 
-def encode_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> Image.Image:
-    """Map [H, W] in [0, 1] -> RGB image of `size` (width, height): R, G = high, low byte of round(value x 65535)."""
-    levels = np.rint(np.clip(resize_map(anomaly_map, size), 0.0, 1.0) * 65535).astype(np.uint32)
-    rgb = np.stack([levels >> 8, levels & 255, np.zeros_like(levels)], axis=-1).astype(np.uint8)
-    return Image.fromarray(rgb, mode="RGB")
+async def _multipart_file(request: Request, body: bytes) -> bytes:
+    """The one file of a multipart/form-data body (already read and bounded)."""
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async with Request(request.scope, replay).form(max_files=1, max_fields=16) as form:
+        files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not files:
+            raise ApiError(400, "the multipart upload holds no file: send the image as a file field (-F file=@x.png)")
+        return await files[0].read()
 
 
-def prediction_payload(predictor: Predictor, image: Image.Image) -> dict[str, Any]:
-    """Score, decision and display PNGs (input, overlay, encoded map, mask) for one RGB image."""
-    result = predictor.predict(image)[0]
-    shown = image.resize(_display_size(image.size), Image.BILINEAR)
-    mask = np.where(result.pred_mask, 255, 0).astype(np.uint8)
-    return {
-        "pred_score": result.pred_score,
-        "pred_label": result.pred_label,
-        "image_threshold": result.image_threshold,
-        "pixel_threshold": result.pixel_threshold,
-        "max_pixel_score": result.max_pixel_score,
-        "defect_area": result.defect_area,
-        "width": image.width,
-        "height": image.height,
-        "image": _png_data_url(shown),
-        "overlay": _png_data_url(heatmap_overlay(shown, result.anomaly_map, 0.0, 1.0)),
-        "map": _png_data_url(encode_map(result.anomaly_map, shown.size)),
-        "mask": _png_data_url(Image.fromarray(mask, mode="L").resize(shown.size, Image.NEAREST)),
-    }
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass  # an unread body (/api/example): discarded
 
 
-class DemoServer(ThreadingHTTPServer):
-    daemon_threads = True
+def create_app(predictor: Predictor, limits: ServeLimits | None = None, examples: list[Example] | None = None):
+    """The FastAPI app of `vip2clip serve` for `predictor` (its `jobs` queue is on `app.state.jobs`)."""
+    limits = limits or ServeLimits()
+    examples_by_name = {e.name: e for e in (synthetic_examples() if examples is None else examples)}
+    jobs = JobQueue(limits.max_queue)
+    identity = predictor.identity
+    weights = identity.weights or "unknown"
+    model = ModelInfo(
+        backbone=identity.backbone,
+        weights=weights,
+        random_weights=weights.startswith("random"),
+        checkpoint=Path(identity.checkpoint).name if identity.checkpoint else None,
+        checkpoint_sha256=identity.checkpoint_sha256,
+        image_size=identity.image_size,
+    )
+    app = FastAPI(
+        title="vip2clip",
+        version=__version__,
+        description="Zero-shot anomaly detection (ViP²-CLIP): score an image, get its decision and defect area.",
+    )
+    app.state.jobs = jobs
+    no_store = {"Cache-Control": "no-store"}
 
-    def __init__(self, address: tuple[str, int], predictor: Predictor, max_upload_bytes: int, examples: list[Example]):
-        super().__init__(address, DemoHandler)
-        self.predictor = predictor
-        self.max_upload_bytes = max_upload_bytes
-        self.examples = {example.name: example for example in examples}
-        self.lock = threading.Lock()
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, error: ApiError) -> JSONResponse:
+        return JSONResponse({"error": error.message}, error.status, headers={**no_store, **error.headers})
 
-    def predict(self, image: Image.Image) -> dict[str, Any]:
-        with self.lock:
-            return prediction_payload(self.predictor, image)
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+        detail = error.detail if isinstance(error.detail, str) else str(error.detail)
+        if error.status_code == 404:
+            detail = f"no such page: {request.url.path}"
+        return JSONResponse({"error": detail}, error.status_code, headers=error.headers)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+        return JSONResponse({"error": f"invalid request: {problems}"}, 422)
 
-class DemoHandler(BaseHTTPRequestHandler):
-    server: DemoServer
-    server_version = "vip2clip"
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, error: ClientDisconnect) -> Response:
+        logger.debug("client left during its upload: %s", request.url.path)
+        return Response(status_code=400)  # never delivered
 
-    def log_message(self, format: str, *args: Any) -> None:
-        logger.debug("%s " + format, self.address_string(), *args)
+    @app.exception_handler(QueueFull)
+    async def busy(request: Request, error: QueueFull) -> JSONResponse:
+        headers = {**no_store, "Retry-After": str(error.retry_after)}
+        return JSONResponse({"error": str(error)}, 503, headers=headers)
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _send_json(self, payload: Any, status: HTTPStatus = HTTPStatus.OK) -> None:
-        self._send(status, json.dumps(payload).encode(), "application/json")
-
-    def do_GET(self) -> None:
-        route = urlparse(self.path).path
-        if route == "/":
-            page = page_html().replace("__MAX_BYTES__", str(self.server.max_upload_bytes))
-            self._send(HTTPStatus.OK, page.encode(), "text/html; charset=utf-8")
-        elif route == "/api/examples":
-            examples = self.server.examples.values()
-            self._send_json([{"name": e.name, "label": e.label, "thumbnail": _bytes_data_url(e.png)} for e in examples])
-        else:
-            self._send_json({"error": f"no such page: {route}"}, HTTPStatus.NOT_FOUND)
-
-    def do_POST(self) -> None:
-        url = urlparse(self.path)
+    async def answer(request: Request, response: Response, data: bytes, images: bool) -> Any:
+        """Run the job of one admitted request; the payload, or a never-delivered answer if the client left."""
         try:
-            if url.path == "/api/predict":
-                image = decode_upload(self._read_body())
-            elif url.path == "/api/example":
-                image = self._example(parse_qs(url.query).get("name", [""])[0])
-            else:
-                raise UploadError(f"no such endpoint: {url.path}", HTTPStatus.NOT_FOUND)
-            self._send_json(self.server.predict(image))
-        except UploadError as error:
-            self._send_json({"error": str(error)}, error.status)
+            payload = await jobs.run(
+                lambda: predict_upload(predictor, data, limits.max_pixels, images),
+                lambda: _wait_for_disconnect(request),
+            )
+        except TooManyPixelsError as error:
+            raise ApiError(413, str(error)) from None
+        except BadImageError as error:
+            raise ApiError(400, str(error)) from None
+        except ModelOutputError as error:
+            logger.warning("%s", error)
+            raise ApiError(500, str(error)) from None
         except Exception:
             logger.exception("prediction failed")
-            self._send_json(
-                {"error": "prediction failed on the server (see its log)"}, HTTPStatus.INTERNAL_SERVER_ERROR
-            )
+            raise ApiError(500, "prediction failed on the server (see its log)") from None
+        if payload is None:
+            logger.debug("client left before its job ran: skipped")
+            return Response(status_code=499)  # never delivered (nginx's "client closed request")
+        response.headers.update(no_store)
+        return payload
 
-    def _read_body(self) -> bytes:
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise UploadError("the upload has no Content-Length", HTTPStatus.LENGTH_REQUIRED)
-        if int(length) > self.server.max_upload_bytes:
-            self.close_connection = True  # the unread body must not be parsed as the next request
-            limit = self.server.max_upload_bytes / 1024 / 1024
-            raise UploadError(
-                f"the upload is {int(length) / 1024 / 1024:.1f} MB; the limit is {limit:.1f} MB",
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-            )
-        return self.rfile.read(int(length))
+    @app.post(
+        "/api/predict",
+        response_model=PredictResponse,
+        responses=error_responses(400, 408, 413, 415, 422, 500, 503),
+        openapi_extra={"requestBody": PREDICT_BODY},
+        summary="Score one image",
+    )
+    async def predict(request: Request, response: Response, images: ImagesFlag = False) -> Any:
+        """The image's anomaly score, decision, largest pixel score and defect area at the server's thresholds.
 
-    def _example(self, name: str) -> Image.Image:
-        if name not in self.server.examples:
-            raise UploadError(f"no example named {name!r}", HTTPStatus.NOT_FOUND)
-        return decode_upload(self.server.examples[name].png)
+        Send the image's bytes as the body (`Content-Type: image/png`, `image/jpeg`, ... or
+        `application/octet-stream`), or as the one file of a `multipart/form-data` upload."""
+        kind = _upload_kind(request.headers.get("content-type"))
+        with jobs.slot():
+            data = await read_body(request, limits)
+            if kind == "multipart":
+                data = await _multipart_file(request, data)
+            return await answer(request, response, data, images)
+
+    @app.post(
+        "/api/example",
+        response_model=PredictResponse,
+        responses=error_responses(404, 422, 500, 503),
+        summary="Score a bundled example",
+    )
+    async def example(request: Request, response: Response, name: ExampleName, images: ImagesFlag = False) -> Any:
+        if name not in examples_by_name:
+            raise ApiError(404, f"no example named {name!r}")
+        with jobs.slot():
+            return await answer(request, response, examples_by_name[name].png, images)
+
+    @app.get("/api/examples", response_model=list[ExampleInfo], summary="The bundled synthetic examples")
+    async def list_examples() -> Any:
+        return [ExampleInfo(name=e.name, label=e.label, thumbnail=data_url(e.png)) for e in examples_by_name.values()]
+
+    @app.get("/api/info", response_model=Info, summary="Model, thresholds, limits and queue")
+    async def info() -> Any:
+        thresholds = predictor.thresholds
+        return Info(
+            version=__version__,
+            model=model,
+            image_threshold=thresholds.image,
+            pixel_threshold=thresholds.pixel,
+            threshold_source=thresholds.source,
+            limits=LimitsInfo(
+                max_upload_bytes=limits.max_upload_bytes,
+                max_pixels=limits.max_pixels,
+                max_queue=limits.max_queue,
+                body_timeout_s=limits.body_timeout,
+            ),
+            queue=QueueInfo(in_use=jobs.in_use, done=jobs.done, skipped=jobs.skipped),
+        )
+
+    colour_bar = colour_bar_png()
+
+    @app.get("/colour-bar.png", include_in_schema=False)
+    async def colour_bar_image() -> Response:
+        return Response(colour_bar, media_type="image/png")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(page_html(), headers=no_store)
+
+    return app
 
 
 def is_loopback(host: str) -> bool:
@@ -217,29 +283,61 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def make_server(
-    predictor: Predictor,
-    host: str = "127.0.0.1",
-    port: int = 7860,
-    max_upload_bytes: int = 10 * 1024 * 1024,
-    examples: list[Example] | None = None,
-) -> DemoServer:
-    """A ready (not yet serving) demo server; port 0 picks a free port (see `server.server_address`)."""
-    if not is_loopback(host):
-        logger.warning("binding %s: the demo is reachable from other machines and has no authentication", host)
-    examples = synthetic_examples() if examples is None else examples
-    return DemoServer((host, port), predictor, max_upload_bytes, examples)
+def listen(host: str = "127.0.0.1", port: int = 7860) -> socket.socket:
+    """A listening TCP socket (port 0 picks a free port); ValueError naming the address when that fails.
 
-
-def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860, max_upload_bytes: int = 10 << 20) -> None:
-    """Serve until interrupted; prints the URL once the socket is listening."""
+    Bound before the model loads, so a taken port is reported at once. Warns for a non-loopback address.
+    """
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be in 0..65535 (0 picks a free port), got {port}")
     try:
-        server = make_server(predictor, host, port, max_upload_bytes)
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except OSError as error:
-        raise ValueError(f"cannot listen on {host}:{port}: {error}") from error
-    bound_host, bound_port = server.server_address[:2]
-    print(f"serving the vip2clip demo on http://{bound_host}:{bound_port}/ (Ctrl+C stops)", flush=True)
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        server.serve_forever()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as error:
+        sock.close()
+        raise ValueError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
+    if not is_loopback(host):
+        logger.warning("binding %s: the server is reachable from other machines and has no authentication", host)
+    return sock
+
+
+def make_server(predictor: Predictor, limits: ServeLimits | None = None, examples: list[Example] | None = None):
+    """A uvicorn.Server for the app (not yet running: `server.run(sockets=[listen(...)])`)."""
+    import uvicorn
+
+    limits = limits or ServeLimits()
+    config = uvicorn.Config(
+        create_app(predictor, limits, examples),
+        log_config=None,  # uvicorn's records go through the CLI's logging set-up
+        timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  (a float works)
+        timeout_graceful_shutdown=5,
+        limit_concurrency=max(64, 4 * limits.max_queue),  # connections beyond this get uvicorn's plain 503
+        server_header=False,
+    )
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop chatter; warnings stay
+    return uvicorn.Server(config)
+
+
+def serve(
+    predictor: Predictor,
+    sock: socket.socket,
+    limits: ServeLimits | None = None,
+    examples: list[Example] | None = None,
+) -> None:
+    """Serve on the listening `sock` (see `listen`) until SIGINT/SIGTERM; prints the URL first."""
+    server = make_server(predictor, limits, examples)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"serving the vip2clip demo on http://{shown}:{port}/ (API docs: /docs; Ctrl+C stops)", flush=True)
+    try:
+        server.run(sockets=[sock])
     finally:
-        server.server_close()
+        server.config.app.state.jobs.close()
+        sock.close()

@@ -58,6 +58,10 @@ class BadImageError(ValueError):
         return (type(self), (self.path, self.problem))
 
 
+class TooManyPixelsError(BadImageError):
+    """An image refused by `max_pixels` from its header, before its pixels were decoded (the server answers 413)."""
+
+
 def _orientation(image: Image.Image) -> int:
     """The EXIF orientation still to apply (1 = none), read without decoding the pixels.
 
@@ -72,8 +76,9 @@ def _orientation(image: Image.Image) -> int:
 def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> Image.Image:
     """Decode a file (path) or an upload (bytes) completely, EXIF orientation applied, in its own mode.
 
-    Raises BadImageError for a missing file, an empty upload, a non-image, a truncated or damaged image, and an
-    image of more than `max_pixels` pixels (checked from the header, before decoding).
+    Raises BadImageError for a missing file, an empty upload, a non-image, a truncated or damaged image, and
+    TooManyPixelsError (a BadImageError) for an image of more than `max_pixels` pixels (checked from the header,
+    before decoding).
     """
     name = "upload" if isinstance(source, bytes) else source
     if isinstance(source, bytes):
@@ -92,7 +97,7 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> Ima
             image = Image.open(stream)
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
-                raise BadImageError(name, f"image is {width}x{height} pixels; the limit is {max_pixels:,} pixels")
+                raise TooManyPixelsError(name, f"image is {width}x{height} pixels; the limit is {max_pixels:,} pixels")
             image.load()
     except BadImageError:
         raise
@@ -153,7 +158,7 @@ def to_rgb(image: ImageInput) -> Image.Image:
         raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         return Image.fromarray(_high_bit_depth_to_uint8(image)).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB image (memory: 40 MP uploads)
 
 
 def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:

@@ -20,7 +20,7 @@ _STD = torch.tensor(OPENAI_STD).view(3, 1, 1)
 
 def preprocess(image: Image.Image, image_size: int = 518) -> torch.Tensor:
     """PIL image (any mode) -> normalised float tensor [3, S, S], as the release feeds CLIP."""
-    rgb = image.convert("RGB").resize((image_size, image_size), Image.BICUBIC)
+    rgb = (image if image.mode == "RGB" else image.convert("RGB")).resize((image_size, image_size), Image.BICUBIC)
     pixels = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return (pixels - _MEAN) / _STD
 
