@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -198,6 +199,7 @@ def test_predict_raw_and_multipart_match_the_predictor(url: str, predictor: Pred
         ("truncated", "image/png", 400, "upload: damaged or unsupported image"),
         ("png", "text/plain", 415, "Content-Type text/plain is not accepted"),
         ("1100x1000", "image/png", 413, "image is 1100x1000 pixels; the limit is 1,000,000 pixels"),
+        ("bomb", "image/png", 413, "upload: image has more than 178,956,970 pixels; the limit is 1,000,000 pixels"),
         ("multipart without file", None, 400, "the multipart upload holds no file"),
         (b"--x\r\nnonsense", "multipart/form-data", 400, "boundary"),
     ],
@@ -210,6 +212,15 @@ def test_bad_uploads_get_json_errors(url: str, body, content_type, status: int, 
         body = noise
     elif body == "1100x1000":
         body = _png(np.zeros((1000, 1100), np.uint8))  # 1.1 MP, a few kB
+    elif body == "bomb":  # a 1 kB PNG claiming 20000 x 20000 pixels: Pillow itself refuses it in open()
+        body = b"\x89PNG\r\n\x1a\n" + b"".join(
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+            for kind, data in [
+                (b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)),
+                (b"IDAT", zlib.compress(bytes(20001 * 50))),
+                (b"IEND", b""),
+            ]
+        )
     elif body == "multipart without file":
         body, content_type = _multipart(b"not a file", filename=None)
     answer_status, headers, answer = _post(url + "/api/predict", body, content_type)

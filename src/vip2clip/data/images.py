@@ -103,6 +103,9 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> Ima
         raise
     except UnidentifiedImageError:
         raise BadImageError(name, "not an image (no known format: PNG, JPEG, BMP, TIFF, WebP ...)") from None
+    except Image.DecompressionBombError:  # Pillow refuses its own limit (2 x MAX_IMAGE_PIXELS) inside open()
+        limit = "" if max_pixels is None else f"; the limit is {max_pixels:,} pixels"
+        raise TooManyPixelsError(name, f"image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels{limit}") from None
     except _DECODE_ERRORS as error:
         raise BadImageError(name, f"damaged or unsupported image ({error})") from None
     if _orientation(image) != 1:
