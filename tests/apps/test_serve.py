@@ -40,7 +40,7 @@ from vip2clip.visualization.heatmap import jet
 
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "serve-screenshot.png"
 LIMITS = ServeLimits(
-    max_upload_bytes=200_000, max_pixels=1_000_000, max_queue=2, body_timeout=1.0, keep_alive_timeout=1
+    max_upload_bytes=200_000, max_pixels=1_000_000, max_queue=2, header_timeout=1, body_timeout=1, keep_alive_timeout=1
 )
 
 
@@ -256,12 +256,17 @@ def test_full_queue_answers_503_and_slow_uploads_time_out(url: str) -> None:
     assert _call(url + "/api/info")[2]["queue"]["in_use"] == 0
 
 
-def test_idle_kept_alive_connections_are_closed(url: str) -> None:
-    sock = _raw(url, b"GET /api/info HTTP/1.1\r\nHost: test\r\n\r\n")
-    assert _read_answer(sock)[0] == 200
+def test_idle_and_slow_connections_are_closed(url: str) -> None:
+    kept_alive = _raw(url, b"GET /api/info HTTP/1.1\r\nHost: test\r\n\r\n")
+    assert _read_answer(kept_alive)[0] == 200
+    silent = _raw(url, b"")
+    trickling = _raw(url, b"POST /api/predict HTTP/1.1\r\n")  # headers that never end (slowloris)
+    time.sleep(0.5)
+    trickling.sendall(b"Host: test\r\n")
     start = time.monotonic()
-    assert sock.recv(1) == b"" and time.monotonic() - start < 5  # keep_alive_timeout=1
-    sock.close()
+    for sock in (kept_alive, silent, trickling):  # keep_alive_timeout and header_timeout are 1 s
+        assert sock.recv(1) == b"" and time.monotonic() - start < 5
+        sock.close()
 
 
 class GatedModel:

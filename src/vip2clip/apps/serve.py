@@ -8,10 +8,11 @@ prediction (JSON; `?images=true` adds the display PNGs the page draws). OpenAPI 
 
 Limits (`ServeLimits`): Content-Length is checked before the body is read and the bytes are counted while they
 arrive (chunked bodies), so nothing above `max_upload_bytes` is held (413); a body must arrive within `body_timeout`
-(408); images above `max_pixels` are refused from their header (413); at most `max_queue` requests are admitted at
-once (uploading, waiting or running) and the rest get 503 with Retry-After; decoding and prediction run one at a
-time on a worker thread (`serve_jobs.JobQueue`), off the event loop. Clients that leave are dropped quietly (a job
-still waiting is skipped). Every error is JSON `{"error": "..."}`.
+(408) and request headers within `header_timeout` (else the connection is closed); images above `max_pixels` are
+refused from their header (413); at most `max_queue` requests are admitted at once (uploading, waiting or running)
+and the rest get 503 with Retry-After; decoding and prediction run one at a time on a worker thread
+(`serve_jobs.JobQueue`), off the event loop. Clients that leave are dropped quietly (a job still waiting is
+skipped). Every error is JSON `{"error": "..."}`.
 """
 
 from __future__ import annotations
@@ -307,6 +308,35 @@ def listen(host: str = "127.0.0.1", port: int = 7860) -> socket.socket:
     return sock
 
 
+def _protocol_with_header_timeout(seconds: float) -> type:
+    """uvicorn's h11 protocol, also closing a connection whose request headers are not complete `seconds` after it
+    opened or after its previous answer: uvicorn times out idle kept-alive connections and we time out bodies, but
+    nothing else stops a client that trickles its headers (slowloris) from holding a connection forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class Protocol(H11Protocol):
+        _armed = 0  # generation of the latest timer: an older timer has nothing left to check
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def _arm(self) -> None:
+            self._armed += 1
+            self.loop.call_later(seconds, self._expire, self._armed)
+
+        def _expire(self, armed: int) -> None:
+            if armed == self._armed and self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+    return Protocol
+
+
 def make_server(predictor: Predictor, limits: ServeLimits | None = None, examples: list[Example] | None = None):
     """A uvicorn.Server for the app (not yet running: `server.run(sockets=[listen(...)])`)."""
     import uvicorn
@@ -314,10 +344,11 @@ def make_server(predictor: Predictor, limits: ServeLimits | None = None, example
     limits = limits or ServeLimits()
     config = uvicorn.Config(
         create_app(predictor, limits, examples),
+        http=_protocol_with_header_timeout(limits.header_timeout),
         log_config=None,  # uvicorn's records go through the CLI's logging set-up
         timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  (a float works)
         timeout_graceful_shutdown=5,
-        limit_concurrency=max(64, 4 * limits.max_queue),  # connections beyond this get uvicorn's plain 503
+        limit_concurrency=max(256, 4 * limits.max_queue),  # connections beyond this get uvicorn's plain-text 503
         server_header=False,
     )
     if logging.getLogger().level > logging.DEBUG:

@@ -39,17 +39,26 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ServeLimits:
     """max_upload_bytes: largest request body; max_pixels: largest image (checked from its header, before decoding);
-    max_queue: requests admitted at once (uploading, waiting or running); body_timeout: seconds a request body may
-    take to arrive; keep_alive_timeout: seconds an idle kept-alive connection stays open."""
+    max_queue: requests admitted at once (uploading, waiting or running); header_timeout: seconds a connection may
+    take to send a request's headers; body_timeout: seconds a request body may take to arrive; keep_alive_timeout:
+    seconds an idle kept-alive connection stays open."""
 
     max_upload_bytes: int = 10 << 20
     max_pixels: int = 40_000_000  # ~ 7700 x 5200
     max_queue: int = 8
+    header_timeout: float = 10.0
     body_timeout: float = 60.0
     keep_alive_timeout: float = 5.0
 
     def __post_init__(self) -> None:
-        for name in ("max_upload_bytes", "max_pixels", "max_queue", "body_timeout", "keep_alive_timeout"):
+        for name in (
+            "max_upload_bytes",
+            "max_pixels",
+            "max_queue",
+            "header_timeout",
+            "body_timeout",
+            "keep_alive_timeout",
+        ):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0):
                 raise ValueError(f"{name} must be > 0, got {value!r}")
