@@ -28,7 +28,8 @@ from PIL import Image
 from vip2clip.data.images import decode_image_bytes
 from vip2clip.data.transforms import resize_map
 from vip2clip.inference.predictor import Predictor
-from vip2clip.visualization.heatmap import heatmap_overlay, jet
+from vip2clip.visualization.heatmap import heatmap_overlay
+from vip2clip.visualization.panel import colour_bar
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +177,8 @@ def data_url(png: bytes) -> str:
 
 
 def colour_bar_png(width: int = 256) -> bytes:
-    """The overlays' colour scale as a width x 1 PNG: value 0 (left) to 1 (right), the colours of `jet`."""
-    return png_bytes(Image.fromarray(jet(np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :])))
+    """The overlays' fixed colour scale as a width x 1 PNG, horizontal: MAP_LOW (left) to MAP_HIGH (right)."""
+    return png_bytes(colour_bar(1, width).transpose(Image.Transpose.ROTATE_270))
 
 
 def _display_size(size: tuple[int, int]) -> tuple[int, int]:
@@ -223,7 +224,7 @@ def prediction_payload(predictor: Predictor, image: Image.Image, images: bool = 
         mask = np.where(shown_map >= result.pixel_threshold, 255, 0).astype(np.uint8)  # as the page draws it
         payload["images"] = {
             "input": data_url(png_bytes(shown)),
-            "overlay": data_url(png_bytes(heatmap_overlay(shown, shown_map, 0.0, 1.0))),
+            "overlay": data_url(png_bytes(heatmap_overlay(shown, shown_map))),  # the fixed scale
             "map": data_url(png_bytes(encode_map(shown_map, shown.size))),
             "mask": data_url(png_bytes(Image.fromarray(mask))),
         }
