@@ -53,6 +53,14 @@ def trained_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Trained
     return TrainedTiny(result.checkpoint, unseen)
 
 
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint `vip2clip demo` trains (tiny random CLIP, 128 px, 'textured' synthetic set; a few seconds)."""
+    from vip2clip.apps.demo import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("demo") / "demo", echo=lambda line: None).checkpoint
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

@@ -6,7 +6,13 @@ import argparse
 import importlib.util
 
 from vip2clip.cli import CLIError
-from vip2clip.cli.common import add_inference_arguments, add_model_arguments, add_threshold_arguments
+from vip2clip.cli.common import (
+    add_inference_arguments,
+    add_model_arguments,
+    add_reference_arguments,
+    add_threshold_arguments,
+    add_tiling_arguments,
+)
 from vip2clip.cli.predict import add_batch_argument, build_predictor
 
 # The server's packages (the `serve` extra): import name -> distribution name.
@@ -31,6 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     limits.add_argument("--body-timeout", type=float, default=60.0, help="seconds an upload may take to arrive (60)")
     add_model_arguments(serve)
     add_inference_arguments(serve)
+    add_tiling_arguments(serve)
+    add_reference_arguments(serve)
     add_threshold_arguments(serve)
     add_batch_argument(serve)
     serve.set_defaults(func=run_serve)

@@ -1,16 +1,22 @@
 """Options shared by the commands, each defined once: model and weights, model hyper-parameters, inference
-options, decision thresholds, progress bars; and the model builder and progress reporter they configure."""
+options, tiling, reference images, decision thresholds, progress bars; and the model builder and progress reporter
+they configure."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import TYPE_CHECKING
 
 from vip2clip.cli import CLIError
 from vip2clip.config import DEFAULT_BACKBONE
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:
+    from vip2clip.inference.references import ReferenceMemory
+    from vip2clip.inference.tiling import TileConfig
     from vip2clip.model.identity import ModelIdentity
     from vip2clip.model.vip2clip import ViP2CLIP
     from vip2clip.utils.progress import Progress
@@ -58,6 +64,75 @@ def add_inference_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("inference options (default: the checkpoint's)")
     group.add_argument("--top-k", type=int, default=None, help="patches pooled for the image score")
     group.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing of the maps")
+
+
+def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tile / --tile-overlap: large images scored tile by tile (predict, calibrate, serve, test)."""
+    group = parser.add_argument_group("tiling (large images; docs/tiling.md)")
+    group.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        metavar="SIZE",
+        help="score SIZE x SIZE tiles (pixels of the original image) and stitch their maps (default: whole image)",
+    )
+    group.add_argument(
+        "--tile-overlap", type=float, default=0.25, metavar="FRACTION", help="share of a tile its neighbours overlap"
+    )
+
+
+def tiling_from_args(args: argparse.Namespace) -> TileConfig | None:
+    """The TileConfig of --tile / --tile-overlap (None without --tile); CLIError for bad values."""
+    from vip2clip.inference.tiling import TileConfig
+
+    if args.tile is None:
+        return None
+    try:
+        return TileConfig(args.tile, args.tile_overlap)
+    except ValueError as error:
+        raise CLIError(f"--tile / --tile-overlap: {error}") from None
+
+
+def add_reference_arguments(parser: argparse.ArgumentParser, shots: bool = False, seed: bool = False) -> None:
+    """Reference images: --reference DIR (predict, calibrate, serve) or --shots K [--seed] (test, benchmark)."""
+    group = parser.add_argument_group("reference images (few-shot; docs/few-shot.md)")
+    if shots:
+        group.add_argument(
+            "--shots",
+            type=int,
+            default=0,
+            metavar="K",
+            help="K normal train images per class as references (the few-shot protocol; 0: zero-shot)",
+        )
+        if seed:
+            group.add_argument("--seed", type=int, default=111, help="seed choosing the --shots images (111)")
+    else:
+        group.add_argument("--reference", default=None, metavar="DIR", help="folder of normal images of this part")
+    group.add_argument(
+        "--reference-cache",
+        default=None,
+        metavar="DIR",
+        help="where reference memories are cached (default ~/.cache/vip2clip/references)",
+    )
+
+
+def reference_cache_from_args(args: argparse.Namespace) -> str:
+    from vip2clip.inference.references import default_cache_dir
+
+    return args.reference_cache or str(default_cache_dir())
+
+
+def references_from_args(
+    args: argparse.Namespace, model: ViP2CLIP, identity: ModelIdentity, tiling: TileConfig | None
+) -> ReferenceMemory | None:
+    """The memory of --reference DIR (cached), None without it."""
+    from vip2clip.inference.references import load_references
+
+    if args.reference is None:
+        return None
+    memory = load_references(model, identity, args.reference, tiling, args.batch_size, reference_cache_from_args(args))
+    logger.info("references: %d images of %s (%d patches)", len(memory.files), args.reference, memory.n_patches)
+    return memory
 
 
 def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,10 +12,14 @@ from vip2clip.cli.common import (
     add_inference_arguments,
     add_model_arguments,
     add_progress_argument,
+    add_reference_arguments,
+    add_tiling_arguments,
     build_model,
     config_from_args,
     model_identity,
     progress_for,
+    reference_cache_from_args,
+    tiling_from_args,
 )
 from vip2clip.cli.train import add_train_arguments, train_config_from_args
 from vip2clip.config import STORAGE_DTYPES
@@ -47,6 +51,8 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser, batch_flags: tupl
 def _eval_config(args: argparse.Namespace, classes: list[str] | None = None):
     from vip2clip.evaluation.evaluate import EvalConfig
 
+    if args.shots < 0:
+        raise CLIError(f"--shots must be >= 0, got {args.shots}")
     return EvalConfig(
         classes=tuple(classes) if classes else None,
         batch_size=args.eval_batch_size,
@@ -54,7 +60,19 @@ def _eval_config(args: argparse.Namespace, classes: list[str] | None = None):
         skip_bad=args.skip_bad,
         map_dtype=args.map_dtype,
         max_panels=args.max_maps,
+        tiling=tiling_from_args(args),
+        shots=args.shots,
+        seed=args.seed,
+        reference_cache=Path(reference_cache_from_args(args)),
     )
+
+
+def _check_shots(index, config) -> None:
+    """--shots larger than a class's normal train images is an error before any model is built or trained."""
+    from vip2clip.evaluation.scoring import choose_shots
+
+    if config.shots:
+        choose_shots(index, list(config.classes or index.classes(config.split)), config.shots, config.seed)
 
 
 def _register_test(subparsers: argparse._SubParsersAction) -> None:
@@ -64,6 +82,8 @@ def _register_test(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes")
     _add_evaluation_arguments(parser, ("--batch-size", "--eval-batch-size"))
+    add_tiling_arguments(parser)
+    add_reference_arguments(parser, shots=True, seed=True)
     add_model_arguments(parser)
     add_inference_arguments(parser)  # only these: the architecture comes from the checkpoint
     parser.set_defaults(func=run_test)
@@ -76,11 +96,13 @@ def run_test(args: argparse.Namespace) -> int:
 
     if not args.checkpoint:
         raise CLIError("--checkpoint is required (a vip2clip or release checkpoint to evaluate)")
+    config = _eval_config(args, args.classes)
     index = resolve_index(args.data, args.dataset)
+    _check_shots(index, config)
     model = build_model(args, **config_from_args(args))
     name = dataset_info(args.dataset).title if args.dataset else Path(index.root).name
     out = Path(args.out)
-    config, identity = _eval_config(args, args.classes), model_identity(args, model)
+    identity = model_identity(args, model)
     result = evaluate_dataset(model, index, out, config, name, identity, args.save_maps, progress=progress_for(args))
     print(class_table_markdown(result, name))
     print(f"results: {out / 'results.md'} (+ .csv, .json)")
@@ -90,6 +112,8 @@ def run_test(args: argparse.Namespace) -> int:
         print(f"panels: {out / 'maps'}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable file(s); listed in results.json")
+    if config.shots:
+        print(f"references: {config.shots} normal train image(s) per class (seed {config.seed}); see results.json")
     return 0
 
 
@@ -105,6 +129,8 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
         help="add the paper's ViP²-CLIP numbers (Tables 1-2) and our difference to them to the tables",
     )  # fmt: skip
     _add_evaluation_arguments(parser, ("--eval-batch-size",))
+    add_tiling_arguments(parser)
+    add_reference_arguments(parser, shots=True)  # the --shots images are drawn with the training's --seed
     add_model_arguments(parser)
     add_config_arguments(parser)
     add_train_arguments(parser, data_loading=False)  # --skip-bad, --num-workers: the evaluation's serve both
@@ -135,8 +161,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
     reference = load_reference(args.reference) if args.reference else None
     train_spec = parse_dataset_spec(args.train) if args.train else None
     tests = [parse_dataset_spec(text) for text in args.test]
+    config = _eval_config(args)
     out = Path(args.out)
     indexes = [(spec, load_dataset(spec)) for spec in tests]  # all errors in the data before training
+    for _, index in indexes:
+        _check_shots(index, config)
     if train_spec is not None:
         for spec in tests:
             if spec.root.resolve() == train_spec.root.resolve():
@@ -148,7 +177,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
         model, checkpoint, training = _train_for_benchmark(args, train_spec, out)
     identity = ModelIdentity.of(model, checkpoint)
     entries = run_benchmark(
-        model, indexes, out, _eval_config(args), identity, training, args.save_maps, progress_for(args), reference
+        model, indexes, out, config, identity, training, args.save_maps, progress_for(args), reference
     )
     print(benchmark_table_markdown(entries, reference=reference))
     print(f"benchmark: {out / 'benchmark.md'} (+ .csv, .json); per dataset: {', '.join(s.folder for s in tests)}")

@@ -13,11 +13,15 @@ from vip2clip.cli.common import (
     add_inference_arguments,
     add_model_arguments,
     add_progress_argument,
+    add_reference_arguments,
     add_threshold_arguments,
+    add_tiling_arguments,
     build_model,
     config_from_args,
     model_identity,
     progress_for,
+    references_from_args,
+    tiling_from_args,
 )
 
 if TYPE_CHECKING:
@@ -41,10 +45,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--panels", action="store_true", help="also write labelled panels (input | map | mask, score, decision)"
     )
+    predict.add_argument(
+        "--raw-maps", action="store_true", help="also write each anomaly map (original size, float16) to maps/*.npy"
+    )
     add_progress_argument(predict)
     add_batch_argument(predict)
     add_model_arguments(predict)
     add_inference_arguments(predict)
+    add_tiling_arguments(predict)
+    add_reference_arguments(predict)
     add_threshold_arguments(predict)
     predict.set_defaults(func=run_predict)
 
@@ -57,22 +66,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_batch_argument(calibrate)
     add_model_arguments(calibrate)
     add_inference_arguments(calibrate)
+    add_tiling_arguments(calibrate)
+    add_reference_arguments(calibrate)
     calibrate.set_defaults(func=run_calibrate)
 
 
 def build_predictor(args: argparse.Namespace, thresholds: bool = True) -> Predictor:
-    """The Predictor of the parsed options: model, identity and (thresholds=True) the decision thresholds."""
+    """The Predictor of the parsed options: model, identity, tiling, references and (thresholds=True) the decision
+    thresholds."""
     from vip2clip.inference.predictor import Predictor, resolve_thresholds
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    tiling = tiling_from_args(args)
     model = build_model(args, **config_from_args(args))
     identity = model_identity(args, model)
+    memory = references_from_args(args, model, identity, tiling)
+    predictor = Predictor(model, None, args.batch_size, identity, tiling, memory)
     if not thresholds:
-        return Predictor(model, batch_size=args.batch_size, identity=identity)
-    decisions = resolve_thresholds(identity, args.calibration, args.threshold, args.pixel_threshold)
+        return predictor
+    decisions = resolve_thresholds(predictor.identity, args.calibration, args.threshold, args.pixel_threshold)
     logger.info("thresholds: image %.4g, pixel %.4g (%s)", decisions.image, decisions.pixel, decisions.source)
-    return Predictor(model, decisions, args.batch_size, identity)
+    return predictor.with_thresholds(decisions)
 
 
 def _print_failures(failed: list[tuple[str, str]]) -> None:
@@ -89,7 +104,14 @@ def run_predict(args: argparse.Namespace) -> int:
     from vip2clip.inference.folder_run import predict_folder
 
     summary = predict_folder(
-        build_predictor(args), args.paths, args.out, args.overwrite, args.overlays, progress_for(args), args.panels
+        build_predictor(args),
+        args.paths,
+        args.out,
+        args.overwrite,
+        args.overlays,
+        progress_for(args),
+        args.panels,
+        args.raw_maps,
     )
     print(
         f"{summary.found} images found: {summary.predicted} predicted, {summary.skipped} already done, "
@@ -98,6 +120,7 @@ def run_predict(args: argparse.Namespace) -> int:
     print(f"{summary.anomalous} of {summary.total_rows} predicted images are anomalous")
     _print_failures(summary.failed)
     folders = "masks/" + (", overlays/" if args.overlays else "") + (", panels/" if args.panels else "")
+    folders += ", maps/" if args.raw_maps else ""
     print(f"results: {summary.out_dir / 'predictions.csv'} (+ predictions.json, {folders})")
     return 0
 

@@ -100,20 +100,22 @@ class AnomalyDataset(Dataset):
     def load(self, i: int) -> Item:
         """Decode sample i; raises BadImageError (naming the file) when its pixels cannot be read."""
         sample = self.samples[i]
-        image_path, mask_path = self.paths(sample)
-        image = preprocess(load_image(image_path), self.image_size)
-        if mask_path is None:
-            mask = torch.zeros(self.image_size, self.image_size)
-        else:
-            mask = preprocess_mask(np.asarray(load_mask(mask_path)), self.image_size)
+        image_path, _ = self.paths(sample)
         return {
-            "image": image,
-            "mask": mask,
+            "image": preprocess(load_image(image_path), self.image_size),
+            "mask": self.mask(i),
             "label": int(sample.anomaly),
             "cls_name": sample.cls_name,
             "path": image_path,
             "index": i,
         }
+
+    def mask(self, i: int) -> torch.Tensor:
+        """Sample i's mask [S, S] of 0/1 (all zero without a mask file); BadImageError when it cannot be read."""
+        _, mask_path = self.paths(self.samples[i])
+        if mask_path is None:
+            return torch.zeros(self.image_size, self.image_size)
+        return preprocess_mask(np.asarray(load_mask(mask_path)), self.image_size)
 
     def __getitem__(self, i: int) -> Item | None:
         try:

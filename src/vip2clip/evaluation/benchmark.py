@@ -24,6 +24,7 @@ from vip2clip.data.registry import DATASETS, dataset_info, resolve_index
 from vip2clip.evaluation.evaluate import EvalConfig, EvaluationResult, evaluate
 from vip2clip.evaluation.reference import Reference
 from vip2clip.evaluation.reports import BenchmarkEntry, write_benchmark, write_results
+from vip2clip.evaluation.scoring import evaluated_identity
 from vip2clip.inference.calibration import METHOD_F1, make_calibration
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
@@ -38,6 +39,7 @@ RANDOM_WEIGHTS_NOTE = (
     "the {} backbone has RANDOM weights (no pretrained CLIP): these numbers say nothing about CLIP or ViP²-CLIP."
 )
 _UNSAFE_FOLDER = re.compile(r"[^A-Za-z0-9._-]+")
+TILED_MAPS = "stitched at the image's own size, then resized (bilinear) to map_size, where the masks are"
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,9 @@ def load_dataset(spec: DatasetSpec) -> DatasetIndex:
 def run_context(
     model: ViP2CLIP, identity: ModelIdentity, dataset: Mapping[str, Any], config: EvalConfig
 ) -> dict[str, Any]:
-    """What a results file records about how it was made: package, model identity, dataset, protocol."""
+    """What a results file records about how it was made: package, model identity (with the tiling and the
+    few-shot protocol of `config`), dataset, protocol."""
+    identity = evaluated_identity(identity, config.tiling, config.shots, config.seed)
     return {
         "vip2clip_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -102,6 +106,8 @@ def run_context(
             "aupro": AUPRO_PROTOCOL,
             "mean": "over the classes where the metric is defined",
             "thresholds": "F1-optimal, 'score >= threshold' is anomalous, all classes pooled",
+            "tiling": None if config.tiling is None else {**config.tiling.to_dict(), "maps": TILED_MAPS},
+            "references": identity.references,
         },
     }
 
@@ -150,10 +156,12 @@ def evaluate_dataset(
 ) -> EvaluationResult:
     """Evaluate and write results.{md,csv,json}, calibration.json and (save_maps) the panels in OUT/maps/.
 
-    identity: `ModelIdentity.of(model, checkpoint)`, recorded in the results and the calibration.
+    identity: `ModelIdentity.of(model, checkpoint)`, recorded in the results and the calibration (with the tiling
+    and the few-shot protocol of `config`).
     `notes` go into results.md and results.json; a note on random backbone weights is added automatically.
     """
     out_dir = Path(out_dir)
+    identity = evaluated_identity(identity, config.tiling, config.shots, config.seed)
     if save_maps:
         config = replace(config, panels_dir=out_dir / MAPS_DIR)
     result = evaluate(model, index, config, progress)

@@ -19,6 +19,9 @@ Which metrics a class gets follows from its labels and masks (the medical sets w
 The F1-optimal thresholds for a calibration file are computed over the whole dataset (all classes pooled), image
 scores exactly and pixel scores from a histogram of the float16-rounded values, so no class's maps need to be
 kept; per-class optima are reported too.
+
+Tiling (`EvalConfig.tiling`) and reference images (`EvalConfig.shots`, the few-shot protocol) change how a class is
+scored, not what is measured: see `vip2clip.evaluation.scoring`.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,11 @@ from vip2clip.config import STORAGE_DTYPES
 from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.data.index import DatasetIndex
 from vip2clip.evaluation.panels import PanelSpool
+from vip2clip.evaluation.scoring import Batch, choose_shots, class_engine, tiled_batches
+from vip2clip.inference.predictor import InferenceEngine
+from vip2clip.inference.tiling import TileConfig
 from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, best_f1_threshold, compute_all
+from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.utils.progress import Progress, silent
 
@@ -50,7 +58,9 @@ MAP_DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
 @dataclass(frozen=True)
 class EvalConfig:
     """How to evaluate. panels_dir: write labelled panels there (`evaluation.panels`; None: no panels);
-    max_panels: at most this many per class (anomalous and normal alternately; None: all)."""
+    max_panels: at most this many per class (anomalous and normal alternately; None: all). tiling: score tile by
+    tile; shots: reference images per class from the train split, drawn with `seed`, their memories cached in
+    `reference_cache` (None: not on disk) (see `vip2clip.evaluation.scoring`)."""
 
     split: str = "test"
     classes: tuple[str, ...] | None = None
@@ -60,8 +70,14 @@ class EvalConfig:
     map_dtype: str = "float16"
     panels_dir: Path | None = None
     max_panels: int | None = None
+    tiling: TileConfig | None = None
+    shots: int = 0
+    seed: int = 111
+    reference_cache: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.shots < 0:
+            raise ValueError(f"shots must be >= 0, got {self.shots}")
         if self.map_dtype not in MAP_DTYPES:
             raise ValueError(f"map_dtype must be one of {sorted(MAP_DTYPES)}, got {self.map_dtype!r}")
         if self.batch_size < 1 or self.num_workers < 0:
@@ -92,6 +108,7 @@ class EvaluationResult:
     image_threshold: float
     pixel_threshold: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    references: dict[str, list[str]] = field(default_factory=dict)  # class -> its reference images (few-shot)
 
     @property
     def n_images(self) -> int:
@@ -123,11 +140,27 @@ def _pixel_rows(dataset: AnomalyDataset) -> np.ndarray:
     return np.array([not s.anomaly or bool(s.mask_path) for s in dataset.samples], dtype=bool)
 
 
+def _predicted_batches(
+    model: InferenceEngine, dataset: AnomalyDataset, config: EvalConfig, progress: Progress
+) -> Iterator[Batch]:
+    """(rows, scores [B], maps [B, S, S], masks bool [B, S, S]) per batch of the class's readable images."""
+    if config.tiling is not None:
+        yield from tiled_batches(model, dataset, config.tiling, config.batch_size, progress)
+        return
+    loader = _loader(dataset, config)
+    for batch in progress(loader, total=len(loader), desc=dataset.samples[0].cls_name if len(dataset) else ""):
+        if batch is None:  # every image of the batch was unreadable (skip_bad)
+            continue
+        prediction = model.predict(batch["image"])
+        scores, maps = prediction.pred_score.float().cpu().numpy(), prediction.anomaly_map.float().cpu().numpy()
+        yield batch["index"].numpy(), scores, maps, batch["mask"].numpy() > 0.5
+
+
 def collect_class_outputs(
-    model: ViP2CLIP, dataset: AnomalyDataset, config: EvalConfig, progress: Progress = silent
+    model: InferenceEngine, dataset: AnomalyDataset, config: EvalConfig, progress: Progress = silent
 ) -> ClassOutputs:
-    """Run the model over one class's dataset; maps and masks are kept when the class has masks or panels are
-    wanted."""
+    """Run the model (or any inference engine) over one class's dataset; maps and masks are kept when the class
+    has masks or panels are wanted."""
     n, size = len(dataset), dataset.image_size
     usable = _pixel_rows(dataset)
     has_masks = any(s.anomaly and s.mask_path for s in dataset.samples)
@@ -137,16 +170,9 @@ def collect_class_outputs(
     scores = np.zeros(n, dtype=np.float32)
     done = np.zeros(n, dtype=bool)
     histogram = PixelF1Histogram()
-    loader = _loader(dataset, config)
-    for batch in progress(loader, total=len(loader), desc=dataset.samples[0].cls_name if n else ""):
-        if batch is None:  # every image of the batch was unreadable (skip_bad)
-            continue
-        rows = batch["index"].numpy()
-        prediction = model.predict(batch["image"])
-        scores[rows] = prediction.pred_score.float().cpu().numpy()
+    for rows, batch_scores, batch_maps, batch_masks in _predicted_batches(model, dataset, config, progress):
+        scores[rows] = batch_scores
         done[rows] = True
-        batch_maps = prediction.anomaly_map.float().cpu().numpy()
-        batch_masks = batch["mask"].numpy() > 0.5
         if maps is not None:
             maps[rows], masks[rows] = batch_maps, batch_masks
         if has_masks:
@@ -222,13 +248,18 @@ def evaluate(
     index.samples(config.split, classes)  # an unknown class is an error before any work
     if not classes:
         raise ValueError(f"{index.root}: split {config.split!r} has no images")
+    shots = choose_shots(index, classes, config.shots, config.seed) if config.shots else {}
+    identity = ModelIdentity.of(model) if shots else None  # keys the reference memories (no checkpoint needed)
     histogram = PixelF1Histogram()
     results: list[ClassResult] = []
     all_scores, all_labels, skipped = [], [], []
     panels = PanelSpool(config.panels_dir, config.max_panels) if config.panels_dir is not None else None
     for name in classes:
         dataset = AnomalyDataset(index, config.split, [name], model.config.image_size, config.skip_bad)
-        outputs = collect_class_outputs(model, dataset, config, progress)
+        engine = class_engine(
+            model, identity, shots.get(name), config.tiling, config.batch_size, config.reference_cache
+        )
+        outputs = collect_class_outputs(engine, dataset, config, progress)
         skipped += _skipped(dataset, outputs)
         if outputs.labels.size == 0:
             logger.warning("%s: no readable image; class left out", name)
@@ -248,7 +279,8 @@ def evaluate(
         image_threshold = best_f1_threshold(labels, np.concatenate(all_scores))[1]
     if panels is not None:  # drawn now: they show the decisions at the dataset's thresholds
         panels.write(image_threshold, histogram.best()[1], model.config.image_size)
-    return EvaluationResult(results, mean_metrics(results), image_threshold, histogram.best()[1], skipped)
+    references = {name: [str(path) for path in paths] for name, paths in shots.items()}
+    return EvaluationResult(results, mean_metrics(results), image_threshold, histogram.best()[1], skipped, references)
 
 
 def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
@@ -269,4 +301,5 @@ def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
         "thresholds": {"image": result.image_threshold, "pixel": result.pixel_threshold},
         "n_images": result.n_images,
         "skipped": [{"path": path, "reason": reason} for path, reason in result.skipped],
+        **({"reference_images": result.references} if result.references else {}),
     }

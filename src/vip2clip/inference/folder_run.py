@@ -11,6 +11,8 @@ Layout of OUT (predict):
   suffix folded into the name: `good/a.jpg` -> `masks/good/a_jpg.png` (so `a.jpg` and `a.png` never collide).
 - with `panels`, `panels/KEY.png`: input | anomaly map | predicted mask with titles, the colour bar, the score and
   the decision (`vip2clip.visualization.panel`; a preview, at most 640 px a tile).
+- with `raw_maps`, `maps/KEY.npy`: the anomaly map at the image's original size as float16 [H, W] (column
+  `anomaly_map`; empty without raw maps).
 - `predictions.jsonl`: the journal. A settings line, then one line per finished image, appended after its
   PNGs are written. A re-run with the same OUT and the same settings skips every image whose line exists and
   whose file is unchanged (size and mtime) and outputs are present; other settings are an error unless
@@ -32,12 +34,12 @@ import numpy as np
 from PIL import Image
 
 from vip2clip.data.files import InputImage, find_images, no_images_error
-from vip2clip.data.images import load_image
+from vip2clip.data.images import BadImageError, image_size, load_image
 from vip2clip.inference import calibration as calib
 from vip2clip.inference.predictor import DEFAULT_THRESHOLD, ImageResult, Predictor, ScoredImage, Thresholds
 from vip2clip.metrics.threshold import DEFAULT_IMAGE_QUANTILE, DEFAULT_PIXEL_QUANTILE, StreamingQuantile
 from vip2clip.model.identity import ModelIdentity
-from vip2clip.utils.fileio import atomic_save_image, atomic_write_json, atomic_write_text
+from vip2clip.utils.fileio import atomic_save_image, atomic_save_npy, atomic_write_json, atomic_write_text
 from vip2clip.utils.progress import Progress, silent
 from vip2clip.visualization.heatmap import heatmap_overlay
 from vip2clip.visualization.panel import PREDICTED_MASK, PanelText, make_panel
@@ -45,9 +47,10 @@ from vip2clip.visualization.panel import PREDICTED_MASK, PanelText, make_panel
 logger = logging.getLogger(__name__)
 
 JOURNAL = "predictions.jsonl"
+_PIXEL_CHUNK = 1 << 20  # map values added to the streaming quantile at once
 CSV_COLUMNS = (
     "path", "pred_score", "pred_label", "max_pixel_score", "defect_area", "width", "height", "pred_mask", "overlay",
-    "panel",
+    "panel", "anomaly_map",
 )  # fmt: skip
 
 
@@ -99,8 +102,10 @@ def _assign_keys(todo: list[InputImage], records: dict[str, dict[str, Any]]) -> 
     return assigned
 
 
-def run_settings(predictor: Predictor, overlays: bool, panels: bool = False) -> dict[str, Any]:
-    """What decides the outputs: the model's identity, the thresholds and the overlay and panel switches."""
+def run_settings(predictor: Predictor, overlays: bool, panels: bool = False, raw_maps: bool = False) -> dict[str, Any]:
+    """What decides the outputs: the model's identity (with tiling and the references' rule), the thresholds, the
+    overlay, panel and raw-map switches and which reference images. All but the first ones are only present when
+    used, so that folders of earlier versions stay resumable."""
     settings = {
         "model": predictor.identity.to_dict(),
         "image_threshold": predictor.thresholds.image,
@@ -108,7 +113,11 @@ def run_settings(predictor: Predictor, overlays: bool, panels: bool = False) -> 
         "thresholds_source": predictor.thresholds.source,
         "overlays": overlays,
     }
-    return {**settings, "panels": True} if panels else settings  # absent when off: earlier runs stay compatible
+    switches = {"panels": panels, "raw_maps": raw_maps}
+    settings.update({name: True for name, used in switches.items() if used})  # absent when off: see above
+    if predictor.references is not None:
+        settings["references_sha256"] = predictor.references.record()["sha256"]
+    return settings
 
 
 def read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
@@ -145,7 +154,7 @@ def _is_done(image: InputImage, record: dict[str, Any] | None, out_dir: Path) ->
         stat = image.path.stat()
     except OSError:  # vanished since the walk: let the loader report it
         return False
-    outputs = [record["pred_mask"]] + [record[kind] for kind in ("overlay", "panel") if record.get(kind)]
+    outputs = [record["pred_mask"]] + [record[kind] for kind in ("overlay", "panel", "anomaly_map") if record.get(kind)]
     return (
         record.get("file_size") == stat.st_size
         and record.get("file_mtime_ns") == stat.st_mtime_ns
@@ -153,7 +162,9 @@ def _is_done(image: InputImage, record: dict[str, Any] | None, out_dir: Path) ->
     )
 
 
-def _record(image: InputImage, result: ImageResult, mask: str, overlay: str, panel: str = "") -> dict[str, Any]:
+def _record(
+    image: InputImage, result: ImageResult, mask: str, overlay: str, panel: str = "", raw_map: str = ""
+) -> dict[str, Any]:
     stat = image.path.stat()
     width, height = result.size
     return {
@@ -168,6 +179,7 @@ def _record(image: InputImage, result: ImageResult, mask: str, overlay: str, pan
         "pred_mask": mask,
         "overlay": overlay,
         "panel": panel,
+        "anomaly_map": raw_map,
         "file_size": stat.st_size,
         "file_mtime_ns": stat.st_mtime_ns,
     }
@@ -188,6 +200,13 @@ def save_outputs(
     if overlays:
         atomic_save_image(heatmap_overlay(rgb, result.anomaly_map), out_dir / overlay_name)
     return mask_name, overlay_name
+
+
+def save_raw_map(out_dir: Path, image: InputImage, result: ImageResult) -> str:
+    """Write maps/KEY.npy (the map at the image's size, float16) atomically; returns its path relative to out_dir."""
+    name = f"maps/{output_name(image.key).removesuffix('.png')}.npy"
+    atomic_save_npy(result.anomaly_map.astype(np.float16), out_dir / name)
+    return name
 
 
 def panel_threshold_source(thresholds: Thresholds) -> str:
@@ -243,6 +262,7 @@ def predict_folder(
     overlays: bool = True,
     progress: Progress = silent,
     panels: bool = False,
+    raw_maps: bool = False,
 ) -> RunSummary:
     """Predict every image in `paths` (files or folders, recursive) into `out_dir`; see the module docstring.
 
@@ -253,7 +273,7 @@ def predict_folder(
     if not images:
         raise no_images_error(paths)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(predictor, overlays, panels)
+    settings = run_settings(predictor, overlays, panels, raw_maps)
     records = _start_journal(out_dir, settings, overwrite)
     todo = [image for image in images if not _is_done(image, records.get(str(image.path)), out_dir)]
     todo = _assign_keys(todo, records)
@@ -265,9 +285,9 @@ def predict_folder(
                 continue
             result = predictor.result(scored)
             files = save_outputs(out_dir, scored.source, scored.image, result, overlays)
-            if panels:
-                source = panel_threshold_source(predictor.thresholds)
-                files += (save_panel_output(out_dir, scored.source, scored.image, result, source),)
+            source = panel_threshold_source(predictor.thresholds)
+            files += (save_panel_output(out_dir, scored.source, scored.image, result, source) if panels else "",)
+            files += (save_raw_map(out_dir, scored.source, result) if raw_maps else "",)
             record = _record(scored.source, result, *files)
             records[record["path"]] = record
             journal.write(json.dumps(record) + "\n")
@@ -285,6 +305,18 @@ def predict_folder(
     )
 
 
+def _map_pixels(predictor: Predictor, path: Path) -> int:
+    """How many map values an image gives: S*S, or its own pixel count when tiled (from its header; 0 when that
+    is unreadable, the image is then reported as unreadable when scored)."""
+    if predictor.tiling is None:
+        return predictor.image_size**2
+    try:
+        width, height = image_size(path)
+    except BadImageError:
+        return 0
+    return width * height
+
+
 def calibrate_folder(
     predictor: Predictor,
     paths: Sequence[str | Path],
@@ -294,14 +326,14 @@ def calibrate_folder(
 ) -> tuple[calib.Calibration, list[tuple[str, str]]]:
     """Normal-quantile calibration (`calib.calibrate_from_normal`) on the defect-free images in `paths`.
 
-    Pixel scores are the maps at the model's input size [S, S], streamed into an exact quantile so that memory
-    stays bounded. Returns the calibration and the unreadable files (skipped).
+    Pixel scores are the maps at the model's input size [S, S] (tiled: the stitched maps at the images' own size,
+    the maps `predict` thresholds), streamed into an exact quantile so that memory stays bounded. Returns the
+    calibration and the unreadable files (skipped).
     """
     images = find_images(paths)
     if not images:
         raise no_images_error(paths)
-    side = predictor.image_size
-    pixels = StreamingQuantile(pixel_quantile, len(images) * side * side)
+    pixels = StreamingQuantile(pixel_quantile, max(1, sum(_map_pixels(predictor, image.path) for image in images)))
     scores: list[float] = []
     failed: list[tuple[str, str]] = []
     for scored in progress(predictor.score(images, _load), total=len(images), desc="calibrate"):
@@ -309,7 +341,8 @@ def calibrate_folder(
             failed.append(_failure(scored))
             continue
         scores.append(scored.pred_score)
-        pixels.add(scored.anomaly_map)
+        for rows in np.array_split(scored.anomaly_map, max(1, scored.anomaly_map.size // _PIXEL_CHUNK)):
+            pixels.add(rows)  # in row blocks: the quantile works in float64
     if not scores:
         raise ValueError("none of the images could be read: " + "; ".join(f"{p}: {e}" for p, e in failed[:5]))
     return calib.calibrate_from_normal(scores, pixels, predictor.identity, image_quantile), failed

@@ -6,6 +6,11 @@ model's square input), scored in batches by one batching path (`Predictor.score`
 `predict`, folder runs, calibration, the server), and each anomaly map is brought back to the image's own size
 (bilinear), so masks and overlays line up with the original pixels.
 
+Options: `tiling` (a `TileConfig`) scores large images tile by tile and stitches the maps at the original size
+(`vip2clip.inference.tiling`); `references` (a `ReferenceMemory` of normal images of the part) fuses a
+nearest-neighbour map with the model's (`vip2clip.inference.references`). Both go into the predictor's identity,
+so that calibrations and prediction folders made with other options are refused.
+
 Vocabulary (as anomalib's): `pred_score` the image score, `pred_label` the decision, `anomaly_map` the map,
 `pred_mask` the defect pixels. An image is "anomalous" when pred_score >= the image threshold; a pixel is a defect
 when its map value >= the pixel threshold. Both are probabilities in [0, 1]; without a calibration file or explicit
@@ -17,8 +22,9 @@ Folder runs (`vip2clip predict`, `vip2clip calibrate`) live in `vip2clip.inferen
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -30,6 +36,8 @@ from vip2clip.config import ModelConfig
 from vip2clip.data.images import BadImageError, ImageInput, to_rgb
 from vip2clip.data.transforms import preprocess, resize_map
 from vip2clip.inference import calibration as calib
+from vip2clip.inference.references import ReferenceEngine, ReferenceMemory
+from vip2clip.inference.tiling import StitchedMap, TileConfig
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import Prediction
 
@@ -149,14 +157,27 @@ def make_result(pred_score: float, anomaly_map: np.ndarray, thresholds: Threshol
 
 @dataclass
 class ScoredImage(Generic[T]):
-    """One input after `Predictor.score`: the input as given, its decoded RGB image, its score and its map
-    [S, S] at the model's input size. An input that could not be decoded has `error` set (and no image or map)."""
+    """One input after `Predictor.score`: the input as given, its decoded RGB image, its score and its map:
+    [S, S] at the model's input size, or [H, W] at the image's own size when tiled. An input that could not be
+    decoded has `error` set (and no image or map)."""
 
     source: T
     image: Image.Image | None = None
     pred_score: float = float("nan")
     anomaly_map: np.ndarray | None = None
     error: BadImageError | None = None
+
+
+@dataclass
+class _InFlight(Generic[T]):
+    """An image whose model inputs (itself, or its tiles) are being scored; `remaining` inputs to go."""
+
+    scored: ScoredImage[T]
+    stitched: StitchedMap | None = None
+    remaining: int = 0
+
+    def model_input(self, tile: int) -> Image.Image:
+        return self.scored.image if self.stitched is None else self.scored.image.crop(self.stitched.boxes[tile])
 
 
 class Predictor:
@@ -173,12 +194,17 @@ class Predictor:
         thresholds: Thresholds | None = None,
         batch_size: int = 8,
         identity: ModelIdentity | None = None,
+        tiling: TileConfig | None = None,
+        references: ReferenceMemory | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.thresholds = thresholds or Thresholds(DEFAULT_THRESHOLD, DEFAULT_THRESHOLD, "default (uncalibrated)")
         self.batch_size = batch_size
+        self.tiling = tiling
+        self.references = references
+        self._engine = model if references is None else ReferenceEngine(model, references)
         self._identity = identity
 
     @classmethod
@@ -194,56 +220,88 @@ class Predictor:
         image_size: int | None = None,
         precision: str = "fp32",
         batch_size: int = 8,
+        tiling: TileConfig | None = None,
+        reference: str | Path | None = None,
         **config: Any,
     ) -> Predictor:
-        """Build the model (`vip2clip.create_model`) and resolve the thresholds (`resolve_thresholds`)."""
+        """Build the model (`vip2clip.create_model`), the reference memory of the normal images in the folder
+        `reference` (`vip2clip.inference.references.load_references`, cached in `default_cache_dir()`) and resolve
+        the thresholds (`resolve_thresholds`)."""
         from vip2clip.factory import create_model
+        from vip2clip.inference.references import default_cache_dir, load_references
 
         model = create_model(backbone, clip_weights, checkpoint, image_size, device, precision=precision, **config)
         identity = ModelIdentity.of(model, checkpoint)
-        thresholds = resolve_thresholds(identity, calibration, image_threshold, pixel_threshold)
-        return cls(model, thresholds, batch_size, identity)
+        memory = None
+        if reference is not None:
+            memory = load_references(model, identity, reference, tiling, batch_size, default_cache_dir())
+        predictor = cls(model, None, batch_size, identity, tiling, memory)
+        thresholds = resolve_thresholds(predictor.identity, calibration, image_threshold, pixel_threshold)
+        return predictor.with_thresholds(thresholds)
 
     @property
     def identity(self) -> ModelIdentity:
-        """The model's identity (for a model without a checkpoint unless one was given)."""
+        """The identity of the model (for a model without a checkpoint unless one was given) as this predictor
+        uses it: with its tiling and its references' rule and files."""
         if self._identity is None:
             self._identity = ModelIdentity.of(self.model)
-        return self._identity
+        return replace(
+            self._identity,
+            tiling=None if self.tiling is None else self.tiling.to_dict(),
+            references=None if self.references is None else self.references.record(),
+        )
 
     @property
     def image_size(self) -> int:
         return self.model.config.image_size
 
     def with_thresholds(self, thresholds: Thresholds) -> Predictor:
-        """The same model with other thresholds (no reload)."""
-        return Predictor(self.model, thresholds, self.batch_size, self._identity)
+        """The same model, tiling and references with other thresholds (no reload)."""
+        return Predictor(self.model, thresholds, self.batch_size, self._identity, self.tiling, self.references)
 
     def score(self, inputs: Iterable[T], load: Callable[[T], Image.Image] = to_rgb) -> Iterator[ScoredImage[T]]:
-        """Decode `inputs` with `load`, score them in batches of `batch_size`, yield one ScoredImage per input in
-        order. A BadImageError from `load` is reported on its ScoredImage and never stops the stream."""
-        batch: list[ScoredImage[T]] = []
+        """Decode `inputs` with `load`, score their model inputs (each image, or each of its tiles) in batches of
+        `batch_size`, yield one ScoredImage per input in order. A BadImageError from `load` is reported on its
+        ScoredImage and never stops the stream. Inputs are decoded only as the batches need them, and tiles are
+        cut and preprocessed batch by batch, so memory holds the images of one batch (and their accumulators)."""
+        queue: deque[_InFlight[T]] = deque()
+        batch: list[tuple[_InFlight[T], int]] = []
         for source in inputs:
-            try:
-                batch.append(ScoredImage(source, image=load(source)))
-            except BadImageError as error:
-                batch.append(ScoredImage(source, error=error))
-            if len(batch) == self.batch_size:
-                yield from self._score_batch(batch)
-                batch = []
+            queue.append(self._start(source, load))
+            for tile in range(queue[-1].remaining):
+                batch.append((queue[-1], tile))
+                if len(batch) == self.batch_size:
+                    self._score_batch(batch)
+                    batch = []
+                    yield from _finished(queue)
         if batch:
-            yield from self._score_batch(batch)
+            self._score_batch(batch)
+        yield from _finished(queue)
 
-    def _score_batch(self, batch: list[ScoredImage[T]]) -> list[ScoredImage[T]]:
-        decoded = [item for item in batch if item.image is not None]
-        if decoded:
-            tensors = torch.stack([preprocess(item.image, self.image_size) for item in decoded])
-            prediction = self.model.predict(tensors)
-            scores = prediction.pred_score.float().cpu().numpy()
-            maps = prediction.anomaly_map.float().cpu().numpy()
-            for item, score, anomaly_map in zip(decoded, scores, maps, strict=True):
-                item.pred_score, item.anomaly_map = float(score), anomaly_map
-        return batch
+    def _start(self, source: T, load: Callable[[T], Image.Image]) -> _InFlight[T]:
+        try:
+            image = load(source)
+        except BadImageError as error:
+            return _InFlight(ScoredImage(source, error=error))
+        if self.tiling is None:
+            return _InFlight(ScoredImage(source, image=image), remaining=1)
+        stitched = StitchedMap(image.size, self.tiling)
+        return _InFlight(ScoredImage(source, image=image), stitched, len(stitched.boxes))
+
+    def _score_batch(self, batch: list[tuple[_InFlight[T], int]]) -> None:
+        tensors = torch.stack([preprocess(item.model_input(tile), self.image_size) for item, tile in batch])
+        prediction = self._engine.predict(tensors)
+        scores = prediction.pred_score.float().cpu().numpy()
+        maps = prediction.anomaly_map.float().cpu().numpy()
+        for (item, tile), score, anomaly_map in zip(batch, scores, maps, strict=True):
+            item.remaining -= 1
+            if item.stitched is None:
+                item.scored.pred_score, item.scored.anomaly_map = float(score), anomaly_map
+                continue
+            item.stitched.add(tile, anomaly_map, float(score))
+            if item.remaining == 0:
+                item.scored.pred_score, item.scored.anomaly_map = item.stitched.finish()
+                item.stitched = None
 
     def result(self, scored: ScoredImage) -> ImageResult:
         """The decisions for a scored image, with its map resized to the image's original size."""
@@ -260,3 +318,9 @@ class Predictor:
         single = isinstance(inputs, (str, Path, Image.Image, np.ndarray))
         images = [to_rgb(item) for item in ([inputs] if single else inputs)]
         return [self.result(scored) for scored in self.score(images, load=lambda image: image)]
+
+
+def _finished(queue: deque[_InFlight[T]]) -> Iterator[ScoredImage[T]]:
+    """Pop and yield the leading images whose inputs are all scored (input order is kept)."""
+    while queue and queue[0].remaining == 0:
+        yield queue.popleft().scored

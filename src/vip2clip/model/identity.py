@@ -25,6 +25,8 @@ class ModelIdentity:
     image_size, top_k, sigma: the options that change scores without retraining.
     fingerprint / top_k / sigma may be None in records written by older versions: then they are not compared.
     config: the full model configuration; vip2clip_version: the package that wrote the record.
+    tiling / references: how the predictor used the model (tile size and overlap; the reference images' fusion
+    rule and files), None when it did not tile / had no references (and in records of older versions).
     """
 
     backbone: str
@@ -37,6 +39,8 @@ class ModelIdentity:
     sigma: float | None = None
     config: dict[str, Any] | None = None
     vip2clip_version: str | None = None
+    tiling: dict[str, Any] | None = None
+    references: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, model: ViP2CLIP, checkpoint: str | Path | None = None) -> ModelIdentity:
@@ -68,7 +72,9 @@ class ModelIdentity:
         they describe the same model. `labels` name the two sides (e.g. "calibrated with", "model uses").
 
         Compared: checkpoint hash, backbone, CLIP weights fingerprint, input size, top_k and sigma (the last three
-        only where both records know them). Paths, wording and package versions are not compared.
+        only where both records know them), the tiling and the references' fusion rule (not which reference
+        images: other good parts of the same setup give scores on the same scale). Paths, wording and package
+        versions are not compared.
         """
         mine, theirs = labels
         problems = []
@@ -82,6 +88,11 @@ class ModelIdentity:
             a, b = getattr(self, option), getattr(other, option)
             if None not in (a, b) and a != b:
                 problems.append(f"{name}: {mine} {a}, {theirs} {b}")
+        if self.tiling != other.tiling:
+            problems.append(f"tiling: {mine} {_option(self.tiling)}, {theirs} {_option(other.tiling)}")
+        rules = [None if r is None else r.get("rule") for r in (self.references, other.references)]
+        if rules[0] != rules[1]:
+            problems.append(f"reference images: {mine} {_option(rules[0])}, {theirs} {_option(rules[1])}")
         return problems
 
 
@@ -89,3 +100,7 @@ def _describe(identity: ModelIdentity) -> str:
     if identity.checkpoint_sha256 is None:
         return "no checkpoint"
     return f"{identity.checkpoint} (sha256 {identity.checkpoint_sha256[:12]})"
+
+
+def _option(value: dict[str, Any] | None) -> str:
+    return "none" if value is None else ", ".join(f"{key} {item}" for key, item in value.items())

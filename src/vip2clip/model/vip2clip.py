@@ -45,10 +45,12 @@ class ModelOutput:
 
 @dataclass
 class Prediction:
-    """pred_score [B]: anomalous probability; anomaly_map [B, H, W]: layer-averaged, Gaussian-smoothed map."""
+    """pred_score [B]: anomalous probability; anomaly_map [B, H, W]: layer-averaged, Gaussian-smoothed map;
+    features: the frozen encoder's outputs (patch tokens for reference images), only when asked for."""
 
     pred_score: torch.Tensor
     anomaly_map: torch.Tensor
+    features: ImageFeatures | None = None
 
 
 class ViP2CLIP(nn.Module):
@@ -146,14 +148,18 @@ class ViP2CLIP(nn.Module):
         return Prediction(score, utpa.smoothed_anomaly_map(probabilities, output.grid, size, self.config.sigma))
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> Prediction:
-        """images [B, 3, H, W], normalised with the OpenAI mean/std -> Prediction (no gradients)."""
+    def predict(self, images: torch.Tensor, return_features: bool = False) -> Prediction:
+        """images [B, 3, H, W], normalised with the OpenAI mean/std -> Prediction (no gradients); with
+        `return_features` it carries the encoder's outputs too (one encoder pass serves both)."""
         was_training = self.training
         self.eval()
         try:
             device = next(self.parameters()).device
-            output = self(images.to(device))
-            return self.prediction_from_output(output, (images.shape[-2], images.shape[-1]))
+            features = self.encode_image(images.to(device))
+            prediction = self.prediction_from_output(self.forward_features(features), tuple(images.shape[-2:]))
+            if return_features:
+                prediction.features = features
+            return prediction
         finally:
             self.train(was_training)
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 from PIL import Image
 
 
@@ -69,6 +70,14 @@ def atomic_save_image(image: Image.Image, path: str | Path, image_format: str | 
         raise ValueError(f"{path}: cannot tell the image format from the suffix {path.suffix!r}")
     with _atomic_file(path, "wb", durable=False) as stream:
         image.save(stream, format=image_format)
+    return path
+
+
+def atomic_save_npy(array: np.ndarray, path: str | Path) -> Path:
+    """np.save an array (.npy, no pickle) atomically; returns the path."""
+    path = Path(path)
+    with _atomic_file(path, "wb", durable=False) as stream:
+        np.save(stream, np.asarray(array), allow_pickle=False)
     return path
 
 

@@ -1,0 +1,118 @@
+"""How `evaluate` scores a class besides the plain model: with reference images (few-shot) and with tiling.
+
+Few-shot protocol (`EvalConfig.shots` = K, as the few-shot rows of WinCLIP+, APRIL-GAN and AnomalyCLIP): per class,
+K normal images of the dataset's *train* split, drawn without replacement by a generator seeded with (seed, class
+name) so that a class gets the same images whatever other classes are evaluated, become the class's reference
+memory (`vip2clip.inference.references`); the class's test images are scored by the fused rule. Every class must
+have K normal train images; the check runs for all classes before any work.
+
+Tiling (`EvalConfig.tiling`): each test image is read at its own size and scored tile by tile through
+`Predictor.score` (the one batching path); the stitched map, at the image's own size, is resized (`resize_map`,
+bilinear) to the evaluation's map size, the model's input size, where the masks are as without tiling. Metrics stay
+comparable with untiled runs and memory stays that of one class's maps at that size.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from vip2clip.data.dataset import AnomalyDataset
+from vip2clip.data.images import BadImageError, load_image
+from vip2clip.data.index import DatasetIndex
+from vip2clip.data.transforms import resize_map
+from vip2clip.inference.predictor import InferenceEngine, Predictor
+from vip2clip.inference.references import FusionRule, ReferenceEngine, memory_from_files
+from vip2clip.inference.tiling import TileConfig
+from vip2clip.model.identity import ModelIdentity
+from vip2clip.utils.progress import Progress
+
+Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # rows [B], scores [B], maps [B, S, S], masks bool
+
+
+def choose_shots(index: DatasetIndex, classes: list[str], shots: int, seed: int) -> dict[str, list[Path]]:
+    """Per class, `shots` normal train images (absolute paths, sorted), drawn with a (seed, class) generator.
+
+    ValueError naming the class and the number available when a class has fewer normal train images."""
+    by_class: dict[str, list[str]] = {name: [] for name in classes}
+    for samples in index.splits.get("train", {}).values():
+        for sample in samples:
+            if sample.cls_name in by_class and not sample.anomaly:
+                by_class[sample.cls_name].append(sample.img_path)
+    chosen = {}
+    for name, paths in by_class.items():
+        if len(paths) < shots:
+            have = f"has {len(paths)} normal train image(s)" if paths else "has no normal train images"
+            raise ValueError(
+                f"{index.root}: class {name!r} {have}; --shots {shots} needs {shots} per class from the train split"
+            )
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
+        picked = rng.choice(len(paths), size=shots, replace=False)
+        chosen[name] = sorted(Path(index.resolve(paths[i])).resolve() for i in picked)
+    return chosen
+
+
+def evaluated_identity(identity: ModelIdentity, tiling: TileConfig | None, shots: int, seed: int) -> ModelIdentity:
+    """The model's identity as the evaluation uses it, for results.json and calibration.json: with the tiling and
+    the few-shot protocol (the images are listed per class in results.json)."""
+    references = None
+    if shots:
+        references = {"rule": FusionRule().to_dict(), "shots": shots, "seed": seed, "source": "normal train images"}
+    return replace(identity, tiling=None if tiling is None else tiling.to_dict(), references=references)
+
+
+def class_engine(
+    model: InferenceEngine,
+    identity: ModelIdentity,
+    files: list[Path] | None,
+    tiling: TileConfig | None,
+    batch_size: int,
+    cache_dir: Path | None,
+) -> InferenceEngine:
+    """The engine for one class: the model, or the model fused with the memory of `files`."""
+    if not files:
+        return model
+    return ReferenceEngine(model, memory_from_files(model, identity, files, tiling, batch_size, cache_dir))
+
+
+def tiled_batches(
+    engine: InferenceEngine, dataset: AnomalyDataset, tiling: TileConfig, batch_size: int, progress: Progress
+) -> Iterator[Batch]:
+    """Score the class's images tile by tile; yields batches of stitched maps resized to the dataset's size.
+
+    An image (or mask) that cannot be read raises BadImageError, or with `dataset.skip_bad` is listed in
+    `dataset.skipped` and left out."""
+    predictor = Predictor(engine, batch_size=batch_size, tiling=tiling)
+    size = dataset.image_size
+    rows: list[int] = []
+    scores: list[float] = []
+    maps: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
+
+    def load(i: int):
+        return load_image(dataset.paths(dataset.samples[i])[0])
+
+    scored_images = predictor.score(range(len(dataset)), load)
+    for scored in progress(scored_images, total=len(dataset), desc=dataset.samples[0].cls_name if dataset else ""):
+        try:
+            if scored.error is not None:
+                raise scored.error
+            mask = dataset.mask(scored.source).numpy() > 0.5
+        except BadImageError as error:
+            if not dataset.skip_bad:
+                raise
+            dataset.skipped.append((str(error.path), error.problem))
+            continue
+        rows.append(scored.source)
+        scores.append(scored.pred_score)
+        maps.append(resize_map(scored.anomaly_map, (size, size)))
+        masks.append(mask)
+        if len(rows) == batch_size:
+            yield np.array(rows), np.array(scores, dtype=np.float32), np.stack(maps), np.stack(masks)
+            rows, scores, maps, masks = [], [], [], []
+    if rows:
+        yield np.array(rows), np.array(scores, dtype=np.float32), np.stack(maps), np.stack(masks)
