@@ -29,6 +29,7 @@ import vip2clip
 from common import (
     add_common_arguments,
     apply_common_arguments,
+    current_rss_mib,
     machine_description,
     markdown_table,
     paired_ratio,
@@ -66,6 +67,10 @@ def evaluate_with(model, index, shots: int, rule: FusionRule, seed: int) -> dict
     return mean_metrics(results)
 
 
+def _cells(values: list[dict[str, float]]) -> list[str]:
+    return [f"{100 * np.mean([v[key] for v in values]):.1f}" for key, _ in METRICS]
+
+
 def accuracy_tables(model, root: Path, sets: int, seed: int) -> str:
     indexes = []
     for style in ("structured", "textured"):
@@ -78,19 +83,23 @@ def accuracy_tables(model, root: Path, sets: int, seed: int) -> str:
     for shots in SHOTS:
         for style in ("structured", "textured"):
             values = [evaluate_with(model, i, shots, FusionRule(), seed) for s, i in indexes if s == style]
-            rows.append([style, shots or "zero-shot", *(f"{100 * np.mean([v[k] for v in values]):.1f}" for k, _ in METRICS)])
+            rows.append(
+                [style, shots or "zero-shot", *(f"{100 * np.mean([v[k] for v in values]):.1f}" for k, _ in METRICS)]
+            )
     sweep = []
     for weight in WEIGHTS:
         for sigma in SIGMAS:
             rule = FusionRule(weight, sigma)
             values = [evaluate_with(model, i, 4, rule, seed) for _, i in indexes]
             sigma_text = "model's (8)" if sigma is None else f"{sigma:g}"
-            sweep.append([f"{weight:g}", sigma_text, *(f"{100 * np.mean([v[k] for v in values]):.1f}" for k, _ in METRICS)])
+            sweep.append(
+                [f"{weight:g}", sigma_text, *(f"{100 * np.mean([v[k] for v in values]):.1f}" for k, _ in METRICS)]
+            )
     header = [name for _, name in METRICS]
     return (
         f"Demo model (tiny random CLIP, 128 px, trained on 'textured'); {sets} synthetic set(s) per style, 2 classes, "
-        "8 train / 8 normal / 8 anomalous test images per class; x100, means over the sets. Rule: weight 0.5, "
-        "the model's sigma.\n\n"
+        f"8 train / 8 normal / 8 anomalous test images per class; x100, means over the sets. Rule: weight "
+        f"{FusionRule().weight}, the model's sigma.\n\n"
         + markdown_table(["test set", "shots", *header], rows)
         + f"\n\nRule parameters at 4 shots, both styles ({2 * sets} sets):\n\n"
         + markdown_table(["weight w", "sigma", *header], sweep)
@@ -111,9 +120,10 @@ def cost_table(args: argparse.Namespace, device: torch.device) -> str:
     )
     peaks = {}
     for name, call in (("model", lambda: model.predict(images)), ("4 shots", lambda: engine.predict(images))):
+        before = current_rss_mib()
         reset_peak_rss()
         call()
-        peaks[name] = peak_rss_mib()
+        peaks[name] = peak_rss_mib() - before
     base, fused = timings["model"], timings["4 shots"]
     rows = [
         ["model.predict", f"{1000 * base.median / args.batch:.1f}", "1.000", f"{peaks['model']:.0f}"],
@@ -129,7 +139,7 @@ def cost_table(args: argparse.Namespace, device: torch.device) -> str:
         f"{memory.n_patches} patches x {len(memory.tokens)} layers, "
         f"{sum(t.numel() * 2 for t in memory.tokens) / 2**20:.1f} MiB (float16). "
         f"Median of {args.repeats} interleaved rounds.\n\n"
-        + markdown_table(["call", "ms per image", "ratio to model", "peak RSS MiB (process)"], rows)
+        + markdown_table(["call", "ms per image", "ratio to model", "peak RSS above the model MiB"], rows)
     )
 
 

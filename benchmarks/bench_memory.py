@@ -23,6 +23,7 @@ import vip2clip
 from common import (
     add_common_arguments,
     apply_common_arguments,
+    current_rss_mib,
     describe_machine,
     machine_description,
     markdown_table,
@@ -50,14 +51,6 @@ class MemoryRow:
 
 
 HEADERS = ("call", "peak RSS MiB", "RSS above model MiB", "peak CUDA MiB", "CUDA above model MiB")
-
-
-def current_rss_mib() -> float:
-    """Resident memory now (VmRSS) in MiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmRSS line")
 
 
 def measure_peak(name: str, function: Callable[[], object], device: torch.device) -> MemoryRow:

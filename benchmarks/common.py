@@ -123,6 +123,14 @@ def reset_peak_rss() -> bool:
     return True
 
 
+def current_rss_mib() -> float:
+    """Resident memory now (VmRSS) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmRSS line")
+
+
 def peak_rss_mib() -> float:
     """Peak resident memory of this process in MiB since the last `reset_peak_rss` (or since it started)."""
     try:
