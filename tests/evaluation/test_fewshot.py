@@ -53,6 +53,7 @@ def test_four_shots_lift_pixel_auroc_without_lowering_image_auroc(
     assert sorted(used) == ["object_0", "object_1"] and all(len(paths) == 4 for paths in used.values())
     assert all(Path(path).is_file() and f"/{name}/train/good/" in path for name in used for path in used[name])
     assert "reference_images" not in zero and zero["model"]["references"] is None
+    assert "few-shot: 4 normal train image(s) per class" in (tmp_path / "four/results.md").read_text()
     assert len(list((tmp_path / "xdg/vip2clip/references").glob("*.npy"))) == 2  # one memory per class
 
 

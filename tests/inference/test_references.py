@@ -189,3 +189,25 @@ def test_predict_with_a_reference_folder(checkpoint: Path, tmp_path: Path, capsy
     capsys.readouterr()
     assert main(["predict", *args, "--calibration", str(tmp_path / "c.json"), "--out", str(tmp_path / "o2")]) == 2
     assert "reference images: calibrated with weight 0.75" in capsys.readouterr().err
+
+
+def test_serve_and_the_python_api_take_tiles_and_references(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    from vip2clip.cli import build_parser
+    from vip2clip.cli.predict import build_predictor
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    _save_images(tmp_path / "good", 2, (50, 40))
+    model = ["--checkpoint", str(checkpoint), "--backbone", "tiny", "--image-size", "64"]
+    options = ["--tile", "32", "--tile-overlap", "0.5", "--reference", str(tmp_path / "good")]
+    argv = ["serve", *model, *options, "--reference-cache", str(tmp_path / "c")]
+    served = build_predictor(build_parser().parse_args(argv))
+    assert served.tiling == TileConfig(32, 0.5) and len(served.references.files) == 2
+    assert len(list((tmp_path / "c").glob("*.npy"))) == 1
+    python = Predictor.from_checkpoint(
+        checkpoint, backbone="tiny", image_size=64, tiling=TileConfig(32, 0.5), reference=tmp_path / "good"
+    )
+    assert len(list((tmp_path / "xdg/vip2clip/references").glob("*.npy"))) == 1  # the default cache
+    image = np.random.default_rng(5).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    a, b = served.predict(image)[0], python.predict(image)[0]
+    assert a.pred_score == pytest.approx(b.pred_score) and np.allclose(a.anomaly_map, b.anomaly_map)
+    assert python.identity.tiling == {"size": 32, "overlap": 0.5} and python.identity.references is not None

@@ -168,6 +168,11 @@ def evaluate_dataset(
     dataset = {"name": name, "root": str(index.root), "split": config.split}
     if model.backbone.weights_source.startswith("random"):
         notes = [RANDOM_WEIGHTS_NOTE.format(model.config.backbone), *notes]
+    if config.shots:
+        notes = [*notes, f"few-shot: {config.shots} normal train image(s) per class as references (seed "
+                 f"{config.seed}; listed in results.json), not zero-shot."]  # fmt: skip
+    if config.tiling is not None:
+        notes = [*notes, f"tiled: {config.tiling.size}-px tiles, overlap {config.tiling.overlap}."]
     write_results(out_dir, result, run_context(model, identity, dataset, config), title=name, notes=notes)
     write_calibration(out_dir / CALIBRATION_NAME, identity, result)
     for path, reason in result.skipped:
