@@ -17,6 +17,9 @@ STORAGE_DTYPES = ("float16", "float32")
 
 DEFAULT_BACKBONE = "ViT-L-14-336"
 TINY_BACKBONE = "tiny"
+# Largest input side accepted: 4x the paper's 518 px per side. ViT-L/14 at 2048 px already has 21,316 patch tokens
+# per image (attention matrices of gigabytes); larger parts are better tiled than fed whole.
+MAX_IMAGE_SIZE = 2048
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,11 @@ class ModelConfig:
         for name in ("image_size", "n_context", "fgp_heads", "top_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ValueError(
+                f"image_size {self.image_size} is larger than {MAX_IMAGE_SIZE}: the backbone's attention would need "
+                f"memory for ({self.image_size}/patch)^2 tokens per image; the paper uses 518"
+            )
         if self.n_dynamic < 0:
             raise ValueError(f"n_dynamic must be >= 0, got {self.n_dynamic}")
         if self.temperature <= 0:

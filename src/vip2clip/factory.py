@@ -17,6 +17,22 @@ from vip2clip.model.weights import load_clip
 logger = logging.getLogger(__name__)
 
 
+def _check_patch_multiple(cfg: ModelConfig, patch: int, explicit: bool) -> None:
+    """An input side that is not a multiple of the patch size loses its last rows and columns in the patch grid:
+    refused when asked for explicitly, a warning for a default (518 suits the /14 backbones, not /16 ones)."""
+    if cfg.image_size % patch == 0:
+        return
+    lower, upper = cfg.image_size // patch * patch, (cfg.image_size // patch + 1) * patch
+    problem = (
+        f"image size {cfg.image_size} is not a multiple of the {cfg.backbone} backbone's patch size {patch}: the "
+        f"last {cfg.image_size % patch} pixel rows and columns are ignored; use "
+        + (f"{lower} or {upper}" if lower else f"{upper}")
+    )
+    if explicit:
+        raise ValueError(problem)
+    logger.warning("%s (--image-size)", problem)
+
+
 def create_model(
     backbone: str | None = None,
     clip_weights: str | Path | None = None,
@@ -55,10 +71,16 @@ def create_model(
     if cfg.backbone is None:
         cfg = cfg.updated(backbone=DEFAULT_BACKBONE)
 
+    if loaded is not None and image_size is not None and "source" not in loaded.meta and image_size != base.image_size:
+        logger.warning(
+            "checkpoint %s was trained at %d px; running it at %d px changes its scores (thresholds and results "
+            "from %d px do not carry over)", checkpoint, base.image_size, image_size, base.image_size,
+        )  # fmt: skip
     clip, source = load_clip(cfg.backbone, clip_weights, quick_gelu=cfg.quick_gelu)
     if clip_weights is None:
         logger.warning("backbone %s has random weights (%s): scores say nothing about CLIP", cfg.backbone, source)
     frozen = FrozenCLIP(clip, cfg.feature_layers, cfg.pos_embed_interpolation, cfg.backbone, source)
+    _check_patch_multiple(cfg, frozen.patch_size, explicit=image_size is not None)
     cfg = cfg.updated(feature_layers=frozen.feature_layers)
     with torch.random.fork_rng(devices=[]):
         if seed is not None:

@@ -74,3 +74,14 @@ def test_real_backbone_needs_weights(tmp_path: Path, capsys) -> None:
 def test_scaled_top_k_keeps_the_release_share() -> None:
     assert scaled_top_k(518, 14) == 50  # the release: 50 of 37x37 patches
     assert scaled_top_k(128, 16) == 2 and scaled_top_k(32, 16) == 1
+
+
+def test_a_demo_that_stops_on_an_error_says_failed(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "d"
+    out.mkdir()
+    (out / "demo.json").write_text('{"status": "done"}')  # an earlier demo folder, reused ...
+    (out / "data").write_text("in the way")  # ... where the data folder cannot be created
+    assert main(["demo", "--out", str(out), "--image-size", "64", "--epochs", "1"]) == 2
+    assert "vip2clip demo: error:" in capsys.readouterr().err
+    marker = json.loads((out / "demo.json").read_text())
+    assert marker["status"] == "failed" and marker["error"].startswith(("FileExistsError", "NotADirectoryError"))

@@ -82,3 +82,49 @@ def test_building_the_parser_imports_neither_torch_nor_open_clip():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def _not_checkpoints(folder, tiny_model):
+    """Files people pass by mistake, and what the error must say about each."""
+    import json
+
+    import torch
+
+    from vip2clip.model.checkpoint import save_checkpoint
+
+    good = save_checkpoint(folder / "good.pt", tiny_model.config, tiny_model.trainable_state_dict()).read_bytes()
+    files = {
+        "empty.pt": (b"", "is not a {} file (it is empty)"),
+        "results.json": (json.dumps({"image_auroc": 0.9}).encode(), "is not a {} file (it holds JSON)"),
+        "garbage.pt": (bytes(range(7, 200)), "is not a {} file (it holds unknown binary data)"),
+        "truncated.pt": (good[: len(good) // 2], "is not a readable {} file: it is truncated or damaged"),
+        "cut_short.pt": (good[:30], "is not a readable {} file: it is truncated or damaged"),  # once "[Errno 22]"
+    }
+    torch.save(torch.nn.Linear(2, 2), folder / "module.pt")
+    cases = {name: message for name, (data, message) in files.items()}
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    cases["module.pt"] = "is not a readable {} file: it holds Python objects other than tensors"
+    return cases
+
+
+def test_files_that_are_not_checkpoints_or_weights_say_so(capsys, tmp_path, tiny_model):
+    for name, message in _not_checkpoints(tmp_path, tiny_model).items():
+        for flag, what in (("--checkpoint", "checkpoint"), ("--clip-weights", "CLIP weights")):
+            assert main(["info", "--backbone", "tiny", flag, str(tmp_path / name)]) == 2
+            err = capsys.readouterr().err
+            assert f"{tmp_path / name} {message.format(what)}" in err, err
+            assert "weights_only" not in err and "Errno" not in err and "miniz" not in err
+
+
+def test_image_sizes_that_cannot_work_are_refused_before_building(capsys, tmp_path, tiny_model, caplog):
+    from vip2clip.model.checkpoint import save_checkpoint
+
+    assert main(["info", "--backbone", "tiny", "--image-size", "65"]) == 2
+    err = capsys.readouterr().err
+    assert "image size 65 is not a multiple of the tiny backbone's patch size 16" in err and "use 64 or 80" in err
+    assert main(["info", "--backbone", "tiny", "--image-size", "20000"]) == 2  # `predict` took 24 GB of RAM with it
+    assert "image_size 20000 is larger than 2048" in capsys.readouterr().err
+    path = save_checkpoint(tmp_path / "at64.pt", tiny_model.config, tiny_model.trainable_state_dict())
+    assert main(["info", "--checkpoint", str(path), "--image-size", "96"]) == 0
+    assert f"checkpoint {path} was trained at 64 px; running it at 96 px changes its scores" in caplog.text

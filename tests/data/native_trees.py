@@ -12,7 +12,7 @@ from functools import cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image
 
 SIZE = (12, 8)  # (width, height)
 
@@ -23,6 +23,14 @@ def write_image(path: Path, size: tuple[int, int] = SIZE, seed: int = 0, gray: b
     rng = np.random.default_rng(seed)
     shape = (size[1], size[0]) if gray else (size[1], size[0], 3)
     Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8)).save(path)
+    return path
+
+
+def write_with_orientation(pixels: np.ndarray, path: Path, orientation: int) -> Path:
+    """Save `pixels` with an EXIF orientation tag (as cameras store portrait photos)."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
     return path
 
 

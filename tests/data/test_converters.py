@@ -452,3 +452,64 @@ def test_check_images_reports_unreadable_files(tmp_path: Path, capsys) -> None:
     assert code == 0 and f"unreadable image: {tmp_path / 'screw/test/good/000.png'}" in err
     code, _, err = run_convert(capsys, "mvtec", tmp_path, "--check-images", "--strict")
     assert code == 2
+
+
+def test_one_mask_for_two_images_is_reported_and_strict_refuses(tmp_path: Path, capsys) -> None:
+    build_mvtec_class(tmp_path / "bottle", n_train=0, n_good=1, defects={"crack": 1})
+    write_image(tmp_path / "bottle/test/crack/000.jpg")  # 000.png and 000.jpg: which one is 000_mask.png's?
+    code, _, err = run_convert(capsys, "mvtec", tmp_path)
+    assert code == 0
+    crack = tmp_path / "bottle/test/crack"
+    assert re.search(rf"{re.escape(str(crack))}/000\.(png|jpg): shares its mask 000_mask\.png with 000\.(jpg|png)", err)
+    code, _, err = run_convert(capsys, "mvtec", tmp_path, "--strict")
+    assert code == 2 and "shares its mask 000_mask.png" in err
+
+
+def test_unknown_folders_inside_a_class_are_reported(tmp_path: Path, capsys) -> None:
+    build_mvtec_class(tmp_path / "bottle", n_train=1, n_good=1, defects={"crack": 1})
+    write_image(tmp_path / "bottle/extra_shots/1.png")  # not train/, test/ or ground_truth/
+    write_image(tmp_path / "bottle/train/defect/1.png")  # train holds normal images only
+    write_image(tmp_path / "bottle/test/crack/closeups/1.png")  # a folder inside a defect folder
+    code, _, err = run_convert(capsys, "mvtec", tmp_path)
+    assert code == 0
+    assert f"{tmp_path / 'bottle/extra_shots'}: unexpected folder in class bottle; ignored" in err
+    assert f"{tmp_path / 'bottle/train/defect'}: unexpected training folder (only good/); ignored" in err
+    assert f"{tmp_path / 'bottle/test/crack/closeups'}: unexpected sub-folder in an image folder" in err
+    single = tmp_path / "widget"
+    write_images(single / "good", ["a.png"])
+    write_images(single / "scratch/left", ["b.png"])
+    write_mask(single / "ground_truth/dent/c_mask.png")
+    code, _, err = run_convert(capsys, "folder", single, "--strict")
+    assert code == 2
+    assert f"{single / 'scratch/left'}: unexpected sub-folder in an image folder" in err
+    assert f"{single / 'ground_truth/dent'}: unexpected mask folder (no defect folder)" in err
+    dagm = tmp_path / "dagm"
+    write_images(dagm / "Class1/Test", ["0001.PNG"])
+    write_images(dagm / "Class1/Test/Label", [])
+    write_images(dagm / "Class1/Extra", ["x.PNG"])
+    code, _, err = run_convert(capsys, "dagm", dagm)
+    assert code == 0 and f"{dagm / 'Class1/Extra'}: unexpected folder in class Class1; ignored" in err
+
+
+@pytest.mark.parametrize(("dataset", "wrapper"), [("mvtec", "mvtec_anomaly_detection"), ("dagm", "DAGM_KaggleUpload")])
+def test_a_single_wrapping_folder_is_descended_into(tmp_path: Path, capsys, dataset: str, wrapper: str) -> None:
+    inner = tmp_path / wrapper
+    if dataset == "mvtec":
+        build_mvtec_class(inner / "bottle", n_train=1, n_good=1, defects={"crack": 1})
+    else:
+        write_images(inner / "Class1/Test", ["0001.PNG", "0002.PNG"])
+        write_dagm_labels(inner / "Class1/Test/Label/Labels.txt", {"0001.PNG": 0, "0002.PNG": 1})
+        write_mask(inner / "Class1/Test/Label/0002_label.PNG")
+    (tmp_path / "README.txt").write_text("downloaded from ...")  # files beside the folder do not matter
+    code, out, err = run_convert(capsys, dataset, tmp_path)
+    assert code == 0, err
+    assert f"note: {tmp_path} holds only the folder {wrapper}/ (as archives unpack): converted {inner}" in err
+    index = read_index(tmp_path / "meta.json")  # written where the user pointed, paths through the wrapper
+    assert totals(out) == (1, 1, 1)
+    for sample in index.samples():
+        assert sample.img_path.startswith(f"{wrapper}/") and index.resolve(sample.img_path).is_file()
+        assert not sample.mask_path or index.resolve(sample.mask_path).is_file()
+    (tmp_path / "meta.json").unlink()
+    write_images(tmp_path / "other", ["1.png"])  # two folders: no wrapper to descend into
+    code, _, err = run_convert(capsys, dataset, tmp_path)
+    assert code == 2 and "holds only the folder" not in err

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import ExifTags, Image
+from native_trees import write_with_orientation
+from PIL import Image
 
 from vip2clip.data.images import BadImageError, decode_image_bytes, image_size, load_image, load_mask, to_rgb
 
@@ -159,18 +160,10 @@ def test_rgb_one_bit_and_sixteen_bit_masks(tmp_path: Path) -> None:
         np.testing.assert_array_equal(mask, truth)
 
 
-def _with_orientation(pixels: np.ndarray, path: Path, orientation: int) -> Path:
-    """Save `pixels` with an EXIF orientation tag (as cameras store portrait photos)."""
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = orientation
-    Image.fromarray(pixels).save(path, exif=exif.tobytes())
-    return path
-
-
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".tif"])
 def test_exif_orientation_is_applied_like_a_photo_viewer(tmp_path: Path, suffix: str) -> None:
     # Orientation 6: the stored pixels are shown rotated 90 degrees clockwise.
-    path = _with_orientation(RGB, tmp_path / f"portrait{suffix}", 6)
+    path = write_with_orientation(RGB, tmp_path / f"portrait{suffix}", 6)
     stored = RGB if suffix != ".jpg" else np.asarray(Image.open(path).convert("RGB"))  # JPEG: as compressed
     shown = np.rot90(stored, k=-1)
     assert image_size(path) == (20, 30)  # (width, height) as displayed: the stored 30x20 turned upright
@@ -179,7 +172,7 @@ def test_exif_orientation_is_applied_like_a_photo_viewer(tmp_path: Path, suffix:
     np.testing.assert_array_equal(loaded, shown)
     np.testing.assert_array_equal(np.asarray(decode_image_bytes(path.read_bytes())), shown)
     np.testing.assert_array_equal(np.asarray(to_rgb(Image.open(path))), shown)
-    mask = _with_orientation((RGB[..., 0] > 128).astype(np.uint8) * 255, tmp_path / "mask.png", 6)
+    mask = write_with_orientation((RGB[..., 0] > 128).astype(np.uint8) * 255, tmp_path / "mask.png", 6)
     np.testing.assert_array_equal(load_mask(mask), np.rot90(RGB[..., 0] > 128, k=-1))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
+from vip2clip.cli import main
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import BadImageError
-from vip2clip.data.index import DatasetIndex, Sample, build_index
+from vip2clip.data.index import DatasetIndex, Sample, build_index, write_index
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.data.transforms import preprocess, preprocess_mask
 from vip2clip.evaluation.benchmark import CALIBRATION_NAME, evaluate_dataset
 from vip2clip.evaluation.evaluate import EvalConfig, collect_class_outputs, evaluate
 from vip2clip.inference import calibration as calib
 from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, UndefinedMetricWarning, best_f1_threshold, compute_all
+from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
 
 SIZE = 64  # the conftest tiny model's input size
@@ -182,3 +185,48 @@ def test_unknown_class_and_bad_options_are_errors(tiny_model, bench: DatasetInde
         evaluate(tiny_model, bench, EvalConfig(classes=("nope",)))
     with pytest.raises(ValueError, match="map_dtype"):
         EvalConfig(map_dtype="int8")
+
+
+def _checkpoint(model, path: Path, nan: bool = False) -> Path:
+    state = {k: torch.full_like(v, math.nan) if nan and v.is_floating_point() else v
+             for k, v in model.trainable_state_dict().items()}  # fmt: skip
+    return save_checkpoint(path, model.config, state)
+
+
+@pytest.mark.filterwarnings("ignore", category=UndefinedMetricWarning)
+def test_anomalous_images_without_masks_are_left_out_of_the_pixel_metrics(
+    tiny_model, bench: DatasetIndex, tmp_path: Path, capsys
+) -> None:
+    name = bench.classes()[0]
+    samples = bench.samples("test", [name])
+    maskless = next(s for s in samples if s.anomaly)
+    variants = {
+        "maskless": [replace(s, mask_path="") if s == maskless else s for s in samples],  # as a convert warns
+        "without_it": [s for s in samples if s != maskless],
+    }
+    checkpoint = _checkpoint(tiny_model, tmp_path / "c.pt")
+    results = {}
+    for variant, kept in variants.items():
+        write_index(build_index(bench.root, {"test": kept}), tmp_path / variant / "meta.json")
+        argv = ["test", "--data", str(tmp_path / variant), "--checkpoint", str(checkpoint), "--batch-size", "1",
+                "--out", str(tmp_path / variant / "out"), "--backbone", "tiny", "--no-progress"]  # fmt: skip
+        assert main(argv) == 0  # was: "6 image labels but 5 masks", no output (batch 1: the same rounding in both)
+        results[variant] = json.loads((tmp_path / variant / "out" / "results.json").read_text())
+    assert "1 anomalous image(s) have no mask: left out of the pixel metrics" in capsys.readouterr().out
+    ours, reference = results["maskless"]["classes"][0], results["without_it"]["classes"][0]
+    assert ours["n_without_mask"] == results["maskless"]["n_without_mask"] == 1 and ours["n_anomalous"] == 3
+    assert reference["n_without_mask"] == 0
+    for key in METRIC_KEYS[3:]:  # the pixel metrics: as if the image were not there
+        assert ours[key] == reference[key]
+    assert not math.isnan(ours["image_auroc"])  # the image still counts for the image metrics
+
+
+def test_a_model_with_nan_output_is_refused(tiny_model, bench: DatasetIndex, tmp_path: Path, capsys) -> None:
+    checkpoint = _checkpoint(tiny_model, tmp_path / "nan.pt", nan=True)
+    argv = ["test", "--data", str(bench.root), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "out"),
+            "--backbone", "tiny", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    first = bench.resolve(bench.samples("test", [bench.classes()[0]])[0].img_path)
+    assert f"class {bench.classes()[0]}: the model produced NaN or infinite scores or maps for {first}" in err
+    assert not (tmp_path / "out" / "results.json").exists()

@@ -154,7 +154,7 @@ def test_one_threshold_may_be_undefined(missing: str, identity, tmp_path: Path) 
     path.write_text(json.dumps({**data, "image_threshold": None, "pixel_threshold": None}))
     with pytest.raises(ValueError, match=r"calibration\.json.*both null"):
         calib.load(path)
-    with pytest.raises(ValueError, match="finite number or null"):
+    with pytest.raises(ValueError, match=r"must be a number in \[0, 1\].*nan"):
         calib.make_calibration(identity, method=calib.METHOD_F1, n_images=5, **{**thresholds, missing: math.nan})
 
 

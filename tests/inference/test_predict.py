@@ -103,7 +103,7 @@ def test_thresholds_decide(tiny_model) -> None:
     image = _rgb(32, 32, 3)
     everything = Predictor(tiny_model, Thresholds(0.0, 0.0, "t")).predict(image)[0]
     assert everything.pred_label == "anomalous" and everything.pred_mask.all() and everything.defect_area == 1.0
-    nothing = Predictor(tiny_model, Thresholds(1.01, 1.01, "t")).predict(image)[0]
+    nothing = Predictor(tiny_model, Thresholds(1.0, 1.0, "t")).predict(image)[0]
     assert nothing.pred_label == "normal" and not nothing.pred_mask.any() and nothing.defect_area == 0.0
     middle = float(np.median(everything.anomaly_map))
     half = Predictor(tiny_model, Thresholds(0.5, middle, "t")).predict(image)[0]
@@ -208,18 +208,22 @@ def _predict(*extra: str) -> int:
 def test_predict_folder_and_resume(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sizes = make_mixed_folder(tmp_path / "images")
     out = tmp_path / "out"
-    assert _predict(str(tmp_path / "images"), "--checkpoint", str(checkpoint), "--out", str(out)) == 0
+    # Exit code 1: the results are written, but one file could not be judged.
+    assert _predict(str(tmp_path / "images"), "--checkpoint", str(checkpoint), "--out", str(out)) == 1
     printed = capsys.readouterr().out
     assert f"{len(sizes) + 1} images found: {len(sizes)} predicted, 0 already done, 1 unreadable" in printed
     assert "corrupt.png" in printed
 
     rows = json.loads((out / "predictions.json").read_text())
-    assert sorted(row["path"] for row in rows["predictions"]) == sorted(sizes)
-    assert [entry["path"] for entry in rows["failed"]] == [str(tmp_path / "images" / "corrupt.png")]
+    corrupt = str(tmp_path / "images" / "corrupt.png")
+    assert sorted(row["path"] for row in rows["predictions"]) == sorted([*sizes, corrupt])
+    assert [entry["path"] for entry in rows["failed"]] == [corrupt]
     csv_lines = (out / "predictions.csv").read_text().splitlines()
     assert csv_lines[0].startswith("path,pred_score,pred_label,max_pixel_score,defect_area,width,height")
-    assert len(csv_lines) == len(sizes) + 1
-    for row in rows["predictions"]:
+    assert len(csv_lines) == len(sizes) + 2  # header, the readable images, the corrupt file's "error" row
+    error_row = next(row for row in rows["predictions"] if row["path"] == corrupt)
+    assert error_row["pred_label"] == "error" and error_row["error"] and error_row["pred_score"] is None
+    for row in (row for row in rows["predictions"] if row["path"] != corrupt):
         mask = np.asarray(Image.open(out / row["pred_mask"]))
         assert mask.shape[::-1] == sizes[row["path"]] == (row["width"], row["height"])
         assert set(np.unique(mask)) <= {0, 255}
@@ -228,7 +232,7 @@ def test_predict_folder_and_resume(checkpoint: Path, tmp_path: Path, capsys: pyt
         assert row["pred_label"] == ("anomalous" if row["pred_score"] >= 0.5 else "normal")
 
     mtimes = {path: path.stat().st_mtime_ns for path in (out / "masks").rglob("*.png")}
-    assert _predict(str(tmp_path / "images"), "--checkpoint", str(checkpoint), "--out", str(out)) == 0
+    assert _predict(str(tmp_path / "images"), "--checkpoint", str(checkpoint), "--out", str(out)) == 1
     assert f"0 predicted, {len(sizes)} already done, 1 unreadable" in capsys.readouterr().out
     assert mtimes == {path: path.stat().st_mtime_ns for path in (out / "masks").rglob("*.png")}
 
@@ -237,27 +241,28 @@ def test_predict_folder_and_resume(checkpoint: Path, tmp_path: Path, capsys: pyt
     Image.fromarray(np.zeros((50, 70), np.uint8)).save(changed)
     os.utime(changed, ns=(1, 1))
     next(iter(mtimes)).unlink()
-    assert _predict(str(tmp_path / "images"), "--checkpoint", str(checkpoint), "--out", str(out)) == 0
+    assert _predict(str(tmp_path / "images"), "--checkpoint", str(checkpoint), "--out", str(out)) == 1
     assert f"2 predicted, {len(sizes) - 2} already done" in capsys.readouterr().out
 
+    (tmp_path / "images" / "corrupt.png").unlink()  # every image judged now: exit code 0
     assert _predict(str(tmp_path / "images"), "--checkpoint", str(checkpoint), "--out", str(out), "--overwrite") == 0
-    assert f"{len(sizes)} predicted, 0 already done" in capsys.readouterr().out
+    assert f"{len(sizes)} predicted, 0 already done, 0 unreadable" in capsys.readouterr().out
 
 
 def test_interrupted_run_resumes(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     sizes = make_mixed_folder(tmp_path / "images")
     out = tmp_path / "out"
     args = [str(tmp_path / "images"), "--checkpoint", str(checkpoint), "--out", str(out)]
-    assert _predict(*args) == 0
+    assert _predict(*args) == 1  # corrupt.png
     # As if killed after two images, in the middle of writing the third line, before the tables.
     journal = out / "predictions.jsonl"
     lines = journal.read_text().splitlines()
     journal.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
     (out / "predictions.csv").unlink()
     capsys.readouterr()
-    assert _predict(*args) == 0
+    assert _predict(*args) == 1
     assert f"{len(sizes) - 2} predicted, 2 already done" in capsys.readouterr().out
-    assert len((out / "predictions.csv").read_text().splitlines()) == len(sizes) + 1
+    assert len((out / "predictions.csv").read_text().splitlines()) == len(sizes) + 2
 
 
 def test_predict_refuses_other_settings(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -321,9 +326,9 @@ def test_predict_and_calibrate_as_subprocesses(checkpoint: Path, tmp_path: Path)
          str(tmp_path / "c.json"), "--out", str(tmp_path / "out"), *MODEL_ARGS],
         capture_output=True, text=True, env=env, timeout=300,
     )  # fmt: skip
-    assert predict.returncode == 0, predict.stderr
+    assert predict.returncode == 1, predict.stderr  # corrupt.png could not be judged
     assert f"{len(sizes)} predicted, 0 already done, 1 unreadable" in predict.stdout
-    assert len((tmp_path / "out" / "predictions.csv").read_text().splitlines()) == len(sizes) + 1
+    assert len((tmp_path / "out" / "predictions.csv").read_text().splitlines()) == len(sizes) + 2
 
 
 @pytest.mark.slow

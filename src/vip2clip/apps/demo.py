@@ -15,7 +15,7 @@ pooling 50 of them averages away the defect).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import shutil
 import time
@@ -32,8 +32,8 @@ from vip2clip.evaluation.evaluate import EvalConfig, EvaluationResult
 from vip2clip.evaluation.reports import class_table_markdown
 from vip2clip.factory import create_model
 from vip2clip.model.identity import ModelIdentity
-from vip2clip.training.loop import TrainConfig, train
-from vip2clip.utils.fileio import atomic_write_text
+from vip2clip.training.loop import TrainConfig, TrainResult, train
+from vip2clip.utils.fileio import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def _prepare_out_dir(out_dir: Path) -> None:
 
 
 def _write_marker(out_dir: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(out_dir / MARKER, json.dumps(data, indent=2, default=str) + "\n")
+    """demo.json: status "running", "done", "failed" or "interrupted" (with the error), settings, results."""
+    atomic_write_json(out_dir / MARKER, data)
 
 
 TINY_BANNER = (
@@ -150,28 +151,11 @@ def _print_summary(
         echo("REMINDER: tiny random backbone; these numbers say nothing about CLIP's real ability.")
 
 
-def run_demo(
-    out_dir: str | Path = "vip2clip_demo",
-    backbone: str = TINY_BACKBONE,
-    clip_weights: str | Path | None = None,
-    device: str = "cpu",
-    config: DemoConfig | None = None,
-    echo: Callable[[str], None] = print,
-) -> DemoResult:
-    """Generate, train, evaluate zero-shot, write the table and panels; `echo` gets the progress lines.
-
-    backbone "tiny" runs offline; any other backbone needs `clip_weights` (e.g. OpenAI's ViT-L-14-336px.pt).
-    """
-    config = config or DemoConfig()
-    if backbone != TINY_BACKBONE and not clip_weights:
-        raise ValueError(
-            f"backbone {backbone} needs CLIP weights (--clip-weights FILE, e.g. OpenAI's ViT-L-14-336px.pt); "
-            "without weights use the offline tiny backbone"
-        )
-    out_dir = Path(out_dir)
-    started = time.perf_counter()
-    _prepare_out_dir(out_dir)
-    _write_marker(out_dir, {"status": "running", "backbone": backbone, "config": asdict(config)})
+def _run_stages(
+    out_dir: Path, backbone: str, clip_weights: str | Path | None, device: str, config: DemoConfig,
+    echo: Callable[[str], None],
+) -> tuple[EvaluationResult, TrainResult, int, list[str]]:  # fmt: skip
+    """Build the model, generate the data, train, evaluate: (result, training, top_k, notes)."""
     image_size = config.image_size or (128 if backbone == TINY_BACKBONE else None)
     model = create_model(backbone, clip_weights, image_size=image_size, device=device, seed=config.seed)
     # Set after building: the share depends on the backbone's patch size. Only the scoring reads top_k.
@@ -194,10 +178,43 @@ def run_demo(
     eval_config = EvalConfig(max_panels=config.panels_per_class)
     result = evaluate_dataset(model, test_index, out_dir, eval_config, "synthetic 'structured' (zero-shot)",
                               ModelIdentity.of(model, trained.checkpoint), save_maps=True, notes=notes)  # fmt: skip
+    return result, trained, top_k, notes
+
+
+def run_demo(
+    out_dir: str | Path = "vip2clip_demo",
+    backbone: str = TINY_BACKBONE,
+    clip_weights: str | Path | None = None,
+    device: str = "cpu",
+    config: DemoConfig | None = None,
+    echo: Callable[[str], None] = print,
+) -> DemoResult:
+    """Generate, train, evaluate zero-shot, write the table and panels; `echo` gets the progress lines.
+
+    backbone "tiny" runs offline; any other backbone needs `clip_weights` (e.g. OpenAI's ViT-L-14-336px.pt).
+    """
+    config = config or DemoConfig()
+    if backbone != TINY_BACKBONE and not clip_weights:
+        raise ValueError(
+            f"backbone {backbone} needs CLIP weights (--clip-weights FILE, e.g. OpenAI's ViT-L-14-336px.pt); "
+            "without weights use the offline tiny backbone"
+        )
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    _prepare_out_dir(out_dir)
+    record = {"backbone": backbone, "config": asdict(config)}
+    _write_marker(out_dir, {"status": "running", **record})
+    try:
+        result, trained, top_k, notes = _run_stages(out_dir, backbone, clip_weights, device, config, echo)
+    except BaseException as error:  # the marker must not say "running" for a run that stopped
+        status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+        with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the demo
+            _write_marker(out_dir, {"status": status, "error": f"{type(error).__name__}: {error}", **record})
+        raise
     seconds = time.perf_counter() - started
     panels = sorted((out_dir / MAPS_DIR).rglob("*.png"))
-    _write_marker(out_dir, {"status": "done", "seconds": round(seconds, 1), "backbone": backbone, "notes": notes,
-                            "config": asdict(config), "top_k": top_k, "training": trained.history})  # fmt: skip
+    _write_marker(out_dir, {"status": "done", "seconds": round(seconds, 1), **record, "notes": notes,
+                            "top_k": top_k, "training": trained.history})  # fmt: skip
 
     _print_summary(echo, out_dir, result, trained.checkpoint, len(panels), seconds, backbone)
     return DemoResult(out_dir, result, trained.checkpoint, panels, seconds, notes)

@@ -32,6 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(error: Exception) -> str:
+    """The error in words: an OSError from the system as "PATH: reason" (not "[Errno 20] Not a directory: 'x'")."""
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return str(error)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -44,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except (CLIError, OSError, ValueError) as error:  # user-facing: bad paths, full disks, bad files or options
-        print(f"vip2clip {args.command}: error: {error}", file=sys.stderr)
+        print(f"vip2clip {args.command}: error: {_message(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"vip2clip {args.command}: interrupted", file=sys.stderr)

@@ -114,6 +114,10 @@ def run_test(args: argparse.Namespace) -> int:
         print(f"skipped {len(result.skipped)} unreadable file(s); listed in results.json")
     if config.shots:
         print(f"references: {config.shots} normal train image(s) per class (seed {config.seed}); see results.json")
+    without_mask = sum(c.n_without_mask for c in result.classes)
+    if without_mask:
+        print(f"{without_mask} anomalous image(s) have no mask: left out of the pixel metrics (n_without_mask in "
+              "results.json)")  # fmt: skip
     return 0
 
 
@@ -145,7 +149,7 @@ def _train_for_benchmark(args: argparse.Namespace, train_spec, out: Path):
     config = train_config_from_args(args)
     index = load_dataset(train_spec)
     model = build_model(args, seed=config.seed, **config_from_args(args))  # seeded like `vip2clip train`
-    result = train(model, index, out / "train", config, progress=progress_for(args))
+    result = train(model, index, out / "train", config, progress=progress_for(args), overwrite=args.overwrite)
     record = {"name": train_spec.title, "root": str(index.root), "config": config.to_dict(), "trained": True}
     return model, result.checkpoint, record
 
@@ -163,6 +167,16 @@ def run_benchmark(args: argparse.Namespace) -> int:
     tests = [parse_dataset_spec(text) for text in args.test]
     config = _eval_config(args)
     out = Path(args.out)
+    if train_spec is not None and not args.checkpoint:
+        from vip2clip.training.loop import earlier_run
+
+        try:  # before any slow work
+            earlier_run(out / "train", resume=False, overwrite=args.overwrite)
+        except ValueError:
+            raise CLIError(
+                f"{out / 'train'} holds an earlier training run: pass --overwrite to train again, evaluate it with "
+                f"--checkpoint {out / 'train' / 'checkpoint.pt'}, or choose another --out"
+            ) from None
     indexes = [(spec, load_dataset(spec)) for spec in tests]  # all errors in the data before training
     for _, index in indexes:
         _check_shots(index, config)

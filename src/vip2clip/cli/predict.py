@@ -1,4 +1,9 @@
-"""`vip2clip predict` and `vip2clip calibrate`: the practitioner's commands on files and folders."""
+"""`vip2clip predict` and `vip2clip calibrate`: the practitioner's commands on files and folders.
+
+Exit codes of `predict`: 0 every image found was judged (normal or anomalous); 1 the results are written but some
+images could not be judged (unreadable files, NaN/infinite model output: rows with pred_label "error") or some
+folders could not be searched; 2 nothing was predicted (bad options, no images, an --out with other results).
+"""
 
 from __future__ import annotations
 
@@ -30,6 +35,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _LISTED_FAILURES = 20  # unreadable files printed in the summary; all of them are in predictions.json
+PREDICT_EPILOG = (
+    "exit codes: 0 every image was judged; 1 results written, but some images could not be judged (unreadable, "
+    'or NaN/infinite model output: pred_label "error" rows) or some folders could not be searched; 2 error, '
+    "nothing predicted. Folders are searched recursively; ground_truth/ folders and *_mask files are skipped as "
+    "masks (counted in the output)."
+)
 
 
 def add_batch_argument(parser: argparse.ArgumentParser) -> None:
@@ -37,10 +48,16 @@ def add_batch_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    predict = subparsers.add_parser("predict", help="score images or folders; write tables, masks and overlays")
+    predict = subparsers.add_parser(
+        "predict", help="score images or folders; write tables, masks and overlays", epilog=PREDICT_EPILOG
+    )
     predict.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    predict.add_argument("--out", required=True, help="output folder (re-running with it resumes)")
-    predict.add_argument("--overwrite", action="store_true", help="redo images already predicted in --out")
+    predict.add_argument(
+        "--out", required=True, help="output folder (re-running with the same inputs and settings resumes)"
+    )
+    predict.add_argument(
+        "--overwrite", action="store_true", help="start a new result set in --out (earlier results there are removed)"
+    )
     predict.add_argument("--no-overlays", dest="overlays", action="store_false", help="write masks only")
     predict.add_argument(
         "--panels", action="store_true", help="also write labelled panels (input | map | mask, score, decision)"
@@ -90,10 +107,10 @@ def build_predictor(args: argparse.Namespace, thresholds: bool = True) -> Predic
     return predictor.with_thresholds(decisions)
 
 
-def _print_failures(failed: list[tuple[str, str]]) -> None:
+def _print_failures(failed: list[tuple[str, str]], what: str = "unreadable files") -> None:
     if not failed:
         return
-    print(f"unreadable files ({len(failed)}, skipped):")
+    print(f"{what} ({len(failed)}):")
     for path, problem in failed[:_LISTED_FAILURES]:
         print(f"  {path}: {problem}")
     if len(failed) > _LISTED_FAILURES:
@@ -113,15 +130,22 @@ def run_predict(args: argparse.Namespace) -> int:
         args.panels,
         args.raw_maps,
     )
+    for note in summary.scan.notes():
+        print(f"note: {note}")
     print(
         f"{summary.found} images found: {summary.predicted} predicted, {summary.skipped} already done, "
-        f"{len(summary.failed)} unreadable"
+        f"{len(summary.failed)} unreadable, {len(summary.errors)} not judged (NaN/infinite model output)"
     )
-    print(f"{summary.anomalous} of {summary.total_rows} predicted images are anomalous")
-    _print_failures(summary.failed)
+    judged = summary.total_rows - len(summary.failed) - len(summary.errors)
+    print(f"{summary.anomalous} of {judged} judged images are anomalous")
+    _print_failures(summary.failed, 'unreadable files (pred_label "error")')
+    _print_failures(summary.errors, 'images the model could not judge (pred_label "error")')
     folders = "masks/" + (", overlays/" if args.overlays else "") + (", panels/" if args.panels else "")
     folders += ", maps/" if args.raw_maps else ""
     print(f"results: {summary.out_dir / 'predictions.csv'} (+ predictions.json, {folders})")
+    if not summary.complete:
+        print('exit code 1: some images were not judged; their rows say pred_label "error"', file=sys.stderr)
+        return 1
     return 0
 
 
@@ -131,13 +155,15 @@ def run_calibrate(args: argparse.Namespace) -> int:
     predictor = build_predictor(args, thresholds=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
-        calibration, failed = calibrate_folder(
+        calibration, failed, scan = calibrate_folder(
             predictor, args.paths, args.quantile, args.pixel_quantile, progress_for(args)
         )
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     path = calibration.save(args.out)
-    _print_failures(failed)
+    for note in scan.notes():
+        print(f"note: {note}")
+    _print_failures(failed, "unreadable files (skipped)")
     print(
         f"calibrated on {calibration.n_images} normal images: image threshold {calibration.image_threshold:.6g} "
         f"(quantile {args.quantile}), pixel threshold {calibration.pixel_threshold:.6g} "

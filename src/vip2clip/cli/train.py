@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+from pathlib import Path
 
-from vip2clip.cli import CLIError
 from vip2clip.cli.common import (
     add_config_arguments,
     add_model_arguments,
@@ -24,7 +23,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train",
         help="train ViP²-CLIP's prompts and FGP on a dataset (then evaluate zero-shot on other datasets)",
         description="Checkpoints go to OUT/last.pt after every epoch and OUT/checkpoint.pt at the end; "
-        "per-epoch losses to OUT/train_log.jsonl. Defaults are the authors' release settings.",
+        "per-epoch losses to OUT/train_log.jsonl. Defaults are the authors' release settings. An OUT that holds a "
+        "run is refused unless --resume or --overwrite.",
     )
     parser.add_argument("--data", required=True, help="dataset root with meta.json, a meta.json, or a native root")
     parser.add_argument("--dataset", default=None, help="benchmark name, to convert a native root on the fly")
@@ -57,6 +57,9 @@ def add_train_arguments(parser: argparse.ArgumentParser, data_loading: bool = Tr
     )
     group.add_argument("--lr-fgp", type=float, default=_DEFAULTS.lr_fgp, help="Adam learning rate of FGP")
     group.add_argument("--seed", type=int, default=_DEFAULTS.seed, help="initialisation and shuffling seed")
+    group.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier training run in the output folder (else refused)"
+    )
     group.add_argument("--no-cache", dest="cache", action="store_false", help="run the image encoder every epoch")
     group.add_argument(
         "--cache-dir", default=None, help="feature cache folder (default: feature_cache/ in the training output folder)"
@@ -85,21 +88,18 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     from vip2clip.data.registry import resolve_index
-    from vip2clip.training.loop import train
+    from vip2clip.training.loop import earlier_run, train
+    from vip2clip.utils.fileio import json_line
 
     config = train_config_from_args(args)
+    earlier_run(Path(args.out), args.resume, args.overwrite)  # refuse before the slow part: loading the model
     index = resolve_index(args.data, args.dataset)
     model = build_model(args, seed=config.seed, **config_from_args(args))
-    try:
-        result = train(
-            model, index, args.out, config, split=args.split, resume=args.resume, progress=progress_for(args)
-        )
-    except OSError as error:  # a full disk or an unwritable --out / --cache-dir: the user's to fix
-        if isinstance(error, FileNotFoundError):
-            raise
-        raise CLIError(str(error)) from error
+    result = train(
+        model, index, args.out, config, args.split, args.resume, progress_for(args), overwrite=args.overwrite
+    )
     for path, reason in result.skipped:
         print(f"skipped {path}: {reason}")
     last = result.history[-1] if result.history else {}
-    print(json.dumps({"checkpoint": str(result.checkpoint), "epochs": len(result.history), "last_epoch": last}))
+    print(json_line({"checkpoint": str(result.checkpoint), "epochs": len(result.history), "last_epoch": last}))
     return 0

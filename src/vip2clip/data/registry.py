@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vip2clip.data.converters.common import Conversion, ConvertOptions
+from vip2clip.data.converters.common import Conversion, ConvertOptions, single_wrapper
 from vip2clip.data.converters.dagm import convert_dagm
 from vip2clip.data.converters.folder import convert_folder
 from vip2clip.data.converters.ksdd import convert_ksdd
@@ -86,6 +86,34 @@ def dataset_info(name: str) -> ConverterInfo:
     return DATASETS[key]
 
 
+def _convert_or_descend(info: ConverterInfo, root: Path, options: ConvertOptions) -> Conversion:
+    """Convert `root`; when nothing is found there and root holds a single folder (an unpacked archive's wrapper),
+    convert that folder instead, with paths still relative to `root` and a note saying so."""
+    try:
+        conversion = info.convert(root, options)
+        failure = None if conversion.test else ValueError(f"{root}: no test images found")
+    except ValueError as error:
+        conversion, failure = None, error
+    wrapper = single_wrapper(root) if failure is not None else None
+    if wrapper is None:
+        if failure is not None and conversion is None:
+            raise failure
+        return conversion
+    try:
+        inner = info.convert(wrapper, options)
+    except ValueError:
+        raise failure from None  # the wrapper holds no dataset either: the error about the root the user gave
+    rebased = Conversion(root, warnings=inner.warnings, notes=inner.notes)
+    prefix = wrapper.name
+    for split, samples in (("train", inner.train), ("test", inner.test)):
+        getattr(rebased, split).extend(
+            replace(s, img_path=f"{prefix}/{s.img_path}", mask_path=f"{prefix}/{s.mask_path}" if s.mask_path else "")
+            for s in samples
+        )
+    rebased.notes.insert(0, f"{root} holds only the folder {prefix}/ (as archives unpack): converted {wrapper}")
+    return rebased
+
+
 def convert_dataset(name: str, root: str | Path, options: ConvertOptions | None = None) -> ConversionResult:
     """Run a converter on a native-layout root. With `options.strict`, any warning is an error (ValueError)."""
     options = options or ConvertOptions()
@@ -93,7 +121,7 @@ def convert_dataset(name: str, root: str | Path, options: ConvertOptions | None 
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"{root}: dataset root not found (or not a folder)")
-    conversion = info.convert(root, options)
+    conversion = _convert_or_descend(info, root, options)
     if options.strict and conversion.warnings:
         listed = "\n  ".join(conversion.warnings)
         raise ValueError(f"{root}: {len(conversion.warnings)} problem(s) with --strict:\n  {listed}")
@@ -112,6 +140,8 @@ def resolve_index(data: str | Path, dataset: str | None = None) -> DatasetIndex:
             f"{path}: no {INDEX_NAME} here; pass --dataset NAME to convert it (one of: {', '.join(DATASETS)})"
         )
     result = convert_dataset(dataset, path)
+    for note in result.notes:
+        logger.info("%s", note)
     for warning in result.warnings:
         logger.warning("%s", warning)
     try:

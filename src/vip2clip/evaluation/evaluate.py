@@ -13,8 +13,12 @@ Which metrics a class gets follows from its labels and masks (the medical sets w
 - normal and anomalous images, with masks: all six;
 - no masks at all (HeadCT, BrainMRI, Br35H): image metrics only, pixel metrics NaN;
 - anomalous images only, with masks (ISIC, CVC, Kvasir): pixel metrics only, image metrics NaN;
-- anomalous images without a mask in a class that has masks: left out of the pixel metrics (with a warning), since
-  an all-zero mask would count their defects as normal pixels.
+- anomalous images without a mask in a class that has masks: left out of the pixel metrics (with a warning, and
+  counted per class as `n_without_mask` in results.json), since an all-zero mask would count their defects as
+  normal pixels; they still count for the image metrics.
+
+A model whose scores or maps hold NaN or infinity (a broken checkpoint) is refused: `evaluate` raises
+ValueError naming the class and the files, no metrics are computed from such values.
 
 The F1-optimal thresholds for a calibration file are computed over the whole dataset (all classes pooled), image
 scores exactly and pixel scores from a histogram of the float16-rounded values, so no class's maps need to be
@@ -45,7 +49,7 @@ from vip2clip.evaluation.panels import PanelSpool
 from vip2clip.evaluation.scoring import Batch, choose_shots, class_engine, tiled_batches
 from vip2clip.inference.predictor import InferenceEngine
 from vip2clip.inference.tiling import TileConfig
-from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, best_f1_threshold, compute_all
+from vip2clip.metrics import METRIC_KEYS, PIXEL_KEYS, PixelF1Histogram, best_f1_threshold, compute_all
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.utils.progress import Progress, silent
@@ -97,6 +101,7 @@ class ClassResult:
     metrics: dict[str, float]
     image_threshold: float = math.nan
     pixel_threshold: float = math.nan
+    n_without_mask: int = 0  # anomalous images left out of the pixel metrics (no mask, in a class with masks)
 
 
 @dataclass
@@ -173,6 +178,7 @@ def collect_class_outputs(
     for rows, batch_scores, batch_maps, batch_masks in _predicted_batches(model, dataset, config, progress):
         scores[rows] = batch_scores
         done[rows] = True
+        _refuse_non_finite(scores[rows], batch_maps, rows, dataset)
         if maps is not None:
             maps[rows], masks[rows] = batch_maps, batch_masks
         if has_masks:
@@ -191,6 +197,19 @@ def collect_class_outputs(
     )
 
 
+def _refuse_non_finite(scores: np.ndarray, maps: np.ndarray, rows: np.ndarray, dataset: AnomalyDataset) -> None:
+    """ValueError naming the files when a batch's scores [B] or maps [B, S, S] (dataset rows [B]) hold NaN or
+    infinity."""
+    bad = ~np.isfinite(scores) | ~np.isfinite(maps).reshape(len(maps), -1).all(axis=1)
+    if bad.any():
+        names = [dataset.paths(dataset.samples[row])[0] for row in rows[bad]]
+        raise ValueError(
+            f"class {dataset.samples[0].cls_name}: the model produced NaN or infinite scores or maps for {', '.join(names[:5])}"
+            f"{f' and {len(names) - 5} more' if len(names) > 5 else ''}; no metrics computed from them: the "
+            "checkpoint or CLIP weights are probably broken"
+        )
+
+
 def class_metrics(name: str, outputs: ClassOutputs) -> ClassResult:
     """The six metrics of one class with its own F1-optimal thresholds; see the module docstring for which
     metrics are defined."""
@@ -199,23 +218,21 @@ def class_metrics(name: str, outputs: ClassOutputs) -> ClassResult:
     n_normal = int(labels.size - n_anomalous)
     both_labels = n_normal > 0 and n_anomalous > 0
     pixel = outputs.pixel_rows
-    if pixel.any() and not pixel.all():  # in a class with masks only mask-less anomalous images are left out
-        logger.warning(
-            "%s: %d anomalous image(s) have no mask; they are left out of the pixel metrics",
-            name, int((~pixel).sum()),
-        )  # fmt: skip
+    without_mask = int((~pixel).sum()) if pixel.any() else 0  # in a class with masks: mask-less anomalous images
+    if without_mask:
+        logger.warning("%s: %d anomalous image(s) have no mask; they are left out of the pixel metrics",
+                       name, without_mask)  # fmt: skip
     if not both_labels and not pixel.any():
         logger.warning("%s: only %s images and no masks: every metric is undefined", name,
                        "anomalous" if n_normal == 0 else "normal")  # fmt: skip
-    image_args = (labels, scores) if both_labels else (None, None)
-    if pixel.all():  # no copy needed when every image counts
-        pixel_args = (outputs.masks, outputs.maps)
-    else:
-        pixel_args = (outputs.masks[pixel], outputs.maps[pixel]) if pixel.any() else (None, None)
-    metrics = compute_all(*image_args, *pixel_args)
+    metrics = compute_all(labels, scores) if both_labels else compute_all(None, None)
+    if pixel.any():  # image and pixel metrics separately: the pixel rows may be fewer than the images
+        pixel_args = (outputs.masks, outputs.maps) if pixel.all() else (outputs.masks[pixel], outputs.maps[pixel])
+        metrics.update({key: value for key, value in compute_all(None, None, *pixel_args).items()
+                        if key in PIXEL_KEYS})  # fmt: skip
     image_threshold = best_f1_threshold(labels, scores)[1] if both_labels else math.nan
     pixel_threshold = outputs.histogram.best()[1]
-    return ClassResult(name, n_normal, n_anomalous, metrics, image_threshold, pixel_threshold)
+    return ClassResult(name, n_normal, n_anomalous, metrics, image_threshold, pixel_threshold, without_mask)
 
 
 def mean_metrics(results: list[ClassResult]) -> dict[str, float]:
@@ -294,12 +311,14 @@ def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
                 **c.metrics,
                 "image_threshold": c.image_threshold,
                 "pixel_threshold": c.pixel_threshold,
+                "n_without_mask": c.n_without_mask,
             }
             for c in result.classes
         ],
         "mean": dict(result.mean),
         "thresholds": {"image": result.image_threshold, "pixel": result.pixel_threshold},
         "n_images": result.n_images,
+        "n_without_mask": sum(c.n_without_mask for c in result.classes),
         "skipped": [{"path": path, "reason": reason} for path, reason in result.skipped],
         **({"reference_images": result.references} if result.references else {}),
     }

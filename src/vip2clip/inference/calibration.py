@@ -5,7 +5,8 @@ A `Calibration` holds an image threshold (image score >= threshold -> "anomalous
 belong to (a `ModelIdentity`: checkpoint hash, backbone and weights fingerprint, input size, top-K, sigma). Scores
 of a different model or resolution are on a different scale, so `check_compatible` refuses such pairs.
 
-Either threshold may be None (JSON null): undefined for the data it was derived from. Image-level-only data
+Thresholds are probabilities in [0, 1] (`check_threshold` refuses anything else, NaN included). Either threshold
+may be None (JSON null): undefined for the data it was derived from. Image-level-only data
 (no masks: HeadCT, BrainMRI, Br35H) has no pixel threshold, and data with one image label only (all anomalous:
 ISIC, Kvasir, ...) no image threshold. Such a file still decides the other kind; decisions of the missing kind
 need an explicit threshold (`vip2clip predict --threshold` / `--pixel-threshold`), see
@@ -26,7 +27,6 @@ File format 2 holds the identity as a "model" record; files of format 1 (flat ch
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -65,6 +65,17 @@ _V1_IDENTITY_FIELDS = {
 _REQUIRED = ("image_threshold", "pixel_threshold", "method", "n_images", "created", "model")
 
 
+def check_threshold(value: object, name: str) -> float:
+    """`value` as a float when it is a number in [0, 1] (scores are probabilities); ValueError naming it otherwise.
+
+    NaN would make every comparison false (everything "normal"), and a threshold above 1 or below 0 decides every
+    image the same way: both are mistakes, not settings.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] (scores are probabilities), got {value!r}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class Calibration:
     """Image and pixel decision thresholds plus the identity of the model they were computed for.
@@ -88,9 +99,8 @@ class Calibration:
         if self.method not in METHODS:
             raise ValueError(f"unknown calibration method {self.method!r}; expected one of {list(METHODS)}")
         for name in ("image_threshold", "pixel_threshold"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, (int, float)) or not math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number or null (undefined), got {value!r}")
+            if getattr(self, name) is not None:
+                check_threshold(getattr(self, name), f"{name} (null when undefined)")
         if self.image_threshold is None and self.pixel_threshold is None:
             raise ValueError("image_threshold and pixel_threshold are both null: the calibration decides nothing")
         if self.model.image_size < 1 or self.n_images < 0:

@@ -1,11 +1,15 @@
 """`vip2clip predict` and `vip2clip calibrate` on files and folders: resumable outputs, streamed calibration.
 
-Images are found by `vip2clip.data.files.find_images` and scored by `Predictor.score`, the one batching path.
+Images are found by `vip2clip.data.files.scan_images` (masks skipped, unreadable folders listed) and scored by
+`Predictor.score`, the one batching path.
 
 Layout of OUT (predict):
-- `predictions.csv` / `predictions.json`: one row per readable image (path, pred_score, pred_label,
-  max_pixel_score, defect_area at the pixel threshold, width, height, pred_mask and overlay files); the JSON also
-  holds the settings (the model's identity, thresholds) and the files that could not be read in the last run.
+- `predictions.csv` / `predictions.json`: one row per image found in THIS run, in key order (path, pred_score,
+  pred_label, max_pixel_score, defect_area at the pixel threshold, width, height, pred_mask, overlay and panel
+  files, error). pred_label is "normal", "anomalous" or "error": a file that could not be read, or whose score or map
+  is NaN/infinite (fail closed), has an "error" row with the reason and no numbers. The JSON also holds the
+  settings (the model's identity, thresholds, the inputs), the rows that could not be judged ("failed") and what
+  the folder search skipped ("search"). Written when a run finishes.
 - `masks/KEY.png` (0/255, the image's original size) and `overlays/KEY.png` (heat map blended over the image),
   where KEY is the image's path below the folder given on the command line (its name included), with the
   suffix folded into the name: `good/a.jpg` -> `masks/good/a_jpg.png` (so `a.jpg` and `a.png` never collide).
@@ -13,17 +17,20 @@ Layout of OUT (predict):
   the decision (`vip2clip.visualization.panel`; a preview, at most 640 px a tile).
 - with `raw_maps`, `maps/KEY.npy`: the anomaly map at the image's original size as float16 [H, W] (column
   `anomaly_map`; empty without raw maps).
-- `predictions.jsonl`: the journal. A settings line, then one line per finished image, appended after its
-  PNGs are written. A re-run with the same OUT and the same settings skips every image whose line exists and
-  whose file is unchanged (size and mtime) and outputs are present; other settings are an error unless
-  `overwrite`. A killed run loses at most the image in progress.
+- `predictions.jsonl`: the journal. A settings line, then one line per judged image, appended after its
+  PNGs are written. A re-run with the same OUT, the same settings and the same inputs (the paths given, not
+  their contents) resumes: it skips every image whose line exists, whose file is unchanged (size and mtime) and
+  whose outputs are present, and redoes the rest. A killed run loses at most the image in progress.
+
+The results describe exactly the files of the latest run: rows (and mask, overlay and panel files) of images that
+were deleted or became unreadable since an earlier run are removed. A run with other settings or other inputs is
+refused unless `overwrite`, which starts a new result set in OUT (the earlier rows and their files are removed).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,36 +40,54 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from vip2clip.data.files import InputImage, find_images, no_images_error
+from vip2clip.data.files import ImageScan, InputImage, no_images_error, scan_images
 from vip2clip.data.images import BadImageError, image_size, load_image
 from vip2clip.inference import calibration as calib
-from vip2clip.inference.predictor import DEFAULT_THRESHOLD, ImageResult, Predictor, ScoredImage, Thresholds
+from vip2clip.inference.journal import JOURNAL, is_done, remove_stale_outputs, start_journal
+from vip2clip.inference.predictor import (
+    DEFAULT_THRESHOLD,
+    ERROR,
+    ImageResult,
+    Predictor,
+    ScoredImage,
+    Thresholds,
+    non_finite_problem,
+)
 from vip2clip.metrics.threshold import DEFAULT_IMAGE_QUANTILE, DEFAULT_PIXEL_QUANTILE, StreamingQuantile
-from vip2clip.model.identity import ModelIdentity
-from vip2clip.utils.fileio import atomic_save_image, atomic_save_npy, atomic_write_json, atomic_write_text
+from vip2clip.utils.fileio import atomic_save_image, atomic_save_npy, atomic_write_json, atomic_write_text, json_line
 from vip2clip.utils.progress import Progress, silent
 from vip2clip.visualization.heatmap import heatmap_overlay
 from vip2clip.visualization.panel import PREDICTED_MASK, PanelText, make_panel
 
 logger = logging.getLogger(__name__)
 
-JOURNAL = "predictions.jsonl"
 _PIXEL_CHUNK = 1 << 20  # map values added to the streaming quantile at once
 CSV_COLUMNS = (
     "path", "pred_score", "pred_label", "max_pixel_score", "defect_area", "width", "height", "pred_mask", "overlay",
-    "panel", "anomaly_map",
+    "panel", "anomaly_map", "error",
 )  # fmt: skip
 
 
 @dataclass
 class RunSummary:
+    """found: images found; predicted: judged in this run; skipped: already done (resumed); failed: unreadable
+    files (path, problem); errors: files whose score or map was NaN/infinite (path, problem); anomalous: rows
+    judged anomalous; total_rows: rows in the tables (= found); scan: what the folder search skipped."""
+
     found: int
     predicted: int
     skipped: int
     failed: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
     anomalous: int = 0
     total_rows: int = 0
     out_dir: Path = Path()
+    scan: ImageScan = field(default_factory=ImageScan)
+
+    @property
+    def complete(self) -> bool:
+        """True when every image found was judged and every folder could be searched."""
+        return not (self.failed or self.errors or self.scan.unreadable_folders)
 
 
 def _load(image: InputImage) -> Image.Image:
@@ -102,64 +127,29 @@ def _assign_keys(todo: list[InputImage], records: dict[str, dict[str, Any]]) -> 
     return assigned
 
 
-def run_settings(predictor: Predictor, overlays: bool, panels: bool = False, raw_maps: bool = False) -> dict[str, Any]:
+def run_settings(
+    predictor: Predictor,
+    overlays: bool,
+    panels: bool = False,
+    raw_maps: bool = False,
+    inputs: Sequence[str | Path] = (),
+) -> dict[str, Any]:
     """What decides the outputs: the model's identity (with tiling and the references' rule), the thresholds, the
-    overlay, panel and raw-map switches and which reference images. All but the first ones are only present when
-    used, so that folders of earlier versions stay resumable."""
+    overlay switch, the inputs (the paths given, absolute and sorted), and the panel and raw-map switches and
+    which reference images, the last ones only when used."""
     settings = {
         "model": predictor.identity.to_dict(),
         "image_threshold": predictor.thresholds.image,
         "pixel_threshold": predictor.thresholds.pixel,
         "thresholds_source": predictor.thresholds.source,
         "overlays": overlays,
+        "inputs": sorted({str(Path(path).resolve()) for path in inputs}),
     }
     switches = {"panels": panels, "raw_maps": raw_maps}
     settings.update({name: True for name, used in switches.items() if used})  # absent when off: see above
     if predictor.references is not None:
         settings["references_sha256"] = predictor.references.record()["sha256"]
     return settings
-
-
-def read_journal(path: Path) -> tuple[dict[str, Any] | None, dict[str, dict[str, Any]]]:
-    """(settings, records by absolute path) from a journal; a line cut short by a crash is ignored."""
-    settings, records = None, {}
-    if not path.is_file():
-        return settings, records
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            logger.warning("%s: ignoring unreadable line %d (interrupted write?)", path, number + 1)
-            continue
-        if number == 0 and "settings" in entry:
-            settings = entry["settings"]
-        elif isinstance(entry, dict) and "path" in entry:
-            records[entry["path"]] = entry
-    return settings, records
-
-
-def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """The settings that differ; the model by its identity (paths and wording do not count)."""
-    ignored = {"thresholds_source", "model"}
-    changed = sorted(key for key in set(old) | set(new) if key not in ignored and old.get(key) != new.get(key))
-    if not isinstance(old.get("model"), dict):
-        return ["model", *changed]
-    return [*ModelIdentity.from_dict(old["model"]).mismatches(ModelIdentity.from_dict(new["model"])), *changed]
-
-
-def _is_done(image: InputImage, record: dict[str, Any] | None, out_dir: Path) -> bool:
-    if record is None:
-        return False
-    try:
-        stat = image.path.stat()
-    except OSError:  # vanished since the walk: let the loader report it
-        return False
-    outputs = [record["pred_mask"]] + [record[kind] for kind in ("overlay", "panel", "anomaly_map") if record.get(kind)]
-    return (
-        record.get("file_size") == stat.st_size
-        and record.get("file_mtime_ns") == stat.st_mtime_ns
-        and all((out_dir / name).is_file() for name in outputs)
-    )
 
 
 def _record(
@@ -180,9 +170,17 @@ def _record(
         "overlay": overlay,
         "panel": panel,
         "anomaly_map": raw_map,
+        "error": "",
         "file_size": stat.st_size,
         "file_mtime_ns": stat.st_mtime_ns,
     }
+
+
+def _error_row(image: InputImage, problem: str) -> dict[str, Any]:
+    """The row of an image that could not be judged: pred_label "error", the reason, no numbers or files."""
+    row: dict[str, Any] = dict.fromkeys(CSV_COLUMNS, None)
+    return {**row, "path": str(image.path), "key": image.key, "pred_label": ERROR, "pred_mask": "", "overlay": "",
+            "panel": "", "anomaly_map": "", "error": problem}  # fmt: skip
 
 
 def save_outputs(
@@ -225,33 +223,22 @@ def save_panel_output(out_dir: Path, image: InputImage, rgb: Image.Image, result
     return name
 
 
-def write_tables(out_dir: Path, settings: dict, records: list[dict], failed: list[tuple[str, str]]) -> None:
-    """predictions.csv (readable images) and predictions.json (settings, rows, unreadable files), atomically."""
+def write_tables(out_dir: Path, settings: dict, rows: list[dict], scan: ImageScan | None = None) -> None:
+    """predictions.csv and predictions.json (settings, every row, the rows not judged, the search), atomically.
+
+    Numbers that are not finite (never in a judged row) are empty in the CSV and null in the JSON."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    writer.writerows(records)
+    writer.writerows(rows)
     atomic_write_text(out_dir / "predictions.csv", buffer.getvalue())
     payload = {
         "settings": settings,
-        "predictions": [{key: row.get(key, "") for key in CSV_COLUMNS} for row in records],
-        "failed": [{"path": path, "error": error} for path, error in failed],
+        "predictions": [{key: row.get(key, "") for key in CSV_COLUMNS} for row in rows],  # older rows lack some
+        "failed": [{"path": row["path"], "error": row["error"]} for row in rows if row["pred_label"] == ERROR],
+        "search": (scan or ImageScan()).to_dict(),
     }
     atomic_write_json(out_dir / "predictions.json", payload)
-
-
-def _start_journal(out_dir: Path, settings: dict, overwrite: bool) -> dict[str, dict[str, Any]]:
-    """Check the earlier run's settings, then rewrite the journal compactly (one line per image)."""
-    journal = out_dir / JOURNAL
-    old_settings, records = (None, {}) if overwrite else read_journal(journal)
-    if old_settings is not None and _differences(old_settings, settings):
-        raise ValueError(
-            f"{out_dir} holds predictions made with other settings ({', '.join(_differences(old_settings, settings))}"
-            " differ); pass --overwrite to redo them, or choose another --out"
-        )
-    lines = [json.dumps({"settings": settings})] + [json.dumps(record) for record in records.values()]
-    atomic_write_text(journal, "\n".join(lines) + "\n")
-    return records
 
 
 def predict_folder(
@@ -266,42 +253,57 @@ def predict_folder(
 ) -> RunSummary:
     """Predict every image in `paths` (files or folders, recursive) into `out_dir`; see the module docstring.
 
-    Unreadable files are listed in the summary and in predictions.json and never stop the run.
+    Unreadable files and images whose model output is not finite get "error" rows, are listed in the summary
+    and never stop the run (`RunSummary.complete` is False then).
     """
     out_dir = Path(out_dir)
-    images = find_images(paths, exclude=out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file; --out must be a folder (new, or one of an earlier predict run)")
+    scan = scan_images(paths, exclude=out_dir)
+    images = scan.images
     if not images:
-        raise no_images_error(paths)
+        raise no_images_error(paths, scan)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(predictor, overlays, panels, raw_maps)
-    records = _start_journal(out_dir, settings, overwrite)
-    todo = [image for image in images if not _is_done(image, records.get(str(image.path)), out_dir)]
+    settings = run_settings(predictor, overlays, panels, raw_maps, paths)
+    records, earlier = start_journal(out_dir, settings, overwrite, images)
+    todo = [image for image in images if not is_done(image, records.get(str(image.path)), out_dir)]
     todo = _assign_keys(todo, records)
     failed: list[tuple[str, str]] = []
+    errors: list[tuple[str, str]] = []
+    not_judged: dict[str, dict[str, Any]] = {}
     with (out_dir / JOURNAL).open("a", encoding="utf-8") as journal:
         for scored in progress(predictor.score(todo, _load), total=len(todo), desc="predict"):
+            records.pop(str(scored.source.path), None)  # an earlier result of this file is outdated now
             if scored.error is not None:
                 failed.append(_failure(scored))
+                not_judged[str(scored.source.path)] = _error_row(scored.source, scored.error.problem)
                 continue
             result = predictor.result(scored)
+            if result.error is not None:
+                errors.append((str(scored.source.path), result.error))
+                not_judged[str(scored.source.path)] = _error_row(scored.source, result.error)
+                continue
             files = save_outputs(out_dir, scored.source, scored.image, result, overlays)
             source = panel_threshold_source(predictor.thresholds)
             files += (save_panel_output(out_dir, scored.source, scored.image, result, source) if panels else "",)
             files += (save_raw_map(out_dir, scored.source, result) if raw_maps else "",)
             record = _record(scored.source, result, *files)
             records[record["path"]] = record
-            journal.write(json.dumps(record) + "\n")
+            journal.write(json_line(record) + "\n")
             journal.flush()
-    rows = sorted(records.values(), key=lambda row: row["key"])
-    write_tables(out_dir, settings, rows, failed)
+    rows = sorted([*records.values(), *not_judged.values()], key=lambda row: row["key"])
+    remove_stale_outputs(out_dir, earlier, rows)
+    write_tables(out_dir, settings, rows, scan)
     return RunSummary(
         found=len(images),
-        predicted=len(todo) - len(failed),
+        predicted=len(todo) - len(failed) - len(errors),
         skipped=len(images) - len(todo),
         failed=failed,
+        errors=errors,
         anomalous=sum(row["pred_label"] == "anomalous" for row in rows),
         total_rows=len(rows),
         out_dir=out_dir,
+        scan=scan,
     )
 
 
@@ -323,26 +325,40 @@ def calibrate_folder(
     image_quantile: float = DEFAULT_IMAGE_QUANTILE,
     pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
     progress: Progress = silent,
-) -> tuple[calib.Calibration, list[tuple[str, str]]]:
+) -> tuple[calib.Calibration, list[tuple[str, str]], ImageScan]:
     """Normal-quantile calibration (`calib.calibrate_from_normal`) on the defect-free images in `paths`.
 
     Pixel scores are the maps at the model's input size [S, S] (tiled: the stitched maps at the images' own size,
     the maps `predict` thresholds), streamed into an exact quantile so that memory stays bounded. Returns the
-    calibration and the unreadable files (skipped).
+    calibration, the unreadable files (skipped) and what the folder search skipped. Raises ValueError naming the
+    files when the model's output for any image is NaN or infinite: thresholds from a broken model would decide
+    nothing.
     """
-    images = find_images(paths)
+    if not 0.0 < image_quantile <= 1.0:  # before scoring every image, not after
+        raise ValueError(f"image quantile must be in (0, 1], got {image_quantile}")
+    scan = scan_images(paths)
+    images = scan.images
     if not images:
-        raise no_images_error(paths)
+        raise no_images_error(paths, scan)
     pixels = StreamingQuantile(pixel_quantile, max(1, sum(_map_pixels(predictor, image.path) for image in images)))
     scores: list[float] = []
     failed: list[tuple[str, str]] = []
+    broken: list[str] = []
     for scored in progress(predictor.score(images, _load), total=len(images), desc="calibrate"):
         if scored.error is not None:
             failed.append(_failure(scored))
-            continue
-        scores.append(scored.pred_score)
-        for rows in np.array_split(scored.anomaly_map, max(1, scored.anomaly_map.size // _PIXEL_CHUNK)):
-            pixels.add(rows)  # in row blocks: the quantile works in float64
+        elif non_finite_problem(scored.pred_score, scored.anomaly_map) is not None:
+            broken.append(str(scored.source.path))
+        elif not broken:  # once one output is broken the run will be refused: stop collecting
+            scores.append(scored.pred_score)
+            for rows in np.array_split(scored.anomaly_map, max(1, scored.anomaly_map.size // _PIXEL_CHUNK)):
+                pixels.add(rows)  # in row blocks: the quantile works in float64
+    if broken:
+        listed = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+        raise ValueError(
+            f"the model produced NaN or infinite scores or maps for {len(broken)} of {len(images)} image(s) "
+            f"({listed}); no calibration written: check the checkpoint and CLIP weights"
+        )
     if not scores:
         raise ValueError("none of the images could be read: " + "; ".join(f"{p}: {e}" for p, e in failed[:5]))
-    return calib.calibrate_from_normal(scores, pixels, predictor.identity, image_quantile), failed
+    return calib.calibrate_from_normal(scores, pixels, predictor.identity, image_quantile), failed, scan

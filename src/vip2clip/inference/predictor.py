@@ -13,8 +13,12 @@ so that calibrations and prediction folders made with other options are refused.
 
 Vocabulary (as anomalib's): `pred_score` the image score, `pred_label` the decision, `anomaly_map` the map,
 `pred_mask` the defect pixels. An image is "anomalous" when pred_score >= the image threshold; a pixel is a defect
-when its map value >= the pixel threshold. Both are probabilities in [0, 1]; without a calibration file or explicit
-thresholds both default to 0.5, which is uncalibrated and said so (`Thresholds.source`).
+when its map value >= the pixel threshold. Both are probabilities in [0, 1] (other values are refused); without a
+calibration file or explicit thresholds both default to 0.5, which is uncalibrated and said so
+(`Thresholds.source`).
+
+Fail closed: an image whose score or map holds NaN or infinity (e.g. a checkpoint with NaN weights) is never
+"normal". Its pred_label is "error" and `ImageResult.error` says why; it has no defect pixels to report.
 
 Folder runs (`vip2clip predict`, `vip2clip calibrate`) live in `vip2clip.inference.folder_run`.
 """
@@ -22,6 +26,7 @@ Folder runs (`vip2clip predict`, `vip2clip calibrate`) live in `vip2clip.inferen
 from __future__ import annotations
 
 import logging
+import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
@@ -44,7 +49,7 @@ from vip2clip.model.vip2clip import Prediction
 logger = logging.getLogger(__name__)
 
 DEFAULT_THRESHOLD = 0.5
-ANOMALOUS, NORMAL = "anomalous", "normal"
+ANOMALOUS, NORMAL, ERROR = "anomalous", "normal", "error"
 T = TypeVar("T")
 
 
@@ -66,6 +71,10 @@ class Thresholds:
     pixel: float
     source: str
 
+    def __post_init__(self) -> None:
+        calib.check_threshold(self.image, "image threshold")
+        calib.check_threshold(self.pixel, "pixel threshold")
+
 
 def resolve_thresholds(
     identity: ModelIdentity,
@@ -79,6 +88,10 @@ def resolve_thresholds(
     and when it has no threshold of a kind (null: undefined for its data) that is not given explicitly: a
     calibrated file with a gap should not silently fall back to the uncalibrated 0.5.
     """
+    for value, name in ((image_threshold, "image threshold (--threshold)"),
+                        (pixel_threshold, "pixel threshold (--pixel-threshold)")):  # fmt: skip
+        if value is not None:
+            calib.check_threshold(value, name)
     sources = []
     if calibration is not None:
         loaded = calibration if isinstance(calibration, calib.Calibration) else calib.load(calibration)
@@ -118,6 +131,9 @@ class ImageResult:
     pred_score: image anomaly score in [0, 1]; pred_label: "anomalous" if pred_score >= image_threshold else
     "normal". anomaly_map: float32 [H, W]; pred_mask: bool [H, W], anomaly_map >= pixel_threshold.
     max_pixel_score: anomaly_map.max(); defect_area: pred_mask.mean() (fraction of the image flagged).
+    error: why the image could not be judged (NaN or infinite score or map values), else None. Such a result has
+    pred_label "error", no defect pixels, and its numbers are NaN: check `error` (or `is_judged`) before acting on
+    `is_anomalous`.
     """
 
     pred_score: float
@@ -128,10 +144,16 @@ class ImageResult:
     defect_area: float
     image_threshold: float
     pixel_threshold: float
+    error: str | None = None
 
     @property
     def is_anomalous(self) -> bool:
         return self.pred_label == ANOMALOUS
+
+    @property
+    def is_judged(self) -> bool:
+        """False when the model's output could not be trusted (pred_label "error")."""
+        return self.error is None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -139,9 +161,34 @@ class ImageResult:
         return self.anomaly_map.shape[1], self.anomaly_map.shape[0]
 
 
+def non_finite_problem(pred_score: float, anomaly_map: np.ndarray) -> str | None:
+    """Why a score and map [H, W] cannot be judged (NaN or infinite values), or None when they are finite."""
+    bad_pixels = int(anomaly_map.size - np.count_nonzero(np.isfinite(anomaly_map)))
+    if math.isfinite(pred_score) and bad_pixels == 0:
+        return None
+    parts = [] if math.isfinite(pred_score) else [f"image score {pred_score}"]
+    if bad_pixels:
+        parts.append(f"{bad_pixels} of {anomaly_map.size} map values")
+    return f"NaN or infinite model output ({', '.join(parts)}): the checkpoint or CLIP weights are probably broken"
+
+
 def make_result(pred_score: float, anomaly_map: np.ndarray, thresholds: Thresholds) -> ImageResult:
-    """Decisions for one image from its score and its map [H, W] (pure)."""
+    """Decisions for one image from its score and its map [H, W] (pure). Non-finite values give an "error"
+    result (fail closed), never a "normal" one."""
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    problem = non_finite_problem(float(pred_score), anomaly_map)
+    if problem is not None:
+        return ImageResult(
+            pred_score=math.nan,
+            pred_label=ERROR,
+            anomaly_map=anomaly_map,
+            pred_mask=np.zeros(anomaly_map.shape, dtype=bool),
+            max_pixel_score=math.nan,
+            defect_area=math.nan,
+            image_threshold=thresholds.image,
+            pixel_threshold=thresholds.pixel,
+            error=problem,
+        )
     pred_mask = anomaly_map >= thresholds.pixel
     return ImageResult(
         pred_score=float(pred_score),

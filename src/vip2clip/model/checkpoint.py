@@ -16,7 +16,7 @@ import torch
 
 from vip2clip import __version__
 from vip2clip.config import ModelConfig
-from vip2clip.utils.fileio import atomic_torch_save
+from vip2clip.utils.fileio import atomic_torch_save, read_torch_file
 
 FORMAT = "vip2clip-checkpoint"
 FORMAT_VERSION = 1
@@ -71,16 +71,20 @@ def save_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, torc
 
 def load_checkpoint(path: str | Path, base_config: ModelConfig | None = None) -> Checkpoint:
     """Read our format or the release format. For release files the config comes from the tensor shapes
-    (context length, dynamic tokens, Meta-Net width) on top of `base_config` (the paper's defaults)."""
+    (context length, dynamic tokens, Meta-Net width) on top of `base_config` (the paper's defaults).
+
+    Raises FileNotFoundError for a missing file and CheckpointError (a ValueError) naming the file and what is
+    wrong with it for anything that is not a readable checkpoint (empty, JSON, an image, truncated, a pickle
+    of arbitrary objects, a TorchScript archive)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+        raise FileNotFoundError(f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    payload = read_torch_file(path, "checkpoint", CheckpointError)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        return Checkpoint(ModelConfig.from_dict(payload["config"]), payload["state_dict"], payload.get("meta", {}))
+        try:
+            return Checkpoint(ModelConfig.from_dict(payload["config"]), payload["state_dict"], payload.get("meta", {}))
+        except (KeyError, TypeError, ValueError) as error:
+            raise CheckpointError(f"{path}: damaged vip2clip checkpoint ({type(error).__name__}: {error})") from error
     if isinstance(payload, dict) and {"prompt_learner", "Zero_try"} <= set(payload):
         config, state = release_to_state(payload, base_config or ModelConfig())
         return Checkpoint(config, state, {"source": f"release checkpoint {path}"})

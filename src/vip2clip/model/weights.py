@@ -16,6 +16,7 @@ from open_clip.model import CLIP
 
 from vip2clip.config import TINY_BACKBONE
 from vip2clip.model.state_check import state_mismatch
+from vip2clip.utils.fileio import read_torch_file
 
 # A tiny CLIP built by open_clip's own classes: for tests and the offline demo (random weights, seeded).
 TINY_CLIP_CONFIG = {
@@ -124,10 +125,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if zipfile.is_zipfile(path) and _is_torchscript_archive(path):
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise WeightsError(f"cannot read CLIP weights from {path}: {error}") from error
+        state = read_torch_file(path, "CLIP weights", WeightsError)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state:

@@ -10,13 +10,19 @@ The cache lives in OUT/feature_cache unless `cache_dir` is given (one cache per 
 the same data and backbone at one --cache-dir to share it; a different key rebuilds it).
 After every epoch OUT/last.pt is written atomically and one JSON line is appended to OUT/train_log.jsonl; the
 final model (the last epoch: no selection on any test set) is OUT/checkpoint.pt, loadable by
-`create_model(checkpoint=...)`.
+`create_model(checkpoint=...)`. An epoch whose mean loss is NaN or infinite (a diverged run) stops training with an
+error instead of saving weights that would judge nothing.
+
+One OUT holds one run. An OUT with a run in it (any of last.pt, checkpoint.pt, train_log.jsonl) is refused unless
+`resume` (continue it from last.pt) or `overwrite` (remove those files and start afresh; the feature cache,
+which is keyed by its settings, is kept). The log is rewritten from the checkpoint's history when a run starts or
+resumes, so it never mixes runs nor repeats or misses an epoch.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +41,7 @@ from vip2clip.model.checkpoint import load_checkpoint, save_checkpoint
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.training.feature_cache import FeatureCache, load_or_build_cache
 from vip2clip.training.losses import training_loss
+from vip2clip.utils.fileio import atomic_write_text, json_line
 from vip2clip.utils.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
@@ -167,6 +174,25 @@ def _resume(model: ViP2CLIP, optimizer: torch.optim.Optimizer, out_dir: Path, co
     return int(checkpoint.meta["epoch"]), list(checkpoint.meta["history"])
 
 
+def earlier_run(out_dir: Path, resume: bool, overwrite: bool) -> list[Path]:
+    """The files of an earlier run in OUT that `overwrite` replaces; refuses to mix runs (module docstring)."""
+    if resume and overwrite:
+        raise ValueError("give either resume (continue the run in OUT) or overwrite (start afresh), not both")
+    earlier = [out_dir / name for name in (LAST_CHECKPOINT, FINAL_CHECKPOINT, TRAIN_LOG) if (out_dir / name).exists()]
+    if earlier and not resume and not overwrite:
+        state = "a finished training run" if (out_dir / FINAL_CHECKPOINT).exists() else "an unfinished training run"
+        raise ValueError(
+            f"{out_dir} holds {state} ({', '.join(path.name for path in earlier)}); pass --resume to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    return [] if resume else earlier
+
+
+def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
+    """OUT/train_log.jsonl holding exactly `history` (one strict JSON line per epoch)."""
+    atomic_write_text(out_dir / TRAIN_LOG, "".join(json_line(record) + "\n" for record in history))
+
+
 def _prepare_batches(
     model: ViP2CLIP, dataset: AnomalyDataset, out_dir: Path, config: TrainConfig, progress: Progress
 ) -> tuple[list[int], Callable[[list[list[int]]], Iterator[Batch]], int]:
@@ -190,10 +216,14 @@ def train(
     split: str = "test",
     resume: bool = False,
     progress: Progress = silent,
+    overwrite: bool = False,
 ) -> TrainResult:
-    """Train `model`'s prompt learner and FGP on a split of `index`; checkpoints and log go to `out_dir`."""
+    """Train `model`'s prompt learner and FGP on a split of `index`; checkpoints and log go to `out_dir`.
+
+    Raises ValueError when `out_dir` holds a run and neither `resume` nor `overwrite` is given."""
     config = config or TrainConfig()
     out_dir = Path(out_dir)
+    replaced = earlier_run(out_dir, resume, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = AnomalyDataset(index, split, image_size=model.config.image_size, skip_bad=config.skip_bad)
     if len(dataset) == 0:
@@ -205,11 +235,21 @@ def train(
         random.seed(config.seed)
     rows, make_batches, cache_bytes = _prepare_batches(model, dataset, out_dir, config, progress)
     meta = _run_meta(model, index, split, config)
+    for path in replaced:  # only now that the data and the cache are ready: a bad dataset keeps the earlier run
+        path.unlink()
+        logger.info("replacing the earlier run in %s: removed %s", out_dir, path.name)
+    _write_log(out_dir, history)
     model.train()
     for epoch in range(start + 1, config.epochs + 1):
         batches = epoch_batches(rows, config.batch_size, config.seed, epoch)
         steps = progress(make_batches(batches), total=len(batches), desc=f"epoch {epoch}/{config.epochs}")
         record = {"epoch": epoch, **run_epoch(model, optimizer, steps)}
+        if not math.isfinite(record["total"]):  # fail closed: a NaN model would judge nothing (or everything)
+            kept = f"{out_dir / LAST_CHECKPOINT} holds epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
+            raise ValueError(
+                f"training diverged in epoch {epoch} (loss {record['total']}); its weights are not saved ({kept}). "
+                "Lower --lr / --lr-fgp and train again (--overwrite)"
+            )
         history.append(record)
         state = model.trainable_state_dict()
         resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
@@ -217,7 +257,7 @@ def train(
             out_dir / LAST_CHECKPOINT, model.config, state, **meta, epoch=epoch, history=history, **resume_state
         )
         with open(out_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
-            log.write(json.dumps(record) + "\n")
+            log.write(json_line(record) + "\n")
         logger.info(
             "epoch %d/%d: loss %.4f (%d steps, %.1f s)",
             epoch,

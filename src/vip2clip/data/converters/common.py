@@ -116,14 +116,16 @@ def pair_masks(
     masks = list_images(mask_dir) if mask_dir is not None else []
     by_name = {(path.stem.lower()): path for path in masks}
     pairs: dict[Path, Path | None] = {}
-    used: set[Path] = set()
+    used: dict[Path, Path] = {}  # mask -> the first image it was paired with
     for image in images:
         found = next((by_name[key] for key in (f"{image.stem}{s}".lower() for s in suffixes) if key in by_name), None)
         if found is None:
             where = mask_dir if mask_dir is not None else "(no mask folder)"
             conversion.warn(image, f"anomalous image without its mask (looked in {where})")
+        elif found in used:  # 000.png and 000.jpg: one mask cannot tell which image it belongs to
+            conversion.warn(image, f"shares its mask {found.name} with {used[found].name} (same name, other suffix)")
         else:
-            used.add(found)
+            used[found] = image
         pairs[image] = found
     for mask in masks:
         if mask not in used:
@@ -137,3 +139,16 @@ def warn_unknown_dirs(folder: Path, known: Iterable[str], conversion: Conversion
     for child in list_dirs(folder):
         if child.name.lower() not in known_lower:
             conversion.warn(child, f"unexpected {what}; ignored")
+
+
+def warn_nested_dirs(folders: Iterable[Path], conversion: Conversion) -> None:
+    """Report sub-folders of image folders (normal or defect folders): their images are not indexed."""
+    for folder in folders:
+        warn_unknown_dirs(folder, (), conversion, "sub-folder in an image folder (its images are not indexed)")
+
+
+def single_wrapper(root: Path) -> Path | None:
+    """The one folder inside `root` when root holds nothing else of interest (no other folder, no image), as an
+    archive unpacks (DAGM_KaggleUpload/, mvtec_anomaly_detection/); else None."""
+    children = list_dirs(root)
+    return children[0] if len(children) == 1 and not list_images(root) else None

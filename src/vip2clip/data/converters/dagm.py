@@ -40,6 +40,7 @@ def read_labels_txt(path: Path, conversion: Conversion) -> dict[str, bool]:
 def _convert_split(split_dir: Path, split: str, cls_name: str, conversion: Conversion) -> None:
     images = list_images(split_dir)
     label_dir = find_child(split_dir, "Label")
+    warn_unknown_dirs(split_dir, ("Label",), conversion, "folder (only Label/ is read)")
     labels_txt = label_dir / "Labels.txt" if label_dir is not None else None
     if labels_txt is not None and labels_txt.is_file():
         flags = read_labels_txt(labels_txt, conversion)
@@ -73,6 +74,7 @@ def convert_dagm(root: Path, options: ConvertOptions) -> Conversion:
         if cls_dir is None:
             conversion.warn(root / cls_name, "class folder missing")
             continue
+        warn_unknown_dirs(cls_dir, ("Train", "Test"), conversion, f"folder in class {cls_name}")
         for split in ("train", "test"):
             split_dir = find_child(cls_dir, split)
             if split_dir is None:

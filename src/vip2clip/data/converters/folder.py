@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vip2clip.data.converters.common import Conversion, ConvertOptions, find_child, list_dirs, list_images, pair_masks
+from vip2clip.data.converters.common import (
+    Conversion,
+    ConvertOptions,
+    find_child,
+    list_dirs,
+    list_images,
+    pair_masks,
+    warn_nested_dirs,
+    warn_unknown_dirs,
+)
 
 NORMAL_DIR = "good"
 MASK_DIR = "ground_truth"
@@ -19,9 +28,11 @@ def _convert_folder_class(cls_dir: Path, cls_name: str, conversion: Conversion) 
     for image in list_images(cls_dir / NORMAL_DIR):
         conversion.add("test", image, None, cls_name, "good", False)
     ground_truth = find_child(cls_dir, MASK_DIR)
-    for defect_dir in list_dirs(cls_dir):
-        if defect_dir.name in (NORMAL_DIR, MASK_DIR):
-            continue
+    defect_dirs = [d for d in list_dirs(cls_dir) if d.name not in (NORMAL_DIR, MASK_DIR)]
+    warn_nested_dirs([cls_dir / NORMAL_DIR, *defect_dirs], conversion)
+    if ground_truth is not None:
+        warn_unknown_dirs(ground_truth, [d.name for d in defect_dirs], conversion, "mask folder (no defect folder)")
+    for defect_dir in defect_dirs:
         mask_dir = find_child(ground_truth, defect_dir.name) if ground_truth is not None else None
         images = list_images(defect_dir)
         if mask_dir is None:  # masks are optional here: an image-level set is a valid user dataset

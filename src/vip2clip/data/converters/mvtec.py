@@ -18,6 +18,8 @@ from vip2clip.data.converters.common import (
     list_images,
     locate,
     pair_masks,
+    warn_nested_dirs,
+    warn_unknown_dirs,
 )
 
 MVTEC_CLASSES = (
@@ -41,9 +43,13 @@ class ClassLayout:
 
 
 def convert_class(cls_dir: Path, cls_name: str, layout: ClassLayout, conversion: Conversion) -> None:
-    """Add one MVTec-style class folder (train normals; test normals and defects with their masks)."""
+    """Add one MVTec-style class folder (train normals; test normals and defects with their masks). Folders the
+    layout does not explain (in the class, in train/, inside image folders) are reported."""
     train_dir, test_dir = find_child(cls_dir, "train"), find_child(cls_dir, "test")
+    warn_unknown_dirs(cls_dir, ("train", "test", "ground_truth"), conversion, f"folder in class {cls_name}")
     if train_dir is not None:
+        warn_unknown_dirs(train_dir, (layout.normal_dir,), conversion, f"training folder (only {layout.normal_dir}/)")
+        warn_nested_dirs([train_dir / layout.normal_dir], conversion)
         for image in list_images(train_dir / layout.normal_dir):
             conversion.add("train", image, None, cls_name, "good", False)
     if test_dir is None:
@@ -53,6 +59,7 @@ def convert_class(cls_dir: Path, cls_name: str, layout: ClassLayout, conversion:
     defect_dirs = [d for d in list_dirs(test_dir) if d.name != layout.normal_dir]
     if not (test_dir / layout.normal_dir).is_dir():
         conversion.warn(test_dir / layout.normal_dir, "no normal test images (folder missing)")
+    warn_nested_dirs([test_dir / layout.normal_dir, *defect_dirs], conversion)
     for image in list_images(test_dir / layout.normal_dir):
         conversion.add("test", image, None, cls_name, "good", False)
     for defect_dir in defect_dirs:

@@ -90,6 +90,9 @@ def convert_visa(root: Path, options: ConvertOptions) -> Conversion:
         conversion.warn(split_file, "split file missing: every image goes to the test split")
         _from_folders(base, conversion)
     warn_unknown_dirs(base, (*VISA_CLASSES, "split_csv"), conversion, "class folder")
+    for cls_dir in list_dirs(base):
+        if cls_dir.name in VISA_CLASSES:
+            warn_unknown_dirs(cls_dir, ("Data",), conversion, f"folder in class {cls_dir.name}")
     if not conversion.test:
         raise ValueError(f"{root}: no VisA test images found")
     return conversion
