@@ -21,10 +21,10 @@ MODEL_ARGS = ["--backbone", "tiny", "--image-size", "64", "--no-progress"]
 STORED = np.random.default_rng(5).integers(0, 256, (40, 64, 3), dtype=np.uint8)  # 64 wide, 40 high on disk
 
 
-def _rotated_and_upright(folder: Path, stem: str) -> tuple[Path, Path, np.ndarray]:
-    """`STEM.jpg` stored sideways with orientation 6, and `STEM_upright.png`: its pixels as displayed."""
+def _rotated_and_upright(folder: Path, stem: str, suffix: str = ".jpg") -> tuple[Path, Path, np.ndarray]:
+    """`STEM.SUFFIX` stored sideways with orientation 6, and `STEM_upright.png`: its pixels as displayed."""
     folder.mkdir(parents=True, exist_ok=True)
-    rotated = write_with_orientation(STORED, folder / f"{stem}.jpg", 6)
+    rotated = write_with_orientation(STORED, folder / f"{stem}{suffix}", 6)
     shown = np.rot90(np.asarray(Image.open(rotated).convert("RGB")), k=-1)  # 90 degrees clockwise: 40 wide, 64 high
     upright = folder / f"{stem}_upright.png"
     Image.fromarray(np.ascontiguousarray(shown)).save(upright)
@@ -62,7 +62,8 @@ def test_test_maps_masks_and_panels_follow_the_displayed_orientation(checkpoint:
     outputs = {}
     for variant in ("rotated", "upright"):
         root = tmp_path / variant / "widget"  # the `convert folder` layout: good/, DEFECT/, ground_truth/DEFECT/
-        rotated, upright, _ = _rotated_and_upright(tmp_path / variant / "photos", "1")
+        # PNG with an EXIF block: the panels show the file name, which must be the same in both datasets.
+        rotated, upright, _ = _rotated_and_upright(tmp_path / variant / "photos", "1", ".png")
         (root / "good").mkdir(parents=True)
         (root / "dent").mkdir()
         Image.fromarray(np.ascontiguousarray(STORED[:, ::-1])).save(root / "good" / "0.png")
