@@ -203,8 +203,9 @@ def _refuse_non_finite(scores: np.ndarray, maps: np.ndarray, rows: np.ndarray, d
     bad = ~np.isfinite(scores) | ~np.isfinite(maps).reshape(len(maps), -1).all(axis=1)
     if bad.any():
         names = [dataset.paths(dataset.samples[row])[0] for row in rows[bad]]
+        cls_name = dataset.samples[0].cls_name
         raise ValueError(
-            f"class {dataset.samples[0].cls_name}: the model produced NaN or infinite scores or maps for {', '.join(names[:5])}"
+            f"class {cls_name}: the model produced NaN or infinite scores or maps for {', '.join(names[:5])}"
             f"{f' and {len(names) - 5} more' if len(names) > 5 else ''}; no metrics computed from them: the "
             "checkpoint or CLIP weights are probably broken"
         )
