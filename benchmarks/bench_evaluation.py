@@ -1,11 +1,12 @@
-"""Peak memory and time of evaluating one large class: `predict_class` + `class_metrics` (run by hand).
+"""Peak memory and time of evaluating one large class: `collect_class_outputs` + `class_metrics` (run by hand).
 
     python benchmarks/bench_evaluation.py                          # 1,000 images at 518 px, float16 maps
-    python benchmarks/bench_evaluation.py --images 200 --map-dtype float32
+    python benchmarks/bench_evaluation.py --images 200 --map-dtype float32 --keep-maps
 
 The model and the dataset are stand-ins (random smooth maps, masks with one defect blob on 60 % of the images)
-so that only the evaluation's own memory is measured: the stored maps and masks, the per-batch histogram, and
-the metrics over the whole class. Appends the figures to benchmarks/RESULTS.md.
+so that only the evaluation's own memory is measured: the per-batch pixel statistics and histogram, the maps and
+masks when kept (`--keep-maps`: as for panels), and the metrics over the whole class. Appends the figures to
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 
 from common import append_results, machine_description, markdown_table, peak_rss_mib, reset_peak_rss
-from vip2clip.evaluation.evaluate import MAP_DTYPES, EvalConfig, class_metrics, predict_class
+from vip2clip.evaluation.evaluate import MAP_DTYPES, EvalConfig, class_metrics, collect_class_outputs
 from vip2clip.model.vip2clip import Prediction
 
 
@@ -76,20 +77,26 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=518)
     parser.add_argument("--map-dtype", choices=sorted(MAP_DTYPES), default="float16")
+    parser.add_argument("--keep-maps", action="store_true", help="keep the class's maps and masks (as for panels)")
     args = parser.parse_args()
     dataset, model = StandInDataset(args.images, args.size), StandInModel(args.size)
     config = EvalConfig(map_dtype=args.map_dtype)
     baseline = peak_rss_mib()
     reset_peak_rss()
     started = time.perf_counter()
-    predictions = predict_class(model, dataset, config)
+    predictions = collect_class_outputs(model, dataset, config, keep_maps=args.keep_maps)
     predicted = time.perf_counter()
     result = class_metrics("large", predictions)
     finished = time.perf_counter()
-    stored = (predictions.maps.nbytes + predictions.masks.nbytes) / 2**20
-    row = [f"{args.images}x{args.size}x{args.size}", args.map_dtype, f"{stored:.0f}", f"{peak_rss_mib():.0f}",
+    stats = predictions.pixel
+    stored = sum(getattr(stats, f).nbytes for f in ("values", "positive", "negative", "defect_values",
+                                                     "defect_regions"))  # fmt: skip
+    if args.keep_maps:
+        stored += predictions.maps.nbytes + predictions.masks.nbytes
+    row = [f"{args.images}x{args.size}x{args.size}", args.map_dtype, "kept" if args.keep_maps else "statistics only",
+           f"{stored / 2**20:.0f}", f"{peak_rss_mib():.0f}",
            f"{baseline:.0f}", f"{predicted - started:.1f}", f"{finished - predicted:.1f}"]  # fmt: skip
-    headers = ["class", "maps", "stored maps+masks (MiB)", "peak RSS (MiB)", "RSS before (MiB)",
+    headers = ["class", "maps", "kept", "stored statistics (+maps, masks) (MiB)", "peak RSS (MiB)", "RSS before (MiB)",
                "predict loop (s)", "metrics (s)"]  # fmt: skip
     table = markdown_table(headers, [row])
     print(table)

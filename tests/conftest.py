@@ -3,6 +3,11 @@ model trained on a synthetic benchmark for the practitioner tests (predict, serv
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +64,44 @@ def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vip2clip.apps.demo import run_demo
 
     return run_demo(tmp_path_factory.mktemp("demo") / "demo", echo=lambda line: None).checkpoint
+
+
+@pytest.fixture(scope="session")
+def torchrun() -> Callable[..., subprocess.CompletedProcess]:
+    """Runs `torchrun --standalone --nproc-per-node N ARGS...` (free ports, Gloo on the CPU) with this checkout's
+    vip2clip importable; returns the finished process (text stdout/stderr). torchrun's own default of one thread
+    per rank is left to vip2clip, which gives each rank its share of the cores (`threads_per_rank`)."""
+    import vip2clip
+
+    source = str(Path(vip2clip.__file__).resolve().parents[1])
+
+    def run(*args: str, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+        env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+                   *map(str, args)]  # fmt: skip
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def rank_threads() -> Callable[[int], contextlib.AbstractContextManager]:
+    """`with rank_threads(2):` computes in this process with the threads each of 2 ranks on this machine uses:
+    matrix products round alike only with the same thread count, so a one-process reference must match it to be
+    compared bit for bit."""
+    from vip2clip.utils.distributed import threads_per_rank
+
+    @contextlib.contextmanager
+    def threads(world_size: int) -> Iterator[None]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads_per_rank(world_size))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    return threads
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,11 +21,12 @@ from vip2clip.data.index import DatasetIndex, Sample, build_index, write_index
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.data.transforms import preprocess, preprocess_mask
 from vip2clip.evaluation.benchmark import CALIBRATION_NAME, evaluate_dataset
-from vip2clip.evaluation.evaluate import EvalConfig, collect_class_outputs, evaluate
+from vip2clip.evaluation.evaluate import ClassOutputs, EvalConfig, class_metrics, collect_class_outputs, evaluate
 from vip2clip.inference import calibration as calib
 from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, UndefinedMetricWarning, best_f1_threshold, compute_all
 from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
+from vip2clip.utils.distributed import share_range
 
 SIZE = 64  # the conftest tiny model's input size
 
@@ -83,11 +84,31 @@ def test_metrics_and_thresholds_match_an_independent_pass(tiny_model, bench: Dat
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_maps_are_stored_compactly(tiny_model, bench: DatasetIndex, dtype: str) -> None:
     dataset = AnomalyDataset(bench, classes=[bench.classes()[0]], image_size=SIZE)
-    predictions = collect_class_outputs(tiny_model, dataset, EvalConfig(map_dtype=dtype))
+    predictions = collect_class_outputs(tiny_model, dataset, EvalConfig(map_dtype=dtype), keep_maps=True)
     assert predictions.maps.dtype == np.dtype(dtype) and predictions.maps.shape == (6, SIZE, SIZE)
     assert predictions.masks.dtype == bool and predictions.scores.shape == (6,)
     direct = tiny_model.predict(torch.stack([dataset[i]["image"] for i in range(6)])).anomaly_map.numpy()
     np.testing.assert_array_equal(predictions.maps, direct.astype(dtype))
+
+
+def test_shares_of_a_class_merge_into_the_one_process_outputs(tiny_model, bench: DatasetIndex) -> None:
+    """What each rank computes under torchrun (here in one process): contiguous shares of whole batches, one of
+    them empty, merged in order, give the one-process metrics, thresholds and scores exactly."""
+    dataset = AnomalyDataset(bench, classes=[bench.classes()[0]], image_size=SIZE)
+    config = EvalConfig(batch_size=2)
+    whole = collect_class_outputs(tiny_model, dataset, config)
+    shares = [share_range(len(dataset), rank, 4, unit=2) for rank in range(4)]
+    assert [len(share) for share in shares] == [2, 2, 2, 0]
+    parts = [collect_class_outputs(tiny_model, dataset, config, rows=share) for share in shares]
+    merged = ClassOutputs.merge(parts)
+    np.testing.assert_array_equal(merged.scores, whole.scores)
+    np.testing.assert_array_equal(merged.positions, np.arange(6))
+    assert parts[3].scores.size == 0 and parts[3].pixel is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UndefinedMetricWarning)
+        expected, got = class_metrics("c", whole), class_metrics("c", merged)
+    assert got.metrics == pytest.approx(expected.metrics, abs=0, nan_ok=True)
+    assert (got.image_threshold, got.pixel_threshold) == (expected.image_threshold, expected.pixel_threshold)
 
 
 def test_pixel_histogram_equals_the_exact_best_f1() -> None:

@@ -249,20 +249,33 @@ def test_predict_folder_and_resume(checkpoint: Path, tmp_path: Path, capsys: pyt
     assert f"{len(sizes)} predicted, 0 already done, 0 unreadable" in capsys.readouterr().out
 
 
-def test_interrupted_run_resumes(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def _killed_while_writing(out: Path, lines: list[str]) -> int:
+    """As if killed after two images, in the middle of writing the third line, before the tables."""
+    (out / "predictions.jsonl").write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
+    (out / "predictions.csv").unlink()
+    return 2
+
+
+def _killed_under_torchrun(out: Path, lines: list[str]) -> int:
+    """As a 2-rank run killed before rank 0 merged the ranks' journals: two records in predictions.rank1.jsonl."""
+    (out / "predictions.jsonl").write_text("\n".join(lines[:2]) + "\n")
+    (out / "predictions.rank1.jsonl").write_text("\n".join(lines[2:4]) + "\n")
+    return 3
+
+
+@pytest.mark.parametrize("kill", [_killed_while_writing, _killed_under_torchrun])
+def test_interrupted_run_resumes(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture, kill) -> None:
     sizes = make_mixed_folder(tmp_path / "images")
     out = tmp_path / "out"
     args = [str(tmp_path / "images"), "--checkpoint", str(checkpoint), "--out", str(out)]
     assert _predict(*args) == 1  # corrupt.png
-    # As if killed after two images, in the middle of writing the third line, before the tables.
-    journal = out / "predictions.jsonl"
-    lines = journal.read_text().splitlines()
-    journal.write_text("\n".join(lines[:3]) + "\n" + lines[3][:25])
-    (out / "predictions.csv").unlink()
+    done = kill(out, (out / "predictions.jsonl").read_text().splitlines())
     capsys.readouterr()
     assert _predict(*args) == 1
-    assert f"{len(sizes) - 2} predicted, 2 already done" in capsys.readouterr().out
+    assert f"{len(sizes) - done} predicted, {done} already done" in capsys.readouterr().out
     assert len((out / "predictions.csv").read_text().splitlines()) == len(sizes) + 2
+    assert not list(out.glob("predictions.rank*.jsonl"))
+    assert json.loads((out / "predictions.json").read_text())["run"] == {"world_size": 1, "device": "cpu"}
 
 
 def test_predict_refuses_other_settings(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

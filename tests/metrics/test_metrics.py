@@ -352,3 +352,37 @@ def test_compute_all_rejects_mismatched_arguments() -> None:
         metrics.compute_all([0, 1], None)
     with pytest.raises(ValueError, match="3 image labels but 5 masks"):
         metrics.compute_all([0, 1, 1], [0.1, 0.2, 0.3], masks, maps)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_pixel_stats_of_parts_merge_into_the_whole(dtype) -> None:
+    rng = np.random.default_rng(3)
+    masks = rng.random((9, 12, 13)) < 0.15
+    maps = (np.round(rng.random((9, 12, 13)) * 40) / 40 + 0.3 * masks).astype(dtype)
+    maps[0, 0, 0] = -0.0  # -0 and +0 are one value
+    whole = metrics.PixelStats.of(masks, maps)
+    parts = [metrics.PixelStats.of(masks[a:b], maps[a:b]) for a, b in ((0, 2), (2, 3), (3, 9))]
+    merged = metrics.PixelStats.merge(parts)
+    for field in ("values", "positive", "negative", "defect_values", "defect_regions"):
+        np.testing.assert_array_equal(getattr(merged, field), getattr(whole, field), err_msg=field)
+    assert merged.n_regions == whole.n_regions and int(whole.positive.sum() + whole.negative.sum()) == maps.size
+    assert whole.values.dtype == dtype and np.all(np.diff(whole.values.astype(np.float64)) > 0)
+    expected = metrics.compute_all(None, None, masks, maps)
+    assert metrics.pixel_metrics(merged) == {key: expected[key] for key in metrics.PIXEL_KEYS}  # bit for bit
+    with pytest.raises(ValueError, match="dtypes"):
+        metrics.PixelStats.merge([whole, metrics.PixelStats.of(masks, maps.astype(np.float64))])
+
+
+def test_streaming_quantiles_merge_exactly() -> None:
+    rng = np.random.default_rng(4)
+    values = rng.random(5000)
+    whole = metrics.StreamingQuantile(0.999, 5000)
+    whole.add(values)
+    parts = [metrics.StreamingQuantile(0.999, 5000) for _ in range(3)]
+    for part, chunk in zip(parts, np.array_split(values, 3), strict=True):
+        part.add(chunk)
+    for part in parts[1:]:
+        parts[0].merge(part)
+    assert parts[0].count == 5000 and parts[0].value() == whole.value() == pytest.approx(np.quantile(values, 0.999))
+    with pytest.raises(ValueError, match="same quantile"):
+        parts[0].merge(metrics.StreamingQuantile(0.99, 5000))

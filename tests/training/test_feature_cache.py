@@ -69,7 +69,8 @@ def test_cached_values_match_the_encoder(model, dataset: AnomalyDataset, tmp_pat
         rtol=0,
     )
     assert isinstance(cache.patch_tokens, np.memmap) and cache.patch_tokens.dtype == np.float16
-    assert cache.disk_bytes == sum(f.stat().st_size for f in (tmp_path / "c16").iterdir())
+    assert cache.disk_bytes == sum(f.stat().st_size for f in cache.directory.iterdir())
+    assert cache.directory.parent == tmp_path / "c16"  # one slot folder inside the cache directory
 
 
 def test_reopening_runs_no_encoder(dataset: AnomalyDataset, tmp_path: Path) -> None:
@@ -92,29 +93,32 @@ def test_stale_cache_is_rebuilt(model, dataset: AnomalyDataset, tmp_path: Path) 
     fresh = model.encode_image(dataset[1]["image"][None]).global_feature
     torch.testing.assert_close(again.features([1]).global_feature, fresh, atol=1e-3, rtol=0)
     assert not torch.allclose(old, fresh, atol=1e-2)
-    # Another image size changes the key too.
+    assert again.directory == first.directory  # same settings and paths: the slot is rebuilt, not added
+    # Another image size gets its own slot beside the first one.
     other = vip2clip.create_model("tiny", image_size=32, seed=0, top_k=4)
     small = build(other, AnomalyDataset(dataset.index, image_size=32), tmp_path / "c")
-    assert small.grid == (2, 2) and json.loads((tmp_path / "c" / MANIFEST).read_text())["key"]["image_size"] == 32
+    assert small.grid == (2, 2) and json.loads((small.directory / MANIFEST).read_text())["key"]["image_size"] == 32
+    assert small.directory != again.directory and open_cache(again.directory, cache_key(model, dataset)) is not None
 
 
 def test_partial_caches_are_detected(model, dataset: AnomalyDataset, tmp_path: Path) -> None:
     directory = tmp_path / "c"
-    build(model, dataset, directory)
+    slot = build(model, dataset, directory).directory
     key = cache_key(model, dataset)
-    assert open_cache(directory, key) is not None
-    tokens = directory / "patch_tokens.npy"
+    assert open_cache(slot, key) is not None
+    tokens = slot / "patch_tokens.npy"
     tokens.write_bytes(tokens.read_bytes()[:-100])  # truncated
-    assert open_cache(directory, key) is None
+    assert open_cache(slot, key) is None
     build(model, dataset, directory)
-    (directory / MANIFEST).unlink()  # a build that died before its manifest
-    assert open_cache(directory, key) is None
+    (slot / MANIFEST).unlink()  # damaged by hand
+    assert open_cache(slot, key) is None
     assert build(model, dataset, directory).valid_indices == list(range(6))
 
 
-def test_crash_during_build_leaves_no_manifest(dataset: AnomalyDataset, tmp_path: Path) -> None:
+def test_crash_during_build_leaves_the_old_cache_or_nothing(dataset: AnomalyDataset, tmp_path: Path) -> None:
     model = vip2clip.create_model("tiny", image_size=SIZE, seed=0, top_k=4)
-    build(model, dataset, tmp_path / "c")
+    slot = build(model, dataset, tmp_path / "c").directory
+    manifest = (slot / MANIFEST).read_text()
     original = model.backbone.encode_image
 
     def failing(images):
@@ -128,7 +132,10 @@ def test_crash_during_build_leaves_no_manifest(dataset: AnomalyDataset, tmp_path
     )  # key changes -> rebuild -> crash
     with pytest.raises(RuntimeError, match="simulated crash"):
         build(model, dataset, tmp_path / "c")
-    assert not (tmp_path / "c" / MANIFEST).exists()
+    # The previous (now stale) cache is untouched, no build folder is left, and the stale cache is not used.
+    assert (slot / MANIFEST).read_text() == manifest
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [f".{slot.name}.lock", slot.name]
+    assert open_cache(slot, cache_key(model, dataset)) is None
 
 
 def test_undecodable_image_is_recorded(model, tmp_path: Path) -> None:

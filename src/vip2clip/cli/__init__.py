@@ -1,7 +1,8 @@
 """Command-line entry point: `vip2clip COMMAND ...`.
 
 Each command group lives in its own module with a `register(subparsers)` function that adds its
-sub-commands and binds them to a `run(args) -> int` function. `main` only parses and dispatches.
+sub-commands and binds them to a `run(args) -> int` function. `main` parses, joins torchrun's process group when
+started by torchrun (`args.world`; see `vip2clip.utils.distributed`), dispatches and leaves the group.
 """
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 
 from vip2clip import __version__
 
 # Modules under vip2clip.cli that each add one or more sub-commands.
 COMMAND_MODULES: tuple[str, ...] = ("model", "data", "train", "evaluate", "predict", "apps")
+# The commands that run under `torchrun --nproc-per-node N -m vip2clip ...` (the others run in one process).
+DISTRIBUTED_COMMANDS = frozenset({"train", "test", "benchmark", "predict", "calibrate"})
 
 
 class CLIError(Exception):
@@ -39,6 +43,24 @@ def _message(error: Exception) -> str:
     return str(error)
 
 
+def _join_world(args: argparse.Namespace):
+    """The `World` of this process: torchrun's process group for the commands that support it, else one process.
+    On ranks other than 0 only errors are logged (rank 0 reports for all)."""
+    from vip2clip.utils.distributed import LOCAL, init_from_env, torchrun_env
+
+    if torchrun_env() is None:
+        return LOCAL
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise CLIError(f"runs in one process; start it without torchrun ({', '.join(sorted(DISTRIBUTED_COMMANDS))} "
+                       "run under torchrun)")  # fmt: skip
+    world = init_from_env(args.device)
+    args.device = world.device
+    if not world.is_main:
+        logging.getLogger().setLevel(logging.ERROR)
+        warnings.simplefilter("ignore")
+    return world
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -48,11 +70,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from vip2clip.utils.distributed import LOCAL, RankFailedError, close, record_error
+
+    args.world, failed, where = LOCAL, True, ""
     try:
-        return int(args.func(args) or 0)
+        args.world = _join_world(args)
+        if args.world.distributed:
+            where = f" (rank {args.world.rank} of {args.world.size})"
+        code = int(args.func(args) or 0)
+        failed = code != 0
+        return code
     except (CLIError, OSError, ValueError) as error:  # user-facing: bad paths, full disks, bad files or options
-        print(f"vip2clip {args.command}: error: {_message(error)}", file=sys.stderr)
+        message = f"vip2clip {args.command}{where}: error: {_message(error)}"
+        print(message, file=sys.stderr)
+        record_error(message)
         return 2
+    except RankFailedError as error:  # the failing rank has printed its error
+        print(f"vip2clip {args.command}{where}: stopped: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"vip2clip {args.command}: interrupted", file=sys.stderr)
+        print(f"vip2clip {args.command}{where}: interrupted", file=sys.stderr)
         return 130
+    except BaseException as error:  # a bug, out of memory ...: the traceback follows; torchrun's summary names it
+        record_error(f"vip2clip {args.command}{where}: {type(error).__name__}: {error}")
+        raise
+    finally:
+        close(args.world, failed)

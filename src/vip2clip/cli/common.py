@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from vip2clip.cli import CLIError
 from vip2clip.config import DEFAULT_BACKBONE
+from vip2clip.utils.distributed import LOCAL, World
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +149,16 @@ def add_progress_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
+def world_of(args: argparse.Namespace) -> World:
+    """The process's `World` (set by `vip2clip.cli.main`; one process when the command is called directly)."""
+    return getattr(args, "world", LOCAL)
+
+
 def progress_for(args: argparse.Namespace) -> Progress:
-    """tqdm bars on stderr when it is a terminal and --no-progress was not given; silence otherwise."""
+    """tqdm bars on stderr when it is a terminal and --no-progress was not given (rank 0 only); silence otherwise."""
     from vip2clip.utils.progress import silent
 
-    if not getattr(args, "progress", True) or not sys.stderr.isatty():
+    if not getattr(args, "progress", True) or not sys.stderr.isatty() or not world_of(args).is_main:
         return silent
     from tqdm import tqdm
 

@@ -20,6 +20,7 @@ from vip2clip.cli.common import (
     progress_for,
     reference_cache_from_args,
     tiling_from_args,
+    world_of,
 )
 from vip2clip.cli.train import add_train_arguments, train_config_from_args
 from vip2clip.config import STORAGE_DTYPES
@@ -97,13 +98,19 @@ def run_test(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise CLIError("--checkpoint is required (a vip2clip or release checkpoint to evaluate)")
     config = _eval_config(args, args.classes)
-    index = resolve_index(args.data, args.dataset)
+    world = world_of(args)
+    with world.main_first():  # a native root is converted (and its index written) once
+        index = resolve_index(args.data, args.dataset)
     _check_shots(index, config)
     model = build_model(args, **config_from_args(args))
     name = dataset_info(args.dataset).title if args.dataset else Path(index.root).name
     out = Path(args.out)
     identity = model_identity(args, model)
-    result = evaluate_dataset(model, index, out, config, name, identity, args.save_maps, progress=progress_for(args))
+    result = evaluate_dataset(
+        model, index, out, config, name, identity, args.save_maps, progress=progress_for(args), world=world
+    )
+    if not world.is_main:
+        return 0
     print(class_table_markdown(result, name))
     print(f"results: {out / 'results.md'} (+ .csv, .json)")
     if (out / "calibration.json").is_file():
@@ -146,10 +153,13 @@ def _train_for_benchmark(args: argparse.Namespace, train_spec, out: Path):
     from vip2clip.evaluation.benchmark import load_dataset
     from vip2clip.training.loop import train
 
-    config = train_config_from_args(args)
-    index = load_dataset(train_spec)
+    config, world = train_config_from_args(args), world_of(args)
+    with world.main_first():
+        index = load_dataset(train_spec)
     model = build_model(args, seed=config.seed, **config_from_args(args))  # seeded like `vip2clip train`
-    result = train(model, index, out / "train", config, progress=progress_for(args), overwrite=args.overwrite)
+    result = train(
+        model, index, out / "train", config, progress=progress_for(args), overwrite=args.overwrite, world=world
+    )
     record = {"name": train_spec.title, "root": str(index.root), "config": config.to_dict(), "trained": True}
     return model, result.checkpoint, record
 
@@ -166,7 +176,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     train_spec = parse_dataset_spec(args.train) if args.train else None
     tests = [parse_dataset_spec(text) for text in args.test]
     config = _eval_config(args)
-    out = Path(args.out)
+    out, world = Path(args.out), world_of(args)
     if train_spec is not None and not args.checkpoint:
         from vip2clip.training.loop import earlier_run
 
@@ -177,7 +187,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
                 f"{out / 'train'} holds an earlier training run: pass --overwrite to train again, evaluate it with "
                 f"--checkpoint {out / 'train' / 'checkpoint.pt'}, or choose another --out"
             ) from None
-    indexes = [(spec, load_dataset(spec)) for spec in tests]  # all errors in the data before training
+    with world.main_first():
+        indexes = [(spec, load_dataset(spec)) for spec in tests]  # all errors in the data before training
     for _, index in indexes:
         _check_shots(index, config)
     if train_spec is not None:
@@ -191,8 +202,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         model, checkpoint, training = _train_for_benchmark(args, train_spec, out)
     identity = ModelIdentity.of(model, checkpoint)
     entries = run_benchmark(
-        model, indexes, out, config, identity, training, args.save_maps, progress_for(args), reference
+        model, indexes, out, config, identity, training, args.save_maps, progress_for(args), reference, world
     )
+    if not world.is_main:
+        return 0
     print(benchmark_table_markdown(entries, reference=reference))
     print(f"benchmark: {out / 'benchmark.md'} (+ .csv, .json); per dataset: {', '.join(s.folder for s in tests)}")
     return 0

@@ -27,6 +27,7 @@ from vip2clip.cli.common import (
     progress_for,
     references_from_args,
     tiling_from_args,
+    world_of,
 )
 
 if TYPE_CHECKING:
@@ -120,6 +121,7 @@ def _print_failures(failed: list[tuple[str, str]], what: str = "unreadable files
 def run_predict(args: argparse.Namespace) -> int:
     from vip2clip.inference.folder_run import predict_folder
 
+    world = world_of(args)
     summary = predict_folder(
         build_predictor(args),
         args.paths,
@@ -129,7 +131,10 @@ def run_predict(args: argparse.Namespace) -> int:
         progress_for(args),
         args.panels,
         args.raw_maps,
+        world,
     )
+    if not world.is_main:  # the same exit code on every rank
+        return 0 if summary.complete else 1
     for note in summary.scan.notes():
         print(f"note: {note}")
     print(
@@ -152,12 +157,14 @@ def run_predict(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     from vip2clip.inference.folder_run import calibrate_folder
 
-    predictor = build_predictor(args, thresholds=False)
+    predictor, world = build_predictor(args, thresholds=False), world_of(args)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", UserWarning)
+        warnings.simplefilter("always" if world.is_main else "ignore", UserWarning)
         calibration, failed, scan = calibrate_folder(
-            predictor, args.paths, args.quantile, args.pixel_quantile, progress_for(args)
+            predictor, args.paths, args.quantile, args.pixel_quantile, progress_for(args), world
         )
+    if not world.is_main:
+        return 0
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     path = calibration.save(args.out)

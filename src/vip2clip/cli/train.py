@@ -12,6 +12,7 @@ from vip2clip.cli.common import (
     build_model,
     config_from_args,
     progress_for,
+    world_of,
 )
 from vip2clip.config import TrainConfig
 
@@ -92,12 +93,24 @@ def run(args: argparse.Namespace) -> int:
     from vip2clip.utils.fileio import json_line
 
     config = train_config_from_args(args)
+    world = world_of(args)
     earlier_run(Path(args.out), args.resume, args.overwrite)  # refuse before the slow part: loading the model
-    index = resolve_index(args.data, args.dataset)
+    with world.main_first():  # a native root is converted (and its index written) once
+        index = resolve_index(args.data, args.dataset)
     model = build_model(args, seed=config.seed, **config_from_args(args))
     result = train(
-        model, index, args.out, config, args.split, args.resume, progress_for(args), overwrite=args.overwrite
+        model,
+        index,
+        args.out,
+        config,
+        args.split,
+        args.resume,
+        progress_for(args),
+        overwrite=args.overwrite,
+        world=world,
     )
+    if not world.is_main:
+        return 0
     for path, reason in result.skipped:
         print(f"skipped {path}: {reason}")
     last = result.history[-1] if result.history else {}

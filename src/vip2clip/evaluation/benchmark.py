@@ -1,10 +1,11 @@
 """The zero-shot protocol runner: evaluate one dataset into a folder, or several into a benchmark table.
 
-`evaluate_dataset` writes OUT/results.{md,csv,json}, OUT/calibration.json (the F1-optimal thresholds, null where
-undefined) and, when asked, panels under OUT/maps/. `run_benchmark` does that for each test dataset in OUT/NAME/
-and writes the combined Table 1/2-style OUT/benchmark.{md,csv,json}. Training (when no checkpoint is given) is
-the caller's business (`vip2clip.training.loop.train`), so that the same functions serve `vip2clip test`, `vip2clip
-benchmark` and the demo.
+`evaluate_dataset` writes OUT/results.{md,csv,json}, OUT/scores.csv (every image's pred_score), OUT/calibration.json
+(the F1-optimal thresholds, null where undefined) and, when asked, panels under OUT/maps/. `run_benchmark` does
+that for each test dataset in OUT/NAME/ and writes the combined Table 1/2-style OUT/benchmark.{md,csv,json}.
+Training (when no checkpoint is given) is the caller's business (`vip2clip.training.loop.train`), so that the same
+functions serve `vip2clip test`, `vip2clip benchmark` and the demo. Under torchrun every rank calls them with its
+`world`; rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -23,16 +24,18 @@ from vip2clip.data.index import DatasetIndex
 from vip2clip.data.registry import DATASETS, dataset_info, resolve_index
 from vip2clip.evaluation.evaluate import EvalConfig, EvaluationResult, evaluate
 from vip2clip.evaluation.reference import Reference
-from vip2clip.evaluation.reports import BenchmarkEntry, write_benchmark, write_results
+from vip2clip.evaluation.reports import BenchmarkEntry, write_benchmark, write_results, write_scores
 from vip2clip.evaluation.scoring import evaluated_identity
 from vip2clip.inference.calibration import METHOD_F1, make_calibration
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
 
 CALIBRATION_NAME = "calibration.json"
+SCORES_NAME = "scores.csv"
 MAPS_DIR = "maps"
 AUPRO_PROTOCOL = "cflow: 200 thresholds between the class's min and max map value, FPR < 0.3 rescaled to [0, 1]"
 RANDOM_WEIGHTS_NOTE = (
@@ -88,14 +91,15 @@ def load_dataset(spec: DatasetSpec) -> DatasetIndex:
 
 
 def run_context(
-    model: ViP2CLIP, identity: ModelIdentity, dataset: Mapping[str, Any], config: EvalConfig
+    model: ViP2CLIP, identity: ModelIdentity, dataset: Mapping[str, Any], config: EvalConfig, world: World = LOCAL
 ) -> dict[str, Any]:
     """What a results file records about how it was made: package, model identity (with the tiling and the
-    few-shot protocol of `config`), dataset, protocol."""
+    few-shot protocol of `config`), dataset, protocol, and how many processes on which kind of device ran it."""
     identity = evaluated_identity(identity, config.tiling, config.shots, config.seed)
     return {
         "vip2clip_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **world.describe(model),
         "dataset": dict(dataset),
         "model": identity.to_dict(),
         "precision": model.precision,
@@ -153,8 +157,9 @@ def evaluate_dataset(
     save_maps: bool = False,
     notes: Sequence[str] = (),
     progress: Progress = silent,
+    world: World = LOCAL,
 ) -> EvaluationResult:
-    """Evaluate and write results.{md,csv,json}, calibration.json and (save_maps) the panels in OUT/maps/.
+    """Evaluate and write results.{md,csv,json}, scores.csv, calibration.json and (save_maps) the panels in OUT/maps/.
 
     identity: `ModelIdentity.of(model, checkpoint)`, recorded in the results and the calibration (with the tiling
     and the few-shot protocol of `config`).
@@ -164,7 +169,9 @@ def evaluate_dataset(
     identity = evaluated_identity(identity, config.tiling, config.shots, config.seed)
     if save_maps:
         config = replace(config, panels_dir=out_dir / MAPS_DIR)
-    result = evaluate(model, index, config, progress)
+    result = evaluate(model, index, config, progress, world)
+    if not world.is_main:
+        return result
     dataset = {"name": name, "root": str(index.root), "split": config.split}
     if model.backbone.weights_source.startswith("random"):
         notes = [RANDOM_WEIGHTS_NOTE.format(model.config.backbone), *notes]
@@ -173,7 +180,8 @@ def evaluate_dataset(
                  f"{config.seed}; listed in results.json), not zero-shot."]  # fmt: skip
     if config.tiling is not None:
         notes = [*notes, f"tiled: {config.tiling.size}-px tiles, overlap {config.tiling.overlap}."]
-    write_results(out_dir, result, run_context(model, identity, dataset, config), title=name, notes=notes)
+    write_results(out_dir, result, run_context(model, identity, dataset, config, world), title=name, notes=notes)
+    write_scores(out_dir / SCORES_NAME, result)
     write_calibration(out_dir / CALIBRATION_NAME, identity, result)
     for path, reason in result.skipped:
         logger.warning("skipped %s: %s", path, reason)
@@ -190,6 +198,7 @@ def run_benchmark(
     save_maps: bool = False,
     progress: Progress = silent,
     reference: Reference | None = None,
+    world: World = LOCAL,
 ) -> list[BenchmarkEntry]:
     """Evaluate every test dataset into OUT/NAME/ and write the combined OUT/benchmark.{md,csv,json}.
 
@@ -204,11 +213,12 @@ def run_benchmark(
     for spec, index in tests:
         logger.info("evaluating %s (%s)", spec.title, index.root)
         result = evaluate_dataset(
-            model, index, out_dir / spec.folder, config, spec.title, identity, save_maps, progress=progress
+            model, index, out_dir / spec.folder, config, spec.title, identity, save_maps, progress=progress, world=world
         )
         entries.append(BenchmarkEntry(spec.title, result))
-    tested = {"tests": [{"name": s.title, "root": str(i.root)} for s, i in tests]}
-    context = run_context(model, identity, tested, config)
-    context["training"] = dict(training or {})
-    write_benchmark(out_dir, entries, context, reference=reference)
+    if world.is_main:
+        tested = {"tests": [{"name": s.title, "root": str(i.root)} for s, i in tests]}
+        context = run_context(model, identity, tested, config, world)
+        context["training"] = dict(training or {})
+        write_benchmark(out_dir, entries, context, reference=reference)
     return entries

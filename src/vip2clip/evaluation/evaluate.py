@@ -4,10 +4,16 @@ Per class: image AUROC / AP / max-F1 of the image scores and pixel AUROC / AUPRO
 the model's input size (518 px by default, as the release), via `vip2clip.metrics.compute_all`; the dataset row is
 the mean of the class values (classes where a metric is undefined are left out of that metric's mean).
 
-Memory: classes are evaluated one at a time and their maps are kept as float16 (`EvalConfig.map_dtype`), with the
-masks as bool: a 1,000-image class at 518 px holds 0.54 GB of maps and 0.27 GB of masks. float16 has about three
+Memory: classes are evaluated one at a time; each batch's maps are rounded to `EvalConfig.map_dtype` (float16 by
+default) and reduced at once to the mergeable pixel statistics of `vip2clip.metrics.PixelStats` (counts per
+distinct value and the defect pixels), so no class's maps are kept unless panels are drawn (then as float16, with
+bool masks: 0.54 GB of maps and 0.27 GB of masks for a 1,000-image class at 518 px). float16 has about three
 significant digits, so two pixels whose scores differ by less than ~0.05 % tie; use map_dtype="float32" to rule
-that out at twice the memory.
+that out (its statistics hold every distinct value: about the memory of the maps).
+
+Several ranks (`world`, under torchrun) each run the model over a contiguous share of every class, in the batches
+one process forms, and rank 0 merges their scores and pixel statistics: the metrics, thresholds and per-image
+scores are those of one process, in the same order. Panels are drawn by the rank that holds the image.
 
 Which metrics a class gets follows from its labels and masks (the medical sets work this way):
 - normal and anomalous images, with masks: all six;
@@ -34,24 +40,25 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from vip2clip.config import STORAGE_DTYPES
 from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.data.index import DatasetIndex
-from vip2clip.evaluation.panels import PanelSpool
+from vip2clip.evaluation.panels import PanelSpool, panel_order
 from vip2clip.evaluation.scoring import Batch, choose_shots, class_engine, tiled_batches
 from vip2clip.inference.predictor import InferenceEngine
 from vip2clip.inference.tiling import TileConfig
-from vip2clip.metrics import METRIC_KEYS, PIXEL_KEYS, PixelF1Histogram, best_f1_threshold, compute_all
+from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, PixelStats, best_f1_threshold, compute_all, pixel_metrics
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
@@ -114,6 +121,7 @@ class EvaluationResult:
     pixel_threshold: float
     skipped: list[tuple[str, str]] = field(default_factory=list)
     references: dict[str, list[str]] = field(default_factory=dict)  # class -> its reference images (few-shot)
+    image_scores: list[tuple[str, str, int, float]] = field(default_factory=list)  # (class, image, label, pred_score)
 
     @property
     def n_images(self) -> int:
@@ -122,22 +130,37 @@ class EvaluationResult:
 
 @dataclass
 class ClassOutputs:
-    """One class's outputs. scores [N] float32, labels [N] int; maps [N, S, S] (map_dtype) and masks [N, S, S]
-    bool when kept (else None); pixel_rows [N] bool: the images that count for the pixel metrics."""
+    """One class's outputs (or one rank's share of them). scores [N] float32, labels [N] int; pixel_rows [N] bool:
+    the images that count for the pixel metrics; positions [N]: each row's position in the class's AnomalyDataset.
+    pixel: the pixel statistics of `pixel_rows` (None when none of them was scored); histogram: their values for
+    the F1-optimal pixel threshold. maps [N, S, S] (map_dtype) and masks [N, S, S] bool only when kept (panels)."""
 
     scores: np.ndarray
     labels: np.ndarray
     maps: np.ndarray | None
     masks: np.ndarray | None
     pixel_rows: np.ndarray
-    positions: np.ndarray  # [N] position of each row in the class's AnomalyDataset
-    histogram: PixelF1Histogram  # the pixel values of `pixel_rows`, for the F1-optimal pixel threshold
+    positions: np.ndarray
+    histogram: PixelF1Histogram
+    pixel: PixelStats | None = None
 
-
-def _loader(dataset: AnomalyDataset, config: EvalConfig) -> DataLoader:
-    return DataLoader(
-        dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.num_workers, collate_fn=collate_items
-    )
+    @classmethod
+    def merge(cls, parts: list[ClassOutputs]) -> ClassOutputs:
+        """The outputs of disjoint shares, `parts` in position order, as one (without maps: they stay where made)."""
+        histogram = PixelF1Histogram()
+        for part in parts:
+            histogram.merge(part.histogram)
+        pixel = [part.pixel for part in parts if part.pixel is not None]
+        return cls(
+            scores=np.concatenate([part.scores for part in parts]),
+            labels=np.concatenate([part.labels for part in parts]),
+            maps=None,
+            masks=None,
+            pixel_rows=np.concatenate([part.pixel_rows for part in parts]),
+            positions=np.concatenate([part.positions for part in parts]),
+            histogram=histogram,
+            pixel=PixelStats.merge(pixel) if pixel else None,
+        )
 
 
 def _pixel_rows(dataset: AnomalyDataset) -> np.ndarray:
@@ -146,13 +169,14 @@ def _pixel_rows(dataset: AnomalyDataset) -> np.ndarray:
 
 
 def _predicted_batches(
-    model: InferenceEngine, dataset: AnomalyDataset, config: EvalConfig, progress: Progress
+    model: InferenceEngine, dataset: AnomalyDataset, config: EvalConfig, progress: Progress, rows: range
 ) -> Iterator[Batch]:
-    """(rows, scores [B], maps [B, S, S], masks bool [B, S, S]) per batch of the class's readable images."""
+    """(rows, scores [B], maps [B, S, S], masks bool [B, S, S]) per batch of the readable images among `rows`."""
     if config.tiling is not None:
-        yield from tiled_batches(model, dataset, config.tiling, config.batch_size, progress)
+        yield from tiled_batches(model, dataset, config.tiling, config.batch_size, progress, rows)
         return
-    loader = _loader(dataset, config)
+    loader = DataLoader(Subset(dataset, rows), batch_size=config.batch_size, num_workers=config.num_workers,
+                        collate_fn=collate_items)  # fmt: skip
     for batch in progress(loader, total=len(loader), desc=dataset.samples[0].cls_name if len(dataset) else ""):
         if batch is None:  # every image of the batch was unreadable (skip_bad)
             continue
@@ -162,38 +186,50 @@ def _predicted_batches(
 
 
 def collect_class_outputs(
-    model: InferenceEngine, dataset: AnomalyDataset, config: EvalConfig, progress: Progress = silent
+    model: InferenceEngine,
+    dataset: AnomalyDataset,
+    config: EvalConfig,
+    progress: Progress = silent,
+    rows: range | None = None,
+    keep_maps: bool | None = None,
 ) -> ClassOutputs:
-    """Run the model (or any inference engine) over one class's dataset; maps and masks are kept when the class
-    has masks or panels are wanted."""
-    n, size = len(dataset), dataset.image_size
+    """Run the model (or any inference engine) over one class's dataset (only `rows` of it when given: a rank's
+    share, whole batches). Maps and masks are kept when `keep_maps` (default: when panels are wanted)."""
+    rows = range(len(dataset)) if rows is None else rows
+    n, size, dtype = len(rows), dataset.image_size, MAP_DTYPES[config.map_dtype]
     usable = _pixel_rows(dataset)
     has_masks = any(s.anomaly and s.mask_path for s in dataset.samples)
-    keep_maps = has_masks or config.panels_dir is not None
-    maps = np.empty((n, size, size), dtype=MAP_DTYPES[config.map_dtype]) if keep_maps else None
+    keep_maps = config.panels_dir is not None if keep_maps is None else keep_maps
+    maps = np.empty((n, size, size), dtype=dtype) if keep_maps else None
     masks = np.zeros((n, size, size), dtype=bool) if keep_maps else None
     scores = np.zeros(n, dtype=np.float32)
     done = np.zeros(n, dtype=bool)
-    histogram = PixelF1Histogram()
-    for rows, batch_scores, batch_maps, batch_masks in _predicted_batches(model, dataset, config, progress):
-        scores[rows] = batch_scores
-        done[rows] = True
-        _refuse_non_finite(scores[rows], batch_maps, rows, dataset)
+    histogram, pixel_parts = PixelF1Histogram(), []
+    for positions, batch_scores, batch_maps, batch_masks in _predicted_batches(model, dataset, config, progress, rows):
+        local = positions - rows.start
+        scores[local] = batch_scores
+        done[local] = True
+        _refuse_non_finite(scores[local], batch_maps, positions, dataset)
+        stored = batch_maps.astype(dtype)
         if maps is not None:
-            maps[rows], masks[rows] = batch_maps, batch_masks
+            maps[local], masks[local] = stored, batch_masks
         if has_masks:
-            counted = usable[rows]
+            counted = usable[positions]
             histogram.add(batch_maps[counted], batch_masks[counted])
-    positions = np.flatnonzero(done)
-    compact = positions.size < n  # rows of images that failed to decode are dropped (a copy, rare)
+            if counted.any():
+                pixel_parts.append(PixelStats.of(batch_masks[counted], stored[counted]))
+    kept = np.flatnonzero(done)
+    compact = kept.size < n  # rows of images that failed to decode are dropped (a copy, rare)
+    positions = np.arange(rows.start, rows.stop)[kept]
     return ClassOutputs(
-        scores=scores[positions],
+        scores=scores[kept],
         labels=np.array(dataset.labels, dtype=np.int64)[positions],
-        maps=maps[positions] if compact and maps is not None else maps,
-        masks=masks[positions] if compact and masks is not None else masks,
+        maps=maps[kept] if compact and maps is not None else maps,
+        masks=masks[kept] if compact and masks is not None else masks,
         pixel_rows=(usable & has_masks)[positions],
         positions=positions,
         histogram=histogram,
+        pixel=PixelStats.merge(pixel_parts) if pixel_parts else None,
     )
 
 
@@ -227,10 +263,8 @@ def class_metrics(name: str, outputs: ClassOutputs) -> ClassResult:
         logger.warning("%s: only %s images and no masks: every metric is undefined", name,
                        "anomalous" if n_normal == 0 else "normal")  # fmt: skip
     metrics = compute_all(labels, scores) if both_labels else compute_all(None, None)
-    if pixel.any():  # image and pixel metrics separately: the pixel rows may be fewer than the images
-        pixel_args = (outputs.masks, outputs.maps) if pixel.all() else (outputs.masks[pixel], outputs.maps[pixel])
-        metrics.update({key: value for key, value in compute_all(None, None, *pixel_args).items()
-                        if key in PIXEL_KEYS})  # fmt: skip
+    if outputs.pixel is not None:  # from the pixel rows' statistics: they may be fewer than the images
+        metrics.update(pixel_metrics(outputs.pixel))
     image_threshold = best_f1_threshold(labels, scores)[1] if both_labels else math.nan
     pixel_threshold = outputs.histogram.best()[1]
     return ClassResult(name, n_normal, n_anomalous, metrics, image_threshold, pixel_threshold, without_mask)
@@ -245,9 +279,10 @@ def mean_metrics(results: list[ClassResult]) -> dict[str, float]:
     return mean
 
 
-def _skipped(dataset: AnomalyDataset, outputs: ClassOutputs) -> list[tuple[str, str]]:
-    """dataset.skipped, plus images that failed to decode in a DataLoader worker (whose record stays there)."""
-    listed = list(dataset.skipped)
+def _skipped(dataset: AnomalyDataset, outputs: ClassOutputs, reported: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The files reported skipped (every rank's dataset.skipped), once each, plus images that failed to decode in a
+    DataLoader worker (whose record stays there)."""
+    listed = list(dict.fromkeys(reported))
     known = {path for path, _ in listed}
     for i in sorted(set(range(len(dataset))) - set(outputs.positions.tolist())):
         path = os.path.abspath(dataset.index.resolve(dataset.samples[i].img_path))
@@ -256,11 +291,22 @@ def _skipped(dataset: AnomalyDataset, outputs: ClassOutputs) -> list[tuple[str, 
     return listed
 
 
+def _image_scores(name: str, dataset: AnomalyDataset, outputs: ClassOutputs) -> list[tuple[str, str, int, float]]:
+    """(class, image path as in the index, label, pred_score) per evaluated image, in dataset order."""
+    rows = zip(outputs.positions, outputs.labels, outputs.scores, strict=True)
+    return [(name, dataset.samples[int(p)].img_path, int(label), float(score)) for p, label, score in rows]
+
+
 @torch.no_grad()
 def evaluate(
-    model: ViP2CLIP, index: DatasetIndex, config: EvalConfig | None = None, progress: Progress = silent
+    model: ViP2CLIP,
+    index: DatasetIndex,
+    config: EvalConfig | None = None,
+    progress: Progress = silent,
+    world: World = LOCAL,
 ) -> EvaluationResult:
-    """Evaluate `model` on a split of `index`, one class at a time (see the module docstring)."""
+    """Evaluate `model` on a split of `index`, one class at a time (see the module docstring). Under torchrun every
+    rank calls this with its `world`; all get the result."""
     config = config or EvalConfig()
     classes = list(config.classes) if config.classes else index.classes(config.split)
     index.samples(config.split, classes)  # an unknown class is an error before any work
@@ -270,35 +316,46 @@ def evaluate(
     identity = ModelIdentity.of(model) if shots else None  # keys the reference memories (no checkpoint needed)
     histogram = PixelF1Histogram()
     results: list[ClassResult] = []
-    all_scores, all_labels, skipped = [], [], []
+    all_scores, all_labels, skipped, image_scores = [], [], [], []
     panels = PanelSpool(config.panels_dir, config.max_panels) if config.panels_dir is not None else None
     for name in classes:
         dataset = AnomalyDataset(index, config.split, [name], model.config.image_size, config.skip_bad)
         engine = class_engine(
             model, identity, shots.get(name), config.tiling, config.batch_size, config.reference_cache
         )
-        outputs = collect_class_outputs(engine, dataset, config, progress)
-        skipped += _skipped(dataset, outputs)
-        if outputs.labels.size == 0:
-            logger.warning("%s: no readable image; class left out", name)
-            continue
-        results.append(class_metrics(name, outputs))
-        histogram.merge(outputs.histogram)
-        all_scores.append(outputs.scores)
-        all_labels.append(outputs.labels)
-        if panels is not None:
-            panels.add(dataset, outputs)
-        logger.info("%s: %s", name, ", ".join(f"{k} {100 * v:.1f}" for k, v in results[-1].metrics.items()))
-    if not results:
-        raise ValueError(f"{index.root}: no readable image in split {config.split!r}")
-    labels = np.concatenate(all_labels)
-    image_threshold = math.nan
-    if 0 < labels.sum() < labels.size:
-        image_threshold = best_f1_threshold(labels, np.concatenate(all_scores))[1]
+        share = world.share(len(dataset), unit=config.batch_size)
+        outputs = collect_class_outputs(engine, dataset, config, progress, share)
+        reports = world.gather((replace(outputs, maps=None, masks=None), list(dataset.skipped)))
+        merged = ClassOutputs.merge([part for part, _ in reports]) if world.is_main else None
+        if merged is not None:
+            skipped += _skipped(dataset, merged, [item for _, listed in reports for item in listed])
+            if merged.labels.size == 0:
+                logger.warning("%s: no readable image; class left out", name)
+            else:
+                results.append(class_metrics(name, merged))
+                histogram.merge(merged.histogram)
+                all_scores.append(merged.scores)
+                all_labels.append(merged.labels)
+                image_scores += _image_scores(name, dataset, merged)
+                logger.info("%s: %s", name, ", ".join(f"{k} {100 * v:.1f}" for k, v in results[-1].metrics.items()))
+        if panels is not None:  # chosen over the whole class; each rank spools the ones it holds
+            chosen = merged.positions[panel_order(merged.labels, config.max_panels)].tolist() if merged else None
+            panels.add(dataset, outputs, world.broadcast(chosen))
+    result = None
+    if world.is_main:
+        if not results:
+            raise ValueError(f"{index.root}: no readable image in split {config.split!r}")
+        labels = np.concatenate(all_labels)
+        image_threshold = math.nan
+        if 0 < labels.sum() < labels.size:
+            image_threshold = best_f1_threshold(labels, np.concatenate(all_scores))[1]
+        references = {name: [str(path) for path in paths] for name, paths in shots.items()}
+        result = EvaluationResult(results, mean_metrics(results), image_threshold, histogram.best()[1], skipped,
+                                  references, image_scores)  # fmt: skip
+    result = world.broadcast(result)
     if panels is not None:  # drawn now: they show the decisions at the dataset's thresholds
-        panels.write(image_threshold, histogram.best()[1], model.config.image_size)
-    references = {name: [str(path) for path in paths] for name, paths in shots.items()}
-    return EvaluationResult(results, mean_metrics(results), image_threshold, histogram.best()[1], skipped, references)
+        panels.write(result.image_threshold, result.pixel_threshold, model.config.image_size)
+    return result
 
 
 def result_to_dict(result: EvaluationResult) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,11 +74,16 @@ class PanelSpool:
         self.limit = limit
         self._classes: list[_SpooledClass] = []
 
-    def add(self, dataset: AnomalyDataset, outputs: ClassOutputs) -> None:
-        """Spool up to `limit` images of one evaluated class (see `panel_order`)."""
+    def add(self, dataset: AnomalyDataset, outputs: ClassOutputs, chosen: Sequence[int] | None = None) -> None:
+        """Spool up to `limit` images of one evaluated class (see `panel_order`). With the class split over ranks,
+        `chosen` holds the dataset positions picked over the whole class, and this rank spools those it holds."""
         if outputs.maps is None or outputs.maps.size == 0:
             return
-        rows = panel_order(outputs.labels, self.limit)
+        if chosen is None:
+            rows = panel_order(outputs.labels, self.limit)
+        else:
+            row_of = {int(position): row for row, position in enumerate(outputs.positions)}
+            rows = np.array([row_of[p] for p in chosen if p in row_of], dtype=np.int64)
         if rows.size == 0:
             return
         samples = [dataset.samples[int(outputs.positions[row])] for row in rows]

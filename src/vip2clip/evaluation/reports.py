@@ -259,3 +259,10 @@ def write_benchmark(
         "csv": atomic_write_text(out_dir / "benchmark.csv", benchmark_csv(entries, reference)),
         "json": atomic_write_json(out_dir / "benchmark.json", data),
     }
+
+
+def write_scores(path: str | Path, result: EvaluationResult) -> Path:
+    """scores.csv: one row per evaluated image in dataset order (class, image path as in the index, label,
+    pred_score at full precision), so that runs can be compared image by image."""
+    rows = [[name, image, label, repr(score)] for name, image, label, score in result.image_scores]
+    return atomic_write_text(path, _csv_text(("class", "image", "label", "pred_score"), rows))

@@ -80,9 +80,15 @@ def class_engine(
 
 
 def tiled_batches(
-    engine: InferenceEngine, dataset: AnomalyDataset, tiling: TileConfig, batch_size: int, progress: Progress
+    engine: InferenceEngine,
+    dataset: AnomalyDataset,
+    tiling: TileConfig,
+    batch_size: int,
+    progress: Progress,
+    rows: range | None = None,
 ) -> Iterator[Batch]:
-    """Score the class's images tile by tile; yields batches of stitched maps resized to the dataset's size.
+    """Score the class's images (only `rows` when given: a rank's share) tile by tile; yields batches of stitched
+    maps resized to the dataset's size.
 
     An image (or mask) that cannot be read raises BadImageError, or with `dataset.skip_bad` is listed in
     `dataset.skipped` and left out."""
@@ -96,8 +102,9 @@ def tiled_batches(
     def load(i: int):
         return load_image(dataset.paths(dataset.samples[i])[0])
 
-    scored_images = predictor.score(range(len(dataset)), load)
-    for scored in progress(scored_images, total=len(dataset), desc=dataset.samples[0].cls_name if dataset else ""):
+    rows = range(len(dataset)) if rows is None else rows
+    scored_images = predictor.score(rows, load)
+    for scored in progress(scored_images, total=len(rows), desc=dataset.samples[0].cls_name if dataset else ""):
         try:
             if scored.error is not None:
                 raise scored.error

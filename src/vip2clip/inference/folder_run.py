@@ -25,6 +25,10 @@ Layout of OUT (predict):
 The results describe exactly the files of the latest run: rows (and mask, overlay and panel files) of images that
 were deleted or became unreadable since an earlier run are removed. A run with other settings or other inputs is
 refused unless `overwrite`, which starts a new result set in OUT (the earlier rows and their files are removed).
+
+Several ranks (`world`, under torchrun) each score a contiguous share of the images to do (in one-process batches)
+and write their files and their own journal (`predictions.rank<r>.jsonl`, merged by rank 0); rank 0 writes the
+tables, rows as in one process. `calibrate_folder` merges the scores and the streamed pixel quantiles exactly.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from PIL import Image
 from vip2clip.data.files import ImageScan, InputImage, no_images_error, scan_images
 from vip2clip.data.images import BadImageError, image_size, load_image
 from vip2clip.inference import calibration as calib
-from vip2clip.inference.journal import JOURNAL, is_done, remove_stale_outputs, start_journal
+from vip2clip.inference.journal import is_done, journal_file, merge_rank_journals, remove_stale_outputs, start_journal
 from vip2clip.inference.predictor import (
     DEFAULT_THRESHOLD,
     ERROR,
@@ -54,6 +58,7 @@ from vip2clip.inference.predictor import (
     non_finite_problem,
 )
 from vip2clip.metrics.threshold import DEFAULT_IMAGE_QUANTILE, DEFAULT_PIXEL_QUANTILE, StreamingQuantile
+from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.fileio import atomic_save_image, atomic_save_npy, atomic_write_json, atomic_write_text, json_line
 from vip2clip.utils.progress import Progress, silent
 from vip2clip.visualization.heatmap import heatmap_overlay
@@ -223,8 +228,11 @@ def save_panel_output(out_dir: Path, image: InputImage, rgb: Image.Image, result
     return name
 
 
-def write_tables(out_dir: Path, settings: dict, rows: list[dict], scan: ImageScan | None = None) -> None:
-    """predictions.csv and predictions.json (settings, every row, the rows not judged, the search), atomically.
+def write_tables(
+    out_dir: Path, settings: dict, rows: list[dict], scan: ImageScan | None = None, run: dict | None = None
+) -> None:
+    """predictions.csv and predictions.json (settings, every row, the rows not judged, the search, and `run`: how
+    the last run ran, world_size and device), atomically.
 
     Numbers that are not finite (never in a judged row) are empty in the CSV and null in the JSON."""
     buffer = io.StringIO()
@@ -238,6 +246,8 @@ def write_tables(out_dir: Path, settings: dict, rows: list[dict], scan: ImageSca
         "failed": [{"path": row["path"], "error": row["error"]} for row in rows if row["pred_label"] == ERROR],
         "search": (scan or ImageScan()).to_dict(),
     }
+    if run is not None:
+        payload["run"] = run
     atomic_write_json(out_dir / "predictions.json", payload)
 
 
@@ -250,6 +260,7 @@ def predict_folder(
     progress: Progress = silent,
     panels: bool = False,
     raw_maps: bool = False,
+    world: World = LOCAL,
 ) -> RunSummary:
     """Predict every image in `paths` (files or folders, recursive) into `out_dir`; see the module docstring.
 
@@ -257,23 +268,24 @@ def predict_folder(
     and never stop the run (`RunSummary.complete` is False then).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"{out_dir} is a file; --out must be a folder (new, or one of an earlier predict run)")
-    scan = scan_images(paths, exclude=out_dir)
-    images = scan.images
-    if not images:
-        raise no_images_error(paths, scan)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(predictor, overlays, panels, raw_maps, paths)
-    records, earlier = start_journal(out_dir, settings, overwrite, images)
-    todo = [image for image in images if not is_done(image, records.get(str(image.path)), out_dir)]
-    todo = _assign_keys(todo, records)
-    failed: list[tuple[str, str]] = []
-    errors: list[tuple[str, str]] = []
-    not_judged: dict[str, dict[str, Any]] = {}
-    with (out_dir / JOURNAL).open("a", encoding="utf-8") as journal:
-        for scored in progress(predictor.score(todo, _load), total=len(todo), desc="predict"):
-            records.pop(str(scored.source.path), None)  # an earlier result of this file is outdated now
+    plan = None
+    if world.is_main:  # one search and one journal check, shared with the other ranks
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"{out_dir} is a file; --out must be a folder (new, or one of an earlier predict run)")
+        scan = scan_images(paths, exclude=out_dir)
+        images = scan.images
+        if not images:
+            raise no_images_error(paths, scan)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        settings = run_settings(predictor, overlays, panels, raw_maps, paths)
+        records, earlier = start_journal(out_dir, settings, overwrite, images)
+        todo = [image for image in images if not is_done(image, records.get(str(image.path)), out_dir)]
+        plan = _assign_keys(todo, records)
+    todo = world.broadcast(plan)
+    share = [todo[i] for i in world.share(len(todo), unit=predictor.batch_size)]
+    done, failed, errors, not_judged = [], [], [], {}  # records; (path, problem) x 2; error rows by path
+    with journal_file(out_dir, world.rank if world.distributed else None).open("a", encoding="utf-8") as log:
+        for scored in progress(predictor.score(share, _load), total=len(share), desc="predict"):
             if scored.error is not None:
                 failed.append(_failure(scored))
                 not_judged[str(scored.source.path)] = _error_row(scored.source, scored.error.problem)
@@ -288,23 +300,34 @@ def predict_folder(
             files += (save_panel_output(out_dir, scored.source, scored.image, result, source) if panels else "",)
             files += (save_raw_map(out_dir, scored.source, result) if raw_maps else "",)
             record = _record(scored.source, result, *files)
-            records[record["path"]] = record
-            journal.write(json_line(record) + "\n")
-            journal.flush()
-    rows = sorted([*records.values(), *not_judged.values()], key=lambda row: row["key"])
-    remove_stale_outputs(out_dir, earlier, rows)
-    write_tables(out_dir, settings, rows, scan)
-    return RunSummary(
-        found=len(images),
-        predicted=len(todo) - len(failed) - len(errors),
-        skipped=len(images) - len(todo),
-        failed=failed,
-        errors=errors,
-        anomalous=sum(row["pred_label"] == "anomalous" for row in rows),
-        total_rows=len(rows),
-        out_dir=out_dir,
-        scan=scan,
-    )
+            done.append(record)
+            log.write(json_line(record) + "\n")
+            log.flush()
+    reports = world.gather((done, failed, errors, not_judged))
+    summary = None
+    if world.is_main:
+        done, failed, errors = ([item for report in reports for item in report[part]] for part in range(3))
+        not_judged = {path: row for report in reports for path, row in report[3].items()}
+        if world.distributed:
+            merge_rank_journals(out_dir, done, world.size)
+        for image in todo:  # an earlier result of a file scored again is outdated now
+            records.pop(str(image.path), None)
+        records.update((record["path"], record) for record in done)
+        rows = sorted([*records.values(), *not_judged.values()], key=lambda row: row["key"])
+        remove_stale_outputs(out_dir, earlier, rows)
+        write_tables(out_dir, settings, rows, scan, world.describe(predictor.model))
+        summary = RunSummary(
+            found=len(images),
+            predicted=len(todo) - len(failed) - len(errors),
+            skipped=len(images) - len(todo),
+            failed=failed,
+            errors=errors,
+            anomalous=sum(row["pred_label"] == "anomalous" for row in rows),
+            total_rows=len(rows),
+            out_dir=out_dir,
+            scan=scan,
+        )
+    return world.broadcast(summary)
 
 
 def _map_pixels(predictor: Predictor, path: Path) -> int:
@@ -325,6 +348,7 @@ def calibrate_folder(
     image_quantile: float = DEFAULT_IMAGE_QUANTILE,
     pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
     progress: Progress = silent,
+    world: World = LOCAL,
 ) -> tuple[calib.Calibration, list[tuple[str, str]], ImageScan]:
     """Normal-quantile calibration (`calib.calibrate_from_normal`) on the defect-free images in `paths`.
 
@@ -336,7 +360,8 @@ def calibrate_folder(
     """
     if not 0.0 < image_quantile <= 1.0:  # before scoring every image, not after
         raise ValueError(f"image quantile must be in (0, 1], got {image_quantile}")
-    scan = scan_images(paths)
+    scan = scan_images(paths) if world.is_main else None
+    scan = world.broadcast(scan)  # one search: every rank splits the same list
     images = scan.images
     if not images:
         raise no_images_error(paths, scan)
@@ -344,7 +369,8 @@ def calibrate_folder(
     scores: list[float] = []
     failed: list[tuple[str, str]] = []
     broken: list[str] = []
-    for scored in progress(predictor.score(images, _load), total=len(images), desc="calibrate"):
+    share = [images[i] for i in world.share(len(images), unit=predictor.batch_size)]
+    for scored in progress(predictor.score(share, _load), total=len(share), desc="calibrate"):
         if scored.error is not None:
             failed.append(_failure(scored))
         elif non_finite_problem(scored.pred_score, scored.anomaly_map) is not None:
@@ -353,12 +379,19 @@ def calibrate_folder(
             scores.append(scored.pred_score)
             for rows in np.array_split(scored.anomaly_map, max(1, scored.anomaly_map.size // _PIXEL_CHUNK)):
                 pixels.add(rows)  # in row blocks: the quantile works in float64
-    if broken:
-        listed = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
-        raise ValueError(
-            f"the model produced NaN or infinite scores or maps for {len(broken)} of {len(images)} image(s) "
-            f"({listed}); no calibration written: check the checkpoint and CLIP weights"
-        )
-    if not scores:
-        raise ValueError("none of the images could be read: " + "; ".join(f"{p}: {e}" for p, e in failed[:5]))
-    return calib.calibrate_from_normal(scores, pixels, predictor.identity, image_quantile), failed, scan
+    reports = world.gather((scores, pixels, failed, broken))
+    calibration = None
+    if world.is_main:
+        scores, failed, broken = ([item for report in reports for item in report[part]] for part in (0, 2, 3))
+        for report in reports[1:]:
+            pixels.merge(report[1])
+        if broken:
+            listed = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
+            raise ValueError(
+                f"the model produced NaN or infinite scores or maps for {len(broken)} of {len(images)} image(s) "
+                f"({listed}); no calibration written: check the checkpoint and CLIP weights"
+            )
+        if not scores:
+            raise ValueError("none of the images could be read: " + "; ".join(f"{p}: {e}" for p, e in failed[:5]))
+        calibration = calib.calibrate_from_normal(scores, pixels, predictor.identity, image_quantile)
+    return world.broadcast((calibration, failed, scan))

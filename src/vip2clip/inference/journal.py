@@ -20,6 +20,17 @@ from vip2clip.utils.fileio import atomic_write_text, json_line
 logger = logging.getLogger(__name__)
 
 JOURNAL = "predictions.jsonl"
+
+
+RANK_JOURNALS = "predictions.rank*.jsonl"
+
+
+def journal_file(out_dir: Path, rank: int | None = None) -> Path:
+    """OUT/predictions.jsonl; with `rank` (a run under torchrun) that rank's journal, which rank 0 merges into it at
+    the end of the run (or the next run does, when the run was stopped)."""
+    return out_dir / (JOURNAL if rank is None else RANK_JOURNALS.replace("*", str(rank)))
+
+
 OUTPUT_FILES = ("pred_mask", "overlay", "panel", "anomaly_map")  # the columns that name an image's files in OUT
 
 
@@ -86,11 +97,24 @@ def start_journal(
     old_settings, earlier = read_journal(journal)
     if old_settings is not None and not overwrite and _differences(old_settings, settings):
         raise _refusal(out_dir, _differences(old_settings, settings))
+    leftovers = sorted(out_dir.glob(RANK_JOURNALS))  # of a stopped run under torchrun
+    for leftover in leftovers:  # records made under the settings of the journal's first line
+        earlier.update(read_journal(leftover)[1])
     current = {str(image.path) for image in images}
     records = {} if overwrite else {path: record for path, record in earlier.items() if path in current}
     lines = [json_line({"settings": settings})] + [json_line(record) for record in records.values()]
     atomic_write_text(journal, "\n".join(lines) + "\n")
+    for leftover in leftovers:
+        leftover.unlink()
     return records, earlier
+
+
+def merge_rank_journals(out_dir: Path, records: list[dict[str, Any]], ranks: int) -> None:
+    """Append the records every rank journaled (gathered by rank 0) to the journal, then remove the rank journals."""
+    with journal_file(out_dir).open("a", encoding="utf-8") as journal:
+        journal.writelines(json_line(record) + "\n" for record in records)
+    for rank in range(ranks):
+        journal_file(out_dir, rank).unlink(missing_ok=True)
 
 
 def remove_stale_outputs(out_dir: Path, earlier: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> None:

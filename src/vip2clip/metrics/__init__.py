@@ -28,6 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from vip2clip.metrics.aupro import AUPRO_VARIANTS, _aupro_cflow, aupro
+from vip2clip.metrics.pixels import PixelStats, _pixel_data, pixel_auroc, pixel_max_f1
 from vip2clip.metrics.ranking import (
     UndefinedMetricWarning,
     _auroc,
@@ -35,15 +36,12 @@ from vip2clip.metrics.ranking import (
     _best_f1,
     _guarded,
     _image_ranking,
-    _pixel_data,
     _Undefined,
     _warn_undefined,
     best_f1_threshold,
     image_ap,
     image_auroc,
     max_f1,
-    pixel_auroc,
-    pixel_max_f1,
 )
 from vip2clip.metrics.threshold import PixelF1Histogram, StreamingQuantile, normal_quantile_thresholds
 
@@ -57,6 +55,7 @@ __all__ = [
     "METRIC_KEYS",
     "PIXEL_KEYS",
     "PixelF1Histogram",
+    "PixelStats",
     "StreamingQuantile",
     "UndefinedMetricWarning",
     "aupro",
@@ -68,6 +67,7 @@ __all__ = [
     "normal_quantile_thresholds",
     "pixel_auroc",
     "pixel_max_f1",
+    "pixel_metrics",
 ]
 
 
@@ -83,9 +83,11 @@ def _image_metrics(labels: ArrayLike, scores: ArrayLike) -> dict[str, float]:
     }
 
 
-def _pixel_metrics(masks: ArrayLike, maps: ArrayLike) -> dict[str, float]:
+def pixel_metrics(stats: PixelStats) -> dict[str, float]:
+    """The three pixel metrics (keys `PIXEL_KEYS`) from a class's `PixelStats`, e.g. merged from the shares of
+    several processes: equal, bit for bit, to `compute_all`'s on the whole maps."""
     try:
-        data = _pixel_data(masks, maps)
+        data = _pixel_data(stats)
     except _Undefined as undefined:
         return {key: _warn_undefined(key, str(undefined)) for key in PIXEL_KEYS}
     return {
@@ -116,5 +118,5 @@ def compute_all(
     if labels is not None:
         results.update(_image_metrics(labels, scores))
     if masks is not None:
-        results.update(_pixel_metrics(masks, maps))
+        results.update(pixel_metrics(PixelStats.of(masks, maps)))
     return results

@@ -180,38 +180,3 @@ def best_f1_threshold(labels: ArrayLike, scores: ArrayLike) -> tuple[float, floa
     except _Undefined as undefined:
         nan = _warn_undefined("max_f1", str(undefined))
         return nan, nan
-
-
-# ------------------------------------------------------------------------------------------------ pixel level
-
-
-@dataclass(frozen=True)
-class _PixelData:
-    """One class's pixels: masks bool [N, H, W], maps float [N, H, W], all_sorted [N*H*W], pos_sorted [P]."""
-
-    masks: np.ndarray
-    maps: np.ndarray
-    all_sorted: np.ndarray
-    pos_sorted: np.ndarray
-    ranking: _Ranking
-
-
-def _pixel_data(masks: ArrayLike, maps: ArrayLike) -> _PixelData:
-    m, a = _pixel_inputs(masks, maps)
-    pos_sorted = np.sort(a[m])
-    if pos_sorted.size == 0:
-        raise _Undefined("no defect pixel in the masks")
-    if pos_sorted.size == a.size:
-        raise _Undefined("every pixel is a defect pixel")
-    all_sorted = np.sort(a, axis=None)
-    return _PixelData(m, a, all_sorted, pos_sorted, _rank(pos_sorted, all_sorted))
-
-
-def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
-    """AUROC over all pixels of the class. masks: bool [N, H, W]; maps: float [N, H, W] (float16 accepted)."""
-    return _guarded("pixel_auroc", lambda: _auroc(_pixel_data(masks, maps).ranking))
-
-
-def pixel_max_f1(masks: ArrayLike, maps: ArrayLike) -> float:
-    """Max F1 over the precision-recall curve of all pixels of the class. masks [N, H, W], maps [N, H, W]."""
-    return _guarded("pixel_f1", lambda: _best_f1(_pixel_data(masks, maps).ranking)[0])

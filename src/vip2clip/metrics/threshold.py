@@ -90,6 +90,19 @@ class StreamingQuantile:
             merged = np.partition(merged, merged.size - self.keep)[merged.size - self.keep :]
         self._top = merged
 
+    def merge(self, other: StreamingQuantile) -> None:
+        """Add everything `other` (same q and max_count) has seen, exactly as if its values had been added here:
+        the top values of a union are among the top values of its parts."""
+        if (other.q, other.max_count) != (self.q, self.max_count):
+            raise ValueError("can only merge streams with the same quantile and max_count")
+        self.count += other.count
+        if self.count > self.max_count:
+            raise ValueError(f"more values ({self.count}) than the announced max_count {self.max_count}")
+        merged = np.concatenate([self._top, other._top])
+        if merged.size > self.keep:
+            merged = np.partition(merged, merged.size - self.keep)[merged.size - self.keep :]
+        self._top = merged
+
     def value(self) -> float:
         """The q-quantile of everything added so far."""
         if self.count == 0:

@@ -4,24 +4,33 @@ The image encoder is frozen, so its outputs for a given image never change durin
 per image, the patch tokens of every tapped layer and the global feature (fp16 by default), plus the
 preprocessed mask (bit-packed), so epochs read rows instead of decoding images and running the ViT.
 
-Layout of a cache directory (one cache per directory):
+Layout of one cache (a slot folder inside the cache directory, see `vip2clip.training.cache_store`):
     patch_tokens.npy    [N, L, HW, D]   float16 (or float32)
     global_feature.npy  [N, D]          same dtype
     masks.npy           [N, S, ceil(S/8)] uint8, np.packbits of the 0/1 mask along the width
-    manifest.json       the key, shapes, grid, and the rows that could not be decoded; written last, atomically
+    manifest.json       the key, shapes, grid, the rows that could not be decoded and how the cache was built
+                        (world_size, device); written last
 Arrays are opened with np.load(mmap_mode="r"), so RAM holds only the rows of the current batch.
 
 The key is the backbone name, `backbone.fingerprint()`, the image size, the feature layers, the encoder precision,
 the storage dtype and the SHA-256 of every image and mask file in dataset order (hashing reads each file once: cheap
-next to a ViT-L forward). A directory whose manifest is missing (a build that died), whose key differs (stale), or
-whose arrays do not have the recorded shapes (truncated) is rebuilt in place. Two processes must not build into
-the same directory at the same time.
+next to a ViT-L forward). Everything but the file contents also names the slot, so runs with other settings
+sharing one cache directory each get their own slot. A slot whose manifest is missing or unreadable, whose key
+differs (the images changed) or whose arrays do not have the recorded shapes (truncated) is rebuilt: in a new
+folder that replaces it atomically, so a process still reading the old cache is never disturbed.
+
+With several ranks (`World`), each rank hashes and encodes a disjoint share of the images, in the batches a
+one-process build forms, so the arrays are byte-identical to a one-process build; rank 0 writes the manifest
+after every rank has finished and publishes the cache.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
+import re
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,12 +39,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from vip2clip.config import STORAGE_DTYPES
 from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.model.backbone import ImageFeatures
 from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.training import cache_store
+from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.fileio import atomic_write_text
 from vip2clip.utils.hashing import file_sha256
 from vip2clip.utils.progress import Progress, silent
@@ -43,7 +54,7 @@ from vip2clip.utils.progress import Progress, silent
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "vip2clip-feature-cache"
-CACHE_VERSION = 2  # 2: files keyed by SHA-256
+CACHE_VERSION = 3  # 2: files keyed by SHA-256; 3: one slot folder per settings, published by rename
 MANIFEST = "manifest.json"
 ARRAY_FILES = ("patch_tokens.npy", "global_feature.npy", "masks.npy")
 DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
@@ -51,7 +62,8 @@ DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
 
 @dataclass(frozen=True)
 class CacheKey:
-    """Everything the cached values depend on. `files`: "image sha256:mask sha256" (mask part empty) per row."""
+    """Everything the cached values depend on. `files`: "image sha256:mask sha256" (mask part empty) per row;
+    `paths`: the rows' image (and mask) paths, which name the slot together with the settings."""
 
     backbone: str
     fingerprint: str
@@ -60,22 +72,40 @@ class CacheKey:
     precision: str
     dtype: str
     files: tuple[str, ...]
+    paths: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["feature_layers"] = list(self.feature_layers)
         data["files"] = list(self.files)
+        del data["paths"]
         return data
 
+    @property
+    def slot(self) -> str:
+        """Folder name of this cache in a cache directory: readable settings plus a hash of the settings and the
+        dataset's paths (not of the file contents: a changed image rebuilds the slot instead of adding one)."""
+        settings = {k: v for k, v in self.to_dict().items() if k != "files"}
+        text = json.dumps({"version": CACHE_VERSION, **settings, "paths": list(self.paths)}, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', self.backbone)}-{self.image_size}px-{self.dtype}-{digest}"
 
-def cache_key(model: ViP2CLIP, dataset: AnomalyDataset, dtype: str = "float16") -> CacheKey:
-    """The key of `model`'s features for every sample of `dataset` (hashes every image and mask file)."""
+
+def _row_hashes(dataset: AnomalyDataset, rows: range) -> list[str]:
+    hashes = []
+    for row in rows:
+        image_path, mask_path = dataset.paths(dataset.samples[row])
+        hashes.append(f"{file_sha256(image_path)}:{file_sha256(mask_path) if mask_path else ''}")
+    return hashes
+
+
+def cache_key(model: ViP2CLIP, dataset: AnomalyDataset, dtype: str = "float16", world: World = LOCAL) -> CacheKey:
+    """The key of `model`'s features for every sample of `dataset` (hashes every image and mask file; with
+    several ranks each hashes a share)."""
     if dtype not in DTYPES:
         raise ValueError(f"unknown cache dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    files = []
-    for sample in dataset.samples:
-        image_path, mask_path = dataset.paths(sample)
-        files.append(f"{file_sha256(image_path)}:{file_sha256(mask_path) if mask_path else ''}")
+    shares = world.all_gather(_row_hashes(dataset, world.share(len(dataset))))
+    paths = [":".join(p or "" for p in dataset.paths(sample)) for sample in dataset.samples]
     backbone = model.backbone
     return CacheKey(
         backbone=backbone.name,
@@ -84,11 +114,14 @@ def cache_key(model: ViP2CLIP, dataset: AnomalyDataset, dtype: str = "float16") 
         feature_layers=tuple(backbone.feature_layers),
         precision=model.precision,
         dtype=dtype,
-        files=tuple(files),
+        files=tuple(row for share in shares for row in share),
+        paths=tuple(paths),
     )
 
 
-def _manifest_text(key: CacheKey, shapes: dict[str, list[int]], grid: tuple[int, int], failed: list) -> str:
+def _manifest_text(
+    key: CacheKey, shapes: dict[str, list[int]], grid: tuple[int, int], failed: list, built_with: dict[str, Any]
+) -> str:
     manifest = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
@@ -96,6 +129,7 @@ def _manifest_text(key: CacheKey, shapes: dict[str, list[int]], grid: tuple[int,
         "shapes": shapes,
         "grid": list(grid),
         "failed": failed,
+        "built_with": built_with,
     }
     return json.dumps(manifest, indent=1) + "\n"
 
@@ -194,35 +228,46 @@ def _check_free_space(directory: Path, shapes: dict[str, list[int]], itemsize: i
     return needed
 
 
+def _open_arrays(folder: Path, shapes: dict[str, list[int]], dtype: type, mode: str) -> dict[str, np.memmap]:
+    """The cache's arrays in `folder`: created zero-filled (mode "w+") or opened for writing rows ("r+")."""
+    return {
+        name: np.lib.format.open_memmap(
+            folder / name, mode=mode, dtype=np.uint8 if name == "masks.npy" else dtype, shape=tuple(shape)
+        )
+        for name, shape in shapes.items()
+    }
+
+
 def _encode_into(
     model: ViP2CLIP,
     dataset: AnomalyDataset,
     arrays: dict[str, np.ndarray],
+    rows: range,
     batch_size: int,
     workers: int,
     progress: Progress,
 ) -> set[int]:
-    """Encode every decodable image of `dataset` into the row arrays; returns the rows written."""
+    """Encode the decodable images among `rows` of `dataset` (whole batches of a one-process build, so that every
+    image is encoded in the same batch as there) into the row arrays; returns the rows written."""
     device = next(model.parameters()).device
     dtype = arrays["patch_tokens.npy"].dtype
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_items, num_workers=workers)
+    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, collate_fn=collate_items, num_workers=workers)
     written: set[int] = set()
     for batch in progress(loader, total=len(loader), desc="caching features"):
         if batch is None:
             continue
-        rows = batch["index"].numpy()
+        indices = batch["index"].numpy()
         features = model.encode_image(batch["image"].to(device))
         tokens = torch.stack(features.patch_tokens, dim=1)  # [B, L, HW, D]
-        arrays["patch_tokens.npy"][rows] = tokens.cpu().numpy().astype(dtype)
-        arrays["global_feature.npy"][rows] = features.global_feature.cpu().numpy().astype(dtype)
-        arrays["masks.npy"][rows] = np.packbits(batch["mask"].numpy() > 0.5, axis=-1)
-        written.update(int(row) for row in rows)
+        arrays["patch_tokens.npy"][indices] = tokens.cpu().numpy().astype(dtype)
+        arrays["global_feature.npy"][indices] = features.global_feature.cpu().numpy().astype(dtype)
+        arrays["masks.npy"][indices] = np.packbits(batch["mask"].numpy() > 0.5, axis=-1)
+        written.update(int(row) for row in indices)
     return written
 
 
-def _failed_rows(dataset: AnomalyDataset, written: set[int]) -> list[list]:
-    """[row, path, reason] of the rows that could not be decoded (reasons known when loaded in this process)."""
-    reasons = dict(dataset.skipped)
+def _failed_rows(dataset: AnomalyDataset, written: set[int], reasons: dict[str, str]) -> list[list]:
+    """[row, path, reason] of the rows that could not be decoded (reasons known where they were loaded)."""
     failed = []
     for row in sorted(set(range(len(dataset))) - written):
         paths = [path for path in dataset.paths(dataset.samples[row]) if path is not None]
@@ -234,37 +279,53 @@ def _failed_rows(dataset: AnomalyDataset, written: set[int]) -> list[list]:
 def build_cache(
     model: ViP2CLIP,
     dataset: AnomalyDataset,
-    directory: str | Path,
+    folder: str | Path,
     key: CacheKey,
     batch_size: int = 8,
     num_workers: int = 0,
     progress: Progress = silent,
-) -> FeatureCache:
-    """Run the image encoder once over `dataset` and write the cache (manifest last). Returns it opened."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / MANIFEST).unlink(missing_ok=True)  # from here on the directory reads as incomplete
+    world: World = LOCAL,
+) -> None:
+    """Run the image encoder once over `dataset` and write the cache files into `folder` (a private build folder:
+    `load_or_build_cache` publishes it). Every rank encodes its share; rank 0 creates the arrays and writes the
+    manifest last, after every rank has written its rows."""
+    folder = Path(folder)
     backbone, size = model.backbone, dataset.image_size
     grid = (size // backbone.patch_size, size // backbone.patch_size)
     shapes = _row_shapes(len(dataset), len(backbone.feature_layers), grid, backbone.embed_dim, size)
     dtype = DTYPES[key.dtype]
-    needed = _check_free_space(directory, shapes, np.dtype(dtype).itemsize)
-    logger.info("building feature cache in %s (%.1f MiB for %d images)", directory, needed / 2**20, len(dataset))
-    arrays = {
-        name: np.lib.format.open_memmap(
-            directory / name, mode="w+", dtype=np.uint8 if name == "masks.npy" else dtype, shape=tuple(shape)
-        )
-        for name, shape in shapes.items()
-    }
-    written = _encode_into(model, dataset, arrays, batch_size, num_workers, progress)
+    if world.is_main:
+        needed = _check_free_space(folder, shapes, np.dtype(dtype).itemsize)
+        logger.info("building feature cache in %s (%.1f MiB for %d images)", folder, needed / 2**20, len(dataset))
+        arrays = _open_arrays(folder, shapes, dtype, "w+")
+    world.barrier()  # the files exist
+    if not world.is_main:
+        arrays = _open_arrays(folder, shapes, dtype, "r+")
+    rows = world.share(len(dataset), unit=batch_size)
+    written = _encode_into(model, dataset, arrays, rows, batch_size, num_workers, progress)
     for array in arrays.values():
         array.flush()
     del arrays
-    atomic_write_text(directory / MANIFEST, _manifest_text(key, shapes, grid, _failed_rows(dataset, written)))
-    cache = open_cache(directory, key)
-    if cache is None:  # only if the files changed under us while building
-        raise OSError(f"feature cache {directory} could not be read back after building it")
-    return cache
+    reports = world.gather((sorted(written), list(dataset.skipped)))  # after every rank has flushed its rows
+    if world.is_main:
+        written = {row for rows_written, _ in reports for row in rows_written}
+        reasons = {path: reason for _, skipped in reports for path, reason in skipped}
+        failed = _failed_rows(dataset, written, reasons)
+        built_with = world.describe(model)
+        atomic_write_text(folder / MANIFEST, _manifest_text(key, shapes, grid, failed, built_with))
+
+
+def _open_shared(directory: Path, key: CacheKey) -> FeatureCache | None:
+    with cache_store.slot_lock(directory, key.slot, exclusive=False):
+        return open_cache(directory / key.slot, key)
+
+
+def _warn_old_layout(directory: Path) -> None:
+    if (directory / MANIFEST).is_file() and (directory / ARRAY_FILES[0]).is_file():
+        logger.warning(
+            "%s holds a feature cache of an older vip2clip (arrays directly in the folder); it is no longer used: "
+            "delete %s to free the space", directory, ", ".join([*ARRAY_FILES, MANIFEST])
+        )  # fmt: skip
 
 
 def load_or_build_cache(
@@ -275,22 +336,54 @@ def load_or_build_cache(
     batch_size: int = 8,
     num_workers: int = 0,
     progress: Progress = silent,
+    world: World = LOCAL,
 ) -> FeatureCache:
-    """Open the cache in `directory` when it matches `model` and `dataset`, otherwise (re)build it.
+    """Open the cache of `model` and `dataset` in its slot of `directory`, building it first when it is missing or
+    stale (see `vip2clip.training.cache_store` for how concurrent processes share a directory). With several
+    ranks, every rank calls this; rank 0 decides, locks and publishes, all ranks encode.
 
     Rows that could not be decoded (with `dataset.skip_bad`) are added to `dataset.skipped` either way.
     """
-    key = cache_key(model, dataset, dtype)
-    cache = open_cache(directory, key)
-    if cache is None:
-        cache = build_cache(model, dataset, directory, key, batch_size, num_workers, progress)
-    else:
-        logger.info("using feature cache %s", directory)
+    directory = Path(directory)
+    key = cache_key(model, dataset, dtype, world)
+    slot = directory / key.slot
+    cache = None
+    with contextlib.ExitStack() as stack:
+        folder = None
+        if world.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+            _warn_old_layout(directory)
+            cache = _open_shared(directory, key)
+            if cache is None:
+                stack.enter_context(cache_store.slot_lock(directory, key.slot, exclusive=True))
+                cache = open_cache(slot, key)  # built by another process while this one waited for the lock
+            if cache is None:
+                cache_store.remove_leftovers(directory, key.slot)
+                folder = cache_store.new_build_folder(directory, key.slot)
+        folder = world.broadcast(folder)
+        if folder is not None:
+            try:
+                build_cache(model, dataset, folder, key, batch_size, num_workers, progress, world)
+                if world.is_main:
+                    cache_store.publish(folder, slot)
+            except BaseException:
+                if world.is_main:
+                    cache_store.discard(folder)
+                raise
+            if world.is_main:
+                cache = open_cache(slot, key)
+                if cache is None:
+                    raise OSError(f"feature cache {slot} could not be read back after building it")
+    world.barrier()  # published
+    if not world.is_main:
+        cache = _open_shared(directory, key)
+        if cache is None:
+            raise OSError(f"feature cache {slot} was replaced by another run (with other image files) meanwhile")
     known = {path for path, _ in dataset.skipped}
     dataset.skipped.extend((path, reason) for _, path, reason in cache.failed if path not in known)
     logger.info(
         "feature cache %s: %.1f MiB on disk (%.2f MiB per image)",
-        directory,
+        slot,
         cache.disk_bytes / 2**20,
         cache.disk_bytes / 2**20 / max(1, len(cache)),
     )

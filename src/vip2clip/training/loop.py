@@ -6,8 +6,8 @@ small heads run per batch. With `cache=False` the encoder runs on every batch in
 
 Each epoch visits the samples in an order drawn from (seed, epoch) alone, so a run resumed from its last
 checkpoint (`resume=True`: weights, Adam state, epoch, RNG state) takes the same steps as an uninterrupted one.
-The cache lives in OUT/feature_cache unless `cache_dir` is given (one cache per directory: point several runs on
-the same data and backbone at one --cache-dir to share it; a different key rebuilds it).
+The cache lives in OUT/feature_cache unless `cache_dir` is given (several runs may share one --cache-dir, also
+with other settings and at the same time: each setting has its own subfolder, see `training.cache_store`).
 After every epoch OUT/last.pt is written atomically and one JSON line is appended to OUT/train_log.jsonl; the
 final model (the last epoch: no selection on any test set) is OUT/checkpoint.pt, loadable by
 `create_model(checkpoint=...)`. An epoch whose mean loss is NaN or infinite (a diverged run) stops training with an
@@ -17,6 +17,15 @@ One OUT holds one run. An OUT with a run in it (any of last.pt, checkpoint.pt, t
 `resume` (continue it from last.pt) or `overwrite` (remove those files and start afresh; the feature cache,
 which is keyed by its settings, is kept). The log is rewritten from the checkpoint's history when a run starts or
 resumes, so it never mixes runs nor repeats or misses an epoch.
+
+Several ranks (`world`, under torchrun) train data-parallel: every rank forms the same global batches as one
+process with the same seed and takes a contiguous share of each (sizes differ by at most one; a batch smaller
+than the number of ranks leaves some ranks without images for that step). Each rank backpropagates the *sum* of
+its images' losses; one all-reduce adds the gradients (and the image counts) over the ranks, and dividing by the
+global batch size gives exactly the gradient of the batch's mean loss, whatever the split. Every rank then takes
+the same Adam step, so N ranks end with the weights of one process up to float rounding. (Averaging each rank's
+mean loss, as DistributedDataParallel does, would weight the images of a short share more.) Only rank 0 writes
+checkpoints and the log; every rank can --resume from OUT/last.pt (OUT on a file system all nodes see).
 """
 
 from __future__ import annotations
@@ -40,7 +49,8 @@ from vip2clip.model.backbone import ImageFeatures
 from vip2clip.model.checkpoint import load_checkpoint, save_checkpoint
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.training.feature_cache import FeatureCache, load_or_build_cache
-from vip2clip.training.losses import training_loss
+from vip2clip.training.losses import LossParts, training_loss
+from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.fileio import atomic_write_text, json_line
 from vip2clip.utils.progress import Progress, silent
 
@@ -87,10 +97,22 @@ def epoch_batches(rows: list[int], batch_size: int, seed: int, epoch: int) -> li
 
 
 Batch = tuple[ImageFeatures, torch.Tensor, torch.Tensor]  # features, masks [B, S, S], labels [B]
+LOSS_PARTS = ("total", "focal", "dice", "image")
 
 
-def _cached_batches(cache: FeatureCache, labels: list[int], batches: list[list[int]], device) -> Iterator[Batch]:
-    for rows in batches:
+def local_share(batch: list[int], world: World) -> list[int]:
+    """This rank's rows of a global batch (all of it in one process)."""
+    return [batch[i] for i in world.share(len(batch))]
+
+
+def _cached_batches(
+    cache: FeatureCache, labels: list[int], batches: list[list[int]], device, world: World
+) -> Iterator[Batch | None]:
+    for batch in batches:
+        rows = local_share(batch, world)
+        if not rows:  # a global batch smaller than the number of ranks
+            yield None
+            continue
         yield (
             cache.features(rows, device),
             cache.masks(rows).to(device),
@@ -99,36 +121,69 @@ def _cached_batches(cache: FeatureCache, labels: list[int], batches: list[list[i
 
 
 def _encoded_batches(
-    model: ViP2CLIP, dataset: AnomalyDataset, batches: list[list[int]], workers: int
-) -> Iterator[Batch]:
+    model: ViP2CLIP, dataset: AnomalyDataset, batches: list[list[int]], workers: int, world: World
+) -> Iterator[Batch | None]:
     device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate_items, num_workers=workers)
+    shares = [local_share(batch, world) for batch in batches]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=shares, collate_fn=collate_items, num_workers=workers)
     for batch in loader:
-        if batch is None:  # every image of the batch failed to decode (skip_bad)
+        if batch is None:  # no image of this share (every one failed to decode with skip_bad, or an empty share)
+            yield None
             continue
         features = model.encode_image(batch["image"].to(device))
         yield features, batch["mask"].to(device), batch["label"].to(device)
 
 
-def train_step(model: ViP2CLIP, optimizer: torch.optim.Optimizer, batch: Batch) -> dict[str, float]:
-    """One optimisation step on a batch; returns the loss parts as floats."""
+def _batch_loss(model: ViP2CLIP, batch: Batch) -> LossParts:
     features, masks, labels = batch
     output = model.forward_features(features)
     maps = output.probability_maps((masks.shape[-2], masks.shape[-1]))  # L x [B, 2, S, S]
-    parts = training_loss(maps, masks, output.image_logits, labels)
+    return training_loss(maps, masks, output.image_logits, labels)
+
+
+def train_step(
+    model: ViP2CLIP, optimizer: torch.optim.Optimizer, batch: Batch | None, world: World = LOCAL
+) -> dict[str, float] | None:
+    """One optimisation step on a batch (this rank's share of it); returns the loss parts of the whole batch as
+    floats, or None when the batch held no image on any rank (no step, as one process skips an empty batch)."""
+    if not world.distributed:
+        if batch is None:
+            return None
+        parts = _batch_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        optimizer.step()
+        return parts.as_floats()
     optimizer.zero_grad(set_to_none=True)
-    parts.total.backward()
+    device = next(model.parameters()).device
+    sums = torch.zeros(1 + len(LOSS_PARTS), device=device)  # images, then each loss part summed over images
+    if batch is not None:
+        count = batch[2].shape[0]
+        parts = _batch_loss(model, batch)
+        (parts.total * count).backward()  # the sum of this rank's per-image losses
+        sums = torch.tensor([count] + [count * v for v in parts.as_floats().values()], device=device)
+    parameters = [p for group in optimizer.param_groups for p in group["params"]]
+    sums = world.sum_gradients(parameters, sums).tolist()
+    if sums[0] == 0:
+        return None
+    for parameter in parameters:
+        if parameter.grad is not None:
+            parameter.grad /= sums[0]
     optimizer.step()
-    return parts.as_floats()
+    return {name: value / sums[0] for name, value in zip(LOSS_PARTS, sums[1:], strict=True)}
 
 
-def run_epoch(model: ViP2CLIP, optimizer: torch.optim.Optimizer, batches: Iterable[Batch]) -> dict[str, float]:
+def run_epoch(
+    model: ViP2CLIP, optimizer: torch.optim.Optimizer, batches: Iterable[Batch | None], world: World = LOCAL
+) -> dict[str, float]:
     """One pass over `batches`: mean loss parts, number of steps and seconds taken."""
     started = time.perf_counter()
-    sums = {"total": 0.0, "focal": 0.0, "dice": 0.0, "image": 0.0}
+    sums = dict.fromkeys(LOSS_PARTS, 0.0)
     steps = 0
     for batch in batches:
-        losses = train_step(model, optimizer, batch)
+        losses = train_step(model, optimizer, batch, world)
+        if losses is None:
+            continue
         sums = {key: sums[key] + losses[key] for key in sums}
         steps += 1
     means = {key: value / max(1, steps) for key, value in sums.items()}
@@ -144,9 +199,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def _run_meta(model: ViP2CLIP, index: DatasetIndex, split: str, config: TrainConfig) -> dict[str, Any]:
+def _run_meta(model: ViP2CLIP, index: DatasetIndex, split: str, config: TrainConfig, world: World) -> dict[str, Any]:
     backbone = model.backbone
     return {
+        **world.describe(model),
         "train_config": config.to_dict(),
         "dataset": {"name": index.root.name, "root": str(index.root), "split": split},
         "backbone": {"name": backbone.name, "weights": backbone.weights_source, "fingerprint": backbone.fingerprint()},
@@ -194,18 +250,19 @@ def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _prepare_batches(
-    model: ViP2CLIP, dataset: AnomalyDataset, out_dir: Path, config: TrainConfig, progress: Progress
-) -> tuple[list[int], Callable[[list[list[int]]], Iterator[Batch]], int]:
-    """(trainable rows, batches -> iterator of Batch, cache bytes): from the cache, or encoding every batch."""
+    model: ViP2CLIP, dataset: AnomalyDataset, out_dir: Path, config: TrainConfig, progress: Progress, world: World
+) -> tuple[list[int], Callable[[list[list[int]]], Iterator[Batch | None]], int]:
+    """(trainable rows, batches -> iterator of this rank's Batch, cache bytes): from the cache, or encoding."""
     if not config.cache:
-        return list(range(len(dataset))), lambda b: _encoded_batches(model, dataset, b, config.num_workers), 0
+        rows = list(range(len(dataset)))
+        return rows, lambda b: _encoded_batches(model, dataset, b, config.num_workers, world), 0
     directory = Path(config.cache_dir) if config.cache_dir else out_dir / CACHE_SUBDIR
     cache = load_or_build_cache(
-        model, dataset, directory, config.cache_dtype, config.batch_size, config.num_workers, progress
+        model, dataset, directory, config.cache_dtype, config.batch_size, config.num_workers, progress, world
     )
     device = next(model.parameters()).device
     labels = dataset.labels
-    return cache.valid_indices, lambda b: _cached_batches(cache, labels, b, device), cache.disk_bytes
+    return cache.valid_indices, lambda b: _cached_batches(cache, labels, b, device, world), cache.disk_bytes
 
 
 def train(
@@ -217,10 +274,12 @@ def train(
     resume: bool = False,
     progress: Progress = silent,
     overwrite: bool = False,
+    world: World = LOCAL,
 ) -> TrainResult:
     """Train `model`'s prompt learner and FGP on a split of `index`; checkpoints and log go to `out_dir`.
 
-    Raises ValueError when `out_dir` holds a run and neither `resume` nor `overwrite` is given."""
+    Raises ValueError when `out_dir` holds a run and neither `resume` nor `overwrite` is given. Under torchrun every
+    rank calls this with its `world` (see the module docstring)."""
     config = config or TrainConfig()
     out_dir = Path(out_dir)
     replaced = earlier_run(out_dir, resume, overwrite)
@@ -233,17 +292,19 @@ def train(
     if not resume:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-    rows, make_batches, cache_bytes = _prepare_batches(model, dataset, out_dir, config, progress)
-    meta = _run_meta(model, index, split, config)
-    for path in replaced:  # only now that the data and the cache are ready: a bad dataset keeps the earlier run
-        path.unlink()
-        logger.info("replacing the earlier run in %s: removed %s", out_dir, path.name)
-    _write_log(out_dir, history)
+    rows, make_batches, cache_bytes = _prepare_batches(model, dataset, out_dir, config, progress, world)
+    meta = _run_meta(model, index, split, config, world)
+    run = world.describe(model)
+    if world.is_main:  # every rank has checked OUT by now (the cache's collectives came first)
+        for path in replaced:  # only now that the data and the cache are ready: a bad dataset keeps the earlier run
+            path.unlink()
+            logger.info("replacing the earlier run in %s: removed %s", out_dir, path.name)
+        _write_log(out_dir, history)
     model.train()
     for epoch in range(start + 1, config.epochs + 1):
         batches = epoch_batches(rows, config.batch_size, config.seed, epoch)
         steps = progress(make_batches(batches), total=len(batches), desc=f"epoch {epoch}/{config.epochs}")
-        record = {"epoch": epoch, **run_epoch(model, optimizer, steps)}
+        record = {"epoch": epoch, **run_epoch(model, optimizer, steps, world), **run}
         if not math.isfinite(record["total"]):  # fail closed: a NaN model would judge nothing (or everything)
             kept = f"{out_dir / LAST_CHECKPOINT} holds epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
             raise ValueError(
@@ -251,13 +312,14 @@ def train(
                 "Lower --lr / --lr-fgp and train again (--overwrite)"
             )
         history.append(record)
-        state = model.trainable_state_dict()
-        resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
-        save_checkpoint(
-            out_dir / LAST_CHECKPOINT, model.config, state, **meta, epoch=epoch, history=history, **resume_state
-        )
-        with open(out_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
-            log.write(json_line(record) + "\n")
+        if world.is_main:
+            state = model.trainable_state_dict()
+            resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
+            save_checkpoint(
+                out_dir / LAST_CHECKPOINT, model.config, state, **meta, epoch=epoch, history=history, **resume_state
+            )
+            with open(out_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
+                log.write(json_line(record) + "\n")
         logger.info(
             "epoch %d/%d: loss %.4f (%d steps, %.1f s)",
             epoch,
@@ -268,8 +330,11 @@ def train(
         )
     model.eval()
     done = history[-1]["epoch"] if history else 0
-    final = save_checkpoint(
-        out_dir / FINAL_CHECKPOINT, model.config, model.trainable_state_dict(), **meta, epoch=done, history=history
-    )
+    final = out_dir / FINAL_CHECKPOINT
+    if world.is_main:
+        save_checkpoint(final, model.config, model.trainable_state_dict(), **meta, epoch=done, history=history)
+    reports = world.gather(dataset.skipped)  # without the cache, images fail to decode on the rank that reads them
+    world.barrier()  # the final checkpoint exists for every rank (evaluation after training hashes it)
     # Without the cache a file that fails to decode is met (and recorded) once per epoch.
-    return TrainResult(final, history, list(dict.fromkeys(dataset.skipped)), cache_bytes)
+    skipped = [item for report in reports for item in report] if reports else dataset.skipped
+    return TrainResult(final, history, list(dict.fromkeys(skipped)), cache_bytes)
