@@ -12,7 +12,7 @@ from vip2clip.cli import main
 from vip2clip.utils.distributed import LOCAL, init_from_env, share_range, threads_per_rank, torchrun_env
 
 
-@pytest.mark.parametrize(("n", "size", "unit"), itertools.product([0, 1, 5, 7, 16, 23], [1, 2, 3, 8], [1, 3, 8]))
+@pytest.mark.parametrize(("n", "size", "unit"), list(itertools.product([0, 1, 5, 7, 16, 23], [1, 2, 3, 8], [1, 3, 8])))
 def test_shares_are_disjoint_contiguous_whole_batches_covering_everything(n: int, size: int, unit: int) -> None:
     shares = [share_range(n, rank, size, unit) for rank in range(size)]
     assert [i for share in shares for i in share] == list(range(n))  # in rank order: the original order

@@ -85,10 +85,10 @@ def tiled_batches(
     tiling: TileConfig,
     batch_size: int,
     progress: Progress,
-    rows: range | None = None,
+    share: range | None = None,
 ) -> Iterator[Batch]:
-    """Score the class's images (only `rows` when given: a rank's share) tile by tile; yields batches of stitched
-    maps resized to the dataset's size.
+    """Score the class's images (only those in `share` when given: a rank's share) tile by tile; yields batches of
+    stitched maps resized to the dataset's size.
 
     An image (or mask) that cannot be read raises BadImageError, or with `dataset.skip_bad` is listed in
     `dataset.skipped` and left out."""
@@ -102,9 +102,9 @@ def tiled_batches(
     def load(i: int):
         return load_image(dataset.paths(dataset.samples[i])[0])
 
-    rows = range(len(dataset)) if rows is None else rows
-    scored_images = predictor.score(rows, load)
-    for scored in progress(scored_images, total=len(rows), desc=dataset.samples[0].cls_name if dataset else ""):
+    share = range(len(dataset)) if share is None else share
+    scored_images = predictor.score(share, load)
+    for scored in progress(scored_images, total=len(share), desc=dataset.samples[0].cls_name if dataset else ""):
         try:
             if scored.error is not None:
                 raise scored.error
