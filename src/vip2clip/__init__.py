@@ -1,7 +1,8 @@
 """vip2clip: ViP²-CLIP zero-shot anomaly detection on a frozen CLIP.
 
-Public API: `create_model`, `preprocess`, `Predictor`, `ModelConfig`, `metrics`, `__version__`. They load lazily,
-so that commands which need neither torch nor open_clip (dataset conversion, validation) start fast.
+Public API: `create_model`, `preprocess`, `Predictor`, `ModelConfig`, `export_onnx`, `load_onnx`, `metrics`,
+`__version__`. They load lazily, so that commands which need neither torch nor open_clip (dataset conversion,
+validation) start fast, and `load_onnx` + `Predictor` run without torch.
 
 The package is grouped by pipeline: `model/` (the network), `data/` (datasets, images, converters), `training/`,
 `evaluation/` (with `metrics/` beside it), `inference/` (Predictor, calibration, folder runs), `visualization/`,
@@ -20,9 +21,20 @@ _LAZY_ATTRIBUTES = {
     "create_model": "vip2clip.factory",
     "preprocess": "vip2clip.data.transforms",
     "Predictor": "vip2clip.inference.predictor",
+    "export_onnx": "vip2clip.inference.onnx_export",
+    "load_onnx": "vip2clip.inference.onnx_engine",
 }
 _LAZY_MODULES = ("metrics",)
-__all__ = ["ModelConfig", "Predictor", "__version__", "create_model", "metrics", "preprocess"]
+__all__ = [
+    "ModelConfig",
+    "Predictor",
+    "__version__",
+    "create_model",
+    "export_onnx",
+    "load_onnx",
+    "metrics",
+    "preprocess",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,10 +1,11 @@
 """Predicting on images a practitioner has: PIL images, files or arrays, in their original sizes.
 
-`Predictor` holds an inference engine (a `ViP2CLIP` model, or anything with its `predict` and `config`), the
-model's identity and the decision thresholds. Images are preprocessed like training (bicubic resize to the
-model's square input), scored in batches by one batching path (`Predictor.score`, which every caller uses:
-`predict`, folder runs, calibration, the server), and each anomaly map is brought back to the image's own size
-(bilinear), so masks and overlays line up with the original pixels.
+`Predictor` holds an inference engine (a `ViP2CLIP` model, the ONNX engine of `vip2clip.load_onnx`, or anything
+with their `predict` and `config`), the model's identity and the decision thresholds. Images are preprocessed like
+training (bicubic resize to the model's square input), scored in batches by one batching path (`Predictor.score`,
+which every caller uses: `predict`, folder runs, calibration, the server), and each anomaly map is brought back to
+the image's own size (bilinear), so masks and overlays line up with the original pixels. This module needs no
+torch: with the ONNX engine, preprocessing, scoring and map resizing run on numpy and PIL alone.
 
 Options: `tiling` (a `TileConfig`) scores large images tile by tile and stitches the maps at the original size
 (`vip2clip.inference.tiling`); `references` (a `ReferenceMemory` of normal images of the part) fuses a
@@ -31,20 +32,23 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import numpy as np
-import torch
 from PIL import Image
 
 from vip2clip.config import ModelConfig
 from vip2clip.data.images import BadImageError, ImageInput, to_rgb
-from vip2clip.data.transforms import preprocess, resize_map
+from vip2clip.data.transforms import preprocess_array, resize_map
 from vip2clip.inference import calibration as calib
-from vip2clip.inference.references import ReferenceEngine, ReferenceMemory
 from vip2clip.inference.tiling import StitchedMap, TileConfig
 from vip2clip.model.identity import ModelIdentity
-from vip2clip.model.vip2clip import Prediction
+from vip2clip.model.prediction import Prediction
+
+if TYPE_CHECKING:
+    import torch
+
+    from vip2clip.inference.references import ReferenceMemory
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +58,16 @@ T = TypeVar("T")
 
 
 class InferenceEngine(Protocol):
-    """What a Predictor needs from a model: its configuration and a batched, gradient-free predict."""
+    """What a Predictor needs from a model: its configuration and a batched, gradient-free predict.
+
+    An engine may also carry its `identity` (the ONNX engine reads it from the file's metadata); for one without,
+    the Predictor computes it (`ModelIdentity.of`).
+    """
 
     config: ModelConfig
 
-    def predict(self, images: torch.Tensor) -> Prediction:
-        """images [B, 3, S, S] (normalised) -> Prediction(pred_score [B], anomaly_map [B, S, S])."""
+    def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
+        """images [B, 3, S, S] float32 (normalised) -> Prediction(pred_score [B], anomaly_map [B, S, S])."""
         ...
 
 
@@ -251,7 +259,7 @@ class Predictor:
         self.batch_size = batch_size
         self.tiling = tiling
         self.references = references
-        self._engine = model if references is None else ReferenceEngine(model, references)
+        self._engine = model if references is None else _reference_engine(model, references)
         self._identity = identity
 
     @classmethod
@@ -291,7 +299,7 @@ class Predictor:
         """The identity of the model (for a model without a checkpoint unless one was given) as this predictor
         uses it: with its tiling and its references' rule and files."""
         if self._identity is None:
-            self._identity = ModelIdentity.of(self.model)
+            self._identity = getattr(self.model, "identity", None) or ModelIdentity.of(self.model)
         return replace(
             self._identity,
             tiling=None if self.tiling is None else self.tiling.to_dict(),
@@ -336,10 +344,9 @@ class Predictor:
         return _InFlight(ScoredImage(source, image=image), stitched, len(stitched.boxes))
 
     def _score_batch(self, batch: list[tuple[_InFlight[T], int]]) -> None:
-        tensors = torch.stack([preprocess(item.model_input(tile), self.image_size) for item, tile in batch])
-        prediction = self._engine.predict(tensors)
-        scores = prediction.pred_score.float().cpu().numpy()
-        maps = prediction.anomaly_map.float().cpu().numpy()
+        images = np.stack([preprocess_array(item.model_input(tile), self.image_size) for item, tile in batch])
+        prediction = self._engine.predict(images)
+        scores, maps = _as_numpy(prediction.pred_score), _as_numpy(prediction.anomaly_map)
         for (item, tile), score, anomaly_map in zip(batch, scores, maps, strict=True):
             item.remaining -= 1
             if item.stitched is None:
@@ -371,3 +378,16 @@ def _finished(queue: deque[_InFlight[T]]) -> Iterator[ScoredImage[T]]:
     """Pop and yield the leading images whose inputs are all scored (input order is kept)."""
     while queue and queue[0].remaining == 0:
         yield queue.popleft().scored
+
+
+def _as_numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    """float32 numpy array of an engine's output (a tensor on any device, or an array)."""
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=np.float32)
+
+
+def _reference_engine(model: InferenceEngine, references: ReferenceMemory) -> InferenceEngine:
+    from vip2clip.inference.references import ReferenceEngine  # imports torch: only when references are used
+
+    return ReferenceEngine(model, references)

@@ -63,6 +63,8 @@ class VisualConditionedPrompts(nn.Module):
                 f"suffix_{state}", torch.zeros(1, context_length - 2 - n_context - n_dynamic, token_dim)
             )
             self.register_buffer(f"tokens_{state}", torch.zeros(1, context_length, dtype=torch.long))
+        self._refresh_eot()
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def set_sentences(self, state_words: tuple[str, str], embed_tokens) -> None:
         """Tokenise "X X ... {word} X X X" per state and keep the fixed parts' embeddings as buffers.
@@ -94,10 +96,21 @@ class VisualConditionedPrompts(nn.Module):
             raise ValueError(f"{state} prompt parts add up to {expected} positions, tokens have {tokens.shape[1]}")
         for name, value in (("prefix", prefix), ("state", word), ("suffix", suffix), ("tokens", tokens)):
             setattr(self, f"{name}_{state}", value.detach().clone())
+        self._refresh_eot()
+
+    def _refresh_eot(self) -> None:
+        # Python ints, read from the token buffers whenever they change (set_buffers, load_state_dict): the text
+        # length must be known without reading tensors inside the forward, which torch.export cannot trace.
+        self.eot = tuple(int(getattr(self, f"tokens_{state}").argmax(-1)) for state in STATES)
+
+    @property
+    def text_length(self) -> int:
+        """Positions up to and including the later end-of-text token (13 for the paper's prompts)."""
+        return max(self.eot) + 1
 
     def eot_positions(self) -> torch.Tensor:
         """[2]: index of the end-of-text token (highest id) in the normal and anomalous sentences."""
-        return torch.cat([self.tokens_normal.argmax(-1), self.tokens_anomalous.argmax(-1)])
+        return torch.tensor(self.eot, device=self.tokens_normal.device)
 
     def generic_tokens(self, global_feature: torch.Tensor | None) -> torch.Tensor:
         """z = o (+ Meta-Net(f) with VCA): [B, r, D], or [1, r, D] for static prompts."""
@@ -127,3 +140,8 @@ class VisualConditionedPrompts(nn.Module):
             ]
             sentences.append(torch.cat(parts, dim=1))
         return torch.stack(sentences, dim=1)
+
+
+def _refresh_after_load(module: VisualConditionedPrompts, incompatible_keys: object) -> None:
+    """load_state_dict post-hook: the token buffers may have changed."""
+    module._refresh_eot()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -17,6 +18,7 @@ from vip2clip.config import ModelConfig
 from vip2clip.model import utpa
 from vip2clip.model.backbone import FrozenCLIP, ImageFeatures
 from vip2clip.model.fgp import FineGrainedPerception
+from vip2clip.model.prediction import Prediction
 from vip2clip.model.prompt import VisualConditionedPrompts
 from vip2clip.model.state_check import state_mismatch
 
@@ -41,16 +43,6 @@ class ModelOutput:
     def probability_maps(self, size: tuple[int, int]) -> list[torch.Tensor]:
         """Per layer [B, 2, H, W]: the two state probabilities upsampled to `size` (for the losses)."""
         return [utpa.upsample(utpa.to_grid(p, self.grid), size) for p in self.probabilities]
-
-
-@dataclass
-class Prediction:
-    """pred_score [B]: anomalous probability; anomaly_map [B, H, W]: layer-averaged, Gaussian-smoothed map;
-    features: the frozen encoder's outputs (patch tokens for reference images), only when asked for."""
-
-    pred_score: torch.Tensor
-    anomaly_map: torch.Tensor
-    features: ImageFeatures | None = None
 
 
 class ViP2CLIP(nn.Module):
@@ -114,7 +106,7 @@ class ViP2CLIP(nn.Module):
     def encode_text(self, global_feature: torch.Tensor | None) -> torch.Tensor:
         """The two prompts' text features [B, 2, D] (or [1, 2, D] for static prompts)."""
         eot = self.prompts.eot_positions()
-        n_positions = int(eot.max()) + 1 if self.config.truncate_text else None
+        n_positions = self.prompts.text_length if self.config.truncate_text else None
         prompts = self.prompts(global_feature if self.config.use_vca else None, n_positions)  # [B, 2, L, Dt]
         batch, states = prompts.shape[:2]
         flat = prompts.reshape(batch * states, *prompts.shape[2:])
@@ -148,9 +140,11 @@ class ViP2CLIP(nn.Module):
         return Prediction(score, utpa.smoothed_anomaly_map(probabilities, output.grid, size, self.config.sigma))
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor, return_features: bool = False) -> Prediction:
-        """images [B, 3, H, W], normalised with the OpenAI mean/std -> Prediction (no gradients); with
-        `return_features` it carries the encoder's outputs too (one encoder pass serves both)."""
+    def predict(self, images: torch.Tensor | np.ndarray, return_features: bool = False) -> Prediction:
+        """images [B, 3, H, W] (tensor or float32 array), normalised with the OpenAI mean/std -> Prediction of
+        tensors (no gradients); with `return_features` it carries the encoder's outputs too (one encoder pass
+        serves both)."""
+        images = torch.as_tensor(images)
         was_training = self.training
         self.eval()
         try:

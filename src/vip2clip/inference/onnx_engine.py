@@ -1,0 +1,163 @@
+"""The ONNX engine: a model exported by `vip2clip.export_onnx` run by ONNX Runtime or OpenVINO, without torch.
+
+    engine = vip2clip.load_onnx("model.onnx")                        # ONNX Runtime, CPU
+    engine = vip2clip.load_onnx("model.onnx", backend="openvino")    # OpenVINO's CPU plugin, same file
+    prediction = engine.predict(images)  # [B, 3, S, S] float32, normalised -> Prediction([B], [B, S, S])
+
+The file holds the whole predict (image encoder, VCA's per-image text path, FGP, top-K score, upsampled and
+smoothed map) and, in its metadata, the model's identity (`ModelIdentity`: checkpoint hash, CLIP weights
+fingerprint, image size, top-K, sigma, full config) and the package version: `engine.config` and
+`engine.identity` come from there, so calibration files are checked against an ONNX model exactly as against
+the torch model it was exported from. This module imports numpy and the chosen runtime only; `Predictor(engine)`
+then runs preprocessing and map resizing on numpy and PIL, so a deployment needs no torch at all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from vip2clip.config import ModelConfig
+from vip2clip.model.identity import ModelIdentity
+from vip2clip.model.prediction import Prediction
+
+if TYPE_CHECKING:
+    import torch
+
+FORMAT = "vip2clip-onnx/1"
+META_FORMAT = "vip2clip.format"
+META_IDENTITY = "vip2clip.identity"  # ModelIdentity.to_dict() as JSON
+META_VERSION = "vip2clip.version"
+INPUT_NAME = "images"
+OUTPUT_NAMES = ("pred_score", "anomaly_map")
+BACKENDS = ("onnxruntime", "openvino")
+EXTRA = "pip install 'vip2clip[onnx]'"
+
+Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class MissingDependencyError(ImportError):
+    """An optional package of the `onnx` extra is not installed."""
+
+
+def import_optional(name: str, purpose: str) -> ModuleType:
+    """Import `name` or raise MissingDependencyError naming the extra that provides it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError as error:
+        raise MissingDependencyError(
+            f"{purpose} needs the {name!r} package, which is not installed: {EXTRA} (the 'onnx' extra)"
+        ) from error
+
+
+class OnnxEngine:
+    """An exported ViP²-CLIP on ONNX Runtime or OpenVINO: `predict` takes what `ViP2CLIP.predict` takes.
+
+    config: the ModelConfig the model was exported with (image_size is the export's input size).
+    identity: the ModelIdentity recorded at export (calibrations are checked against it).
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, backend: str = "onnxruntime"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"ONNX model not found: {self.path}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown ONNX backend {backend!r}; choose one of {list(BACKENDS)}")
+        self.backend = backend
+        open_backend = _onnxruntime if backend == "onnxruntime" else _openvino
+        self._run, metadata = open_backend(self.path, providers)
+        self.identity, self.config = read_metadata(metadata, self.path)
+
+    def __repr__(self) -> str:
+        return f"OnnxEngine({str(self.path)!r}, backend={self.backend!r}, image_size={self.config.image_size})"
+
+    def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
+        """images [B, 3, S, S] (normalised; numpy or torch) -> Prediction(pred_score [B], anomaly_map [B, S, S]).
+
+        Numpy in, numpy out; a torch tensor in gives torch tensors out (on the CPU), like `ViP2CLIP.predict`.
+        """
+        is_tensor = hasattr(images, "detach")
+        array = images.detach().float().cpu().numpy() if is_tensor else np.asarray(images, dtype=np.float32)
+        size = self.config.image_size
+        if array.ndim != 4 or array.shape[1:] != (3, size, size):
+            raise ValueError(f"{self.path.name} takes images [B, 3, {size}, {size}]; got {tuple(array.shape)}")
+        if array.shape[0] == 0:
+            score, anomaly_map = np.zeros(0, np.float32), np.zeros((0, size, size), np.float32)
+        else:
+            score, anomaly_map = self._run(np.ascontiguousarray(array))
+        if is_tensor:
+            import torch  # already loaded: the caller passed a tensor
+
+            return Prediction(torch.from_numpy(score), torch.from_numpy(anomaly_map))
+        return Prediction(score, anomaly_map)
+
+
+def load_onnx(path: str | Path, providers: Sequence[str] | None = None, backend: str = "onnxruntime") -> OnnxEngine:
+    """Load a model exported by `vip2clip.export_onnx`.
+
+    providers: ONNX Runtime execution providers in order of preference (default ["CPUExecutionProvider"]; e.g.
+        ["CUDAExecutionProvider", "CPUExecutionProvider"] with onnxruntime-gpu). With backend="openvino" the first
+        entry names the OpenVINO device instead (default "CPU").
+    backend: "onnxruntime" or "openvino" (reads the same file; see docs/deployment.md for which is faster where).
+    """
+    return OnnxEngine(path, providers, backend)
+
+
+def read_metadata(metadata: dict[str, str], path: Path) -> tuple[ModelIdentity, ModelConfig]:
+    """(identity, config) from an exported file's metadata; ValueError naming the file when they are missing."""
+    if metadata.get(META_FORMAT) != FORMAT or META_IDENTITY not in metadata:
+        raise ValueError(
+            f"{path} is not a vip2clip ONNX export (metadata {META_FORMAT!r} = {FORMAT!r} missing); "
+            "export one with `vip2clip export` or vip2clip.export_onnx"
+        )
+    try:
+        identity = ModelIdentity.from_dict(json.loads(metadata[META_IDENTITY]))
+        config = ModelConfig.from_dict(identity.config or {})
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"{path}: unreadable model identity in its metadata (written by vip2clip "
+            f"{metadata.get(META_VERSION, '?')}): {error}"
+        ) from error
+    return identity, config
+
+
+def _onnxruntime(path: Path, providers: Sequence[str] | None) -> tuple[Runner, dict[str, str]]:
+    ort = import_optional("onnxruntime", "the ONNX engine")
+    session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        score, anomaly_map = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        return score, anomaly_map
+
+    return run, dict(session.get_modelmeta().custom_metadata_map)
+
+
+def _openvino(path: Path, providers: Sequence[str] | None) -> tuple[Runner, dict[str, str]]:
+    ov = import_optional("openvino", "the OpenVINO backend")
+    core = ov.Core()
+    model = core.read_model(str(path))
+    # OpenVINO keeps an ONNX file's metadata_props under rt_info["framework"].
+    keys = (META_FORMAT, META_IDENTITY, META_VERSION)
+    metadata = {key: model.get_rt_info(["framework", key]).astype(str) for key in keys if _has_rt(model, key)}
+    # f32 like ONNX Runtime and torch: on CPUs with bf16 units the plugin would otherwise compute in bf16.
+    device = providers[0] if providers else "CPU"
+    compiled = core.compile_model(model, device, {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {})
+    request = compiled.create_infer_request()
+    outputs = [compiled.output(name) for name in OUTPUT_NAMES]
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        result = request.infer({INPUT_NAME: images})
+        score, anomaly_map = (np.array(result[output], dtype=np.float32) for output in outputs)  # copies
+        return score, anomaly_map
+
+    return run, metadata
+
+
+def _has_rt(model: Any, key: str) -> bool:
+    return bool(model.has_rt_info(["framework", key]))
