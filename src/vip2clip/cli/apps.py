@@ -9,6 +9,7 @@ from vip2clip.cli import CLIError
 from vip2clip.cli.common import (
     add_inference_arguments,
     add_model_arguments,
+    add_onnx_arguments,
     add_reference_arguments,
     add_threshold_arguments,
     add_tiling_arguments,
@@ -39,6 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_inference_arguments(serve)
     add_tiling_arguments(serve)
     add_reference_arguments(serve)
+    add_onnx_arguments(serve)
     add_threshold_arguments(serve)
     add_batch_argument(serve)
     serve.set_defaults(func=run_serve)

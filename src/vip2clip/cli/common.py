@@ -16,6 +16,7 @@ from vip2clip.utils.distributed import LOCAL, World
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from vip2clip.inference.onnx_engine import OnnxEngine
     from vip2clip.inference.references import ReferenceMemory
     from vip2clip.inference.tiling import TileConfig
     from vip2clip.model.identity import ModelIdentity
@@ -41,6 +42,20 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True
     )
     group.add_argument(
         "--compile", action="store_true", help="torch.compile the encoder blocks (pays off on a GPU; slow start)"
+    )
+
+
+def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
+    """--onnx: an exported model instead of --checkpoint/--clip-weights (predict, calibrate, serve)."""
+    group = parser.add_argument_group("ONNX engine (instead of the model options above)")
+    group.add_argument(
+        "--onnx", default=None, metavar="MODEL.onnx", help="a model written by `vip2clip export` (no torch needed)"
+    )
+    group.add_argument(
+        "--onnx-backend",
+        default="onnxruntime",
+        choices=["onnxruntime", "openvino"],
+        help="runtime for --onnx (onnxruntime; openvino reads the same file)",
     )
 
 
@@ -233,3 +248,41 @@ def model_identity(args: argparse.Namespace, model: ViP2CLIP) -> ModelIdentity:
     from vip2clip.model.identity import ModelIdentity
 
     return ModelIdentity.of(model, getattr(args, "checkpoint", None))
+
+
+# Options an exported model has fixed: (attribute, flag); giving one with --onnx is refused, not ignored.
+_FIXED_BY_EXPORT = (
+    ("checkpoint", "--checkpoint"),
+    ("clip_weights", "--clip-weights"),
+    ("random_init", "--random-init"),
+    ("backbone", "--backbone"),
+    ("image_size", "--image-size"),
+    ("compile", "--compile"),
+    ("top_k", "--top-k"),
+    ("sigma", "--sigma"),
+)
+
+
+def build_onnx_engine(args: argparse.Namespace) -> OnnxEngine:
+    """The engine of --onnx (with --onnx-backend and --device); refuses the model options the export fixed."""
+    from vip2clip.inference.onnx_engine import MissingDependencyError, load_onnx
+
+    given = [flag for name, flag in _FIXED_BY_EXPORT if getattr(args, name, None)]
+    given += ["--precision"] if getattr(args, "precision", "fp32") != "fp32" else []
+    if given:
+        raise CLIError(
+            f"--onnx runs the exported model as it is: {', '.join(given)} cannot be used with it (they are fixed "
+            "when exporting: `vip2clip export ... --out MODEL.onnx`)"
+        )
+    device = getattr(args, "device", "cpu")
+    if args.onnx_backend == "openvino":
+        providers = [device.upper()]  # OpenVINO device names: CPU, GPU, ...
+    elif device.startswith("cuda"):
+        index = int(device.partition(":")[2] or 0)
+        providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+    else:
+        providers = None
+    try:
+        return load_onnx(args.onnx, providers, args.onnx_backend)
+    except MissingDependencyError as error:
+        raise CLIError(str(error)) from error

@@ -1,13 +1,15 @@
-"""`vip2clip info` and `vip2clip convert-checkpoint`: the model's configuration and its checkpoint files."""
+"""`vip2clip info`, `vip2clip convert-checkpoint` and `vip2clip export`: the model's configuration, its checkpoint
+files and its ONNX export."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from vip2clip.cli import CLIError
-from vip2clip.cli.common import add_model_arguments, build_model
+from vip2clip.cli.common import add_inference_arguments, add_model_arguments, build_model, config_from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -22,6 +24,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("destination", help="file to write")
     convert.add_argument("--to", required=True, choices=["release", "vip2clip"], help="format to write")
     convert.set_defaults(func=run_convert)
+
+    export = subparsers.add_parser(
+        "export", help="export the whole predict to ONNX (for `--onnx`: ONNX Runtime or OpenVINO, no torch)"
+    )
+    export.add_argument("--out", required=True, help="ONNX file to write (large weights go to OUT.data beside it)")
+    export.add_argument(
+        "--external-data",
+        choices=["auto", "yes", "no"],
+        default="auto",
+        help="weights in OUT.data: auto = above 1 GiB (ViT-L/14 yes, ViT-B/16 no)",
+    )
+    add_model_arguments(export)
+    add_inference_arguments(export)
+    export.set_defaults(func=run_export)
 
 
 def run_info(args: argparse.Namespace) -> int:
@@ -44,4 +60,27 @@ def run_convert(args: argparse.Namespace) -> int:
         raise CLIError("source and destination are the same file; write the converted checkpoint elsewhere")
     written = convert_checkpoint(args.source, args.destination, to=args.to)
     print(f"wrote {written} ({args.to} format)")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from vip2clip.inference.onnx_engine import MissingDependencyError
+    from vip2clip.inference.onnx_export import export_onnx
+
+    if args.precision != "fp32" or args.compile:
+        raise CLIError("export writes the fp32 graph: drop --precision/--compile (the runtime picks its own kernels)")
+    if not getattr(args, "verbose", False):
+        for name in ("onnxscript", "onnx_ir"):  # hundreds of INFO lines per export otherwise
+            logging.getLogger(name).setLevel(logging.WARNING)
+    model = build_model(args, **config_from_args(args))
+    external = {"auto": None, "yes": True, "no": False}[args.external_data]
+    try:
+        path = export_onnx(model, args.out, checkpoint=args.checkpoint, external_data=external)
+    except MissingDependencyError as error:
+        raise CLIError(str(error)) from error
+    data = path.with_name(path.name + ".data")
+    size = model.config.image_size
+    print(f"wrote {path}" + (f" and its weights {data.name} (keep them side by side)" if data.exists() else ""))
+    print(f"input images [B, 3, {size}, {size}] (normalised), outputs pred_score [B], anomaly_map [B, {size}, {size}]")
+    print(f"use it: vip2clip predict IMAGES --onnx {path} --out preds/  (or vip2clip.load_onnx in Python)")
     return 0

@@ -17,11 +17,13 @@ from vip2clip.cli import CLIError
 from vip2clip.cli.common import (
     add_inference_arguments,
     add_model_arguments,
+    add_onnx_arguments,
     add_progress_argument,
     add_reference_arguments,
     add_threshold_arguments,
     add_tiling_arguments,
     build_model,
+    build_onnx_engine,
     config_from_args,
     model_identity,
     progress_for,
@@ -72,6 +74,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_inference_arguments(predict)
     add_tiling_arguments(predict)
     add_reference_arguments(predict)
+    add_onnx_arguments(predict)
     add_threshold_arguments(predict)
     predict.set_defaults(func=run_predict)
 
@@ -86,19 +89,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_inference_arguments(calibrate)
     add_tiling_arguments(calibrate)
     add_reference_arguments(calibrate)
+    add_onnx_arguments(calibrate)
     calibrate.set_defaults(func=run_calibrate)
 
 
 def build_predictor(args: argparse.Namespace, thresholds: bool = True) -> Predictor:
-    """The Predictor of the parsed options: model, identity, tiling, references and (thresholds=True) the decision
-    thresholds."""
+    """The Predictor of the parsed options: model (or the --onnx engine), identity, tiling, references and
+    (thresholds=True) the decision thresholds."""
     from vip2clip.inference.predictor import Predictor, resolve_thresholds
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     tiling = tiling_from_args(args)
-    model = build_model(args, **config_from_args(args))
-    identity = model_identity(args, model)
+    if getattr(args, "onnx", None):
+        model = build_onnx_engine(args)
+        identity = model.identity
+    else:
+        model = build_model(args, **config_from_args(args))
+        identity = model_identity(args, model)
     memory = references_from_args(args, model, identity, tiling)
     predictor = Predictor(model, None, args.batch_size, identity, tiling, memory)
     if not thresholds:

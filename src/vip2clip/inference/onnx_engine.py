@@ -37,7 +37,6 @@ META_VERSION = "vip2clip.version"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("pred_score", "anomaly_map")
 BACKENDS = ("onnxruntime", "openvino")
-EXTRA = "pip install 'vip2clip[onnx]'"
 
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -46,13 +45,13 @@ class MissingDependencyError(ImportError):
     """An optional package of the `onnx` extra is not installed."""
 
 
-def import_optional(name: str, purpose: str) -> ModuleType:
-    """Import `name` or raise MissingDependencyError naming the extra that provides it."""
+def import_optional(name: str, purpose: str, extra: str = "onnx") -> ModuleType:
+    """Import `name` or raise MissingDependencyError naming the package extra that provides it."""
     try:
         return importlib.import_module(name)
     except ImportError as error:
         raise MissingDependencyError(
-            f"{purpose} needs the {name!r} package, which is not installed: {EXTRA} (the 'onnx' extra)"
+            f"{purpose} needs the {name!r} package, which is not installed: pip install 'vip2clip[{extra}]'"
         ) from error
 
 
@@ -139,7 +138,7 @@ def _onnxruntime(path: Path, providers: Sequence[str] | None) -> tuple[Runner, d
 
 
 def _openvino(path: Path, providers: Sequence[str] | None) -> tuple[Runner, dict[str, str]]:
-    ov = import_optional("openvino", "the OpenVINO backend")
+    ov = import_optional("openvino", "the OpenVINO backend", extra="openvino")
     core = ov.Core()
     model = core.read_model(str(path))
     # OpenVINO keeps an ONNX file's metadata_props under rt_info["framework"].

@@ -1,0 +1,265 @@
+"""ONNX export and the ONNX engine: the exported predict equals `model.predict`, carries the model's identity, runs
+any batch size, on ONNX Runtime and OpenVINO, behind the Predictor and the CLI's --onnx, and without torch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vip2clip
+from vip2clip.cli import main
+from vip2clip.inference.onnx_engine import MissingDependencyError
+from vip2clip.inference.predictor import Predictor
+from vip2clip.model.checkpoint import save_checkpoint
+from vip2clip.model.identity import ModelIdentity
+from vip2clip.model.vip2clip import ViP2CLIP
+
+SIZE = 64
+MODEL_ARGS = ["--backbone", "tiny", "--image-size", str(SIZE)]
+
+
+@dataclass(frozen=True)
+class Exported:
+    model: ViP2CLIP
+    checkpoint: Path
+    onnx: Path
+
+
+def sharpened_tiny_model(seed: int) -> ViP2CLIP:
+    """The tiny model with larger prompt and FGP weights than at init: maps and scores that vary, so errors show."""
+    model = vip2clip.create_model("tiny", image_size=SIZE, seed=seed, top_k=4)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+    folder = tmp_path_factory.mktemp("onnx")
+    model = sharpened_tiny_model(seed=0)
+    checkpoint = save_checkpoint(folder / "checkpoint.pt", model.config, model.trainable_state_dict())
+    return Exported(model, checkpoint, vip2clip.export_onnx(model, folder / "model.onnx", checkpoint=checkpoint))
+
+
+def random_images(batch: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_prediction(actual, expected) -> None:
+    np.testing.assert_allclose(np.asarray(actual.pred_score), expected.pred_score.numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(actual.anomaly_map), expected.anomaly_map.numpy(), atol=1e-4, rtol=0)
+
+
+def test_exported_predict_equals_model_predict_for_any_batch(exported: Exported) -> None:
+    engine = vip2clip.load_onnx(exported.onnx)
+    assert not exported.onnx.with_name("model.onnx.data").exists(), "tiny weights belong in one file"
+    for batch in (1, 3):  # traced with a batch of 2
+        images = random_images(batch, seed=batch)
+        expected = exported.model.predict(images)
+        assert expected.anomaly_map.std() > 1e-2 and (expected.pred_score - 0.5).abs().max() > 1e-2, "flat outputs"
+        actual = engine.predict(images.numpy())
+        assert isinstance(actual.pred_score, np.ndarray) and actual.pred_score.dtype == np.float32
+        assert actual.pred_score.shape == (batch,) and actual.anomaly_map.shape == (batch, SIZE, SIZE)
+        assert_same_prediction(actual, expected)
+    as_tensors = engine.predict(images)  # a tensor in gives tensors out, like model.predict
+    assert isinstance(as_tensors.anomaly_map, torch.Tensor)
+    assert_same_prediction(as_tensors, expected)
+    assert engine.predict(np.zeros((0, 3, SIZE, SIZE), np.float32)).anomaly_map.shape == (0, SIZE, SIZE)
+    with pytest.raises(ValueError, match=r"takes images \[B, 3, 64, 64\]; got \(1, 3, 32, 32\)"):
+        engine.predict(np.zeros((1, 3, 32, 32), np.float32))
+
+
+def test_metadata_carries_the_identity_of_the_torch_model(exported: Exported) -> None:
+    engine = vip2clip.load_onnx(exported.onnx)
+    assert engine.identity == ModelIdentity.of(exported.model, exported.checkpoint)
+    assert engine.config == exported.model.config
+    assert engine.identity.mismatches(ModelIdentity.of(exported.model, exported.checkpoint)) == []
+    assert Predictor(engine).identity == engine.identity
+
+
+def test_openvino_reads_the_same_file(exported: Exported) -> None:
+    engine = vip2clip.load_onnx(exported.onnx, backend="openvino")
+    assert engine.identity == vip2clip.load_onnx(exported.onnx).identity
+    images = random_images(2, seed=7)
+    assert_same_prediction(engine.predict(images.numpy()), exported.model.predict(images))
+
+
+def test_external_data(exported: Exported, tmp_path: Path) -> None:
+    path = vip2clip.export_onnx(exported.model, tmp_path / "big.onnx", external_data=True)
+    data = tmp_path / "big.onnx.data"
+    single_file = exported.onnx.stat().st_size  # the same model in one file
+    assert data.stat().st_size > 0.6 * single_file > path.stat().st_size  # small constants stay inline
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]  # no temporary leftovers
+    images = random_images(2, seed=3)
+    assert_same_prediction(vip2clip.load_onnx(path).predict(images.numpy()), exported.model.predict(images))
+
+
+def test_predictor_on_the_engine_equals_predictor_on_the_model(exported: Exported) -> None:
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 90), (64, 64))]
+    on_model = Predictor(exported.model, batch_size=2).predict(images)
+    on_engine = Predictor(vip2clip.load_onnx(exported.onnx), batch_size=2).predict(images)
+    for a, b in zip(on_engine, on_model, strict=True):
+        assert a.pred_score == pytest.approx(b.pred_score, abs=1e-5)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4)
+
+
+def test_onnx_cli_checks_calibrations_and_refuses_fixed_options(
+    exported: Exported, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    rng = np.random.default_rng(1)
+    (tmp_path / "images").mkdir()
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{index}.png")
+    onnx, images = ["--onnx", str(exported.onnx)], str(tmp_path / "images")
+    # Calibrated with the torch model of the same checkpoint: accepted by the ONNX engine, and the other way round.
+    assert (
+        main(
+            [
+                "calibrate",
+                images,
+                "--checkpoint",
+                str(exported.checkpoint),
+                *MODEL_ARGS,
+                "--out",
+                str(tmp_path / "torch.json"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["predict", images, *onnx, "--calibration", str(tmp_path / "torch.json"), "--out", str(tmp_path / "a")])
+        == 0
+    )
+    assert main(["calibrate", images, *onnx, "--out", str(tmp_path / "onnx.json")]) == 0
+    calibrations = [json.loads((tmp_path / name).read_text()) for name in ("torch.json", "onnx.json")]
+    assert calibrations[0]["image_threshold"] == pytest.approx(calibrations[1]["image_threshold"], abs=1e-5)
+    # Calibrated with another checkpoint: refused.
+    other = sharpened_tiny_model(seed=1)
+    other_checkpoint = save_checkpoint(tmp_path / "other.pt", other.config, other.trainable_state_dict())
+    assert (
+        main(
+            [
+                "calibrate",
+                images,
+                "--checkpoint",
+                str(other_checkpoint),
+                *MODEL_ARGS,
+                "--out",
+                str(tmp_path / "other.json"),
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(["predict", images, *onnx, "--calibration", str(tmp_path / "other.json"), "--out", str(tmp_path / "b")])
+        == 2
+    )
+    assert "calibration does not match this model (checkpoint: calibrated with" in capsys.readouterr().err
+    # Options the export fixed are refused, not ignored.
+    assert main(["predict", images, *onnx, "--checkpoint", str(exported.checkpoint), "--top-k", "2", "--out", "c"]) == 2
+    assert "--checkpoint, --top-k cannot be used with it" in capsys.readouterr().err
+
+
+def test_clear_errors(exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import onnx
+
+    with pytest.raises(FileNotFoundError, match="ONNX model not found"):
+        vip2clip.load_onnx(tmp_path / "missing.onnx")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])],
+        "plain",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+    )
+    onnx.save(onnx.helper.make_model(graph), tmp_path / "plain.onnx")
+    with pytest.raises(ValueError, match=r"plain\.onnx is not a vip2clip ONNX export"):
+        vip2clip.load_onnx(tmp_path / "plain.onnx")
+    with pytest.raises(ValueError, match="unknown ONNX backend"):
+        vip2clip.load_onnx(exported.onnx, backend="tensorrt")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the extra were not installed
+    with pytest.raises(MissingDependencyError, match=r"pip install 'vip2clip\[onnx\]'"):
+        vip2clip.load_onnx(exported.onnx)
+    assert main(["predict", str(tmp_path), "--onnx", str(exported.onnx), "--out", str(tmp_path / "o")]) == 2
+
+
+TORCH_FREE = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["torch"] = None  # any `import torch` now fails
+    sys.modules["open_clip"] = None
+    from vip2clip.cli import main
+    from vip2clip.inference.onnx_engine import load_onnx
+    from vip2clip.inference.predictor import Predictor
+
+    onnx, image, out = sys.argv[1:]
+    results = Predictor(load_onnx(onnx)).predict([image])
+    assert main(["predict", image, "--onnx", onnx, "--out", out, "--no-progress"]) == 0
+    loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "open_clip", "torchvision"))
+    result = {"score": results[0].pred_score, "map_sum": float(results[0].anomaly_map.sum()), "loaded": loaded}
+    print(json.dumps(result))
+    """
+)
+
+
+def test_engine_predictor_and_cli_run_without_torch(exported: Exported, tmp_path: Path) -> None:
+    image = tmp_path / "part.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(image)
+    result = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE, str(exported.onnx), str(image), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reply["loaded"] == ["open_clip", "torch"]  # only the blocked entries: nothing imported them for real
+    expected = Predictor(exported.model).predict(image)[0]
+    assert reply["score"] == pytest.approx(expected.pred_score, abs=1e-5)
+    assert reply["map_sum"] == pytest.approx(float(expected.anomaly_map.sum()), rel=1e-5)
+    assert (tmp_path / "out" / "predictions.csv").is_file()
+
+
+@pytest.mark.slow
+def test_export_then_predict_and_calibrate_with_onnx_as_subprocesses(exported: Exported, tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    (tmp_path / "good").mkdir()
+    for index in range(4):
+        Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "good" / f"{index}.png")
+    (tmp_path / "model.onnx.data").write_bytes(b"stale weights of an earlier export")
+    command = [sys.executable, "-m", "vip2clip"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([*command, *args], capture_output=True, text=True, env=env, timeout=600)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    model_args = ["--checkpoint", str(exported.checkpoint), *MODEL_ARGS]
+    export = run("export", *model_args, "--out", str(tmp_path / "model.onnx"))
+    assert "wrote" in export.stdout and "INFO onnx" not in export.stderr
+    assert not (tmp_path / "model.onnx.data").exists(), "a stale side file would be read as the weights"
+    onnx = ["--onnx", str(tmp_path / "model.onnx")]
+    run("calibrate", str(tmp_path / "good"), *onnx, "--out", str(tmp_path / "calibration.json"))
+    predict = run("predict", str(tmp_path / "good"), *onnx, "--calibration", str(tmp_path / "calibration.json"),
+                  "--out", str(tmp_path / "preds"))  # fmt: skip
+    assert "4 predicted" in predict.stdout
+    rows = json.loads((tmp_path / "preds" / "predictions.json").read_text())["predictions"]
+    paths = sorted((tmp_path / "good").iterdir())
+    expected = dict(zip(map(str, paths), Predictor(exported.model).predict(paths), strict=True))
+    assert sorted(row["path"] for row in rows) == sorted(expected)
+    for row in rows:
+        assert row["pred_score"] == pytest.approx(expected[row["path"]].pred_score, abs=1e-5)
