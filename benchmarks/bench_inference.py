@@ -8,6 +8,9 @@ does not depend on weight values.
 
     python benchmarks/bench_inference.py                       # ViT-L-14-336 at 518 and 336 px, batch 1 and 2
     python benchmarks/bench_inference.py --device cuda --precision bf16 --sizes 518 --batches 8 --repeats 20
+    ... --attention mha        # the encoders through open_clip's own blocks (nn.MultiheadAttention), for comparison
+
+The engines (ONNX Runtime, OpenVINO) against the authors' release forward: benchmarks/bench_engines.py.
 """
 
 from __future__ import annotations
@@ -152,6 +155,7 @@ def precision_difference(model: ViP2CLIP, size: int, batch: int) -> dict[str, fl
 def build_model(args: argparse.Namespace, device: torch.device) -> ViP2CLIP:
     model = vip2clip.create_model(args.backbone, image_size=max(args.sizes), device=device, seed=0)
     model.set_precision(args.precision).eval()
+    model.backbone.sdpa = args.attention == "sdpa"
     if args.compile:
         model.compile_encoders()
     return model
@@ -164,6 +168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2], help="batch sizes")
     parser.add_argument("--precision", choices=PRECISION_CHOICES, default="fp32", help="autocast of the encoders")
     parser.add_argument("--compile", action="store_true", help="torch.compile the encoder blocks first")
+    parser.add_argument(
+        "--attention", choices=("sdpa", "mha"), default="sdpa", help="SDPA (predict's) or open_clip's MHA blocks"
+    )
     parser.add_argument("--output", type=Path, default=None, help="also append the results to this markdown file")
     add_common_arguments(parser, repeats=3)
     return parser.parse_args(argv)
@@ -183,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(model, size, batch, args.repeats, args.warmup)
             rows.append(row)
             print(markdown_table(HEADERS, [row.cells()]).splitlines()[-1], flush=True)
-    title = f"Inference: {args.backbone} {args.precision}{' compiled' if args.compile else ''} on {device.type}"
+    compiled = " compiled" if args.compile else ""
+    title = f"Inference: {args.backbone} {args.precision}{compiled}, {args.attention} attention, on {device.type}"
     body = (
         f"Trainable parameters: {model.num_trainable_parameters():,}. Random weights; {args.repeats} interleaved "
         f"rounds after {args.warmup} warm-up; medians; the ratio is the median of per-round predict/backbone.\n\n"

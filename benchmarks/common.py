@@ -87,6 +87,7 @@ def machine_description(device: torch.device | str = "cpu") -> dict[str, str]:
     info = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu": _cpu_name(),
+        "cpu flags": _cpu_flags(),
         "cores": str(os.cpu_count()),
         "torch threads": str(torch.get_num_threads()),
         # Other processes on a shared machine slow small operations most: say how busy it was.
@@ -107,6 +108,18 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
     match = re.search(r"^model name\s*:\s*(.+)$", text, flags=re.MULTILINE)
     return match.group(1).strip() if match else platform.machine()
+
+
+def _cpu_flags() -> str:
+    """The vector-unit flags that decide CPU matrix-product speed (AVX2, AVX-512, bf16, AMX)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    match = re.search(r"^flags\s*:\s*(.+)$", text, flags=re.MULTILINE)
+    flags = set(match.group(1).split()) if match else set()
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+    return " ".join(flag for flag in wanted if flag in flags) or "none of avx2/avx512/amx"
 
 
 def describe_machine(info: dict[str, str]) -> str:

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One GPU check, run from the repository root on a CUDA machine without internet (e.g. the lent H200).
-# Measures, with ViT-L-14-336 (random weights) at 518 px, batch 8:
-#   bf16 ms/image of predict and of the backbone alone, their ratio, text encoder 13 vs 77 tokens,
-#   bf16 vs fp32 output difference, fp32 speed, peak CUDA memory, then (if time is left) torch.compile,
-#   and the GPU-marked precision tests.
+# Measures, with ViT-L-14-336 (random weights) at 518 px, batch 8 (goal: predict at most 20 ms/image in bf16 on
+# an H200):
+#   bf16 ms/image of predict (SDPA attention: flash / memory-efficient kernels) and of the backbone alone, their
+#   ratio, text encoder 13 vs 77 tokens, bf16 vs fp32 output difference; the GPU-marked tests (precision, SDPA
+#   vs open_clip's attention on CUDA); bf16 through open_clip's MHA blocks (what SDPA gains on the GPU); peak
+#   CUDA memory; fp32 speed; then (if time is left) torch.compile.
 # Results go to $OUT/gpu_results.md (default /tmp/vip2clip_gpu) and are printed at the end.
 # Needs torch with CUDA; installs open_clip from wheels in .whl/ when it is missing:
 #   open_clip_torch-3.3.0-py3-none-any.whl, ftfy-6.3.1-py3-none-any.whl, wcwidth-0.9.4-*.whl
@@ -48,9 +50,10 @@ DEVICE="${DEVICE:-cuda}"
 BACKBONE="${BACKBONE:-ViT-L-14-336}"
 COMMON=(--device "$DEVICE" --backbone "$BACKBONE" --sizes 518 --batches 8 --output "$RESULTS")
 step 120 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision bf16 --repeats 20 --warmup 3
+step 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_precision.py tests/model/test_sdpa.py
+step 90 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision bf16 --repeats 10 --warmup 3 --attention mha
 step 60 python3 benchmarks/bench_memory.py --device "$DEVICE" --backbone "$BACKBONE" --precision bf16 --output "$RESULTS"
 step 60 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision fp32 --repeats 10 --warmup 2
-step 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_precision.py
 step 150 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision bf16 --repeats 20 --warmup 3 --compile
 
 echo

@@ -112,6 +112,31 @@ def fgp_forward(fgp, text, patches, heads=8):
     return F.normalize(_conv1d(out, fgp, "proj_post_t"), dim=-1)
 
 
+def release_similarities(layer_texts, patches, tau=0.07):
+    """Per layer (sim [B, HW, 2], probs [B, HW, 2]): patch-text cosines and their softmax at tau."""
+    sims = [layer_patches @ text.transpose(1, 2) for text, layer_patches in zip(layer_texts, patches, strict=True)]
+    return [(sim, (sim / tau).softmax(-1)) for sim in sims]
+
+
+def release_score(similarities, top_k=50, tau=0.07):
+    """Image scores [B]: each layer's top-K patches by anomalous probability, their raw sims pooled, / tau, softmax."""
+    pooled = []
+    for sim, probs in similarities:
+        index = probs[..., 1].topk(min(top_k, sim.shape[1]), dim=1).indices
+        pooled.append(torch.stack([sim[b, index[b]] for b in range(sim.shape[0])]))
+    return (torch.cat(pooled, dim=1).mean(dim=1) / tau).softmax(-1)[:, 1]
+
+
+def release_map(similarities, grid, size, sigma=8.0):
+    """Anomaly maps [B, H, W] (numpy): per-layer bilinear upsampling of both states, layer mean, scipy Gaussian."""
+    maps = []
+    for _sim, probs in similarities:
+        grid_probs = probs.transpose(1, 2).reshape(probs.shape[0], 2, *grid)
+        maps.append(F.interpolate(grid_probs, size=tuple(size), mode="bilinear", align_corners=False)[:, 1])
+    fused = torch.stack(maps).mean(dim=0).numpy()
+    return np.stack([gaussian_filter(m, sigma=sigma) for m in fused])
+
+
 def release_predict(clip_sd, ckpt, images, layers, vision_heads, text_heads, top_k=50, sigma=8.0, tau=0.07):
     """-> (image scores [B] numpy, smoothed anomaly maps [B, H, W] numpy), the release's way."""
     clip_sd = {k: v.double() if v.is_floating_point() else v for k, v in clip_sd.items()}
@@ -123,17 +148,7 @@ def release_predict(clip_sd, ckpt, images, layers, vision_heads, text_heads, top
         batch = prompts.shape[0]
         text = text_forward(clip_sd, prompts.reshape(batch * 2, *prompts.shape[2:]), eot.repeat(batch), text_heads)
         text = text.reshape(batch, 2, -1)
-        size = images.shape[-2:]
-        maps, pooled = [], []
-        for layer_patches in patches:
-            layer_text = fgp_forward(fgp, text, layer_patches)
-            sim = layer_patches @ layer_text.transpose(1, 2)
-            probs = (sim / tau).softmax(-1)
-            grid_probs = probs.transpose(1, 2).reshape(batch, 2, *grid)
-            maps.append(F.interpolate(grid_probs, size=tuple(size), mode="bilinear", align_corners=False)[:, 1])
-            index = probs[..., 1].topk(min(top_k, sim.shape[1]), dim=1).indices
-            pooled.append(torch.stack([sim[b, index[b]] for b in range(batch)]))
-        score = (torch.cat(pooled, dim=1).mean(dim=1) / tau).softmax(-1)[:, 1]
-        fused = torch.stack(maps).mean(dim=0).numpy()
-    smoothed = np.stack([gaussian_filter(m, sigma=sigma) for m in fused])
+        similarities = release_similarities([fgp_forward(fgp, text, p) for p in patches], patches, tau)
+        score = release_score(similarities, top_k, tau)
+        smoothed = release_map(similarities, grid, images.shape[-2:], sigma)
     return score.numpy(), smoothed
