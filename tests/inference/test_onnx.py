@@ -110,7 +110,7 @@ def test_predictor_on_the_engine_equals_predictor_on_the_model(exported: Exporte
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 90), (64, 64))]
     on_model = Predictor(exported.model, batch_size=2).predict(images)
-    on_engine = Predictor(vip2clip.load_onnx(exported.onnx), batch_size=2).predict(images)
+    on_engine = Predictor.from_onnx(exported.onnx, batch_size=2).predict(images)
     for a, b in zip(on_engine, on_model, strict=True):
         assert a.pred_score == pytest.approx(b.pred_score, abs=1e-5)
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4)
@@ -207,6 +207,7 @@ TORCH_FREE = textwrap.dedent(
 
     onnx, image, out = sys.argv[1:]
     results = Predictor(load_onnx(onnx)).predict([image])
+    assert Predictor.from_onnx(onnx).identity.checkpoint_sha256
     assert main(["predict", image, "--onnx", onnx, "--out", out, "--no-progress"]) == 0
     loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "open_clip", "torchvision"))
     result = {"score": results[0].pred_score, "map_sum": float(results[0].anomaly_map.sum()), "loaded": loaded}

@@ -294,6 +294,25 @@ class Predictor:
         thresholds = resolve_thresholds(predictor.identity, calibration, image_threshold, pixel_threshold)
         return predictor.with_thresholds(thresholds)
 
+    @classmethod
+    def from_onnx(
+        cls,
+        path: str | Path,
+        calibration: str | Path | calib.Calibration | None = None,
+        image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        providers: list[str] | None = None,
+        backend: str = "onnxruntime",
+        batch_size: int = 8,
+    ) -> Predictor:
+        """A model exported by `vip2clip.export_onnx` on ONNX Runtime or OpenVINO (`vip2clip.load_onnx`): no torch
+        needed. The calibration is checked against the identity recorded in the file."""
+        from vip2clip.inference.onnx_engine import load_onnx
+
+        engine = load_onnx(path, providers, backend)
+        thresholds = resolve_thresholds(engine.identity, calibration, image_threshold, pixel_threshold)
+        return cls(engine, thresholds, batch_size, engine.identity)
+
     @property
     def identity(self) -> ModelIdentity:
         """The identity of the model (for a model without a checkpoint unless one was given) as this predictor

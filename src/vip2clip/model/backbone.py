@@ -24,6 +24,8 @@ from open_clip.model import CLIP
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
+from vip2clip.model.linear import linear, mlp
+
 logger = logging.getLogger(__name__)
 
 
@@ -155,7 +157,7 @@ class FrozenCLIP(nn.Module):
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid, x.device, x.dtype)
         last, taps = self._blocks(visual.transformer, visual.ln_pre(x), taps=self.feature_layers)
-        patch_tokens = tuple(F.normalize(visual.ln_post(t[:, 1:]) @ visual.proj, dim=-1) for t in taps)
+        patch_tokens = tuple(F.normalize(linear(visual.ln_post(t[:, 1:]), visual.proj.T), dim=-1) for t in taps)
         global_feature = F.normalize(last[:, 0] @ visual.proj, dim=-1)
         return ImageFeatures(patch_tokens, global_feature, grid)
 
@@ -237,21 +239,22 @@ def sdpa_unsupported(block: nn.Module) -> str | None:
 def block_forward(
     block: ResidualAttentionBlock, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
 ) -> torch.Tensor:
-    """open_clip's `ResidualAttentionBlock.forward` with the attention through SDPA, on the block's own weights.
+    """open_clip's `ResidualAttentionBlock.forward` with the attention through SDPA and the linear layers through
+    `vip2clip.model.linear` (oneDNN on CPUs), on the block's own weights.
 
     x [B, L, W] (batch first) -> [B, L, W]. mask: additive [L, L] mask (ignored when `causal`); causal: apply
     the causal mask as SDPA's `is_causal`. Equal to `block(x, attn_mask=mask)` up to float rounding.
     """
     attn = block.attn
-    qkv = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
+    qkv = linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
     q, k, v = qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, L, d]
     if causal or mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
-    out = F.linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)  # [B, L, W]
+    out = linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)  # [B, L, W]
     x = x + block.ls_1(out)
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x + block.ls_2(mlp(block.mlp, block.ln_2(x)))
 
 
 def is_causal_mask(mask: torch.Tensor | None) -> bool:
