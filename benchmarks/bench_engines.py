@@ -5,6 +5,7 @@ Same random CLIP weights and one random release-format checkpoint for every cand
                          OpenAI's sequence-first nn.MultiheadAttention, Conv1d FGP, per-layer upsampling, SciPy)
   predict                `model.predict` (SDPA attention in both towers)
   predict, MHA blocks    `model.predict` through open_clip's own blocks (batch-first nn.MultiheadAttention)
+  predict, MKL linear    `model.predict` with its linear layers through F.linear (MKL) instead of oneDNN
   onnxruntime            `vip2clip.load_onnx(model.onnx).predict` (the whole predict exported to ONNX)
   openvino               the same file on OpenVINO's CPU plugin
 Then a per-stage split of predict and the release (encoder, text, FGP, scoring, smoothing), and the output checks:
@@ -38,11 +39,12 @@ from common import (
     time_interleaved,
 )
 from release_baseline import ReleaseBaseline
+from vip2clip.model import linear as fast_linear
 from vip2clip.model import utpa
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.weights import load_clip
 
-CANDIDATES = ("release", "predict", "predict, MHA blocks", "onnxruntime", "openvino")
+CANDIDATES = ("release", "predict", "predict, MHA blocks", "predict, MKL linear", "onnxruntime", "openvino")
 
 
 def prepare(args: argparse.Namespace):
@@ -78,10 +80,19 @@ def candidates(model, baseline, engines, images: torch.Tensor, skip: list[str]) 
         finally:
             model.backbone.sdpa = True
 
+    def mkl_linear() -> object:
+        works = fast_linear._onednn_works
+        fast_linear._onednn_works = lambda: False  # F.linear everywhere, as without vip2clip.model.linear
+        try:
+            return model.predict(images)
+        finally:
+            fast_linear._onednn_works = works
+
     runs = {
         "release": lambda: baseline.predict(images, model.config.top_k),
         "predict": lambda: model.predict(images),
         "predict, MHA blocks": mha_blocks,
+        "predict, MKL linear": mkl_linear,
         **{name: (lambda engine=engine: engine.predict(images.numpy())) for name, engine in engines.items()},
     }
     return {name: run for name, run in runs.items() if name not in skip}
@@ -179,19 +190,20 @@ def main(argv: list[str] | None = None) -> int:
     checks = output_checks(model, baseline, engines, images)
     print(markdown_table(("outputs", "max |Δ score|", "max Δ map", "required"), checks), flush=True)
 
-    timings = time_interleaved(candidates(model, baseline, engines, images, args.skip), args.repeats, args.warmup)
+    runs = candidates(model, baseline, engines, images, args.skip)
+    timings = time_interleaved(runs, args.repeats, args.warmup, rotate=True)
     release = timings.get("release")
     rows = []
     for name, timing in timings.items():
         vs_release = f"**{paired_ratio(release, timing):.3f}x**" if release and name != "release" else "-"
         vs_predict = f"{paired_ratio(timings['predict'], timing):.3f}x" if "predict" in timings else "-"
         rows.append(
-            [name, f"{timing.median / args.batch:.2f}", f"{timing.minimum / args.batch:.2f}", vs_release, vs_predict]
+            [name, f"{timing.median / args.batch:.3f}", f"{timing.minimum / args.batch:.3f}", vs_release, vs_predict]
         )
     headers = ("engine", "s/image (median)", "s/image (min)", "speed vs release", "speed vs predict")
     print(markdown_table(headers, rows), flush=True)
 
-    split = time_interleaved(stages(model, baseline, images), args.stage_repeats, warmup=1)
+    split = time_interleaved(stages(model, baseline, images), args.stage_repeats, warmup=1, rotate=True)
     stage_rows = [
         [stage] + [f"{split[f'{side}: {stage}'].median * 1000 / args.batch:.1f}" for side in ("ours", "release")]
         for stage in ("encoder", "text", "FGP", "scoring", "smoothing")
@@ -203,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
 
     title = f"Engines vs the release forward: {args.backbone} at {args.size} px, batch {args.batch}, CPU fp32"
     body = (
-        f"Random weights, one random release-format checkpoint; {args.repeats} interleaved rounds after "
+        f"Random weights, one random release-format checkpoint; {args.repeats} interleaved rounds (each starting "
+        f"one candidate later) after "
         f"{args.warmup} warm-up; medians; speed ratios are medians of the per-round time ratios (>1: faster than "
         f"the column's reference). onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}. "
         f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f}. {' '.join(notes)}\n"

@@ -55,10 +55,13 @@ def time_interleaved(
     repeats: int,
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
+    rotate: bool = False,
 ) -> dict[str, Timing]:
     """Run each candidate `warmup` times, then `repeats` rounds of one call each in turn; return their timings.
 
-    `sync` is called before starting and before stopping each clock (GPU work is asynchronous).
+    `sync` is called before starting and before stopping each clock (GPU work is asynchronous). `rotate` starts
+    each round one candidate later, so that none always follows the same one (runtimes whose threads stay busy
+    for a moment after a call would otherwise always slow the same neighbour).
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -67,8 +70,11 @@ def time_interleaved(
             function()
     sync()
     seconds: dict[str, list[float]] = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, function in candidates.items():
+    names = list(candidates)
+    for round_index in range(repeats):
+        shift = round_index % len(names) if rotate else 0
+        for name in names[shift:] + names[:shift]:
+            function = candidates[name]
             sync()
             start = time.perf_counter()
             function()
