@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     model, baseline, engines, notes = prepare(args)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     checks = output_checks(model, baseline, engines, images)
-    print(markdown_table(("outputs", "max |Δ score|", "max Δ map", "required"), checks), flush=True)
+    print(markdown_table(("outputs", "max abs. Δ score", "max Δ map", "required"), checks), flush=True)
 
     runs = candidates(model, baseline, engines, images, args.skip)
     timings = time_interleaved(runs, args.repeats, args.warmup, rotate=True)
@@ -219,13 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         f"one candidate later) after "
         f"{args.warmup} warm-up; medians; speed ratios are medians of the per-round time ratios (>1: faster than "
         f"the column's reference). onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}. "
-        f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f}. {' '.join(notes)}\n"
+        f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f}.{''.join(' ' + note for note in notes)}\n"
         f"Command: `python benchmarks/bench_engines.py {' '.join(sys.argv[1:])}`\n\n"
         + markdown_table(headers, rows)
         + "\n\nPer stage (each on the previous stage's outputs; scoring = similarities, softmax, top-K score):\n\n"
         + markdown_table(stage_headers, stage_rows)
         + "\n\nOutputs on the same image:\n\n"
-        + markdown_table(("outputs", "max |Δ score|", "max Δ map", "required"), checks)
+        + markdown_table(("outputs", "max abs. Δ score", "max Δ map", "required"), checks)
     )
     publish(title, body, info, args.record)
     return 0
