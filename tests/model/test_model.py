@@ -12,6 +12,7 @@ from PIL import Image
 import vip2clip
 from conftest import TINY_SIZE
 from vip2clip.config import OPENAI_MEAN, OPENAI_STD, ModelConfig
+from vip2clip.data.transforms import preprocess_array
 
 ABLATIONS = list(itertools.product([True, False], repeat=3))  # (use_utpa, use_vca, use_fgp): paper Table 4
 
@@ -122,6 +123,17 @@ def test_state_words_and_prompt_lengths_are_configurable(tiny_images):
     assert torch.isfinite(model.predict(tiny_images).pred_score).all()
 
 
+def test_text_length_follows_the_token_buffers():
+    """The text length is a Python int (ONNX export cannot read tensors), kept in step with the token buffers."""
+    model = vip2clip.create_model("tiny", image_size=TINY_SIZE, seed=0)
+    assert model.prompts.eot == (12, 12) and model.prompts.text_length == 13
+    tokens = model.prompts.tokens_anomalous.clone()
+    tokens[0, 15], tokens[0, 12] = tokens[0, 12], 269  # the end-of-text token three positions later
+    model.load_state_dict({**model.state_dict(), "prompts.tokens_anomalous": tokens})
+    assert model.prompts.eot == (12, 15) and model.prompts.text_length == 16
+    assert model.prompts.eot_positions().tolist() == [12, 15]
+
+
 def test_truncated_and_full_text_give_the_same_prediction(tiny_model, tiny_images):
     full = vip2clip.create_model("tiny", image_size=TINY_SIZE, seed=0, top_k=4, truncate_text=False)
     a, b = tiny_model.predict(tiny_images), full.predict(tiny_images)
@@ -133,6 +145,7 @@ def test_preprocess_matches_the_release_pipeline():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (40, 60), dtype=np.uint8), mode="L")
     tensor = vip2clip.preprocess(image, image_size=32)
+    np.testing.assert_array_equal(tensor.numpy(), preprocess_array(image, 32))  # the torch-free twin: same numbers
     rgb = np.asarray(image.convert("RGB").resize((32, 32), Image.BICUBIC), dtype=np.float32) / 255
     expected = (rgb - np.array(OPENAI_MEAN, dtype=np.float32)) / np.array(OPENAI_STD, dtype=np.float32)
     np.testing.assert_allclose(tensor.permute(1, 2, 0).numpy(), expected, rtol=1e-5, atol=1e-6)
