@@ -172,6 +172,9 @@ def test_onnx_cli_checks_calibrations_and_refuses_fixed_options(
     # Options the export fixed are refused, not ignored.
     assert main(["predict", images, *onnx, "--checkpoint", str(exported.checkpoint), "--top-k", "2", "--out", "c"]) == 2
     assert "--checkpoint, --top-k cannot be used with it" in capsys.readouterr().err
+    # Reference images need the encoder's patch tokens, which the exported graph does not output.
+    assert main(["predict", images, *onnx, "--reference", images, "--out", str(tmp_path / "d")]) == 2
+    assert "use the PyTorch model for --reference" in capsys.readouterr().err
 
 
 def test_clear_errors(exported: Exported, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -142,10 +142,10 @@ def references_from_args(
     args: argparse.Namespace, model: ViP2CLIP, identity: ModelIdentity, tiling: TileConfig | None
 ) -> ReferenceMemory | None:
     """The memory of --reference DIR (cached), None without it."""
-    from vip2clip.inference.references import load_references
-
     if args.reference is None:
         return None
+    from vip2clip.inference.references import load_references  # imports torch: not on the torch-free --onnx path
+
     memory = load_references(model, identity, args.reference, tiling, args.batch_size, reference_cache_from_args(args))
     logger.info("references: %d images of %s (%d patches)", len(memory.files), args.reference, memory.n_patches)
     return memory

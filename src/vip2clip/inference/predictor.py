@@ -58,11 +58,8 @@ T = TypeVar("T")
 
 
 class InferenceEngine(Protocol):
-    """What a Predictor needs from a model: its configuration and a batched, gradient-free predict.
-
-    An engine may also carry its `identity` (the ONNX engine reads it from the file's metadata); for one without,
-    the Predictor computes it (`ModelIdentity.of`).
-    """
+    """What a Predictor needs from a model: its configuration and a batched, gradient-free predict (and, if it has
+    one, its `identity`: the ONNX engine reads it from the file's metadata; else `ModelIdentity.of`)."""
 
     config: ModelConfig
 
@@ -259,7 +256,9 @@ class Predictor:
         self.batch_size = batch_size
         self.tiling = tiling
         self.references = references
-        self._engine = model if references is None else _reference_engine(model, references)
+        if references is not None:
+            from vip2clip.inference.references import ReferenceEngine  # imports torch: only with references
+        self._engine = model if references is None else ReferenceEngine(model, references)
         self._identity = identity
 
     @classmethod
@@ -301,17 +300,18 @@ class Predictor:
         calibration: str | Path | calib.Calibration | None = None,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
-        providers: list[str] | None = None,
-        backend: str = "onnxruntime",
         batch_size: int = 8,
+        tiling: TileConfig | None = None,
+        backend: str = "onnxruntime",
     ) -> Predictor:
-        """A model exported by `vip2clip.export_onnx` on ONNX Runtime or OpenVINO (`vip2clip.load_onnx`): no torch
-        needed. The calibration is checked against the identity recorded in the file."""
+        """A model exported by `vip2clip.export_onnx`, on ONNX Runtime or OpenVINO (`vip2clip.load_onnx`; no torch
+        needed); the calibration is checked against the identity recorded in the file."""
         from vip2clip.inference.onnx_engine import load_onnx
 
-        engine = load_onnx(path, providers, backend)
-        thresholds = resolve_thresholds(engine.identity, calibration, image_threshold, pixel_threshold)
-        return cls(engine, thresholds, batch_size, engine.identity)
+        predictor = cls(load_onnx(path, backend=backend), None, batch_size, tiling=tiling)
+        return predictor.with_thresholds(
+            resolve_thresholds(predictor.identity, calibration, image_threshold, pixel_threshold)
+        )
 
     @property
     def identity(self) -> ModelIdentity:
@@ -365,7 +365,7 @@ class Predictor:
     def _score_batch(self, batch: list[tuple[_InFlight[T], int]]) -> None:
         images = np.stack([preprocess_array(item.model_input(tile), self.image_size) for item, tile in batch])
         prediction = self._engine.predict(images)
-        scores, maps = _as_numpy(prediction.pred_score), _as_numpy(prediction.anomaly_map)
+        scores, maps = prediction.numpy()
         for (item, tile), score, anomaly_map in zip(batch, scores, maps, strict=True):
             item.remaining -= 1
             if item.stitched is None:
@@ -397,16 +397,3 @@ def _finished(queue: deque[_InFlight[T]]) -> Iterator[ScoredImage[T]]:
     """Pop and yield the leading images whose inputs are all scored (input order is kept)."""
     while queue and queue[0].remaining == 0:
         yield queue.popleft().scored
-
-
-def _as_numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
-    """float32 numpy array of an engine's output (a tensor on any device, or an array)."""
-    if hasattr(values, "detach"):
-        values = values.detach().float().cpu().numpy()
-    return np.asarray(values, dtype=np.float32)
-
-
-def _reference_engine(model: InferenceEngine, references: ReferenceMemory) -> InferenceEngine:
-    from vip2clip.inference.references import ReferenceEngine  # imports torch: only when references are used
-
-    return ReferenceEngine(model, references)

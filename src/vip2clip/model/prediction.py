@@ -25,3 +25,15 @@ class Prediction:
     pred_score: torch.Tensor | np.ndarray
     anomaly_map: torch.Tensor | np.ndarray
     features: ImageFeatures | None = None
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pred_score, anomaly_map) as float32 numpy arrays, from tensors on any device or from arrays."""
+        return _float32_array(self.pred_score), _float32_array(self.anomaly_map)
+
+
+def _float32_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    import numpy as np  # the module itself stays import-light
+
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=np.float32)
