@@ -44,9 +44,9 @@ class ConstantEngine:
 class EchoEngine(ConstantEngine):
     """The map of a tile is its own grey level in [0, 1] (the input de-normalised), the score its mean."""
 
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def predict(self, images: np.ndarray) -> Prediction:
         mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
-        grey = (images * std + mean).mean(dim=1)
+        grey = (torch.as_tensor(images) * std + mean).mean(dim=1)  # the Predictor passes float32 numpy arrays
         return Prediction(grey.flatten(1).mean(dim=1), grey)
 
 

@@ -258,7 +258,7 @@ class ReferenceEngine:
         self.memory = memory
         self.config: ModelConfig = engine.config
 
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
         """images [B, 3, S, S] -> fused Prediction(pred_score [B], anomaly_map [B, S, S])."""
         prediction = self.engine.predict(images, return_features=True)
         features = prediction.features
