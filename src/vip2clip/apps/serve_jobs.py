@@ -200,10 +200,10 @@ def prediction_payload(predictor: Predictor, image: Image.Image, images: bool = 
     DISPLAY_SIDE pixels: input, overlay (fixed 0..1 scale), encoded map, and the mask of the display-size map at the
     pixel threshold (the page's). ModelOutputError for a NaN or infinite output (fail closed)."""
     result = predictor.predict(image)[0]
-    if not (math.isfinite(result.pred_score) and np.isfinite(result.max_pixel_score)):
+    if not result.is_judged:  # the Predictor's fail-closed verdict (`make_result`), reported as a server error
         raise ModelOutputError(
             "the model's score for this image is not a number (NaN or infinite): no decision is possible; "
-            "check the checkpoint"
+            f"check the checkpoint ({result.error})"
         )
     thresholds = predictor.thresholds
     payload: dict[str, Any] = {
