@@ -41,7 +41,7 @@ from vip2clip.model import utpa
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import Prediction
 from vip2clip.utils.fileio import atomic_save_npy, atomic_write_text
-from vip2clip.utils.hashing import file_sha256
+from vip2clip.utils.hashing import file_sha256, json_digest
 
 logger = logging.getLogger(__name__)
 
@@ -204,8 +204,7 @@ def memory_from_files(
         raise ValueError("no reference images given")
     shas = [file_sha256(path) for path in paths]
     key = memory_key(identity, engine, tiling, shas)
-    text = json.dumps(key, sort_keys=True)
-    cache = None if cache_dir is None else Path(cache_dir) / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.npy"
+    cache = None if cache_dir is None else Path(cache_dir) / f"{json_digest(key, 32)}.npy"
     layers = (identity.config or {}).get("feature_layers")
     tokens = _read_cache(cache, len(layers) if layers else None) if cache and cache.is_file() else None
     if tokens is None:

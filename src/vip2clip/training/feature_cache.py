@@ -27,7 +27,6 @@ after every rank has finished and publishes the cache.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import re
@@ -48,7 +47,7 @@ from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.training import cache_store
 from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.fileio import atomic_write_text
-from vip2clip.utils.hashing import file_sha256
+from vip2clip.utils.hashing import file_sha256, json_digest
 from vip2clip.utils.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
@@ -86,8 +85,7 @@ class CacheKey:
         """Folder name of this cache in a cache directory: readable settings plus a hash of the settings and the
         dataset's paths (not of the file contents: a changed image rebuilds the slot instead of adding one)."""
         settings = {k: v for k, v in self.to_dict().items() if k != "files"}
-        text = json.dumps({"version": CACHE_VERSION, **settings, "paths": list(self.paths)}, sort_keys=True)
-        digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+        digest = json_digest({"version": CACHE_VERSION, **settings, "paths": list(self.paths)}, 16)
         return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', self.backbone)}-{self.image_size}px-{self.dtype}-{digest}"
 
 

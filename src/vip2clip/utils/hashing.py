@@ -1,9 +1,11 @@
-"""The one file hasher: checkpoints, calibration records, prediction journals and the feature cache key use it."""
+"""The one hasher: files (checkpoints, calibration records, cache keys) and the JSON keys that name cache entries."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 _CHUNK = 1 << 20
 
@@ -18,3 +20,9 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: stream.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def json_digest(data: Any, length: int = 64) -> str:
+    """The first `length` hex digits of the SHA-256 of `data` as canonical JSON (sorted keys): names a cache entry
+    after everything it depends on."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:length]
