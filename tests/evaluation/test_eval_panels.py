@@ -16,7 +16,7 @@ from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.evaluation import panels as panels_module
 from vip2clip.evaluation.evaluate import ClassOutputs, EvalConfig, evaluate
 from vip2clip.evaluation.panels import PanelSpool, panel_order
-from vip2clip.metrics import PixelF1Histogram, UndefinedMetricWarning
+from vip2clip.metrics import UndefinedMetricWarning
 from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyle, layout_panel
 
 
@@ -89,7 +89,6 @@ def _outputs(dataset: AnomalyDataset, pixel_rows: list[bool]) -> ClassOutputs:
         masks=np.zeros((n, 64, 64), dtype=bool),
         pixel_rows=np.array(pixel_rows),
         positions=np.arange(n),
-        histogram=PixelF1Histogram(),
     )
 
 

@@ -23,7 +23,14 @@ from vip2clip.data.transforms import preprocess, preprocess_mask
 from vip2clip.evaluation.benchmark import CALIBRATION_NAME, evaluate_dataset
 from vip2clip.evaluation.evaluate import ClassOutputs, EvalConfig, class_metrics, collect_class_outputs, evaluate
 from vip2clip.inference import calibration as calib
-from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, UndefinedMetricWarning, best_f1_threshold, compute_all
+from vip2clip.metrics import (
+    METRIC_KEYS,
+    PixelF1Histogram,
+    PixelStats,
+    UndefinedMetricWarning,
+    best_f1_threshold,
+    compute_all,
+)
 from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.utils.distributed import share_range
@@ -122,6 +129,23 @@ def test_pixel_histogram_equals_the_exact_best_f1() -> None:
     best = best_f1_threshold(np.concatenate(masks).ravel(), np.concatenate(maps).ravel())
     assert histogram.best() == pytest.approx(best)
     assert all(math.isnan(v) for v in PixelF1Histogram().best())
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_histogram_from_pixel_statistics_equals_the_histogram_of_the_pixels(dtype) -> None:
+    """The evaluation derives its threshold histogram from the merged pixel statistics instead of counting every
+    pixel a second time: the counts must be those of the pixels themselves (float32 values round to float16)."""
+    rng = np.random.default_rng(1)
+    maps = rng.normal(0.5, 0.2, (4, 9, 9)).astype(dtype)
+    maps[0, 0, 0], maps[0, 0, 1] = -0.0, 0.0
+    masks = rng.random((4, 9, 9)) < 0.3
+    direct = PixelF1Histogram()
+    direct.add(maps, masks)
+    stats = PixelStats.merge([PixelStats.of(masks[:2], maps[:2]), PixelStats.of(masks[2:], maps[2:])])
+    derived = PixelF1Histogram.from_counts(stats.values, stats.positive, stats.negative)
+    np.testing.assert_array_equal(derived.positive, direct.positive)
+    np.testing.assert_array_equal(derived.negative, direct.negative)
+    assert derived.best() == direct.best()
 
 
 def _mixed_index(bench: DatasetIndex) -> DatasetIndex:

@@ -132,7 +132,7 @@ class EvaluationResult:
 class ClassOutputs:
     """One class's outputs (or one rank's share of them). scores [N] float32, labels [N] int; pixel_rows [N] bool:
     the images that count for the pixel metrics; positions [N]: each row's position in the class's AnomalyDataset.
-    pixel: the pixel statistics of `pixel_rows` (None when none of them was scored); histogram: their values for
+    pixel: the pixel statistics of `pixel_rows` (None when none of them was scored); `histogram` holds them for
     the F1-optimal pixel threshold. maps [N, S, S] (map_dtype) and masks [N, S, S] bool only when kept (panels)."""
 
     scores: np.ndarray
@@ -141,15 +141,18 @@ class ClassOutputs:
     masks: np.ndarray | None
     pixel_rows: np.ndarray
     positions: np.ndarray
-    histogram: PixelF1Histogram
     pixel: PixelStats | None = None
+
+    @property
+    def histogram(self) -> PixelF1Histogram:
+        """The pixel statistics' counts per float16 value, for the F1-optimal pixel threshold (empty without)."""
+        if self.pixel is None:
+            return PixelF1Histogram()
+        return PixelF1Histogram.from_counts(self.pixel.values, self.pixel.positive, self.pixel.negative)
 
     @classmethod
     def merge(cls, parts: list[ClassOutputs]) -> ClassOutputs:
         """The outputs of disjoint shares, `parts` in position order, as one (without maps: they stay where made)."""
-        histogram = PixelF1Histogram()
-        for part in parts:
-            histogram.merge(part.histogram)
         pixel = [part.pixel for part in parts if part.pixel is not None]
         return cls(
             scores=np.concatenate([part.scores for part in parts]),
@@ -158,7 +161,6 @@ class ClassOutputs:
             masks=None,
             pixel_rows=np.concatenate([part.pixel_rows for part in parts]),
             positions=np.concatenate([part.positions for part in parts]),
-            histogram=histogram,
             pixel=PixelStats.merge(pixel) if pixel else None,
         )
 
@@ -204,7 +206,7 @@ def collect_class_outputs(
     masks = np.zeros((n, size, size), dtype=bool) if keep_maps else None
     scores = np.zeros(n, dtype=np.float32)
     done = np.zeros(n, dtype=bool)
-    histogram, pixel_parts = PixelF1Histogram(), []
+    pixel_parts = []
     for positions, batch_scores, batch_maps, batch_masks in _predicted_batches(model, dataset, config, progress, rows):
         local = positions - rows.start
         scores[local] = batch_scores
@@ -215,7 +217,6 @@ def collect_class_outputs(
             maps[local], masks[local] = stored, batch_masks
         if has_masks:
             counted = usable[positions]
-            histogram.add(batch_maps[counted], batch_masks[counted])
             if counted.any():
                 pixel_parts.append(PixelStats.of(batch_masks[counted], stored[counted]))
     kept = np.flatnonzero(done)
@@ -228,7 +229,6 @@ def collect_class_outputs(
         masks=masks[kept] if compact and masks is not None else masks,
         pixel_rows=(usable & has_masks)[positions],
         positions=positions,
-        histogram=histogram,
         pixel=PixelStats.merge(pixel_parts) if pixel_parts else None,
     )
 

@@ -40,6 +40,17 @@ class PixelF1Histogram:
         self.positive += np.bincount(keys[masks], minlength=1 << 16)
         self.negative += np.bincount(keys[~masks], minlength=1 << 16)
 
+    @classmethod
+    def from_counts(cls, values: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> PixelF1Histogram:
+        """The histogram of pixels given as counts per distinct value (values [U], defect and normal pixels [U],
+        e.g. a `PixelStats`): equal to `add` on the pixels themselves, which round to the same float16 keys."""
+        histogram = cls()
+        keys = cls.keys(values)
+        for counts, target in ((positive, histogram.positive), (negative, histogram.negative)):
+            # float64 weights hold integer counts exactly (below 2**53)
+            target += np.bincount(keys, weights=counts, minlength=1 << 16).astype(np.int64)
+        return histogram
+
     def merge(self, other: PixelF1Histogram) -> None:
         self.positive += other.positive
         self.negative += other.negative
