@@ -4,9 +4,9 @@
     python benchmarks/bench_evaluation.py --images 200 --map-dtype float32 --keep-maps
 
 The model and the dataset are stand-ins (random smooth maps, masks with one defect blob on 60 % of the images)
-so that only the evaluation's own memory is measured: the per-batch pixel statistics and histogram, the maps and
-masks when kept (`--keep-maps`: as for panels), and the metrics over the whole class. Appends the figures to
-benchmarks/RESULTS.md.
+so that only the evaluation's own memory is measured: the per-batch pixel statistics (the threshold histogram is
+derived from them), the maps and masks when kept (`--keep-maps`: as for panels), and the metrics over the whole
+class. Appends the figures to benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
