@@ -1,8 +1,9 @@
 """vip2clip: ViP²-CLIP zero-shot anomaly detection on a frozen CLIP.
 
-Public API: `create_model`, `preprocess`, `Predictor`, `ModelConfig`, `export_onnx`, `load_onnx`, `metrics`,
-`__version__`. They load lazily, so that commands which need neither torch nor open_clip (dataset conversion,
-validation) start fast, and `load_onnx` + `Predictor` run without torch.
+Public API: `create_model`, `list_models` (presets), `list_pretrained` / `download_pretrained` (published weights),
+`preprocess`, `Predictor`, `ModelConfig`, `export_onnx`, `load_onnx`, `metrics`, `__version__`. They load lazily, so
+that commands which need neither torch nor open_clip (dataset conversion, validation) start fast, and `load_onnx` +
+`Predictor` run without torch.
 
 The package is grouped by pipeline: `model/` (the network), `data/` (datasets, images, converters), `training/`,
 `evaluation/` (with `metrics/` beside it), `inference/` (Predictor, calibration, folder runs), `visualization/`,
@@ -23,6 +24,9 @@ _LAZY_ATTRIBUTES = {
     "Predictor": "vip2clip.inference.predictor",
     "export_onnx": "vip2clip.inference.onnx_export",
     "load_onnx": "vip2clip.inference.onnx_engine",
+    "list_models": "vip2clip.model.presets",
+    "list_pretrained": "vip2clip.model.pretrained",
+    "download_pretrained": "vip2clip.model.pretrained",
 }
 _LAZY_MODULES = ("metrics",)
 __all__ = [
@@ -30,7 +34,10 @@ __all__ = [
     "Predictor",
     "__version__",
     "create_model",
+    "download_pretrained",
     "export_onnx",
+    "list_models",
+    "list_pretrained",
     "load_onnx",
     "metrics",
     "preprocess",

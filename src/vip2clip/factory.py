@@ -11,6 +11,7 @@ import torch
 from vip2clip.config import DEFAULT_BACKBONE, ModelConfig
 from vip2clip.model.backbone import FrozenCLIP
 from vip2clip.model.checkpoint import load_checkpoint
+from vip2clip.model.presets import get_preset, is_preset
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.model.weights import load_clip
 
@@ -45,14 +46,23 @@ def create_model(
 ) -> ViP2CLIP:
     """Build ViP²-CLIP on a frozen open_clip CLIP.
 
-    backbone: open_clip ViT name (default "ViT-L-14-336", or the checkpoint's) or "tiny".
+    backbone: a preset of `vip2clip.list_models()` ("vip2clip", the ablation variants, "tiny"; its switches are
+        defaults that `config` overrides), an open_clip ViT name (default "ViT-L-14-336", or the checkpoint's).
     clip_weights: None (random init: for tests, the scores mean nothing), a local OpenAI-format file
-        (state dict or TorchScript .pt), or an open_clip pretrained tag ("openai", downloads when online).
-    checkpoint: our checkpoint or the authors' release checkpoint; its config is used, `config` overrides it.
+        (state dict or TorchScript .pt), a downloaded published tag ("openai-vit-l-14-336", see
+        `vip2clip.list_pretrained()` and `vip2clip download`), or an open_clip pretrained tag ("openai", downloads
+        when online).
+    checkpoint: our checkpoint, the authors' release checkpoint, or a downloaded published tag ("release-mvtec",
+        "release-visa"); its config is used, `config` overrides it.
     image_size: input side (default 518, or the checkpoint's). seed: initialises the trainable parts.
     precision: "fp32", or "fp16"/"bf16" autocast for the frozen encoders (the heads stay fp32).
     config: any `ModelConfig` field (ablation switches, top_k, sigma, state_words, ...).
     """
+    if is_preset(backbone):
+        preset = get_preset(backbone)
+        backbone, config = preset.backbone, {**preset.config, **config}
+        if image_size is None and checkpoint is None and preset.image_size is not None:
+            config["image_size"] = preset.image_size  # the preset's default size, not an explicit choice
     loaded = None
     base = ModelConfig()
     if checkpoint is not None:

@@ -26,15 +26,25 @@ if TYPE_CHECKING:
 
 def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--backbone", default=None, help=f"open_clip ViT name or 'tiny' (default {DEFAULT_BACKBONE})")
+    group.add_argument(
+        "--backbone",
+        default=None,
+        help=f"a preset of `vip2clip models` or an open_clip ViT name (default {DEFAULT_BACKBONE})",
+    )
     group.add_argument(
         "--clip-weights",
         default=None,
-        help="CLIP weights: a local OpenAI-format file (state dict or TorchScript .pt) or an open_clip tag (openai)",
+        help="CLIP weights: a local OpenAI-format file (state dict or TorchScript .pt), a downloaded published tag "
+        "(openai-vit-l-14-336: `vip2clip download`) or an open_clip tag (openai)",
     )
     group.add_argument("--random-init", action="store_true", help="random backbone weights (tests, timing only)")
     if checkpoint:
-        group.add_argument("--checkpoint", default=None, help="vip2clip or authors' release checkpoint")
+        group.add_argument(
+            "--checkpoint",
+            default=None,
+            help="vip2clip or authors' release checkpoint file, or a downloaded published tag (release-mvtec, "
+            "release-visa: `vip2clip download`)",
+        )
     group.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 518)")
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     group.add_argument(

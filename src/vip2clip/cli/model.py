@@ -1,5 +1,5 @@
-"""`vip2clip info`, `vip2clip convert-checkpoint` and `vip2clip export`: the model's configuration, its checkpoint
-files and its ONNX export."""
+"""`vip2clip info`, `models`, `download`, `convert-checkpoint` and `export`: the model's configuration, the presets
+and published weights, checkpoint files and the ONNX export."""
 
 from __future__ import annotations
 
@@ -24,6 +24,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("destination", help="file to write")
     convert.add_argument("--to", required=True, choices=["release", "vip2clip"], help="format to write")
     convert.set_defaults(func=run_convert)
+
+    models = subparsers.add_parser("models", help="list the model presets and the published weights")
+    models.set_defaults(func=run_models)
+
+    download = subparsers.add_parser(
+        "download", help="fetch published weights (a tag of `vip2clip models`) and check their hash"
+    )
+    download.add_argument("tag", help="published weights tag, e.g. release-mvtec, openai-vit-l-14-336")
+    download.add_argument(
+        "--from", dest="source_file", default=None, metavar="FILE", help="install a file fetched by hand (checked)"
+    )
+    download.add_argument("--url", default=None, help="fetch from this mirror instead (the hash is still checked)")
+    download.set_defaults(func=run_download)
 
     export = subparsers.add_parser(
         "export", help="export the whole predict to ONNX (for `--onnx`: ONNX Runtime or OpenVINO, no torch)"
@@ -50,6 +63,37 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"trainable parameters: {model.num_trainable_parameters():,}")
     print(f"frozen backbone parameters: {sum(p.numel() for p in model.backbone.parameters()):,}")
     print(f"backbone parameters requiring grad: {backbone_trainable}")
+    return 0
+
+
+def run_models(args: argparse.Namespace) -> int:
+    from vip2clip.model.presets import get_preset, list_models
+    from vip2clip.model.pretrained import get_pretrained, list_pretrained, weights_dir
+
+    print("presets (create_model(NAME), --backbone NAME):")
+    for name in list_models():
+        preset = get_preset(name)
+        paper = f" [{'; '.join(preset.paper)}]" if preset.paper else ""
+        print(f"  {name:<26} {preset.description}{paper}")
+    print(f"published weights (vip2clip download TAG; stored in {weights_dir()}):")
+    for tag in list_pretrained():
+        entry = get_pretrained(tag)
+        state = "downloaded" if entry.path.is_file() else "not downloaded"
+        flag = "--clip-weights" if entry.kind == "clip" else "--checkpoint"
+        print(f"  {tag:<26} {flag} {tag}  ({state}) {entry.description}")
+    return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from vip2clip.model.pretrained import download_pretrained, get_pretrained
+
+    entry = get_pretrained(args.tag)
+    if args.source_file is None and not entry.path.is_file():
+        print(f"fetching {args.url or entry.url} ...")
+    path = download_pretrained(args.tag, args.source_file, args.url)
+    flag = "--clip-weights" if entry.kind == "clip" else "--checkpoint"
+    print(f"{args.tag}: {path} ({entry.expected_hash} verified)")
+    print(f"use it: {flag} {args.tag}")
     return 0
 
 

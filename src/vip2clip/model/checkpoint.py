@@ -16,6 +16,7 @@ import torch
 
 from vip2clip import __version__
 from vip2clip.config import ModelConfig
+from vip2clip.model.pretrained import CHECKPOINT, resolve_weights
 from vip2clip.utils.fileio import atomic_torch_save, read_torch_file
 
 FORMAT = "vip2clip-checkpoint"
@@ -76,7 +77,7 @@ def load_checkpoint(path: str | Path, base_config: ModelConfig | None = None) ->
     Raises FileNotFoundError for a missing file and CheckpointError (a ValueError) naming the file and what is
     wrong with it for anything that is not a readable checkpoint (empty, JSON, an image, truncated, a pickle
     of arbitrary objects, a TorchScript archive)."""
-    path = Path(path)
+    path = Path(resolve_weights(path, CHECKPOINT))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
     payload = read_torch_file(path, "checkpoint", CheckpointError)

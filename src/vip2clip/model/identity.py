@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vip2clip import __version__
+from vip2clip.model.pretrained import CHECKPOINT, resolve_weights
 from vip2clip.utils.hashing import file_sha256
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class ModelIdentity:
     def of(cls, model: ViP2CLIP, checkpoint: str | Path | None = None) -> ModelIdentity:
         """The identity of `model`, whose trainable weights were loaded from (or saved to) `checkpoint`."""
         config = model.config
+        checkpoint = resolve_weights(checkpoint, CHECKPOINT)
         return cls(
             backbone=config.backbone,
             image_size=int(config.image_size),

@@ -15,6 +15,8 @@ import torch
 from open_clip.model import CLIP
 
 from vip2clip.config import TINY_BACKBONE
+from vip2clip.model.pretrained import CLIP as CLIP_WEIGHTS
+from vip2clip.model.pretrained import resolve_weights
 from vip2clip.model.state_check import state_mismatch
 from vip2clip.utils.fileio import read_torch_file
 
@@ -57,10 +59,12 @@ def load_clip(backbone: str, weights: str | Path | None, quick_gelu: bool = True
     """Build an open_clip CLIP and load its weights.
 
     weights: None (random init, seeded), a local file (OpenAI state dict, OpenAI TorchScript archive,
-    or an open_clip checkpoint), or an open_clip pretrained tag such as "openai" (downloads when online).
+    or an open_clip checkpoint), a downloaded published tag ("openai-vit-l-14-336", `vip2clip.model.pretrained`),
+    or an open_clip pretrained tag such as "openai" (downloads when online).
     Returns the model (eval mode, frozen) and a one-line description of where the weights came from.
     """
     config = _architecture(backbone)
+    weights = resolve_weights(weights, CLIP_WEIGHTS)
     if weights is not None and not Path(weights).is_file() and _looks_like_path(str(weights)):
         raise WeightsError(
             f"CLIP weights file not found: {weights}. Pass an existing OpenAI-format file (state dict or "

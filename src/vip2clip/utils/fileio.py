@@ -16,7 +16,7 @@ import math
 import os
 import secrets
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -45,7 +45,7 @@ def _write_error(path: Path, cause: OSError) -> OSError:
 
 
 @contextlib.contextmanager
-def _atomic_file(path: Path, mode: str, durable: bool) -> Iterator[IO]:
+def _atomic_file(path: Path, mode: str, durable: bool, check: Callable[[Path], None] | None = None) -> Iterator[IO]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp_name = _create_temp(path)
@@ -57,6 +57,8 @@ def _atomic_file(path: Path, mode: str, durable: bool) -> Iterator[IO]:
             if durable:  # an index or a checkpoint is worth a sync; thousands of derived crops are not
                 stream.flush()
                 os.fsync(stream.fileno())
+        if check is not None:  # e.g. a download's hash: a file that fails it never takes the destination's name
+            check(Path(temp_name))
         os.replace(temp_name, path)
     except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
@@ -71,6 +73,18 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     with _atomic_file(path, "w", durable=True) as stream:
         stream.write(text)
+    return path
+
+
+def atomic_copy_stream(
+    source: IO[bytes], path: str | Path, check: Callable[[Path], None] | None = None, chunk: int = 1 << 20
+) -> Path:
+    """Copy a readable binary stream (a file, an HTTP response) to `path` atomically; `check(temp_path)` runs on
+    the complete copy before it takes the destination's name (raise to refuse it: nothing is left behind)."""
+    path = Path(path)
+    with _atomic_file(path, "wb", durable=True, check=check) as stream:
+        for block in iter(lambda: source.read(chunk), b""):
+            stream.write(block)
     return path
 
 

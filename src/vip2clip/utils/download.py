@@ -1,0 +1,33 @@
+"""Fetching one URL to a file, only when a user asks (`vip2clip download`): streamed into a temporary file beside
+the destination, checked, then renamed into place, so an interrupted or corrupted download never takes the name
+of a good file."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from vip2clip.utils.fileio import atomic_copy_stream
+
+
+class DownloadError(OSError):
+    """The URL could not be fetched (offline, refused, not found, cut off)."""
+
+
+def fetch_url(url: str, destination: str | Path, check: Callable[[Path], None] | None = None,
+              timeout: float = 60.0) -> Path:  # fmt: skip
+    """Download `url` to `destination` atomically, running `check` on the complete file first.
+
+    Raises DownloadError naming the URL and the reason (no network, HTTP status, connection cut off), and whatever
+    `check` raises for a file that arrived but is wrong.
+    """
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return atomic_copy_stream(response, destination, check)
+    except urllib.error.HTTPError as error:
+        raise DownloadError(f"cannot download {url}: HTTP {error.code} {error.reason}") from error
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise DownloadError(f"cannot download {url}: {reason}") from error
