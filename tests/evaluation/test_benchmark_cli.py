@@ -81,6 +81,33 @@ def test_benchmark_reference_paper_matches_by_dataset_name(run: dict[str, Path],
     assert rows[3][1] == "mine" and rows[3][4:] == ["-", "-"]
     data = json.loads((out / "benchmark.json").read_text())
     assert data["reference"]["datasets"][0]["values"]["pixel_aupro"] == 0.922
+    per_dataset = (out / "visa/results.md").read_text(encoding="utf-8")  # classes object_0/1: not in Tables 10-15
+    assert "### Compared with the paper" in per_dataset and "| object_0 | - | - |" in per_dataset
+    assert json.loads((out / "mine/results.json").read_text())["reference"]["dataset"] is None
+
+
+@pytest.mark.slow
+def test_test_reference_paper_compares_each_class(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """`test --dataset visa --reference paper`: classes named as VisA's get Tables 10-15's numbers and our
+    difference; the mean of two classes is compared with the mean of the paper's values for those two."""
+    index = read_index(run["test_root"])
+    names = {"object_0": "candle", "object_1": "pcb1"}
+    renamed = [replace(s, cls_name=names[s.cls_name]) for s in index.samples("test")]
+    write_index(build_index(index.root, {"test": renamed}), tmp_path / "meta.json")
+    out = tmp_path / "out"
+    argv = ["test", "--data", str(tmp_path / "meta.json"), "--dataset", "visa", "--reference", "paper",
+            "--checkpoint", str(run["checkpoint"]), "--out", str(out), "--no-progress",
+            "--backbone", "tiny"]  # fmt: skip
+    assert main(argv) == 0
+    assert "### Compared with the paper: ViP²-CLIP (Table 10, Table 11," in capsys.readouterr().out
+    ours = json.loads((out / "results.json").read_text())
+    candle = ours["reference"]["classes"][0]
+    assert candle["name"] == "candle" and candle["values"]["image_auroc"] == 0.904
+    assert candle["difference"]["image_auroc"] == pytest.approx(ours["classes"][0]["image_auroc"] - 0.904)
+    assert ours["reference"]["mean"]["values"]["pixel_f1"] == pytest.approx((0.424 + 0.134) / 2)
+    section = (out / "results.md").read_text(encoding="utf-8").split("### Compared with the paper")[1]
+    candle_row = next(line for line in section.splitlines() if line.startswith("| candle |"))
+    assert candle_row.split("|")[2].strip().startswith("90.4 (")
 
 
 @pytest.mark.slow
@@ -124,6 +151,10 @@ def test_convert_checkpoint_round_trip_gives_identical_predictions(run: dict[str
     ("argv", "message"),
     [
         (["test", "--data", "{root}", "--out", "{tmp}/o", "--backbone", "tiny"], "--checkpoint is required"),
+        (
+            ["test", "--data", "{root}", "--out", "{tmp}/o", "--checkpoint", "x.pt", "--reference", "paper"],
+            "it has no numbers for 'data'; name the benchmark with --dataset",
+        ),
         (["benchmark", "--test", "no-equals-sign", "--out", "{tmp}/o", "--checkpoint", "x.pt"], "NAME=ROOT"),
         (["benchmark", "--test", "mine={tmp}", "--out", "{tmp}/o", "--checkpoint", "x.pt"], "no meta.json"),
         (["benchmark", "--test", "a={root}", "--out", "{tmp}/o"], "--train NAME=ROOT"),

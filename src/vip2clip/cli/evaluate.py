@@ -76,12 +76,35 @@ def _check_shots(index, config) -> None:
         choose_shots(index, list(config.classes or index.classes(config.split)), config.shots, config.seed)
 
 
+def _add_paper_reference_argument(parser: argparse.ArgumentParser, where: str) -> None:
+    parser.add_argument(
+        "--reference", choices=("paper",), default=None,
+        help=f"add the paper's ViP²-CLIP numbers and our difference to them to the tables: {where}",
+    )  # fmt: skip
+
+
+def _test_reference(args: argparse.Namespace, name: str):
+    """The --reference of `test`, refused early when it has no numbers for the dataset being tested."""
+    from vip2clip.evaluation.reference import load_reference
+
+    if not args.reference:
+        return None
+    reference = load_reference(args.reference)
+    if reference.row_for(name) is None and reference.class_mean(name) is None:
+        raise CLIError(
+            f"--reference {args.reference}: it has no numbers for {name!r}; name the benchmark with --dataset "
+            f"(the {args.reference} reports: {', '.join(sorted(reference.rows))})"
+        )
+    return reference
+
+
 def _register_test(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("test", help="evaluate a checkpoint on a dataset (per-class table, thresholds)")
     parser.add_argument("--data", required=True, help="dataset root or its meta.json")
     parser.add_argument("--dataset", default=None, help="benchmark name, to convert a native root on the fly")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes")
+    _add_paper_reference_argument(parser, "per class (Tables 10-21) and for the mean (Tables 1-2)")
     _add_evaluation_arguments(parser, ("--batch-size", "--eval-batch-size"))
     add_tiling_arguments(parser)
     add_reference_arguments(parser, shots=True, seed=True)
@@ -93,7 +116,7 @@ def _register_test(subparsers: argparse._SubParsersAction) -> None:
 def run_test(args: argparse.Namespace) -> int:
     from vip2clip.data.registry import dataset_info, resolve_index
     from vip2clip.evaluation.benchmark import evaluate_dataset
-    from vip2clip.evaluation.reports import class_table_markdown
+    from vip2clip.evaluation.reports import class_reference_markdown, class_table_markdown
 
     if not args.checkpoint:
         raise CLIError("--checkpoint is required (a vip2clip or release checkpoint to evaluate)")
@@ -102,16 +125,20 @@ def run_test(args: argparse.Namespace) -> int:
     with world.main_first():  # a native root is converted (and its index written) once
         index = resolve_index(args.data, args.dataset)
     _check_shots(index, config)
-    model = build_model(args, **config_from_args(args))
     name = dataset_info(args.dataset).title if args.dataset else Path(index.root).name
+    reference = _test_reference(args, name)
+    model = build_model(args, **config_from_args(args))
     out = Path(args.out)
     identity = model_identity(args, model)
     result = evaluate_dataset(
-        model, index, out, config, name, identity, args.save_maps, progress=progress_for(args), world=world
-    )
+        model, index, out, config, name, identity, args.save_maps, progress=progress_for(args), world=world,
+        reference=reference,
+    )  # fmt: skip
     if not world.is_main:
         return 0
     print(class_table_markdown(result, name))
+    if reference is not None:
+        print(class_reference_markdown(result, reference, name))
     print(f"results: {out / 'results.md'} (+ .csv, .json)")
     if (out / "calibration.json").is_file():
         print(f"thresholds: {out / 'calibration.json'}")
@@ -135,10 +162,7 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train", default=None, metavar="NAME=ROOT", help="dataset to train on (its test split)")
     parser.add_argument("--test", nargs="+", required=True, metavar="NAME=ROOT", help="datasets to evaluate")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument(
-        "--reference", choices=("paper",), default=None,
-        help="add the paper's ViP²-CLIP numbers (Tables 1-2) and our difference to them to the tables",
-    )  # fmt: skip
+    _add_paper_reference_argument(parser, "per dataset (Tables 1-2) and in each dataset's results per class")
     _add_evaluation_arguments(parser, ("--eval-batch-size",))
     add_tiling_arguments(parser)
     add_reference_arguments(parser, shots=True)  # the --shots images are drawn with the training's --seed

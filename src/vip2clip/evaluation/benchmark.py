@@ -158,12 +158,14 @@ def evaluate_dataset(
     notes: Sequence[str] = (),
     progress: Progress = silent,
     world: World = LOCAL,
+    reference: Reference | None = None,
 ) -> EvaluationResult:
     """Evaluate and write results.{md,csv,json}, scores.csv, calibration.json and (save_maps) the panels in OUT/maps/.
 
     identity: `ModelIdentity.of(model, checkpoint)`, recorded in the results and the calibration (with the tiling
     and the few-shot protocol of `config`).
     `notes` go into results.md and results.json; a note on random backbone weights is added automatically.
+    reference: numbers to compare with per class and for the mean (`name` is looked up in it).
     """
     out_dir = Path(out_dir)
     identity = evaluated_identity(identity, config.tiling, config.shots, config.seed)
@@ -180,7 +182,8 @@ def evaluate_dataset(
                  f"{config.seed}; listed in results.json), not zero-shot."]  # fmt: skip
     if config.tiling is not None:
         notes = [*notes, f"tiled: {config.tiling.size}-px tiles, overlap {config.tiling.overlap}."]
-    write_results(out_dir, result, run_context(model, identity, dataset, config, world), title=name, notes=notes)
+    context = run_context(model, identity, dataset, config, world)
+    write_results(out_dir, result, context, title=name, notes=notes, reference=reference, dataset=name)
     write_scores(out_dir / SCORES_NAME, result)
     write_calibration(out_dir / CALIBRATION_NAME, identity, result)
     for path, reason in result.skipped:
@@ -213,8 +216,9 @@ def run_benchmark(
     for spec, index in tests:
         logger.info("evaluating %s (%s)", spec.title, index.root)
         result = evaluate_dataset(
-            model, index, out_dir / spec.folder, config, spec.title, identity, save_maps, progress=progress, world=world
-        )
+            model, index, out_dir / spec.folder, config, spec.title, identity, save_maps, progress=progress,
+            world=world, reference=reference,
+        )  # fmt: skip
         entries.append(BenchmarkEntry(spec.title, result))
     if world.is_main:
         tested = {"tests": [{"name": s.title, "root": str(i.root)} for s, i in tests]}

@@ -1,9 +1,13 @@
-"""Reference numbers for `vip2clip benchmark --reference paper`: the paper's own ViP²-CLIP results.
+"""Reference numbers for `--reference paper` (`test`, `benchmark`, studies): the paper's own ViP²-CLIP results.
 
-The values are facts from the paper (Tables 1-2, the ViP²-CLIP column, percent with one decimal as printed),
-kept in one data file shipped with the package, `paper_results.json`, together with the table each came from.
+The values are facts from the paper (percent with one decimal as printed), kept in one data file shipped with the
+package, `paper_results.json`, each with the table it came from:
+- Tables 1-2: one row per dataset (`Reference.row_for`), with the printed AVERAGE rows (`block_average`);
+- Tables 10-21: per class of MVTec AD and VisA, all six metrics (`Reference.class_row`, `class_mean`);
+- Tables 4, 5, 6 and 9: the studies (`Reference.study`): each variant with the model options that make it
+  (`ModelConfig.updated(**variant.model_options)`) and its values per dataset.
 Datasets are matched through the registry (`vip2clip.data.registry.dataset_info`: a name such as "visa", an alias
-or a title such as "VisA"); a dataset the paper does not report has no reference ("-" in the tables).
+or a title such as "VisA"); a dataset or class the paper does not report has no reference ("-" in the tables).
 
 Values here are fractions like our metrics (the paper's percent / 100); a difference is ours - paper.
 """
@@ -13,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -34,6 +38,72 @@ class ReferenceRow:
 
 
 @dataclass(frozen=True)
+class ClassRow:
+    """One class of a dataset in the per-class tables: our class name, the name printed there, its values
+    (fractions) and, per metric, the table each value came from."""
+
+    dataset: str
+    class_name: str
+    printed_name: str
+    values: dict[str, float]
+    tables: dict[str, str]
+
+
+@dataclass(frozen=True)
+class ClassComparison:
+    """What the reference has for the classes of one evaluated dataset: per class its row (None: not there),
+    the reference's mean over those classes, and where that mean comes from."""
+
+    dataset: str
+    classes: dict[str, ClassRow | None]
+    mean: dict[str, float] | None
+    mean_source: str
+
+    @property
+    def tables(self) -> list[str]:
+        """The tables the numbers come from, in table order."""
+        names = {table for row in self.classes.values() if row for table in row.tables.values()}
+        if self.mean_source.startswith("Table"):
+            names.add(self.mean_source)
+        return sorted(names, key=lambda name: int(name.split()[-1]))
+
+
+@dataclass(frozen=True)
+class StudyVariant:
+    """One row of a study table: its key (what `vip2clip study --variants` takes), the name printed in the
+    paper, the model options that make it, and its values (fractions) per dataset registry name."""
+
+    key: str
+    printed_name: str
+    model_options: dict[str, Any]
+    values: dict[str, dict[str, float]]
+
+
+@dataclass(frozen=True)
+class StudyReference:
+    """A study of the paper (Tables 4, 5, 6, 9): its table, title, notes, variants in the paper's order and,
+    where the paper prints them, the AVERAGE rows per block and the training sets per test set ("default": the
+    others)."""
+
+    name: str
+    table: str
+    title: str
+    notes: str
+    variants: dict[str, StudyVariant]
+    averages: dict[str, dict[str, float]]
+    training: dict[str, tuple[str, ...]]
+
+    def variant(self, key: str) -> StudyVariant:
+        if key not in self.variants:
+            raise ValueError(f"{self.table} has no variant {key!r}; its variants: {', '.join(self.variants)}")
+        return self.variants[key]
+
+    def values_for(self, key: str, dataset: str) -> dict[str, float] | None:
+        """A variant's values on a dataset (name, alias or title; None: not reported there)."""
+        return self.variant(key).values.get(_registry_name(dataset))
+
+
+@dataclass(frozen=True)
 class Reference:
     """A set of reference results. blocks: block name -> its metric keys; averages: (table, block) -> the
     printed AVERAGE row (fractions)."""
@@ -45,6 +115,9 @@ class Reference:
     blocks: dict[str, tuple[str, ...]]
     rows: dict[str, ReferenceRow]
     averages: dict[tuple[str, str], dict[str, float]]
+    classes: dict[str, dict[str, ClassRow]] = field(default_factory=dict)  # dataset -> class -> row
+    class_means: dict[str, dict[str, float]] = field(default_factory=dict)  # dataset -> the printed Mean row
+    studies: dict[str, StudyReference] = field(default_factory=dict)
 
     def row_for(self, dataset: str) -> ReferenceRow | None:
         """The reference row of a dataset name, alias or registry title (None: not in the reference)."""
@@ -67,8 +140,49 @@ class Reference:
                 return dict(self.averages[(table, block)])
         return {key: math.fsum(row.values[key] for row in rows) / len(rows) for key in keys}
 
+    def class_row(self, dataset: str, class_name: str) -> ClassRow | None:
+        """A class's row in the per-class tables (case, spaces and underscores ignored; None: not there)."""
+        return self.classes.get(_registry_name(dataset), {}).get(_class_key(class_name))
+
+    def class_mean(self, dataset: str) -> dict[str, float] | None:
+        """The per-class tables' printed Mean row of a dataset (None: no per-class tables for it)."""
+        return self.class_means.get(_registry_name(dataset))
+
+    def compare_classes(self, dataset: str, class_names: Sequence[str]) -> ClassComparison | None:
+        """The reference for an evaluated dataset's classes (None: nothing for this dataset). The mean is the
+        printed one (Tables 1-2) when the classes are exactly the paper's, the mean of the paper's values for
+        them when they are a part, and the printed dataset row when the paper has no per-class table."""
+        row, per_class = self.row_for(dataset), self.classes.get(_registry_name(dataset))
+        if row is None and per_class is None:
+            return None
+        rows = {name: self.class_row(dataset, name) for name in class_names}
+        found = [r for r in rows.values() if r is not None]
+        mean, source = (row.values, row.table) if row else (None, "")
+        if per_class is not None and {r.class_name for r in found} != {r.class_name for r in per_class.values()}:
+            mean, source = None, ""
+            if found and len(found) == len(rows):
+                mean = {key: math.fsum(r.values[key] for r in found) / len(found) for key in found[0].values}
+                source = "mean of the paper's values for these classes"
+        return ClassComparison(_registry_name(dataset), rows, mean, source)
+
+    def study(self, name: str) -> StudyReference:
+        if name not in self.studies:
+            raise ValueError(f"the {self.name} reference has no study {name!r}; its studies: {', '.join(self.studies)}")
+        return self.studies[name]
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "source": self.source, "protocol": self.protocol}
+
+
+def _registry_name(dataset: str) -> str:
+    try:
+        return dataset_info(dataset).name
+    except ValueError:
+        return dataset.lower()
+
+
+def _class_key(name: str) -> str:
+    return name.lower().replace(" ", "_").replace("-", "_")
 
 
 def _fractions(keys: Sequence[str], printed: Sequence[float] | None) -> dict[str, float]:
@@ -76,7 +190,11 @@ def _fractions(keys: Sequence[str], printed: Sequence[float] | None) -> dict[str
         return {}
     if len(printed) != len(keys):
         raise ValueError(f"expected {len(keys)} values {tuple(keys)}, got {printed}")
-    return {key: round(float(value) / 100.0, 6) for key, value in zip(keys, printed, strict=True)}  # 0.954, not ...01
+    return {key: _fraction(value) for key, value in zip(keys, printed, strict=True)}
+
+
+def _fraction(printed: float) -> float:
+    return round(float(printed) / 100.0, 6)  # 0.954, not 0.9540000000000001
 
 
 def load_reference(name: str = "paper") -> Reference:
@@ -89,15 +207,53 @@ def load_reference(name: str = "paper") -> Reference:
     averages: dict[tuple[str, str], dict[str, float]] = {}
     for table in data["tables"]:
         for entry in table["datasets"]:
-            values = {}
-            for block, keys in blocks.items():
-                values.update(_fractions(keys, entry[block]))
             rows[dataset_info(entry["dataset"]).name] = ReferenceRow(
-                entry["dataset"], table["table"], entry["printed_name"], values
+                entry["dataset"], table["table"], entry["printed_name"], _block_values(entry, blocks)
             )
         for block, keys in blocks.items():
             averages[(table["table"], block)] = _fractions(keys, table["average"][block])
-    return Reference(name, data["method"], data["source"], data["protocol"], blocks, rows, averages)
+    classes, class_means = _per_class(data.get("per_class", []))
+    studies = {key: _study(key, study, blocks) for key, study in data.get("studies", {}).items()}
+    return Reference(
+        name, data["method"], data["source"], data["protocol"], blocks, rows, averages, classes, class_means, studies
+    )
+
+
+def _block_values(entry: Mapping[str, Sequence[float] | None], blocks: Mapping[str, Sequence[str]]) -> dict:
+    values: dict[str, float] = {}
+    for block, keys in blocks.items():
+        values.update(_fractions(keys, entry.get(block)))
+    return values
+
+
+def _per_class(tables: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str, ClassRow]], dict[str, dict]]:
+    """Tables 10-21: dataset -> class -> ClassRow, and dataset -> the printed Mean row (fractions)."""
+    classes: dict[str, dict[str, ClassRow]] = {}
+    means: dict[str, dict[str, float]] = {}
+    for entry in tables:
+        dataset = dataset_info(entry["dataset"]).name
+        metrics = entry["metrics"]
+        rows = {}
+        for position, item in enumerate(entry["classes"]):
+            values = {key: _fraction(metric["values"][position]) for key, metric in metrics.items()}
+            tables_of = {key: metric["table"] for key, metric in metrics.items()}
+            rows[_class_key(item["class"])] = ClassRow(dataset, item["class"], item["printed_name"], values, tables_of)
+        classes[dataset] = rows
+        means[dataset] = {key: _fraction(metric["mean"]) for key, metric in metrics.items()}
+    return classes, means
+
+
+def _study(name: str, data: Mapping[str, Any], blocks: Mapping[str, Sequence[str]]) -> StudyReference:
+    variants = {
+        item["key"]: StudyVariant(
+            item["key"], item["printed_name"], dict(item["model_options"]),
+            {_registry_name(dataset): _block_values(entry, blocks) for dataset, entry in item["values"].items()},
+        )
+        for item in data["variants"]
+    }  # fmt: skip
+    averages = {block: _fractions(blocks[block], printed) for block, printed in data.get("average", {}).items()}
+    training = {target: tuple(sources) for target, sources in data.get("training", {}).items()}
+    return StudyReference(name, data["table"], data["title"], data.get("notes", ""), variants, averages, training)
 
 
 def difference(ours: Mapping[str, float], reference: Mapping[str, float] | None, keys: Sequence[str]) -> dict:

@@ -9,6 +9,8 @@ block, as in Table 2. Undefined values are "-" in markdown, empty in CSV and nul
 With a reference (`benchmark --reference paper`, `evaluation.reference`) the benchmark table gains the reference's
 numbers and ours - reference per dataset and metric ("-" where the reference has none); the markdown difference
 is that of the printed (rounded) values, so that it can be checked by eye; CSV and JSON keep full precision.
+A dataset's results (`test --reference paper`, and each dataset of such a benchmark) gain the same per class
+(the paper's Tables 10-21 for MVTec AD and VisA) and for the mean row.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from vip2clip.evaluation.evaluate import EvaluationResult, result_to_dict
-from vip2clip.evaluation.reference import Reference, difference
+from vip2clip.evaluation.reference import ClassComparison, Reference, difference
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
 from vip2clip.utils.fileio import atomic_write_json, atomic_write_text
 
@@ -80,18 +82,19 @@ def _block_entries(entries: Sequence[BenchmarkEntry], keys: Sequence[str]) -> li
     return [e for e in entries if any(not math.isnan(e.result.mean[k]) for k in keys)]
 
 
+def _printed_difference(ours: float, reference: float) -> str:
+    """ "+0.3": printed ours - printed reference, "-" where either is missing."""
+    ours_text, reference_text = percent(ours), percent(reference)
+    if "-" in (ours_text, reference_text):
+        return "-"
+    return f"{round(float(ours_text) - float(reference_text), 1) or 0.0:+.1f}"  # no "-0.0"
+
+
 def _difference_triple(ours: Mapping[str, float], reference: Mapping[str, float] | None, keys: Sequence[str]) -> str:
     """ "(+0.3, -, -1.2)": printed ours - printed reference, "-" where either is missing."""
     if reference is None:
         return "-"
-    cells = []
-    for key in keys:
-        ours_text, reference_text = percent(ours[key]), percent(reference.get(key, math.nan))
-        if "-" in (ours_text, reference_text):
-            cells.append("-")
-        else:
-            cells.append(f"{round(float(ours_text) - float(reference_text), 1) or 0.0:+.1f}")  # no "-0.0"
-    return "(" + ", ".join(cells) + ")"
+    return "(" + ", ".join(_printed_difference(ours[key], reference.get(key, math.nan)) for key in keys) + ")"
 
 
 def _reference_cells(
@@ -138,6 +141,55 @@ def benchmark_table_markdown(
     return table
 
 
+def _paper_cells(ours: Mapping[str, float], theirs: Mapping[str, float] | None) -> list[str]:
+    """Per metric "99.2 (-1.3)": the reference's value and printed ours - reference; "-" where it has none."""
+    theirs = theirs or {}
+    cells = []
+    for k in METRIC_KEYS:
+        known = not math.isnan(theirs.get(k, math.nan))
+        cells.append(f"{percent(theirs[k])} ({_printed_difference(ours[k], theirs[k])})" if known else "-")
+    return cells
+
+
+def class_reference_markdown(result: EvaluationResult, reference: Reference, dataset: str) -> str:
+    """The per-class comparison with `reference` of results.md (see the module docstring); dataset: its registry
+    name, alias or title."""
+    comparison = reference.compare_classes(dataset, [c.name for c in result.classes])
+    heading = f"### Compared with the {reference.name}: {reference.method}"
+    if comparison is None:
+        return f"{heading}\n\nThe {reference.name} reports no numbers for this dataset.\n"
+    rows = [[c.name, *_paper_cells(c.metrics, _class_values(comparison, c.name))] for c in result.classes]
+    rows.append(["**Mean**", *_paper_cells(result.mean, comparison.mean)])
+    mean_note = f"the Mean row's reference: {comparison.mean_source or 'none (not every class is in the paper)'}"
+    return (
+        f"{heading} ({', '.join(comparison.tables)})\n\n{_markdown_table(CLASS_HEADER, rows)}\n\n"
+        f"Cells: the {reference.name}'s value (ours - {reference.name}, in points of the printed values); '-': not "
+        f"reported there, or (in the difference) undefined here; {mean_note}.\n"
+    )
+
+
+def _class_values(comparison: ClassComparison, name: str) -> dict[str, float] | None:
+    row = comparison.classes.get(name)
+    return row.values if row else None
+
+
+def _class_reference_json(result: EvaluationResult, reference: Reference, comparison: ClassComparison | None) -> dict:
+    """results.json's "reference": the reference's values and ours - reference per class and for the mean."""
+    if comparison is None:
+        return {**reference.describe(), "dataset": None}
+    classes = []
+    for c in result.classes:
+        row = comparison.classes.get(c.name)
+        values = row.values if row else {}
+        gaps = {k: v for k, v in difference(c.metrics, values, METRIC_KEYS).items() if k in values}
+        source = {"printed_name": row.printed_name, "tables": row.tables} if row else {"tables": {}}
+        classes.append({"name": c.name, **source, "values": values, "difference": gaps})
+    mean = comparison.mean or {}
+    gaps = {k: v for k, v in difference(result.mean, mean, METRIC_KEYS).items() if k in mean}
+    return {**reference.describe(), "dataset": comparison.dataset, "tables": comparison.tables, "classes": classes,
+            "mean": {"source": comparison.mean_source, "values": mean, "difference": gaps}}  # fmt: skip
+
+
 def _csv_number(value: float) -> str:
     return "" if value is None or math.isnan(value) else repr(float(value))
 
@@ -150,18 +202,31 @@ def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return buffer.getvalue()
 
 
-def class_table_csv(result: EvaluationResult) -> str:
-    """Full-precision CSV (fractions, not x100): one row per class, then a "mean" row."""
+def class_table_csv(result: EvaluationResult, comparison: ClassComparison | None = None) -> str:
+    """Full-precision CSV (fractions, not x100): one row per class, then a "mean" row; with a reference's
+    comparison, its values (reference_KEY) and ours - reference (difference_KEY)."""
     header = ("class", "n_normal", "n_anomalous", *METRIC_KEYS, "image_threshold", "pixel_threshold")
+    if comparison is not None:
+        header += (*(f"reference_{k}" for k in METRIC_KEYS), *(f"difference_{k}" for k in METRIC_KEYS))
+
+    def cells(ours: Mapping[str, float], theirs: Mapping[str, float] | None) -> list[str]:
+        if comparison is None:
+            return []
+        theirs, gaps = theirs or {}, difference(ours, theirs, METRIC_KEYS)
+        return [*(_csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
+                *(_csv_number(gaps[k]) for k in METRIC_KEYS)]  # fmt: skip
+
     rows = [
         [c.name, c.n_normal, c.n_anomalous, *(_csv_number(c.metrics[k]) for k in METRIC_KEYS),
-         _csv_number(c.image_threshold), _csv_number(c.pixel_threshold)]
+         _csv_number(c.image_threshold), _csv_number(c.pixel_threshold),
+         *cells(c.metrics, comparison and _class_values(comparison, c.name))]
         for c in result.classes
     ]  # fmt: skip
     n_normal = sum(c.n_normal for c in result.classes)
     n_anomalous = sum(c.n_anomalous for c in result.classes)
     rows.append(["mean", n_normal, n_anomalous, *(_csv_number(result.mean[k]) for k in METRIC_KEYS),
-                 _csv_number(result.image_threshold), _csv_number(result.pixel_threshold)])  # fmt: skip
+                 _csv_number(result.image_threshold), _csv_number(result.pixel_threshold),
+                 *cells(result.mean, comparison and comparison.mean)])  # fmt: skip
     return _csv_text(header, rows)
 
 
@@ -205,14 +270,23 @@ def write_results(
     context: Mapping[str, Any],
     title: str | None = None,
     notes: Sequence[str] = (),
+    reference: Reference | None = None,
+    dataset: str | None = None,
 ) -> dict[str, Path]:
     """Write results.md, results.csv and results.json (with `context`: config, checkpoint, dataset ...; `notes`
-    go into the markdown and the JSON)."""
+    go into the markdown and the JSON); with a reference, its numbers for `dataset` (a registry name, alias or
+    title) per class and for the mean, and our differences to them."""
     out_dir = Path(out_dir)
     data = {**context, "notes": list(notes), "metrics_scale": "fraction (markdown: x100)", **result_to_dict(result)}
+    markdown = class_table_markdown(result, title, notes)
+    comparison = None
+    if reference is not None:
+        comparison = reference.compare_classes(dataset or title or "", [c.name for c in result.classes])
+        markdown += "\n" + class_reference_markdown(result, reference, dataset or title or "")
+        data["reference"] = _class_reference_json(result, reference, comparison)
     return {
-        "markdown": atomic_write_text(out_dir / "results.md", class_table_markdown(result, title, notes)),
-        "csv": atomic_write_text(out_dir / "results.csv", class_table_csv(result)),
+        "markdown": atomic_write_text(out_dir / "results.md", markdown),
+        "csv": atomic_write_text(out_dir / "results.csv", class_table_csv(result, comparison)),
         "json": atomic_write_json(out_dir / "results.json", data),
     }
 
