@@ -46,7 +46,7 @@ def S(img: str, mask: str, cls: str, specie: str, anomaly: int) -> Sample:
 
 def test_registry_lists_all_benchmarks() -> None:
     expected = {"mvtec", "visa", "mpdd", "btad", "ksdd", "dagm", "dtd-synthetic", "headct", "brainmri", "br35h"}
-    assert set(DATASETS) == expected | {"isic", "clinicdb", "colondb", "kvasir", "folder"}
+    assert set(DATASETS) == expected | {"isic", "clinicdb", "colondb", "kvasir", "endo", "folder"}
 
 
 def test_mvtec_exact_index_and_reported_problems(tmp_path: Path, capsys) -> None:
@@ -374,6 +374,42 @@ def test_kvasir_jpeg_masks(tmp_path: Path, capsys) -> None:
     assert sample.mask_path == "Kvasir-SEG/masks/cju0qkwl35piu0993l0dewei2.jpg"
     mask = load_mask(read_index(tmp_path).resolve(sample.mask_path))
     assert abs(int(mask.sum()) - 22 * 22) < 10  # JPEG noise around the edges is not counted as defect
+
+
+def test_endo_pairs_masks_by_name_and_reports_missing_ones(tmp_path: Path, capsys) -> None:
+    """EndoTect 2020's download: EndoTect_2020_Segmentation_Test_Dataset/{images,masks}, paired by name whatever
+    the extension; a missing mask is reported and does not shift the pairs after it (by sort order, c would get
+    d's mask)."""
+    root = tmp_path / "EndoTect_2020_Segmentation_Test_Dataset"
+    write_images(root / "images", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"])
+    for stem in ("a", "b", "d"):
+        write_mask(root / "masks" / f"{stem}.png")
+    write_mask(root / "masks/zz.png")  # a mask without an image
+    code, out, err = run_convert(capsys, "endo", tmp_path)
+    assert code == 0 and totals(out) == (0, 4, 3)
+    prefix = "EndoTect_2020_Segmentation_Test_Dataset"
+    assert read_index(tmp_path).samples() == [
+        S(f"{prefix}/images/{n}.jpg", f"{prefix}/masks/{n}.png" if n != "c" else "", "colon", "", 1) for n in "abcd"
+    ]
+    assert "c.jpg: anomalous image without its mask" in err and "zz.png: mask without an image" in err
+    assert "Endo: wrote" in out and "paper (Table 7)" not in out  # the paper gives no Endo counts
+    assert main(["convert", "endo", "--root", str(tmp_path), "--strict"]) == 2
+
+
+def test_endo_authors_layout_and_bad_roots(tmp_path: Path, capsys) -> None:
+    """The authors' index script reads every folder beside masks/ as images, good/ as normal ones."""
+    write_images(tmp_path / "polyps", ["1.jpg", "2.jpg"])
+    write_images(tmp_path / "good", ["3.jpg"])
+    write_mask(tmp_path / "masks/1.jpg")
+    write_mask(tmp_path / "masks/2.jpg")
+    code, out, _ = run_convert(capsys, "endotect", tmp_path)
+    assert code == 0 and totals(out) == (1, 2, 2)
+    assert read_index(tmp_path).samples()[0] == S("good/3.jpg", "", "colon", "good", 0)
+    code, _, err = run_convert(capsys, "endo", tmp_path / "polyps")
+    assert code == 2 and "no masks/ folder found" in err
+    (tmp_path / "empty/masks").mkdir(parents=True)
+    code, _, err = run_convert(capsys, "endo", tmp_path / "empty")
+    assert code == 2 and "no folder of images beside masks/" in err
 
 
 def test_folder_layout_single_and_multi_class(tmp_path: Path, capsys) -> None:

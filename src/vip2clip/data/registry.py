@@ -20,6 +20,7 @@ from vip2clip.data.converters.medical import (
     convert_brainmri,
     convert_clinicdb,
     convert_colondb,
+    convert_endo,
     convert_headct,
     convert_isic,
     convert_kvasir,
@@ -58,13 +59,14 @@ DATASETS: dict[str, ConverterInfo] = {
         ConverterInfo("clinicdb", "CVC-ClinicDB", convert_clinicdb, (0, 612)),
         ConverterInfo("colondb", "CVC-ColonDB", convert_colondb, (0, 380)),
         ConverterInfo("kvasir", "Kvasir-SEG", convert_kvasir, (0, 1000)),
+        ConverterInfo("endo", "Endo", convert_endo),  # EndoTect 2020; Table 9 only: Table 7 gives no counts
         ConverterInfo("folder", "generic folder layout (good/ + defect folders)", convert_folder),
     )
 }
 _ALIASES = {
     "mvtec_ad": "mvtec", "mvtec-ad": "mvtec", "dtd": "dtd-synthetic", "dtd_synthetic": "dtd-synthetic",
     "head_ct": "headct", "brain_mri": "brainmri", "kolektorsdd": "ksdd", "cvc-clinicdb": "clinicdb",
-    "cvc-colondb": "colondb", "kvasir-seg": "kvasir", "isic2016": "isic",
+    "cvc-colondb": "colondb", "kvasir-seg": "kvasir", "isic2016": "isic", "endotect": "endo",
 }  # fmt: skip
 
 

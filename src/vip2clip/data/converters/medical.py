@@ -1,4 +1,5 @@
-"""Medical sets (every image is a test image): HeadCT, BrainMRI, Br35H, ISIC, CVC-ClinicDB, CVC-ColonDB, Kvasir.
+"""Medical sets (every image is a test image): HeadCT, BrainMRI, Br35H, ISIC, CVC-ClinicDB, CVC-ColonDB, Kvasir,
+Endo (EndoTect 2020, Table 9 only).
 
 Normal samples get specie_name "good"; anomalous ones the folder that labels them (`yes` for BrainMRI and
 Br35H) or "" where the label comes from elsewhere. Each converter also finds its data one level down (a
@@ -143,4 +144,29 @@ def convert_kvasir(root: Path, options: ConvertOptions) -> Conversion:
     # Masks are JPEG: images.load_mask binarises them at half of 255 instead of > 0.
     conversion = Conversion(root)
     _paired_folders(root, [("images", "masks")], "", "colon", conversion)
+    return conversion
+
+
+def convert_endo(root: Path, options: ConvertOptions) -> Conversion:
+    """The EndoTect 2020 segmentation test set (the paper's "Endo", Table 9), as downloaded from the authors' link:
+    `images/` and `masks/` (masks paired by name, any image extension), at the root or one folder down
+    (`EndoTect_2020_Segmentation_Test_Dataset/`). As the authors' index script reads it, every other folder beside
+    `masks/` holds polyp images too, and a `good/` folder would hold normal ones."""
+    conversion = Conversion(root)
+    base = locate(root, "masks", depth=1)
+    if base is None or not (base / "masks").is_dir():
+        raise ValueError(f"{root}: no masks/ folder found (EndoTect: images/ and masks/, paired by name)")
+    folders = [folder for folder in list_dirs(base) if folder.name.lower() != "masks"]
+    if not any(list_images(folder) for folder in folders):
+        raise ValueError(f"{base}: no folder of images beside masks/ (expected images/)")
+    anomalous = []
+    for folder in folders:
+        if folder.name.lower() == "good":
+            for image in list_images(folder):
+                conversion.add("test", image, None, "colon", "good", False)
+        else:
+            anomalous += list_images(folder)
+    # One pairing over all polyp folders: a mask is reported only when no folder has its image.
+    for image, mask in pair_masks(anomalous, base / "masks", ("",), conversion).items():
+        conversion.add("test", image, mask, "colon", "", True)
     return conversion
