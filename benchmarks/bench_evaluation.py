@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from common import append_results, machine_description, markdown_table, peak_rss_mib, reset_peak_rss
-from vip2clip.evaluation.evaluate import MAP_DTYPES, EvalConfig, class_metrics, collect_class_outputs
+from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
+from vip2clip.evaluation.results import MAP_DTYPES, EvalConfig
 from vip2clip.model.vip2clip import Prediction
 
 

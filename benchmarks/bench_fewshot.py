@@ -41,7 +41,8 @@ from common import (
 from vip2clip.apps.demo import DemoConfig, run_demo
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.evaluation.evaluate import EvalConfig, class_metrics, collect_class_outputs, mean_metrics
+from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
+from vip2clip.evaluation.results import EvalConfig, mean_metrics
 from vip2clip.evaluation.scoring import choose_shots
 from vip2clip.inference.references import FusionRule, ReferenceEngine, ReferenceMemory, memory_from_files
 from vip2clip.model.identity import ModelIdentity

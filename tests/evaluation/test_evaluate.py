@@ -21,7 +21,8 @@ from vip2clip.data.index import DatasetIndex, Sample, build_index, write_index
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.data.transforms import preprocess, preprocess_mask
 from vip2clip.evaluation.benchmark import CALIBRATION_NAME, evaluate_dataset
-from vip2clip.evaluation.evaluate import ClassOutputs, EvalConfig, class_metrics, collect_class_outputs, evaluate
+from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs, evaluate
+from vip2clip.evaluation.results import ClassOutputs, EvalConfig
 from vip2clip.inference import calibration as calib
 from vip2clip.metrics import (
     METRIC_KEYS,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vip2clip.evaluation.evaluate import ClassResult, EvaluationResult, mean_metrics
+from vip2clip.evaluation.results import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.evaluation.reports import (
     CLASS_HEADER,
     BenchmarkEntry,

@@ -50,7 +50,7 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser, batch_flags: tupl
 
 
 def _eval_config(args: argparse.Namespace, classes: list[str] | None = None):
-    from vip2clip.evaluation.evaluate import EvalConfig
+    from vip2clip.evaluation.results import EvalConfig
 
     if args.shots < 0:
         raise CLIError(f"--shots must be >= 0, got {args.shots}")

@@ -40,129 +40,33 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from vip2clip.config import STORAGE_DTYPES
 from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.data.index import DatasetIndex
 from vip2clip.evaluation.panels import PanelSpool, panel_order
+from vip2clip.evaluation.results import (
+    MAP_DTYPES,
+    ClassOutputs,
+    ClassResult,
+    EvalConfig,
+    EvaluationResult,
+    mean_metrics,
+)
 from vip2clip.evaluation.scoring import Batch, choose_shots, class_engine, tiled_batches
 from vip2clip.inference.predictor import InferenceEngine
-from vip2clip.inference.tiling import TileConfig
-from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, PixelStats, best_f1_threshold, compute_all, pixel_metrics
+from vip2clip.metrics import PixelF1Histogram, PixelStats, best_f1_threshold, compute_all, pixel_metrics
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
-
-MAP_DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """How to evaluate. panels_dir: write labelled panels there (`evaluation.panels`; None: no panels);
-    max_panels: at most this many per class (anomalous and normal alternately; None: all). tiling: score tile by
-    tile; shots: reference images per class from the train split, drawn with `seed`, their memories cached in
-    `reference_cache` (None: not on disk) (see `vip2clip.evaluation.scoring`)."""
-
-    split: str = "test"
-    classes: tuple[str, ...] | None = None
-    batch_size: int = 8
-    num_workers: int = 0
-    skip_bad: bool = False
-    map_dtype: str = "float16"
-    panels_dir: Path | None = None
-    max_panels: int | None = None
-    tiling: TileConfig | None = None
-    shots: int = 0
-    seed: int = 111
-    reference_cache: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.shots < 0:
-            raise ValueError(f"shots must be >= 0, got {self.shots}")
-        if self.map_dtype not in MAP_DTYPES:
-            raise ValueError(f"map_dtype must be one of {sorted(MAP_DTYPES)}, got {self.map_dtype!r}")
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError(f"bad batch_size {self.batch_size} or num_workers {self.num_workers}")
-        if self.max_panels is not None and self.max_panels < 0:
-            raise ValueError(f"max_panels must be >= 0, got {self.max_panels}")
-
-
-@dataclass
-class ClassResult:
-    """One class: counts of the evaluated images, the six metrics (fractions, NaN when undefined) and the
-    class's own F1-optimal thresholds (NaN when undefined)."""
-
-    name: str
-    n_normal: int
-    n_anomalous: int
-    metrics: dict[str, float]
-    image_threshold: float = math.nan
-    pixel_threshold: float = math.nan
-    n_without_mask: int = 0  # anomalous images left out of the pixel metrics (no mask, in a class with masks)
-
-
-@dataclass
-class EvaluationResult:
-    """All classes, their mean, the dataset-level F1-optimal thresholds and the files that were skipped."""
-
-    classes: list[ClassResult]
-    mean: dict[str, float]
-    image_threshold: float
-    pixel_threshold: float
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-    references: dict[str, list[str]] = field(default_factory=dict)  # class -> its reference images (few-shot)
-    image_scores: list[tuple[str, str, int, float]] = field(default_factory=list)  # (class, image, label, pred_score)
-
-    @property
-    def n_images(self) -> int:
-        return sum(c.n_normal + c.n_anomalous for c in self.classes)
-
-
-@dataclass
-class ClassOutputs:
-    """One class's outputs (or one rank's share of them). scores [N] float32, labels [N] int; pixel_rows [N] bool:
-    the images that count for the pixel metrics; positions [N]: each row's position in the class's AnomalyDataset.
-    pixel: the pixel statistics of `pixel_rows` (None when none of them was scored); `histogram` holds them for
-    the F1-optimal pixel threshold. maps [N, S, S] (map_dtype) and masks [N, S, S] bool only when kept (panels)."""
-
-    scores: np.ndarray
-    labels: np.ndarray
-    maps: np.ndarray | None
-    masks: np.ndarray | None
-    pixel_rows: np.ndarray
-    positions: np.ndarray
-    pixel: PixelStats | None = None
-
-    @property
-    def histogram(self) -> PixelF1Histogram:
-        """The pixel statistics' counts per float16 value, for the F1-optimal pixel threshold (empty without)."""
-        if self.pixel is None:
-            return PixelF1Histogram()
-        return PixelF1Histogram.from_counts(self.pixel.values, self.pixel.positive, self.pixel.negative)
-
-    @classmethod
-    def merge(cls, parts: list[ClassOutputs]) -> ClassOutputs:
-        """The outputs of disjoint shares, `parts` in position order, as one (without maps: they stay where made)."""
-        pixel = [part.pixel for part in parts if part.pixel is not None]
-        return cls(
-            scores=np.concatenate([part.scores for part in parts]),
-            labels=np.concatenate([part.labels for part in parts]),
-            maps=None,
-            masks=None,
-            pixel_rows=np.concatenate([part.pixel_rows for part in parts]),
-            positions=np.concatenate([part.positions for part in parts]),
-            pixel=PixelStats.merge(pixel) if pixel else None,
-        )
 
 
 def _pixel_rows(dataset: AnomalyDataset) -> np.ndarray:
@@ -270,15 +174,6 @@ def class_metrics(name: str, outputs: ClassOutputs) -> ClassResult:
     return ClassResult(name, n_normal, n_anomalous, metrics, image_threshold, pixel_threshold, without_mask)
 
 
-def mean_metrics(results: list[ClassResult]) -> dict[str, float]:
-    """Per metric, the mean over the classes where it is defined (NaN when it is defined for none)."""
-    mean = {}
-    for key in METRIC_KEYS:
-        values = [r.metrics[key] for r in results if not math.isnan(r.metrics[key])]
-        mean[key] = float(np.mean(values)) if values else math.nan
-    return mean
-
-
 def _skipped(dataset: AnomalyDataset, outputs: ClassOutputs, reported: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The files reported skipped (every rank's dataset.skipped), once each, plus images that failed to decode in a
     DataLoader worker (whose record stays there)."""
@@ -297,6 +192,67 @@ def _image_scores(name: str, dataset: AnomalyDataset, outputs: ClassOutputs) -> 
     return [(name, dataset.samples[int(p)].img_path, int(label), float(score)) for p, label, score in rows]
 
 
+class _Tally:
+    """What rank 0 accumulates over the classes: their results, the pooled scores and pixel histogram for the
+    dataset-level thresholds, the skipped files and the per-image scores."""
+
+    def __init__(self) -> None:
+        self.results: list[ClassResult] = []
+        self.histogram = PixelF1Histogram()
+        self.scores: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        self.skipped: list[tuple[str, str]] = []
+        self.image_scores: list[tuple[str, str, int, float]] = []
+
+    def add(self, name: str, dataset: AnomalyDataset, merged: ClassOutputs, reported: list[tuple[str, str]]) -> None:
+        """One class's merged outputs (every rank's share) and the files every rank skipped."""
+        self.skipped += _skipped(dataset, merged, reported)
+        if merged.labels.size == 0:
+            logger.warning("%s: no readable image; class left out", name)
+            return
+        self.results.append(class_metrics(name, merged))
+        self.histogram.merge(merged.histogram)
+        self.scores.append(merged.scores)
+        self.labels.append(merged.labels)
+        self.image_scores += _image_scores(name, dataset, merged)
+        logger.info("%s: %s", name, ", ".join(f"{k} {100 * v:.1f}" for k, v in self.results[-1].metrics.items()))
+
+    def result(self, index: DatasetIndex, split: str, shots: dict[str, list[Path]]) -> EvaluationResult:
+        """The dataset's result: the classes, their mean and the thresholds F1-optimal over all classes pooled."""
+        if not self.results:
+            raise ValueError(f"{index.root}: no readable image in split {split!r}")
+        labels = np.concatenate(self.labels)
+        image_threshold = math.nan
+        if 0 < labels.sum() < labels.size:
+            image_threshold = best_f1_threshold(labels, np.concatenate(self.scores))[1]
+        references = {name: [str(path) for path in paths] for name, paths in shots.items()}
+        return EvaluationResult(self.results, mean_metrics(self.results), image_threshold, self.histogram.best()[1],
+                                self.skipped, references, self.image_scores)  # fmt: skip
+
+
+def _classes_to_evaluate(index: DatasetIndex, config: EvalConfig) -> list[str]:
+    """The classes of the split (or config.classes); ValueError for an unknown class or an empty split, before any
+    work."""
+    classes = list(config.classes) if config.classes else index.classes(config.split)
+    index.samples(config.split, classes)
+    if not classes:
+        raise ValueError(f"{index.root}: split {config.split!r} has no images")
+    return classes
+
+
+def _evaluate_class(
+    engine: InferenceEngine, dataset: AnomalyDataset, config: EvalConfig, progress: Progress, world: World
+) -> tuple[ClassOutputs, ClassOutputs | None, list[tuple[str, str]]]:
+    """Score this rank's share of one class: (its outputs, every rank's outputs merged (rank 0; None on the others),
+    the files every rank skipped)."""
+    share = world.share(len(dataset), unit=config.batch_size)
+    outputs = collect_class_outputs(engine, dataset, config, progress, share)
+    reports = world.gather((replace(outputs, maps=None, masks=None), list(dataset.skipped)))
+    if not world.is_main:
+        return outputs, None, []
+    return outputs, ClassOutputs.merge([part for part, _ in reports]), [item for _, items in reports for item in items]
+
+
 @torch.no_grad()
 def evaluate(
     model: ViP2CLIP,
@@ -308,75 +264,23 @@ def evaluate(
     """Evaluate `model` on a split of `index`, one class at a time (see the module docstring). Under torchrun every
     rank calls this with its `world`; all get the result."""
     config = config or EvalConfig()
-    classes = list(config.classes) if config.classes else index.classes(config.split)
-    index.samples(config.split, classes)  # an unknown class is an error before any work
-    if not classes:
-        raise ValueError(f"{index.root}: split {config.split!r} has no images")
+    classes = _classes_to_evaluate(index, config)
     shots = choose_shots(index, classes, config.shots, config.seed) if config.shots else {}
     identity = ModelIdentity.of(model) if shots else None  # keys the reference memories (no checkpoint needed)
-    histogram = PixelF1Histogram()
-    results: list[ClassResult] = []
-    all_scores, all_labels, skipped, image_scores = [], [], [], []
+    tally = _Tally()
     panels = PanelSpool(config.panels_dir, config.max_panels) if config.panels_dir is not None else None
     for name in classes:
         dataset = AnomalyDataset(index, config.split, [name], model.config.image_size, config.skip_bad)
         engine = class_engine(
             model, identity, shots.get(name), config.tiling, config.batch_size, config.reference_cache
         )
-        share = world.share(len(dataset), unit=config.batch_size)
-        outputs = collect_class_outputs(engine, dataset, config, progress, share)
-        reports = world.gather((replace(outputs, maps=None, masks=None), list(dataset.skipped)))
-        merged = ClassOutputs.merge([part for part, _ in reports]) if world.is_main else None
+        outputs, merged, reported = _evaluate_class(engine, dataset, config, progress, world)
         if merged is not None:
-            skipped += _skipped(dataset, merged, [item for _, listed in reports for item in listed])
-            if merged.labels.size == 0:
-                logger.warning("%s: no readable image; class left out", name)
-            else:
-                results.append(class_metrics(name, merged))
-                histogram.merge(merged.histogram)
-                all_scores.append(merged.scores)
-                all_labels.append(merged.labels)
-                image_scores += _image_scores(name, dataset, merged)
-                logger.info("%s: %s", name, ", ".join(f"{k} {100 * v:.1f}" for k, v in results[-1].metrics.items()))
+            tally.add(name, dataset, merged, reported)
         if panels is not None:  # chosen over the whole class; each rank spools the ones it holds
             chosen = merged.positions[panel_order(merged.labels, config.max_panels)].tolist() if merged else None
             panels.add(dataset, outputs, world.broadcast(chosen))
-    result = None
-    if world.is_main:
-        if not results:
-            raise ValueError(f"{index.root}: no readable image in split {config.split!r}")
-        labels = np.concatenate(all_labels)
-        image_threshold = math.nan
-        if 0 < labels.sum() < labels.size:
-            image_threshold = best_f1_threshold(labels, np.concatenate(all_scores))[1]
-        references = {name: [str(path) for path in paths] for name, paths in shots.items()}
-        result = EvaluationResult(results, mean_metrics(results), image_threshold, histogram.best()[1], skipped,
-                                  references, image_scores)  # fmt: skip
-    result = world.broadcast(result)
+    result = world.broadcast(tally.result(index, config.split, shots) if world.is_main else None)
     if panels is not None:  # drawn now: they show the decisions at the dataset's thresholds
         panels.write(result.image_threshold, result.pixel_threshold, model.config.image_size)
     return result
-
-
-def result_to_dict(result: EvaluationResult) -> dict[str, Any]:
-    """Plain-data form (NaN kept as float NaN; the JSON writer turns it into null)."""
-    return {
-        "classes": [
-            {
-                "name": c.name,
-                "n_normal": c.n_normal,
-                "n_anomalous": c.n_anomalous,
-                **c.metrics,
-                "image_threshold": c.image_threshold,
-                "pixel_threshold": c.pixel_threshold,
-                "n_without_mask": c.n_without_mask,
-            }
-            for c in result.classes
-        ],
-        "mean": dict(result.mean),
-        "thresholds": {"image": result.image_threshold, "pixel": result.pixel_threshold},
-        "n_images": result.n_images,
-        "n_without_mask": sum(c.n_without_mask for c in result.classes),
-        "skipped": [{"path": path, "reason": reason} for path, reason in result.skipped],
-        **({"reference_images": result.references} if result.references else {}),
-    }

@@ -17,17 +17,14 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import load_image
+from vip2clip.evaluation.results import ClassOutputs
 from vip2clip.utils.fileio import atomic_save_image
 from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyle, PanelText, make_panel
-
-if TYPE_CHECKING:  # evaluate.py imports this module
-    from vip2clip.evaluation.evaluate import ClassOutputs
 
 THRESHOLD_SOURCE = "F1-optimal"
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")

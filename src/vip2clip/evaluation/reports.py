@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vip2clip.evaluation.evaluate import EvaluationResult, result_to_dict
 from vip2clip.evaluation.reference import ClassComparison, Reference, difference
+from vip2clip.evaluation.results import EvaluationResult, result_to_dict
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
 from vip2clip.utils.fileio import atomic_write_json, atomic_write_text
 
