@@ -27,21 +27,21 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
-from vip2clip.metrics.aupro import AUPRO_VARIANTS, _aupro_cflow, aupro
-from vip2clip.metrics.pixels import PixelStats, _pixel_data, pixel_auroc, pixel_max_f1
+from vip2clip.metrics.aupro import AUPRO_VARIANTS, aupro, aupro_cflow
+from vip2clip.metrics.pixels import PixelStats, pixel_auroc, pixel_data, pixel_max_f1
 from vip2clip.metrics.ranking import (
+    UndefinedMetric,
     UndefinedMetricWarning,
-    _auroc,
-    _average_precision,
-    _best_f1,
-    _guarded,
-    _image_ranking,
-    _Undefined,
-    _warn_undefined,
     best_f1_threshold,
+    guarded,
     image_ap,
     image_auroc,
+    image_ranking,
     max_f1,
+    ranking_auroc,
+    ranking_average_precision,
+    ranking_best_f1,
+    warn_undefined,
 )
 from vip2clip.metrics.threshold import PixelF1Histogram, StreamingQuantile, normal_quantile_thresholds
 
@@ -73,13 +73,13 @@ __all__ = [
 
 def _image_metrics(labels: ArrayLike, scores: ArrayLike) -> dict[str, float]:
     try:
-        ranking = _image_ranking(labels, scores)
-    except _Undefined as undefined:
-        return {key: _warn_undefined(key, str(undefined)) for key in IMAGE_KEYS}
+        ranking = image_ranking(labels, scores)
+    except UndefinedMetric as undefined:
+        return {key: warn_undefined(key, str(undefined)) for key in IMAGE_KEYS}
     return {
-        "image_auroc": _auroc(ranking),
-        "image_ap": _average_precision(ranking),
-        "image_f1": _best_f1(ranking)[0],
+        "image_auroc": ranking_auroc(ranking),
+        "image_ap": ranking_average_precision(ranking),
+        "image_f1": ranking_best_f1(ranking)[0],
     }
 
 
@@ -87,13 +87,13 @@ def pixel_metrics(stats: PixelStats) -> dict[str, float]:
     """The three pixel metrics (keys `PIXEL_KEYS`) from a class's `PixelStats`, e.g. merged from the shares of
     several processes: equal, bit for bit, to `compute_all`'s on the whole maps."""
     try:
-        data = _pixel_data(stats)
-    except _Undefined as undefined:
-        return {key: _warn_undefined(key, str(undefined)) for key in PIXEL_KEYS}
+        data = pixel_data(stats)
+    except UndefinedMetric as undefined:
+        return {key: warn_undefined(key, str(undefined)) for key in PIXEL_KEYS}
     return {
-        "pixel_auroc": _auroc(data.ranking),
-        "pixel_aupro": _guarded("pixel_aupro", lambda: _aupro_cflow(data, 0.3, 200)),
-        "pixel_f1": _best_f1(data.ranking)[0],
+        "pixel_auroc": ranking_auroc(data.ranking),
+        "pixel_aupro": guarded("pixel_aupro", lambda: aupro_cflow(data, 0.3, 200)),
+        "pixel_f1": ranking_best_f1(data.ranking)[0],
     }
 
 

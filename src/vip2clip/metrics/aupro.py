@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import ArrayLike
 
-from vip2clip.metrics.pixels import PixelStats, _pixel_data, _PixelData
-from vip2clip.metrics.ranking import _guarded, _Undefined
+from vip2clip.metrics.pixels import PixelData, PixelStats, pixel_data
+from vip2clip.metrics.ranking import UndefinedMetric, guarded
 
 AUPRO_VARIANTS = ("cflow", "exact")
 
 
-def _pro_at_values(data: _PixelData) -> np.ndarray:
+def _pro_at_values(data: PixelData) -> np.ndarray:
     """PRO with threshold "score >= v" at each distinct defect score v of the ranking [U].
 
     Each defect pixel carries weight 1 / (regions x its region's size), so the weights above a threshold sum to
@@ -41,7 +41,7 @@ def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
-def _aupro_cflow(data: _PixelData, fpr_limit: float, num_thresholds: int) -> float:
+def aupro_cflow(data: PixelData, fpr_limit: float, num_thresholds: int) -> float:
     """The community loop's AUPRO, computed at all its thresholds at once (see the module docstring)."""
     r, stats = data.ranking, data.stats
     lowest, highest = stats.values[0], stats.values[-1]
@@ -49,7 +49,7 @@ def _aupro_cflow(data: _PixelData, fpr_limit: float, num_thresholds: int) -> flo
     # and hence the score match it, also for float16 maps.
     step = (highest - lowest) / num_thresholds
     if not step > 0:
-        raise _Undefined(f"the maps are constant (or too narrow for {num_thresholds} {stats.values.dtype} steps)")
+        raise UndefinedMetric(f"the maps are constant (or too narrow for {num_thresholds} {stats.values.dtype} steps)")
     grid = _floor_to_dtype(np.arange(lowest, highest, step), stats.values.dtype)
     # Pixels at or below each threshold, from the counts per distinct value.
     at_or_below = np.searchsorted(stats.values, grid, side="right")
@@ -58,7 +58,7 @@ def _aupro_cflow(data: _PixelData, fpr_limit: float, num_thresholds: int) -> flo
     pro = np.append(_pro_at_values(data), 0.0)[np.searchsorted(r.values, grid, side="right")]
     keep = fpr < fpr_limit
     if not keep.any():
-        raise _Undefined(f"no threshold has a pixel FPR below {fpr_limit}")
+        raise UndefinedMetric(f"no threshold has a pixel FPR below {fpr_limit}")
     fpr, pro = fpr[keep], pro[keep]
     span = fpr.max() - fpr.min()
     if span == 0:
@@ -81,7 +81,7 @@ def _area_up_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     return area
 
 
-def _aupro_exact(data: _PixelData, fpr_limit: float) -> float:
+def _aupro_exact(data: PixelData, fpr_limit: float) -> float:
     """MVTec's AUPRO: exact PRO-vs-FPR curve, area up to `fpr_limit` divided by it."""
     r = data.ranking
     pro_ge = _pro_at_values(data)
@@ -96,9 +96,9 @@ def _aupro_exact(data: _PixelData, fpr_limit: float) -> float:
     return _area_up_to(fpr, pro, fpr_limit) / fpr_limit
 
 
-def _aupro(data: _PixelData, variant: str, fpr_limit: float, num_thresholds: int) -> float:
+def _aupro(data: PixelData, variant: str, fpr_limit: float, num_thresholds: int) -> float:
     if variant == "cflow":
-        return _aupro_cflow(data, fpr_limit, num_thresholds)
+        return aupro_cflow(data, fpr_limit, num_thresholds)
     return _aupro_exact(data, fpr_limit)
 
 
@@ -121,7 +121,7 @@ def aupro(
     """
     _check_aupro_options(variant, fpr_limit, num_thresholds)
     stats = PixelStats.of(masks, maps)
-    return _guarded("pixel_aupro", lambda: _aupro(_pixel_data(stats), variant, fpr_limit, int(num_thresholds)))
+    return guarded("pixel_aupro", lambda: _aupro(pixel_data(stats), variant, fpr_limit, int(num_thresholds)))
 
 
 # ------------------------------------------------------------------------------------------------------ all six

@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import ndimage
 
-from vip2clip.metrics.ranking import _auroc, _best_f1, _guarded, _pixel_inputs, _Ranking, _Undefined
+from vip2clip.metrics.ranking import Ranking, UndefinedMetric, guarded, pixel_inputs, ranking_auroc, ranking_best_f1
 from vip2clip.metrics.threshold import PixelF1Histogram
 
 # 8-connectivity, the regions of `skimage.measure.label` (the community code's labelling).
@@ -86,7 +86,7 @@ class PixelStats:
     @classmethod
     def of(cls, masks: ArrayLike, maps: ArrayLike) -> PixelStats:
         """Statistics of masks bool [N, H, W] (or 0/1) and maps float [N, H, W]; ValueError for malformed input."""
-        m, a = _pixel_inputs(masks, maps)
+        m, a = pixel_inputs(masks, maps)
         values, positive, negative = _value_counts(m, a)
         regions, n_regions = _defect_region_ids(m)
         return cls(values, positive, negative, a[m], regions, n_regions)
@@ -120,36 +120,37 @@ class PixelStats:
 
 
 @dataclass(frozen=True)
-class _PixelData:
+class PixelData:
     """One class's pixels: their statistics and the ranking of the defect pixels' distinct scores."""
 
     stats: PixelStats
-    ranking: _Ranking
+    ranking: Ranking
 
 
-def _pixel_data(stats: PixelStats) -> _PixelData:
-    """The ranking of `stats` (see `vip2clip.metrics.ranking._rank`); _Undefined without defect or normal pixels."""
+def pixel_data(stats: PixelStats) -> PixelData:
+    """The ranking of `stats` (a `vip2clip.metrics.ranking.Ranking`) with the stats; UndefinedMetric without defect
+    or normal pixels."""
     n_pos, n_neg = int(stats.positive.sum()), int(stats.negative.sum())
     if n_pos == 0:
-        raise _Undefined("no defect pixel in the masks")
+        raise UndefinedMetric("no defect pixel in the masks")
     if n_neg == 0:
-        raise _Undefined("every pixel is a defect pixel")
+        raise UndefinedMetric("every pixel is a defect pixel")
     has_defect = stats.positive > 0
     pos_ge = np.cumsum(stats.positive[::-1])[::-1]
     neg_ge = np.cumsum(stats.negative[::-1])[::-1]
     neg_gt = neg_ge - stats.negative
-    ranking = _Ranking(stats.values[has_defect], pos_ge[has_defect], neg_ge[has_defect], neg_gt[has_defect],
+    ranking = Ranking(stats.values[has_defect], pos_ge[has_defect], neg_ge[has_defect], neg_gt[has_defect],
                        n_pos, n_neg)  # fmt: skip
-    return _PixelData(stats, ranking)
+    return PixelData(stats, ranking)
 
 
 def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:
     """AUROC over all pixels of the class. masks: bool [N, H, W]; maps: float [N, H, W] (float16 accepted)."""
     stats = PixelStats.of(masks, maps)
-    return _guarded("pixel_auroc", lambda: _auroc(_pixel_data(stats).ranking))
+    return guarded("pixel_auroc", lambda: ranking_auroc(pixel_data(stats).ranking))
 
 
 def pixel_max_f1(masks: ArrayLike, maps: ArrayLike) -> float:
     """Max F1 over the precision-recall curve of all pixels of the class. masks [N, H, W], maps [N, H, W]."""
     stats = PixelStats.of(masks, maps)
-    return _guarded("pixel_f1", lambda: _best_f1(_pixel_data(stats).ranking)[0])
+    return guarded("pixel_f1", lambda: ranking_best_f1(pixel_data(stats).ranking)[0])

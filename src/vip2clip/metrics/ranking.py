@@ -3,6 +3,10 @@
 A curve can only gain a positive at a score that some positive sample (anomalous image, defect pixel) has, so
 every metric is derived from counts at the distinct positive scores, ranked by binary search against one sorted
 copy of all scores. Undefined metrics return NaN with an `UndefinedMetricWarning` naming the metric.
+
+This is the metrics package's core: `Ranking`, the metrics of a ranking (`ranking_auroc`, ...), input checks and
+the undefined-metric signal are shared with `pixels` and `aupro` under names without an underscore; the public API
+is `vip2clip.metrics`'s `__all__`.
 """
 
 from __future__ import annotations
@@ -21,11 +25,11 @@ class UndefinedMetricWarning(UserWarning):
     """A metric is undefined for the given data (for example only one label is present); it is returned as NaN."""
 
 
-class _Undefined(Exception):
+class UndefinedMetric(Exception):
     """Internal signal: the metric is undefined; the message says why."""
 
 
-def _warn_undefined(metric: str, reason: str) -> float:
+def warn_undefined(metric: str, reason: str) -> float:
     # Point the warning at the first frame outside this module, however deep the call came from.
     frame, level = inspect.currentframe(), 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith("vip2clip.metrics"):
@@ -34,12 +38,12 @@ def _warn_undefined(metric: str, reason: str) -> float:
     return math.nan
 
 
-def _guarded(metric: str, compute: Callable[[], float]) -> float:
+def guarded(metric: str, compute: Callable[[], float]) -> float:
     """`compute()`, or NaN with a warning naming `metric` when it is undefined."""
     try:
         return compute()
-    except _Undefined as undefined:
-        return _warn_undefined(metric, str(undefined))
+    except UndefinedMetric as undefined:
+        return warn_undefined(metric, str(undefined))
 
 
 # ----------------------------------------------------------------------------------------------- input checks
@@ -75,7 +79,7 @@ def _image_inputs(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.
     return y, s
 
 
-def _pixel_inputs(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+def pixel_inputs(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """Checked masks (bool [N, H, W]) and maps (float [N, H, W])."""
     m, a = _as_binary(masks, "masks"), _as_scores(maps, "maps")
     if m.ndim != 3 or a.shape != m.shape or m.size == 0:
@@ -89,7 +93,7 @@ def _pixel_inputs(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.nda
 
 
 @dataclass(frozen=True)
-class _Ranking:
+class Ranking:
     """Counts at each distinct positive score v (the thresholds where a curve gains positives), ascending.
 
     values: [U] the distinct scores of the positive samples; pos_ge, neg_ge, neg_gt: [U] int64, the number of
@@ -109,7 +113,7 @@ def _run_starts(sorted_values: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.concatenate(([True], sorted_values[1:] != sorted_values[:-1])))
 
 
-def _rank(pos_sorted: np.ndarray, all_sorted: np.ndarray) -> _Ranking:
+def _rank(pos_sorted: np.ndarray, all_sorted: np.ndarray) -> Ranking:
     """Ranking of the positives' scores [P] among all scores [M], both sorted ascending, same dtype."""
     n_pos, n_all = pos_sorted.size, all_sorted.size
     starts = _run_starts(pos_sorted)
@@ -118,10 +122,10 @@ def _rank(pos_sorted: np.ndarray, all_sorted: np.ndarray) -> _Ranking:
     pos_gt = np.append(pos_ge[1:], 0)
     all_ge = n_all - np.searchsorted(all_sorted, values, side="left")
     all_gt = n_all - np.searchsorted(all_sorted, values, side="right")
-    return _Ranking(values, pos_ge, all_ge - pos_ge, all_gt - pos_gt, n_pos, n_all - n_pos)
+    return Ranking(values, pos_ge, all_ge - pos_ge, all_gt - pos_gt, n_pos, n_all - n_pos)
 
 
-def _auroc(r: _Ranking) -> float:
+def ranking_auroc(r: Ranking) -> float:
     """Mann-Whitney form of the ROC area: P(score_pos > score_neg) + P(tie) / 2, equal to sklearn's trapezoid."""
     pos_at = r.pos_ge - np.append(r.pos_ge[1:], 0)
     neg_below = r.n_neg - r.neg_ge
@@ -129,13 +133,13 @@ def _auroc(r: _Ranking) -> float:
     return float(np.dot(pos_at, neg_below + 0.5 * neg_at) / (r.n_pos * r.n_neg))
 
 
-def _average_precision(r: _Ranking) -> float:
+def ranking_average_precision(r: Ranking) -> float:
     """sklearn's AP, sum of (recall step) x precision; recall only steps at positive scores."""
     pos_at = r.pos_ge - np.append(r.pos_ge[1:], 0)
     return float(np.sum(pos_at / r.n_pos * (r.pos_ge / (r.pos_ge + r.neg_ge))))
 
 
-def _best_f1(r: _Ranking) -> tuple[float, float]:
+def ranking_best_f1(r: Ranking) -> tuple[float, float]:
     """(max F1, its threshold) with "score >= threshold" as positive.
 
     F1 = 2PR / (P + R) = 2 tp / (tp + fp + n_pos). For a fixed tp the best threshold is the highest one, a
@@ -150,22 +154,22 @@ def _best_f1(r: _Ranking) -> tuple[float, float]:
 # ------------------------------------------------------------------------------------------------ image level
 
 
-def _image_ranking(labels: ArrayLike, scores: ArrayLike) -> _Ranking:
+def image_ranking(labels: ArrayLike, scores: ArrayLike) -> Ranking:
     y, s = _image_inputs(labels, scores)
     n_pos = int(y.sum())
     if n_pos in (0, y.size):
-        raise _Undefined(f"all {y.size} image labels are {int(y[0])}")
+        raise UndefinedMetric(f"all {y.size} image labels are {int(y[0])}")
     return _rank(np.sort(s[y]), np.sort(s))
 
 
 def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Image-level AUROC. labels: int {0, 1} [N] (1 = anomalous); scores: float [N]."""
-    return _guarded("image_auroc", lambda: _auroc(_image_ranking(labels, scores)))
+    return guarded("image_auroc", lambda: ranking_auroc(image_ranking(labels, scores)))
 
 
 def image_ap(labels: ArrayLike, scores: ArrayLike) -> float:
     """Image-level average precision (sklearn's `average_precision_score`). labels [N], scores [N]."""
-    return _guarded("image_ap", lambda: _average_precision(_image_ranking(labels, scores)))
+    return guarded("image_ap", lambda: ranking_average_precision(image_ranking(labels, scores)))
 
 
 def max_f1(labels: ArrayLike, scores: ArrayLike) -> float:
@@ -176,7 +180,7 @@ def max_f1(labels: ArrayLike, scores: ArrayLike) -> float:
 def best_f1_threshold(labels: ArrayLike, scores: ArrayLike) -> tuple[float, float]:
     """(max F1, threshold): predicting "anomalous" for score >= threshold reaches that F1. (NaN, NaN) if undefined."""
     try:
-        return _best_f1(_image_ranking(labels, scores))
-    except _Undefined as undefined:
-        nan = _warn_undefined("max_f1", str(undefined))
+        return ranking_best_f1(image_ranking(labels, scores))
+    except UndefinedMetric as undefined:
+        nan = warn_undefined("max_f1", str(undefined))
         return nan, nan
