@@ -15,8 +15,8 @@ from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.evaluation import panels as panels_module
 from vip2clip.evaluation.evaluate import evaluate
-from vip2clip.evaluation.results import ClassOutputs, EvalConfig
 from vip2clip.evaluation.panels import PanelSpool, panel_order
+from vip2clip.evaluation.results import ClassOutputs, EvalConfig
 from vip2clip.metrics import UndefinedMetricWarning
 from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyle, layout_panel
 

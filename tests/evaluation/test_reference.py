@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from vip2clip.data.registry import DATASETS
-from vip2clip.evaluation.results import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.evaluation.reference import load_reference
 from vip2clip.evaluation.reports import BenchmarkEntry, benchmark_table_markdown, write_benchmark
+from vip2clip.evaluation.results import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
 
 NAN = math.nan

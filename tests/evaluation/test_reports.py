@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from vip2clip.evaluation.results import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.evaluation.reports import (
     CLASS_HEADER,
     BenchmarkEntry,
@@ -19,6 +18,7 @@ from vip2clip.evaluation.reports import (
     write_benchmark,
     write_results,
 )
+from vip2clip.evaluation.results import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.metrics import METRIC_KEYS
 
 NAN = math.nan

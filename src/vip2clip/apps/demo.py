@@ -28,8 +28,8 @@ from vip2clip.config import TINY_BACKBONE, ModelConfig
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.evaluation.benchmark import CALIBRATION_NAME, MAPS_DIR, evaluate_dataset
-from vip2clip.evaluation.results import EvalConfig, EvaluationResult
 from vip2clip.evaluation.reports import class_table_markdown
+from vip2clip.evaluation.results import EvalConfig, EvaluationResult
 from vip2clip.factory import create_model
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.training.loop import TrainConfig, TrainResult, train

@@ -23,9 +23,9 @@ from vip2clip import __version__
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.registry import DATASETS, dataset_info, resolve_index
 from vip2clip.evaluation.evaluate import evaluate
-from vip2clip.evaluation.results import EvalConfig, EvaluationResult
 from vip2clip.evaluation.reference import Reference
 from vip2clip.evaluation.reports import BenchmarkEntry, write_benchmark, write_results, write_scores
+from vip2clip.evaluation.results import EvalConfig, EvaluationResult
 from vip2clip.evaluation.scoring import evaluated_identity
 from vip2clip.inference.calibration import METHOD_F1, make_calibration
 from vip2clip.model.identity import ModelIdentity
