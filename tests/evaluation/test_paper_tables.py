@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from vip2clip.config import ModelConfig
-from vip2clip.evaluation.evaluate import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.evaluation.reference import load_reference
 from vip2clip.evaluation.reports import write_results
+from vip2clip.evaluation.results import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
 
 PAPER = load_reference("paper")
