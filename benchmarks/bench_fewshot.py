@@ -38,7 +38,7 @@ from common import (
     reset_peak_rss,
     time_interleaved,
 )
-from vip2clip.apps.demo import DemoConfig, run_demo
+from vip2clip.apps.demo import DemoConfig, run_offline_demo
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     if not args.skip_accuracy:
         with tempfile.TemporaryDirectory() as tmp:
-            demo = run_demo(Path(tmp) / "demo", config=DemoConfig(), echo=lambda line: None)
+            demo = run_offline_demo(Path(tmp) / "demo", config=DemoConfig(), echo=lambda line: None)
             model = vip2clip.create_model("tiny", checkpoint=demo.checkpoint)
             sections.append(accuracy_tables(model, Path(tmp), args.sets, args.seed))
     sections.append(cost_table(args, device))

@@ -35,7 +35,7 @@ from common import (
     publish,
     reset_peak_rss,
 )
-from vip2clip.apps.demo import DemoConfig, run_demo
+from vip2clip.apps.demo import DemoConfig, run_offline_demo
 from vip2clip.data.images import load_mask
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.inference.predictor import Predictor
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("ignore")
     info = machine_description(device)
     with tempfile.TemporaryDirectory() as tmp:
-        demo = run_demo(Path(tmp) / "demo", config=DemoConfig(), echo=lambda line: None)
+        demo = run_offline_demo(Path(tmp) / "demo", config=DemoConfig(), echo=lambda line: None)
         sections = [rule_table(demo.checkpoint, Path(tmp), args.sets, args.per_set), memory_table()]
     publish("bench_tiling.py: image score over tiles, tiled vs untiled, 20 MP memory", "\n\n".join(sections), info,
             args.record)  # fmt: skip

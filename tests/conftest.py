@@ -61,9 +61,9 @@ def trained_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Trained
 @pytest.fixture(scope="session")
 def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The checkpoint `vip2clip demo` trains (tiny random CLIP, 128 px, 'textured' synthetic set; a few seconds)."""
-    from vip2clip.apps.demo import run_demo
+    from vip2clip.apps.demo import run_offline_demo
 
-    return run_demo(tmp_path_factory.mktemp("demo") / "demo", echo=lambda line: None).checkpoint
+    return run_offline_demo(tmp_path_factory.mktemp("demo") / "demo", echo=lambda line: None).checkpoint
 
 
 @pytest.fixture(scope="session")

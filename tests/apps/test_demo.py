@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vip2clip.apps.demo import DemoConfig, run_demo, scaled_top_k
+from vip2clip.apps.demo import DemoConfig, run_offline_demo, scaled_top_k
 from vip2clip.cli import main
 from vip2clip.metrics import UndefinedMetricWarning
 
@@ -53,16 +53,16 @@ def test_demo_command_writes_table_and_panels(tmp_path: Path) -> None:
 @pytest.mark.filterwarnings("ignore", category=UndefinedMetricWarning)
 def test_demo_folder_rules(tmp_path: Path) -> None:
     lines: list[str] = []
-    first = run_demo(tmp_path / "d", config=TINY_DEMO, echo=lines.append)
+    first = run_offline_demo(tmp_path / "d", config=TINY_DEMO, echo=lines.append)
     assert first.checkpoint.is_file() and len(first.panels) == 2
     assert any("RANDOMLY INITIALISED" in line for line in lines)
-    run_demo(tmp_path / "d", config=TINY_DEMO, echo=lines.append)  # a previous demo folder is reused
+    run_offline_demo(tmp_path / "d", config=TINY_DEMO, echo=lines.append)  # a previous demo folder is reused
     log = (tmp_path / "d/train/train_log.jsonl").read_text().splitlines()
     assert len(log) == 1  # the second run trained afresh instead of appending to the first run's log
     (tmp_path / "other").mkdir()
     (tmp_path / "other/notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="not a vip2clip demo folder"):
-        run_demo(tmp_path / "other", config=TINY_DEMO, echo=lines.append)
+        run_offline_demo(tmp_path / "other", config=TINY_DEMO, echo=lines.append)
 
 
 def test_real_backbone_needs_weights(tmp_path: Path, capsys) -> None:

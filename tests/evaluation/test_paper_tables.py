@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from vip2clip.config import ModelConfig
-from vip2clip.evaluation.reference import load_reference
+from vip2clip.evaluation.paper import load_paper_numbers
 from vip2clip.evaluation.reports import write_results
 from vip2clip.evaluation.results import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
 
-PAPER = load_reference("paper")
+PAPER = load_paper_numbers("paper")
 DATA = json.loads(resources.files("vip2clip.evaluation").joinpath("paper_results.json").read_text("utf-8"))
 ROUNDING = 0.05 + 1e-9  # a mean of printed one-decimal values vs. the printed (rounded) mean
 
@@ -116,7 +116,7 @@ def _result(names: list[str], value: float) -> EvaluationResult:
 
 def test_results_files_compare_each_class(tmp_path: Path) -> None:
     result = _result(["candle", "mine"], 0.9)
-    files = write_results(tmp_path, result, {}, title="VisA", reference=PAPER, dataset="visa")
+    files = write_results(tmp_path, result, {}, title="VisA", paper=PAPER, dataset="visa")
     markdown = files["markdown"].read_text(encoding="utf-8")
     section = markdown.split("### Compared with the paper")[1]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]

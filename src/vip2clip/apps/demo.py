@@ -181,7 +181,7 @@ def _run_stages(
     return result, trained, top_k, notes
 
 
-def run_demo(
+def run_offline_demo(
     out_dir: str | Path = "vip2clip_demo",
     backbone: str = TINY_BACKBONE,
     clip_weights: str | Path | None = None,

@@ -99,10 +99,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from vip2clip.apps.demo import DemoConfig
-    from vip2clip.apps.demo import run_demo as demo
+    from vip2clip.apps.demo import DemoConfig, run_offline_demo
 
     overrides = {"image_size": args.image_size, "epochs": args.epochs}
     config = DemoConfig(**{key: value for key, value in overrides.items() if value is not None})
-    demo(args.out, args.backbone, args.clip_weights, args.device, config)
+    run_offline_demo(args.out, args.backbone, args.clip_weights, args.device, config)
     return 0

@@ -76,26 +76,26 @@ def _check_shots(index, config) -> None:
         choose_shots(index, list(config.classes or index.classes(config.split)), config.shots, config.seed)
 
 
-def _add_paper_reference_argument(parser: argparse.ArgumentParser, where: str) -> None:
+def _add_paper_argument(parser: argparse.ArgumentParser, where: str) -> None:
     parser.add_argument(
         "--reference", choices=("paper",), default=None,
         help=f"add the paper's ViP²-CLIP numbers and our difference to them to the tables: {where}",
     )  # fmt: skip
 
 
-def _test_reference(args: argparse.Namespace, name: str):
+def _test_paper(args: argparse.Namespace, name: str):
     """The --reference of `test`, refused early when it has no numbers for the dataset being tested."""
-    from vip2clip.evaluation.reference import load_reference
+    from vip2clip.evaluation.paper import load_paper_numbers
 
     if not args.reference:
         return None
-    reference = load_reference(args.reference)
-    if reference.row_for(name) is None and reference.class_mean(name) is None:
+    paper = load_paper_numbers(args.reference)
+    if paper.row_for(name) is None and paper.class_mean(name) is None:
         raise CLIError(
             f"--reference {args.reference}: it has no numbers for {name!r}; name the benchmark with --dataset "
-            f"(the {args.reference} reports: {', '.join(sorted(reference.rows))})"
+            f"(the {args.reference} reports: {', '.join(sorted(paper.rows))})"
         )
-    return reference
+    return paper
 
 
 def _register_test(subparsers: argparse._SubParsersAction) -> None:
@@ -104,7 +104,7 @@ def _register_test(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dataset", default=None, help="benchmark name, to convert a native root on the fly")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes")
-    _add_paper_reference_argument(parser, "per class (Tables 10-21) and for the mean (Tables 1-2)")
+    _add_paper_argument(parser, "per class (Tables 10-21) and for the mean (Tables 1-2)")
     _add_evaluation_arguments(parser, ("--batch-size", "--eval-batch-size"))
     add_tiling_arguments(parser)
     add_reference_arguments(parser, shots=True, seed=True)
@@ -116,7 +116,7 @@ def _register_test(subparsers: argparse._SubParsersAction) -> None:
 def run_test(args: argparse.Namespace) -> int:
     from vip2clip.data.registry import dataset_info, resolve_index
     from vip2clip.evaluation.benchmark import evaluate_dataset
-    from vip2clip.evaluation.reports import class_reference_markdown, class_table_markdown
+    from vip2clip.evaluation.reports import class_paper_markdown, class_table_markdown
 
     if not args.checkpoint:
         raise CLIError("--checkpoint is required (a vip2clip or release checkpoint to evaluate)")
@@ -126,19 +126,19 @@ def run_test(args: argparse.Namespace) -> int:
         index = resolve_index(args.data, args.dataset)
     _check_shots(index, config)
     name = dataset_info(args.dataset).title if args.dataset else Path(index.root).name
-    reference = _test_reference(args, name)
+    paper = _test_paper(args, name)
     model = build_model(args, **config_from_args(args))
     out = Path(args.out)
     identity = model_identity(args, model)
     result = evaluate_dataset(
         model, index, out, config, name, identity, args.save_maps, progress=progress_for(args), world=world,
-        reference=reference,
+        paper=paper,
     )  # fmt: skip
     if not world.is_main:
         return 0
     print(class_table_markdown(result, name))
-    if reference is not None:
-        print(class_reference_markdown(result, reference, name))
+    if paper is not None:
+        print(class_paper_markdown(result, paper, name))
     print(f"results: {out / 'results.md'} (+ .csv, .json)")
     if (out / "calibration.json").is_file():
         print(f"thresholds: {out / 'calibration.json'}")
@@ -162,7 +162,7 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train", default=None, metavar="NAME=ROOT", help="dataset to train on (its test split)")
     parser.add_argument("--test", nargs="+", required=True, metavar="NAME=ROOT", help="datasets to evaluate")
     parser.add_argument("--out", required=True, help="output folder")
-    _add_paper_reference_argument(parser, "per dataset (Tables 1-2) and in each dataset's results per class")
+    _add_paper_argument(parser, "per dataset (Tables 1-2) and in each dataset's results per class")
     _add_evaluation_arguments(parser, ("--eval-batch-size",))
     add_tiling_arguments(parser)
     add_reference_arguments(parser, shots=True)  # the --shots images are drawn with the training's --seed
@@ -189,14 +189,14 @@ def _train_for_benchmark(args: argparse.Namespace, train_spec, out: Path):
 
 
 def run_benchmark(args: argparse.Namespace) -> int:
-    from vip2clip.evaluation.benchmark import load_dataset, parse_dataset_spec, run_benchmark
-    from vip2clip.evaluation.reference import load_reference
+    from vip2clip.evaluation.benchmark import benchmark_datasets, load_dataset, parse_dataset_spec
+    from vip2clip.evaluation.paper import load_paper_numbers
     from vip2clip.evaluation.reports import benchmark_table_markdown
     from vip2clip.model.identity import ModelIdentity
 
     if not args.train and not args.checkpoint:
         raise CLIError("give --train NAME=ROOT (to train first) or --checkpoint CKPT")
-    reference = load_reference(args.reference) if args.reference else None
+    paper = load_paper_numbers(args.reference) if args.reference else None
     train_spec = parse_dataset_spec(args.train) if args.train else None
     tests = [parse_dataset_spec(text) for text in args.test]
     config = _eval_config(args)
@@ -225,11 +225,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
     else:
         model, checkpoint, training = _train_for_benchmark(args, train_spec, out)
     identity = ModelIdentity.of(model, checkpoint)
-    entries = run_benchmark(
-        model, indexes, out, config, identity, training, args.save_maps, progress_for(args), reference, world
+    entries = benchmark_datasets(
+        model, indexes, out, config, identity, training, args.save_maps, progress_for(args), paper, world
     )
     if not world.is_main:
         return 0
-    print(benchmark_table_markdown(entries, reference=reference))
+    print(benchmark_table_markdown(entries, paper=paper))
     print(f"benchmark: {out / 'benchmark.md'} (+ .csv, .json); per dataset: {', '.join(s.folder for s in tests)}")
     return 0

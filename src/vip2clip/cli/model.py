@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     convert.add_argument("source", help="checkpoint to read (either format)")
     convert.add_argument("destination", help="file to write")
     convert.add_argument("--to", required=True, choices=["release", "vip2clip"], help="format to write")
-    convert.set_defaults(func=run_convert)
+    convert.set_defaults(func=run_convert_checkpoint)
 
     models = subparsers.add_parser("models", help="list the model presets and the published weights")
     models.set_defaults(func=run_models)
@@ -97,7 +97,7 @@ def run_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_convert(args: argparse.Namespace) -> int:
+def run_convert_checkpoint(args: argparse.Namespace) -> int:
     from vip2clip.model.checkpoint import convert_checkpoint
 
     if Path(args.source).resolve() == Path(args.destination).resolve():

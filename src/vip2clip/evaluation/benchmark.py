@@ -1,7 +1,7 @@
 """The zero-shot protocol runner: evaluate one dataset into a folder, or several into a benchmark table.
 
 `evaluate_dataset` writes OUT/results.{md,csv,json}, OUT/scores.csv (every image's pred_score), OUT/calibration.json
-(the F1-optimal thresholds, null where undefined) and, when asked, panels under OUT/maps/. `run_benchmark` does
+(the F1-optimal thresholds, null where undefined) and, when asked, panels under OUT/maps/. `benchmark_datasets` does
 that for each test dataset in OUT/NAME/ and writes the combined Table 1/2-style OUT/benchmark.{md,csv,json}.
 Training (when no checkpoint is given) is the caller's business (`vip2clip.training.loop.train`), so that the same
 functions serve `vip2clip test`, `vip2clip benchmark` and the demo. Under torchrun every rank calls them with its
@@ -23,7 +23,7 @@ from vip2clip import __version__
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.registry import DATASETS, dataset_info, resolve_index
 from vip2clip.evaluation.evaluate import evaluate
-from vip2clip.evaluation.reference import Reference
+from vip2clip.evaluation.paper import PaperNumbers
 from vip2clip.evaluation.reports import BenchmarkEntry, write_benchmark, write_results, write_scores
 from vip2clip.evaluation.results import EvalConfig, EvaluationResult
 from vip2clip.evaluation.scoring import evaluated_identity
@@ -159,14 +159,14 @@ def evaluate_dataset(
     notes: Sequence[str] = (),
     progress: Progress = silent,
     world: World = LOCAL,
-    reference: Reference | None = None,
+    paper: PaperNumbers | None = None,
 ) -> EvaluationResult:
     """Evaluate and write results.{md,csv,json}, scores.csv, calibration.json and (save_maps) the panels in OUT/maps/.
 
     identity: `ModelIdentity.of(model, checkpoint)`, recorded in the results and the calibration (with the tiling
     and the few-shot protocol of `config`).
     `notes` go into results.md and results.json; a note on random backbone weights is added automatically.
-    reference: numbers to compare with per class and for the mean (`name` is looked up in it).
+    paper: numbers to compare with per class and for the mean (`name` is looked up in it).
     """
     out_dir = Path(out_dir)
     identity = evaluated_identity(identity, config.tiling, config.shots, config.seed)
@@ -184,7 +184,7 @@ def evaluate_dataset(
     if config.tiling is not None:
         notes = [*notes, f"tiled: {config.tiling.size}-px tiles, overlap {config.tiling.overlap}."]
     context = run_context(model, identity, dataset, config, world)
-    write_results(out_dir, result, context, title=name, notes=notes, reference=reference, dataset=name)
+    write_results(out_dir, result, context, title=name, notes=notes, paper=paper, dataset=name)
     write_scores(out_dir / SCORES_NAME, result)
     write_calibration(out_dir / CALIBRATION_NAME, identity, result)
     for path, reason in result.skipped:
@@ -192,7 +192,7 @@ def evaluate_dataset(
     return result
 
 
-def run_benchmark(
+def benchmark_datasets(
     model: ViP2CLIP,
     tests: Sequence[tuple[DatasetSpec, DatasetIndex]],
     out_dir: str | Path,
@@ -201,13 +201,13 @@ def run_benchmark(
     training: Mapping[str, Any] | None = None,
     save_maps: bool = False,
     progress: Progress = silent,
-    reference: Reference | None = None,
+    paper: PaperNumbers | None = None,
     world: World = LOCAL,
 ) -> list[BenchmarkEntry]:
     """Evaluate every test dataset into OUT/NAME/ and write the combined OUT/benchmark.{md,csv,json}.
 
     identity: `ModelIdentity.of(model, checkpoint)`; training: what the model was trained on (in benchmark.json);
-    reference: numbers to compare with (`evaluation.reference.load_reference("paper")`), added to the tables.
+    paper: numbers to compare with (`evaluation.paper.load_paper_numbers("paper")`), added to the tables.
     """
     out_dir = Path(out_dir)
     folders = [spec.folder for spec, _ in tests]
@@ -218,12 +218,12 @@ def run_benchmark(
         logger.info("evaluating %s (%s)", spec.title, index.root)
         result = evaluate_dataset(
             model, index, out_dir / spec.folder, config, spec.title, identity, save_maps, progress=progress,
-            world=world, reference=reference,
+            world=world, paper=paper,
         )  # fmt: skip
         entries.append(BenchmarkEntry(spec.title, result))
     if world.is_main:
         tested = {"tests": [{"name": s.title, "root": str(i.root)} for s, i in tests]}
         context = run_context(model, identity, tested, config, world)
         context["training"] = dict(training or {})
-        write_benchmark(out_dir, entries, context, reference=reference)
+        write_benchmark(out_dir, entries, context, paper=paper)
     return entries

@@ -6,7 +6,7 @@ pixel-level block, one row per dataset holding "(AUROC, AP, F1)" or "(AUROC, PRO
 block. A dataset whose block is entirely undefined (the medical image-only or pixel-only sets) is left out of that
 block, as in Table 2. Undefined values are "-" in markdown, empty in CSV and null in JSON.
 
-With a reference (`benchmark --reference paper`, `evaluation.reference`) the benchmark table gains the reference's
+With a reference (`benchmark --reference paper`, `evaluation.paper`) the benchmark table gains the reference's
 numbers and ours - reference per dataset and metric ("-" where the reference has none); the markdown difference
 is that of the printed (rounded) values, so that it can be checked by eye; CSV and JSON keep full precision.
 A dataset's results (`test --reference paper`, and each dataset of such a benchmark) gain the same per class
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vip2clip.evaluation.reference import ClassComparison, Reference, difference
+from vip2clip.evaluation.paper import ClassComparison, PaperNumbers, difference
 from vip2clip.evaluation.results import EvaluationResult, result_to_dict
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
 from vip2clip.utils.fileio import atomic_write_json, atomic_write_text
@@ -82,37 +82,37 @@ def _block_entries(entries: Sequence[BenchmarkEntry], keys: Sequence[str]) -> li
     return [e for e in entries if any(not math.isnan(e.result.mean[k]) for k in keys)]
 
 
-def _printed_difference(ours: float, reference: float) -> str:
+def _printed_difference(ours: float, paper: float) -> str:
     """ "+0.3": printed ours - printed reference, "-" where either is missing."""
-    ours_text, reference_text = percent(ours), percent(reference)
+    ours_text, reference_text = percent(ours), percent(paper)
     if "-" in (ours_text, reference_text):
         return "-"
     return f"{round(float(ours_text) - float(reference_text), 1) or 0.0:+.1f}"  # no "-0.0"
 
 
-def _difference_triple(ours: Mapping[str, float], reference: Mapping[str, float] | None, keys: Sequence[str]) -> str:
+def _difference_triple(ours: Mapping[str, float], paper: Mapping[str, float] | None, keys: Sequence[str]) -> str:
     """ "(+0.3, -, -1.2)": printed ours - printed reference, "-" where either is missing."""
-    if reference is None:
+    if paper is None:
         return "-"
-    return "(" + ", ".join(_printed_difference(ours[key], reference.get(key, math.nan)) for key in keys) + ")"
+    return "(" + ", ".join(_printed_difference(ours[key], paper.get(key, math.nan)) for key in keys) + ")"
 
 
-def _reference_cells(
-    reference: Reference | None, ours: Mapping[str, float], theirs: Mapping[str, float] | None, keys: Sequence[str]
+def _comparison_cells(
+    paper: PaperNumbers | None, ours: Mapping[str, float], theirs: Mapping[str, float] | None, keys: Sequence[str]
 ) -> list[str]:
-    if reference is None:
+    if paper is None:
         return []
     return [_triple(theirs, keys) if theirs else "-", _difference_triple(ours, theirs, keys)]
 
 
-def _reference_values(reference: Reference, name: str, keys: Sequence[str]) -> dict[str, float] | None:
+def _paper_values(paper: PaperNumbers, name: str, keys: Sequence[str]) -> dict[str, float] | None:
     """The reference's values of one block for a dataset (None: it does not report that block)."""
-    row = reference.row_for(name)
+    row = paper.row_for(name)
     return {k: row.values[k] for k in keys} if row and all(k in row.values for k in keys) else None
 
 
 def benchmark_table_markdown(
-    entries: Sequence[BenchmarkEntry], method: str = "ViP²-CLIP", reference: Reference | None = None
+    entries: Sequence[BenchmarkEntry], method: str = "ViP²-CLIP", paper: PaperNumbers | None = None
 ) -> str:
     """The paper's Table 1/2 layout: Task | Datasets | C | METHOD, image block then pixel block, AVERAGE rows;
     with a reference, two more columns: its values and ours - reference (see the module docstring)."""
@@ -120,21 +120,19 @@ def benchmark_table_markdown(
     for task, keys in BLOCKS:
         shown = _block_entries(entries, keys)
         for position, entry in enumerate(shown):
-            theirs = _reference_values(reference, entry.name, keys) if reference else None
+            theirs = _paper_values(paper, entry.name, keys) if paper else None
             rows.append([task if position == 0 else "", entry.name, str(len(entry.result.classes)),
                          _triple(entry.result.mean, keys),
-                         *_reference_cells(reference, entry.result.mean, theirs, keys)])  # fmt: skip
+                         *_comparison_cells(paper, entry.result.mean, theirs, keys)])  # fmt: skip
         if shown:
             average = block_average(shown, keys)
-            theirs = reference.block_average([e.name for e in shown], keys) if reference else None
-            rows.append(
-                ["", "AVERAGE", "-", _triple(average, keys), *_reference_cells(reference, average, theirs, keys)]
-            )
-    header = ("Task", "Datasets", "C", method) + ((reference.name, f"ours - {reference.name}") if reference else ())
+            theirs = paper.block_average([e.name for e in shown], keys) if paper else None
+            rows.append(["", "AVERAGE", "-", _triple(average, keys), *_comparison_cells(paper, average, theirs, keys)])
+    header = ("Task", "Datasets", "C", method) + ((paper.name, f"ours - {paper.name}") if paper else ())
     table = _markdown_table(header, rows) + "\n"
-    if reference:
+    if paper:
         table += (
-            f"\n{reference.name}: {reference.source} ({reference.protocol}). Differences in points of the printed "
+            f"\n{paper.name}: {paper.source} ({paper.protocol}). Differences in points of the printed "
             "values; '-': not reported there. The reference's AVERAGE is its printed one when the block holds "
             "exactly that table's datasets, else the mean of its values for these datasets.\n"
         )
@@ -151,19 +149,19 @@ def _paper_cells(ours: Mapping[str, float], theirs: Mapping[str, float] | None) 
     return cells
 
 
-def class_reference_markdown(result: EvaluationResult, reference: Reference, dataset: str) -> str:
+def class_paper_markdown(result: EvaluationResult, paper: PaperNumbers, dataset: str) -> str:
     """The per-class comparison with `reference` of results.md (see the module docstring); dataset: its registry
     name, alias or title."""
-    comparison = reference.compare_classes(dataset, [c.name for c in result.classes])
-    heading = f"### Compared with the {reference.name}: {reference.method}"
+    comparison = paper.compare_classes(dataset, [c.name for c in result.classes])
+    heading = f"### Compared with the {paper.name}: {paper.method}"
     if comparison is None:
-        return f"{heading}\n\nThe {reference.name} reports no numbers for this dataset.\n"
+        return f"{heading}\n\nThe {paper.name} reports no numbers for this dataset.\n"
     rows = [[c.name, *_paper_cells(c.metrics, _class_values(comparison, c.name))] for c in result.classes]
     rows.append(["**Mean**", *_paper_cells(result.mean, comparison.mean)])
     mean_note = f"the Mean row's reference: {comparison.mean_source or 'none (not every class is in the paper)'}"
     return (
         f"{heading} ({', '.join(comparison.tables)})\n\n{_markdown_table(CLASS_HEADER, rows)}\n\n"
-        f"Cells: the {reference.name}'s value (ours - {reference.name}, in points of the printed values); '-': not "
+        f"Cells: the {paper.name}'s value (ours - {paper.name}, in points of the printed values); '-': not "
         f"reported there, or (in the difference) undefined here; {mean_note}.\n"
     )
 
@@ -173,10 +171,10 @@ def _class_values(comparison: ClassComparison, name: str) -> dict[str, float] | 
     return row.values if row else None
 
 
-def _class_reference_json(result: EvaluationResult, reference: Reference, comparison: ClassComparison | None) -> dict:
+def _class_paper_json(result: EvaluationResult, paper: PaperNumbers, comparison: ClassComparison | None) -> dict:
     """results.json's "reference": the reference's values and ours - reference per class and for the mean."""
     if comparison is None:
-        return {**reference.describe(), "dataset": None}
+        return {**paper.describe(), "dataset": None}
     classes = []
     for c in result.classes:
         row = comparison.classes.get(c.name)
@@ -186,7 +184,7 @@ def _class_reference_json(result: EvaluationResult, reference: Reference, compar
         classes.append({"name": c.name, **source, "values": values, "difference": gaps})
     mean = comparison.mean or {}
     gaps = {k: v for k, v in difference(result.mean, mean, METRIC_KEYS).items() if k in mean}
-    return {**reference.describe(), "dataset": comparison.dataset, "tables": comparison.tables, "classes": classes,
+    return {**paper.describe(), "dataset": comparison.dataset, "tables": comparison.tables, "classes": classes,
             "mean": {"source": comparison.mean_source, "values": mean, "difference": gaps}}  # fmt: skip
 
 
@@ -230,22 +228,22 @@ def class_table_csv(result: EvaluationResult, comparison: ClassComparison | None
     return _csv_text(header, rows)
 
 
-def _reference_average(reference: Reference, entries: Sequence[BenchmarkEntry]) -> dict[str, float]:
+def _paper_average(paper: PaperNumbers, entries: Sequence[BenchmarkEntry]) -> dict[str, float]:
     """The reference's AVERAGE row over the same datasets as ours, block by block (missing keys: none)."""
     average: dict[str, float] = {}
     for _, keys in BLOCKS:
-        average.update(reference.block_average([e.name for e in _block_entries(entries, keys)], keys) or {})
+        average.update(paper.block_average([e.name for e in _block_entries(entries, keys)], keys) or {})
     return average
 
 
-def benchmark_csv(entries: Sequence[BenchmarkEntry], reference: Reference | None = None) -> str:
+def benchmark_csv(entries: Sequence[BenchmarkEntry], paper: PaperNumbers | None = None) -> str:
     """Full-precision CSV: one row per dataset (its mean over classes), then the block averages; with a
     reference, its table, its values (reference_KEY) and ours - reference (difference_KEY), fractions."""
     extra = ("reference_table", *(f"reference_{k}" for k in METRIC_KEYS), *(f"difference_{k}" for k in METRIC_KEYS))
-    header = ("dataset", "n_classes", *METRIC_KEYS, *(extra if reference else ()))
+    header = ("dataset", "n_classes", *METRIC_KEYS, *(extra if paper else ()))
 
     def cells(ours: Mapping[str, float], table: str, theirs: Mapping[str, float] | None) -> list[str]:
-        if reference is None:
+        if paper is None:
             return []
         theirs = theirs or {}
         gaps = difference(ours, theirs, METRIC_KEYS)
@@ -254,12 +252,12 @@ def benchmark_csv(entries: Sequence[BenchmarkEntry], reference: Reference | None
 
     rows = []
     for e in entries:
-        row = reference.row_for(e.name) if reference else None
+        row = paper.row_for(e.name) if paper else None
         rows.append([e.name, len(e.result.classes), *(_csv_number(e.result.mean[k]) for k in METRIC_KEYS),
                      *cells(e.result.mean, row.table if row else "", row.values if row else None)])  # fmt: skip
     average = {**block_average(_block_entries(entries, IMAGE_KEYS), IMAGE_KEYS),
                **block_average(_block_entries(entries, PIXEL_KEYS), PIXEL_KEYS)}  # fmt: skip
-    theirs = _reference_average(reference, entries) if reference else None
+    theirs = _paper_average(paper, entries) if paper else None
     rows.append(["AVERAGE", "", *(_csv_number(average[k]) for k in METRIC_KEYS), *cells(average, "", theirs)])
     return _csv_text(header, rows)
 
@@ -270,7 +268,7 @@ def write_results(
     context: Mapping[str, Any],
     title: str | None = None,
     notes: Sequence[str] = (),
-    reference: Reference | None = None,
+    paper: PaperNumbers | None = None,
     dataset: str | None = None,
 ) -> dict[str, Path]:
     """Write results.md, results.csv and results.json (with `context`: config, checkpoint, dataset ...; `notes`
@@ -280,10 +278,10 @@ def write_results(
     data = {**context, "notes": list(notes), "metrics_scale": "fraction (markdown: x100)", **result_to_dict(result)}
     markdown = class_table_markdown(result, title, notes)
     comparison = None
-    if reference is not None:
-        comparison = reference.compare_classes(dataset or title or "", [c.name for c in result.classes])
-        markdown += "\n" + class_reference_markdown(result, reference, dataset or title or "")
-        data["reference"] = _class_reference_json(result, reference, comparison)
+    if paper is not None:
+        comparison = paper.compare_classes(dataset or title or "", [c.name for c in result.classes])
+        markdown += "\n" + class_paper_markdown(result, paper, dataset or title or "")
+        data["reference"] = _class_paper_json(result, paper, comparison)
     return {
         "markdown": atomic_write_text(out_dir / "results.md", markdown),
         "csv": atomic_write_text(out_dir / "results.csv", class_table_csv(result, comparison)),
@@ -291,11 +289,11 @@ def write_results(
     }
 
 
-def _reference_json(reference: Reference, entries: Sequence[BenchmarkEntry]) -> dict[str, Any]:
+def _paper_json(paper: PaperNumbers, entries: Sequence[BenchmarkEntry]) -> dict[str, Any]:
     """benchmark.json's "reference": where the numbers come from, per dataset and per block average."""
     datasets = []
     for e in entries:
-        row = reference.row_for(e.name)
+        row = paper.row_for(e.name)
         values = row.values if row else {}
         gaps = {k: v for k, v in difference(e.result.mean, values, METRIC_KEYS).items() if k in values}
         source = {"table": row.table, "printed_name": row.printed_name} if row else {"table": None}
@@ -303,10 +301,10 @@ def _reference_json(reference: Reference, entries: Sequence[BenchmarkEntry]) -> 
     average = {}
     for task, keys in BLOCKS:
         shown = _block_entries(entries, keys)
-        theirs = reference.block_average([e.name for e in shown], keys)
+        theirs = paper.block_average([e.name for e in shown], keys)
         average[task] = theirs and {"values": theirs, "difference": difference(block_average(shown, keys), theirs,
                                                                                keys)}  # fmt: skip
-    return {**reference.describe(), "metrics_scale": "fraction", "datasets": datasets, "average": average}
+    return {**paper.describe(), "metrics_scale": "fraction", "datasets": datasets, "average": average}
 
 
 def write_benchmark(
@@ -314,7 +312,7 @@ def write_benchmark(
     entries: Sequence[BenchmarkEntry],
     context: Mapping[str, Any],
     method: str = "ViP²-CLIP",
-    reference: Reference | None = None,
+    paper: PaperNumbers | None = None,
 ) -> dict[str, Path]:
     """Write benchmark.md, benchmark.csv and benchmark.json (per-dataset means, block averages, `context`, and
     the reference's numbers and our differences when one is given)."""
@@ -326,11 +324,11 @@ def write_benchmark(
         "datasets": [{"name": e.name, "n_classes": len(e.result.classes), "mean": e.result.mean} for e in entries],
         "average": averages,
     }
-    if reference is not None:
-        data["reference"] = _reference_json(reference, entries)
+    if paper is not None:
+        data["reference"] = _paper_json(paper, entries)
     return {
-        "markdown": atomic_write_text(out_dir / "benchmark.md", benchmark_table_markdown(entries, method, reference)),
-        "csv": atomic_write_text(out_dir / "benchmark.csv", benchmark_csv(entries, reference)),
+        "markdown": atomic_write_text(out_dir / "benchmark.md", benchmark_table_markdown(entries, method, paper)),
+        "csv": atomic_write_text(out_dir / "benchmark.csv", benchmark_csv(entries, paper)),
         "json": atomic_write_json(out_dir / "benchmark.json", data),
     }
 

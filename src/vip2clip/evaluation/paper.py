@@ -1,10 +1,11 @@
-"""Reference numbers for `--reference paper` (`test`, `benchmark`, studies): the paper's own ViP²-CLIP results.
+"""The paper's own ViP²-CLIP results, for `--reference paper` (`test`, `benchmark`, studies); not to be confused with
+reference *images* (few-shot, `vip2clip.inference.references`).
 
 The values are facts from the paper (percent with one decimal as printed), kept in one data file shipped with the
 package, `paper_results.json`, each with the table it came from:
-- Tables 1-2: one row per dataset (`Reference.row_for`), with the printed AVERAGE rows (`block_average`);
-- Tables 10-21: per class of MVTec AD and VisA, all six metrics (`Reference.class_row`, `class_mean`);
-- Tables 4, 5, 6 and 9: the studies (`Reference.study`): each variant with the model options that make it
+- Tables 1-2: one row per dataset (`PaperNumbers.row_for`), with the printed AVERAGE rows (`block_average`);
+- Tables 10-21: per class of MVTec AD and VisA, all six metrics (`PaperNumbers.class_row`, `class_mean`);
+- Tables 4, 5, 6 and 9: the studies (`PaperNumbers.study`): each variant with the model options that make it
   (`ModelConfig.updated(**variant.model_options)`) and its values per dataset.
 Datasets are matched through the registry (`vip2clip.data.registry.dataset_info`: a name such as "visa", an alias
 or a title such as "VisA"); a dataset or class the paper does not report has no reference ("-" in the tables).
@@ -80,7 +81,7 @@ class StudyVariant:
 
 
 @dataclass(frozen=True)
-class StudyReference:
+class PaperStudy:
     """A study of the paper (Tables 4, 5, 6, 9): its table, title, notes, variants in the paper's order and,
     where the paper prints them, the AVERAGE rows per block and the training sets per test set ("default": the
     others)."""
@@ -104,7 +105,7 @@ class StudyReference:
 
 
 @dataclass(frozen=True)
-class Reference:
+class PaperNumbers:
     """A set of reference results. blocks: block name -> its metric keys; averages: (table, block) -> the
     printed AVERAGE row (fractions)."""
 
@@ -117,7 +118,7 @@ class Reference:
     averages: dict[tuple[str, str], dict[str, float]]
     classes: dict[str, dict[str, ClassRow]] = field(default_factory=dict)  # dataset -> class -> row
     class_means: dict[str, dict[str, float]] = field(default_factory=dict)  # dataset -> the printed Mean row
-    studies: dict[str, StudyReference] = field(default_factory=dict)
+    studies: dict[str, PaperStudy] = field(default_factory=dict)
 
     def row_for(self, dataset: str) -> ReferenceRow | None:
         """The reference row of a dataset name, alias or registry title (None: not in the reference)."""
@@ -165,7 +166,7 @@ class Reference:
                 source = "mean of the paper's values for these classes"
         return ClassComparison(_registry_name(dataset), rows, mean, source)
 
-    def study(self, name: str) -> StudyReference:
+    def study(self, name: str) -> PaperStudy:
         if name not in self.studies:
             raise ValueError(f"the {self.name} reference has no study {name!r}; its studies: {', '.join(self.studies)}")
         return self.studies[name]
@@ -197,7 +198,7 @@ def _fraction(printed: float) -> float:
     return round(float(printed) / 100.0, 6)  # 0.954, not 0.9540000000000001
 
 
-def load_reference(name: str = "paper") -> Reference:
+def load_paper_numbers(name: str = "paper") -> PaperNumbers:
     """The named reference (`REFERENCES`), read from the package's data file."""
     if name not in REFERENCES:
         raise ValueError(f"unknown reference {name!r}; known: {', '.join(REFERENCES)}")
@@ -214,7 +215,7 @@ def load_reference(name: str = "paper") -> Reference:
             averages[(table["table"], block)] = _fractions(keys, table["average"][block])
     classes, class_means = _per_class(data.get("per_class", []))
     studies = {key: _study(key, study, blocks) for key, study in data.get("studies", {}).items()}
-    return Reference(
+    return PaperNumbers(
         name, data["method"], data["source"], data["protocol"], blocks, rows, averages, classes, class_means, studies
     )
 
@@ -243,7 +244,7 @@ def _per_class(tables: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str,
     return classes, means
 
 
-def _study(name: str, data: Mapping[str, Any], blocks: Mapping[str, Sequence[str]]) -> StudyReference:
+def _study(name: str, data: Mapping[str, Any], blocks: Mapping[str, Sequence[str]]) -> PaperStudy:
     variants = {
         item["key"]: StudyVariant(
             item["key"], item["printed_name"], dict(item["model_options"]),
@@ -253,10 +254,10 @@ def _study(name: str, data: Mapping[str, Any], blocks: Mapping[str, Sequence[str
     }  # fmt: skip
     averages = {block: _fractions(blocks[block], printed) for block, printed in data.get("average", {}).items()}
     training = {target: tuple(sources) for target, sources in data.get("training", {}).items()}
-    return StudyReference(name, data["table"], data["title"], data.get("notes", ""), variants, averages, training)
+    return PaperStudy(name, data["table"], data["title"], data.get("notes", ""), variants, averages, training)
 
 
-def difference(ours: Mapping[str, float], reference: Mapping[str, float] | None, keys: Sequence[str]) -> dict:
+def difference(ours: Mapping[str, float], paper: Mapping[str, float] | None, keys: Sequence[str]) -> dict:
     """ours - reference per key (fractions); NaN where either is missing or undefined."""
-    reference = reference or {}
-    return {key: ours.get(key, math.nan) - reference.get(key, math.nan) for key in keys}
+    paper = paper or {}
+    return {key: ours.get(key, math.nan) - paper.get(key, math.nan) for key in keys}

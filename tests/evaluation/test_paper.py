@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 from vip2clip.data.registry import DATASETS
-from vip2clip.evaluation.reference import load_reference
+from vip2clip.evaluation.paper import load_paper_numbers
 from vip2clip.evaluation.reports import BenchmarkEntry, benchmark_table_markdown, write_benchmark
 from vip2clip.evaluation.results import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
 
 NAN = math.nan
-PAPER = load_reference("paper")
+PAPER = load_paper_numbers("paper")
 
 
 def _result(values: tuple[float, ...]) -> EvaluationResult:
@@ -56,7 +56,7 @@ def test_paper_values_as_printed() -> None:
     assert set(PAPER.row_for("isic").values) == set(PIXEL_KEYS)
     assert PAPER.row_for("my-parts") is None and PAPER.row_for("folder") is None
     with pytest.raises(ValueError, match="unknown reference"):
-        load_reference("arxiv")
+        load_paper_numbers("arxiv")
 
 
 def test_block_average_is_the_printed_one_for_a_whole_table() -> None:
@@ -78,7 +78,7 @@ ENTRIES = [
 
 
 def test_reference_columns_and_differences() -> None:
-    rows = _rows(benchmark_table_markdown(ENTRIES, reference=PAPER))
+    rows = _rows(benchmark_table_markdown(ENTRIES, paper=PAPER))
     assert rows[0] == ["Task", "Datasets", "C", "ViP²-CLIP", "paper", "ours - paper"]
     body = {(r[0] or "", r[1]): r[3:] for r in rows[2:]}
     image, pixel = rows[2][0], rows[6][0]
@@ -88,13 +88,13 @@ def test_reference_columns_and_differences() -> None:
     assert rows[5][1:] == ["AVERAGE", "-", "(76.0, 76.7, 87.2)", "-", "-"]  # the paper has no my-parts
     assert body[(pixel, "VisA")][2] == "(-0.4, -0.2, +0.0)"  # 33.6 - 33.6: no "-0.0"
     assert rows[7][1] == "HeadCT" and rows[7][4:] == ["-", "-"]  # no pixel numbers for HeadCT in the paper
-    assert "Tables 1 and 2" in benchmark_table_markdown(ENTRIES, reference=PAPER)
+    assert "Tables 1 and 2" in benchmark_table_markdown(ENTRIES, paper=PAPER)
     assert _rows(benchmark_table_markdown(ENTRIES))[0] == ["Task", "Datasets", "C", "ViP²-CLIP"]  # unchanged without
 
 
 def test_reference_average_over_the_same_datasets() -> None:
     entries = [BenchmarkEntry("visa", _result((0.9,) * 6)), BenchmarkEntry("mpdd", _result((0.8,) * 6))]
-    rows = _rows(benchmark_table_markdown(entries, reference=PAPER))
+    rows = _rows(benchmark_table_markdown(entries, paper=PAPER))
     average = next(r for r in rows if r[1] == "AVERAGE")
     paper = [(0.885 + 0.797) / 2, (0.904 + 0.845) / 2, (0.848 + 0.824) / 2]
     assert average[4] == "(" + ", ".join(f"{100 * v:.1f}" for v in paper) + ")"
@@ -102,7 +102,7 @@ def test_reference_average_over_the_same_datasets() -> None:
 
 
 def test_reference_in_the_csv_and_json(tmp_path: Path) -> None:
-    files = write_benchmark(tmp_path, ENTRIES, {"training": {"name": "MVTec AD"}}, reference=PAPER)
+    files = write_benchmark(tmp_path, ENTRIES, {"training": {"name": "MVTec AD"}}, paper=PAPER)
     with files["csv"].open(newline="") as stream:
         rows = {row["dataset"]: row for row in csv.DictReader(stream)}
     assert rows["VisA"]["reference_table"] == "Table 1" and float(rows["VisA"]["reference_image_auroc"]) == 0.885
@@ -110,11 +110,11 @@ def test_reference_in_the_csv_and_json(tmp_path: Path) -> None:
     assert rows["HeadCT"]["reference_pixel_auroc"] == "" and rows["HeadCT"]["difference_pixel_auroc"] == ""
     assert rows["my-parts"]["reference_table"] == "" and rows["AVERAGE"]["reference_image_auroc"] == ""
     data = json.loads(files["json"].read_text(encoding="utf-8"))
-    reference = data["reference"]
-    assert reference["name"] == "paper" and "Table" in reference["source"]
-    visa, headct, mine = reference["datasets"]
+    paper = data["reference"]
+    assert paper["name"] == "paper" and "Table" in paper["source"]
+    visa, headct, mine = paper["datasets"]
     assert visa["table"] == "Table 1" and visa["printed_name"] == "VisA"
     assert visa["difference"]["pixel_aupro"] == pytest.approx(0.92 - 0.922, abs=1e-12)
     assert set(headct["difference"]) == set(IMAGE_KEYS)
     assert mine == {"name": "my-parts", "table": None, "values": {}, "difference": {}}
-    assert reference["average"]["Image-level (AUROC, AP, F1)"] is None
+    assert paper["average"]["Image-level (AUROC, AP, F1)"] is None
