@@ -204,6 +204,8 @@ def test_predict_raw_and_multipart_match_the_predictor(url: str, predictor: Pred
         ("bomb", "image/png", 413, "upload: image has more than 178,956,970 pixels; the limit is 1,000,000 pixels"),
         ("multipart without file", None, 400, "the multipart upload holds no file"),
         (b"--x\r\nnonsense", "multipart/form-data", 400, "boundary"),
+        ("nan float tiff", "image/tiff", 400, "upload: 1 of 4096 pixels are NaN or infinite (F image)"),
+        ("animated webp", "image/webp", 400, "upload: animated WEBP image with 2 frames: only single images"),
     ],
 )
 def test_bad_uploads_get_json_errors(url: str, body, content_type, status: int, message: str) -> None:
@@ -225,6 +227,14 @@ def test_bad_uploads_get_json_errors(url: str, body, content_type, status: int, 
         )
     elif body == "multipart without file":
         body, content_type = _multipart(b"not a file", filename=None)
+    elif body == "nan float tiff":  # was judged as an all-black image (issue 17 item 1)
+        values = np.full((64, 64), 0.5, np.float32)
+        values[9, 9] = np.nan
+        body = _png(values, "TIFF")
+    elif body == "animated webp":  # only its first frame was judged (issue 17 item 6)
+        buffer, frames = io.BytesIO(), [Image.fromarray(np.full((64, 64), level, np.uint8)) for level in (0, 250)]
+        frames[0].save(buffer, format="WEBP", save_all=True, append_images=frames[1:])
+        body = buffer.getvalue()
     answer_status, headers, answer = _post(url + "/api/predict", body, content_type)
     assert (answer_status, headers["content-type"]) == (status, "application/json")
     assert set(answer) == {"error"} and message in answer["error"]

@@ -204,3 +204,59 @@ def test_one_rule_for_high_bit_depth_files_and_pil_images(tmp_path: Path, mode: 
     if mode == "I;16":  # PNG stores neither 32-bit integer nor float images
         image.save(tmp_path / "deep.png")
         np.testing.assert_array_equal(np.asarray(load_image(tmp_path / "deep.png"))[0, :, 0], expected)
+
+
+def _float_image(values: np.ndarray) -> Image.Image:
+    image = Image.fromarray(values.astype(np.float32))
+    assert image.mode == "F"
+    return image
+
+
+@pytest.mark.parametrize(
+    ("special", "problem"),
+    [
+        (np.nan, "1 of 64 pixels are NaN or infinite (F image): it cannot be judged"),
+        (np.inf, "1 of 64 pixels are NaN or infinite (F image): it cannot be judged"),
+        (-0.25, "F image with negative pixel values (lowest -0.25)"),
+    ],
+)
+def test_float_tiff_with_nan_inf_or_negative_pixels_is_refused_naming_the_file(
+    tmp_path: Path, special: float, problem: str
+) -> None:
+    """One NaN pixel made the whole image black (max() is NaN: the 16-bit branch), and it was judged "normal"."""
+    values = np.full((8, 8), 0.5)
+    values[3, 4] = special
+    path = tmp_path / "float.tif"
+    _float_image(values).save(path)
+    with pytest.raises(BadImageError, match="float.tif: " + problem.replace("(", r"\(").replace(")", r"\)")):
+        load_image(path)
+    with pytest.raises(BadImageError, match="upload: "):
+        decode_image_bytes(path.read_bytes())
+    with pytest.raises(BadImageError, match=r"^image: "):
+        to_rgb(Image.open(path))
+    with pytest.raises(ValueError, match="NaN or infinite" if special != -0.25 else r"values in \[0, 1\]"):
+        to_rgb(values)
+
+
+@pytest.mark.parametrize(("level", "grey"), [(0.5, 128), (0.0, 0), (1.0, 255), (257.0, 1), (70000.0, 255)])
+def test_float_images_of_equal_values_follow_the_documented_scale(level: float, grey: int) -> None:
+    pixels = np.asarray(to_rgb(_float_image(np.full((4, 5), level))))
+    assert pixels.shape == (4, 5, 3) and (pixels == grey).all()
+
+
+def test_float_array_outside_unit_range_is_refused_not_clipped() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\], got 0..1.5"):
+        to_rgb(np.array([[0.0, 1.5]]))
+
+
+@pytest.mark.parametrize(("suffix", "kind"), [(".gif", "animated GIF"), (".webp", "animated WEBP"),
+                                              (".tif", "multi-page TIFF"), (".png", "animated PNG")])  # fmt: skip
+def test_images_of_several_frames_are_refused_with_their_frame_count(tmp_path: Path, suffix: str, kind: str) -> None:
+    """Only the first frame was judged, silently."""
+    frames = [Image.fromarray(np.full((16, 16, 3), level, np.uint8)) for level in (0, 120, 240)]
+    path = tmp_path / f"anim{suffix}"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100)
+    with pytest.raises(BadImageError, match=f"anim{suffix}: {kind} image with 3 frames: only single images"):
+        load_image(path)
+    frames[0].save(tmp_path / f"one{suffix}")  # one frame: fine
+    assert load_image(tmp_path / f"one{suffix}").size == (16, 16)

@@ -13,11 +13,19 @@ user sees. Image *sizes* read from headers (`image_size`) are the displayed size
 Conversion to RGB (`to_rgb`):
 - grey, palette, CMYK, YCbCr, LAB, HSV: PIL's conversion;
 - RGBA / LA / PA: alpha is dropped, not composited, as `Image.convert("RGB")` in the authors' release does;
-- 16-bit (`I;16*`) and 32-bit integer (`I`) images: scaled by 255/65535; `I` data above 65535 is stretched to its
+- 16-bit (`I;16*`) and 32-bit integer (`I`) images: scaled by 255/65535; data above 65535 is stretched to its
   own maximum instead of being clipped;
-- float (`F`) images: values in [0, 1] are scaled by 255, anything larger is read as 16-bit data;
-- arrays: [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] of uint8, bool, or float in [0, 1] (alpha dropped);
-  other integer types must hold values in 0..255.
+- float (`F`) images: values in [0, 1] are scaled by 255, anything larger is read as 16-bit data (and stretched
+  above 65535 like `I` data); an image of equal values follows the same rule (0.5 everywhere is grey 128);
+- refused (BadImageError naming the file, fail closed): `I`/`F` images with NaN or infinite pixels, which have no
+  grey level and would otherwise turn the image black and "normal", and with negative pixels, which no scale to
+  8 bits covers without inventing an offset;
+- arrays: [H, W], [H, W, 1], [H, W, 3] or [H, W, 4] of uint8, bool, or finite float in [0, 1] (alpha dropped);
+  other integer types must hold values in 0..255; anything else is a ValueError.
+
+Images of several frames (animated GIF, PNG or WebP, multi-page TIFF) are refused with their frame count: judging
+the first frame only would say nothing about the others, silently. MPO files (phone JPEGs) are not: their first
+frame is the photo, the others are previews or depth data.
 
 Masks come back as bool [H, W]. The rule that decides "defect" depends on the file, not the dataset name:
 - JPEG masks (Kvasir-SEG): compression noise leaves small non-zero values around the edges, so a pixel is a
@@ -43,6 +51,7 @@ _JPEG_MASK_THRESHOLD = 127  # half of 255
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
 _SWAPS_SIDES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_ONE_PICTURE_FORMATS = _JPEG_FORMATS  # MPO: the first frame is the picture, the others previews or depth data
 
 
 class BadImageError(ValueError):
@@ -108,19 +117,41 @@ def open_image(source: str | Path | bytes, max_pixels: int | None = None) -> Ima
         raise TooManyPixelsError(name, f"image has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels{limit}") from None
     except _DECODE_ERRORS as error:
         raise BadImageError(name, f"damaged or unsupported image ({error})") from None
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and image.format not in _ONE_PICTURE_FORMATS:
+        kind = "multi-page" if image.format == "TIFF" else "animated"
+        raise BadImageError(
+            name,
+            f"{kind} {image.format} image with {frames} frames: only single images are judged (judging the first "
+            "frame alone would say nothing about the others); save the frames as separate files",
+        )
     if _orientation(image) != 1:
         image_format, image = image.format, ImageOps.exif_transpose(image)
         image.format = image_format  # the mask rules look at the file format
     return image
 
 
-def _high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
-    """`I;16*`, `I` and `F` images -> uint8 [H, W], scaled from the 16-bit range (or [0, 1] for floats)."""
+def _high_bit_depth_to_uint8(image: Image.Image, name: str | Path) -> np.ndarray:
+    """`I;16*`, `I` and `F` images -> uint8 [H, W], scaled from the 16-bit range (or [0, 1] for floats).
+
+    BadImageError naming `name` for NaN, infinite or negative pixels (rules in the module docstring)."""
     values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F" and values.size and values.max() <= 1.0:
+    if not values.size:
+        return values.astype(np.uint8)
+    bad = values.size - int(np.count_nonzero(np.isfinite(values)))
+    if bad:
+        raise BadImageError(
+            name, f"{bad} of {values.size} pixels are NaN or infinite ({image.mode} image): it cannot be judged"
+        )
+    low, high = float(values.min()), float(values.max())
+    if low < 0:
+        raise BadImageError(
+            name, f"{image.mode} image with negative pixel values (lowest {low:g}): no scale to 8 bits fits them"
+        )
+    if image.mode == "F" and high <= 1.0:
         scale = 255.0
-    elif image.mode == "I" and values.size and values.max() > 65535:
-        scale = 255.0 / values.max()  # genuinely 32-bit data: stretch to the image's own maximum
+    elif high > 65535:
+        scale = 255.0 / high  # genuinely 32-bit data: stretch to the image's own maximum
     else:
         scale = 255.0 / 65535.0
     return np.clip(np.rint(values * scale), 0, 255).astype(np.uint8)
@@ -138,20 +169,26 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
     elif array.dtype.kind == "f":
         if not np.isfinite(array).all():
             raise ValueError("image array contains NaN or infinite values")
-        array = np.rint(np.clip(array, 0.0, 1.0) * 255)
+        if array.min() < 0.0 or array.max() > 1.0:
+            raise ValueError(
+                f"float image arrays must hold values in [0, 1], got {array.min():g}..{array.max():g} "
+                "(scale them, or pass uint8)"
+            )
+        array = np.rint(array * 255)
     elif array.dtype != np.uint8 and (array.min() < 0 or array.max() > 255):
         raise ValueError(f"integer image array of type {array.dtype} must hold values in 0..255")
     array = np.ascontiguousarray(array.astype(np.uint8))
     return Image.fromarray(array[..., :3] if array.ndim == 3 else array).convert("RGB")
 
 
-def to_rgb(image: ImageInput) -> Image.Image:
+def to_rgb(image: ImageInput, name: str | Path = "image") -> Image.Image:
     """A path, PIL image (any mode) or array -> 8-bit RGB PIL image by the module's rules (EXIF applied).
 
-    Raises BadImageError for unreadable files, ValueError for arrays of another shape or type.
+    Raises BadImageError for unreadable files and pixels that cannot be judged (named by the path, else `name`),
+    ValueError for arrays of another shape or type.
     """
     if isinstance(image, (str, Path)):
-        image = open_image(image)
+        image, name = open_image(image), image
     elif isinstance(image, Image.Image):
         if _orientation(image) != 1:
             image = ImageOps.exif_transpose(image)
@@ -160,18 +197,18 @@ def to_rgb(image: ImageInput) -> Image.Image:
     else:
         raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
-        return Image.fromarray(_high_bit_depth_to_uint8(image)).convert("RGB")
+        return Image.fromarray(_high_bit_depth_to_uint8(image, name)).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB image (memory: 40 MP uploads)
 
 
 def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:
     """Load an image file as 8-bit RGB (see the module docstring). Raises BadImageError naming the file."""
-    return to_rgb(open_image(path, max_pixels))
+    return to_rgb(open_image(path, max_pixels), path)
 
 
 def decode_image_bytes(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Uploaded bytes -> 8-bit RGB; BadImageError ("upload: ...") for anything that is not a usable image."""
-    return to_rgb(open_image(data, max_pixels))
+    return to_rgb(open_image(data, max_pixels), "upload")
 
 
 def _mask_values(image: Image.Image) -> np.ndarray:
