@@ -79,13 +79,15 @@ def test_each_planted_problem_is_listed(tree: Path, capsys) -> None:
         f"problem size mismatch: {tree / 'texture_0/ground_truth/scratch/000_mask.png'} (test/texture_0[2])",
         f"problem missing mask: {tree / 'texture_0/ground_truth/blob/000_mask.png'} (test/texture_0[3])",
         f"problem duplicate entry: {tree / 'texture_1/test/scratch/000.png'} (test/texture_1[2])",
+        f"problem class mismatch: {tree.as_posix()}/texture_1/test/scratch/000.png (test/texture_0[4])",
     ]
     assert len(problems) == len(expected), out
     for line, start in zip(problems, expected, strict=True):
         assert line.startswith(start), (line, start)
     assert "mask is 16x16, image 32x32" in out
     assert "also at test/texture_0[4]" in out
-    assert out.splitlines()[-1].startswith("FAILED: 5 problem(s)")
+    assert "listed under 'texture_0', cls_name is 'texture_1'" in out
+    assert out.splitlines()[-1].startswith("FAILED: 6 problem(s)")
 
 
 def test_truncated_image_needs_a_full_decode(tree: Path, capsys) -> None:

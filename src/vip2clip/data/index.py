@@ -60,12 +60,25 @@ class ClassCounts:
     masks: int
 
 
+@dataclass(frozen=True)
+class DroppedMask:
+    """A mask path given on a normal row (`where`: split/class[position]); the sample keeps no mask, and the
+    index checks (`vip2clip.data.validate.index_problems`) refuse it when the mask marks defect pixels."""
+
+    where: str
+    img_path: str
+    mask_path: str
+
+
 @dataclass
 class DatasetIndex:
-    """Split -> class -> samples (split keys lower-case), with the root the sample paths are relative to."""
+    """Split -> class -> samples (split keys lower-case), with the root the sample paths are relative to.
+
+    dropped_masks: the masks of normal rows, which the reader does not keep (see `DroppedMask`)."""
 
     root: Path
     splits: dict[str, dict[str, list[Sample]]] = field(default_factory=dict)
+    dropped_masks: list[DroppedMask] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -183,6 +196,7 @@ def parse_index(data: Any, root: str | Path, source: str = INDEX_NAME) -> Datase
     if not isinstance(data, Mapping):
         raise IndexFormatError(f"{source}: expected a JSON object of splits, got {type(data).__name__}")
     splits: dict[str, dict[str, list[Sample]]] = {}
+    dropped: list[DroppedMask] = []
     for split_key, by_class in data.items():
         split = str(split_key).lower()
         if split in splits:
@@ -197,7 +211,12 @@ def parse_index(data: Any, root: str | Path, source: str = INDEX_NAME) -> Datase
                 _parse_sample(raw, str(cls_key), f"{source}: {split_key}/{cls_key}[{i}]")
                 for i, raw in enumerate(raw_samples)
             ]
-    return DatasetIndex(root=Path(root), splits=splits)
+            dropped += [
+                DroppedMask(f"{split}/{cls_key}[{i}]", sample.img_path, clean_path(raw["mask_path"]))
+                for i, (raw, sample) in enumerate(zip(raw_samples, splits[split][str(cls_key)], strict=True))
+                if not sample.anomaly and isinstance(raw.get("mask_path"), str) and raw["mask_path"]
+            ]
+    return DatasetIndex(root=Path(root), splits=splits, dropped_masks=dropped)
 
 
 def read_index(path: str | Path) -> DatasetIndex:

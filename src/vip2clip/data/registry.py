@@ -28,6 +28,7 @@ from vip2clip.data.converters.medical import (
 from vip2clip.data.converters.mvtec import convert_btad, convert_dtd, convert_mpdd, convert_mvtec
 from vip2clip.data.converters.visa import convert_visa
 from vip2clip.data.index import INDEX_NAME, DatasetIndex, read_index, write_index
+from vip2clip.data.validate import check_index
 
 logger = logging.getLogger(__name__)
 
@@ -131,10 +132,15 @@ def convert_dataset(name: str, root: str | Path, options: ConvertOptions | None 
 
 
 def resolve_index(data: str | Path, dataset: str | None = None) -> DatasetIndex:
-    """A meta.json, a folder with one, or a native root + dataset name (converted and indexed on the fly)."""
+    """A meta.json, a folder with one, or a native root + dataset name (converted and indexed on the fly).
+
+    An index with problems (duplicate rows, paths leaving the root, contradicting classes or labels) is refused
+    by `vip2clip.data.validate.check_index`: the checks `vip2clip validate` makes, for every command that counts."""
     path = Path(data)
     if path.is_file() or (path / INDEX_NAME).is_file():
-        return read_index(path)
+        index = read_index(path)
+        check_index(index)
+        return index
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder")
     if dataset is None:

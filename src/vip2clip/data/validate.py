@@ -1,18 +1,26 @@
 """`vip2clip validate`: check an index (ours, or one written by the AnomalyCLIP / ViP²-CLIP scripts) against disk.
 
 Problems (exit code 1): missing image or mask files, unreadable files, a mask whose size differs from its
-image's, the same image listed twice in a split. Notes (reported, not failures): an image in both splits, an
-anomalous image whose mask has no defect pixel.
+image's, and the index problems below. Notes (reported, not failures): an image in both splits, an anomalous image
+whose mask has no defect pixel.
 By default every file is decoded (a truncated file has a valid header); `decode=False` reads headers only.
+
+Index problems (`index_problems`, cheap: no image is decoded): the same image listed twice in a split, a relative
+path that leaves the dataset root (`../outside.png`), a row listed under one class with another `cls_name`, a
+normal row whose mask marks defect pixels. `test`, `benchmark` and `train` refuse an index with any of them
+(`check_index`, called by `vip2clip.data.registry.resolve_index`): repairing silently would change what is counted
+(a duplicated row counted twice moves the AUROC), and guessing which of two contradicting fields is right is the
+user's call, not ours.
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from vip2clip.data.images import BadImageError, image_size, load_image, load_mask
 from vip2clip.data.index import INDEX_NAME, DatasetIndex, Sample, read_index
@@ -106,6 +114,63 @@ def _duplicates(index: DatasetIndex) -> tuple[list[Finding], list[Finding]]:
     return problems, notes
 
 
+def _leaves_root(path: str) -> bool:
+    """A relative index path that points outside the dataset root once `..` is resolved."""
+    if not path or PurePosixPath(path).is_absolute() or Path(path).is_absolute():
+        return False
+    return posixpath.normpath(path).split("/", 1)[0] == ".."
+
+
+def _row_problems(index: DatasetIndex) -> Iterator[Finding]:
+    """Paths leaving the root and rows listed under another class than their cls_name."""
+    for where, sample in _entries(index):
+        for kind, path in (("image", sample.img_path), ("mask", sample.mask_path)):
+            if _leaves_root(path):
+                yield Finding("outside the root", where, path, f"the {kind} path leaves the dataset root {index.root}")
+        cls_key = where.split("/", 1)[1].rsplit("[", 1)[0]
+        if sample.cls_name != cls_key:
+            yield Finding("class mismatch", where, sample.img_path, f"listed under {cls_key!r}, cls_name is "
+                          f"{sample.cls_name!r}")  # fmt: skip
+
+
+def _defect_masks_of_normal_rows(index: DatasetIndex) -> Iterator[Finding]:
+    for dropped in index.dropped_masks:
+        mask_path = index.resolve(dropped.mask_path)
+        try:
+            defect = mask_path.is_file() and bool(load_mask(mask_path).any())
+        except BadImageError:
+            defect = False  # an unreadable mask of a normal row is not used: nothing contradicts the label
+        if defect:
+            yield Finding("defect mask on a normal row", dropped.where, str(mask_path),
+                          f"the row of {dropped.img_path} says anomaly 0 but its mask marks defect pixels")  # fmt: skip
+
+
+def index_problems(index: DatasetIndex) -> tuple[list[Finding], list[Finding]]:
+    """(problems, notes) of the index itself (see the module docstring); no image is decoded."""
+    problems, notes = _duplicates(index)
+    problems += [*_row_problems(index), *_defect_masks_of_normal_rows(index)]
+    return problems, notes
+
+
+class IndexProblemsError(ValueError):
+    """An index that `test`, `benchmark` and `train` refuse; the message lists the problems."""
+
+
+def check_index(index: DatasetIndex, listed: int = 10) -> None:
+    """IndexProblemsError naming the index file and its problems (`index_problems`), else nothing."""
+    problems, _ = index_problems(index)
+    if not problems:
+        return
+    lines = [f"  {finding.line()}" for finding in problems[:listed]]
+    if len(problems) > listed:
+        lines.append(f"  ... and {len(problems) - listed} more")
+    raise IndexProblemsError(
+        f"{index.root / INDEX_NAME}: {len(problems)} problem(s) in the index, refused (counting or guessing past "
+        f"them would change the results):\n" + "\n".join(lines) + f"\nfix the index (`vip2clip validate "
+        f"{index.root}` checks it; `vip2clip convert` rewrites it from the folders)"
+    )
+
+
 def validate_index(index: DatasetIndex, decode: bool = True, workers: int = 4) -> ValidationReport:
     """Check every sample of every split against the files under `index.root`."""
     report = ValidationReport(
@@ -119,9 +184,9 @@ def validate_index(index: DatasetIndex, decode: bool = True, workers: int = 4) -
         for findings in results:
             for finding in findings:
                 (report.notes if finding.kind == "empty mask" else report.problems).append(finding)
-    duplicate_problems, duplicate_notes = _duplicates(index)
-    report.problems += duplicate_problems
-    report.notes += duplicate_notes
+    problems, notes = index_problems(index)
+    report.problems += problems
+    report.notes += notes
     return report
 
 
