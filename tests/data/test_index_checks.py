@@ -31,7 +31,6 @@ def _edit(root: Path, change) -> None:
     (root / "meta.json").write_text(json.dumps(meta))
 
 
-
 PLANTED = {
     "duplicate": (lambda rows: rows.append(dict(rows[-1])), "duplicate entry: "),
     "outside": (lambda rows: rows.append({**rows[0], "img_path": "../outside.png"}), "outside the root: ../outside"),
@@ -50,8 +49,16 @@ def test_validate_and_every_counting_command_refuse_the_same_index(root: Path, p
     commands = {
         "test": ["test", "--data", str(root), "--out", str(root.parent / "test_out"), "--checkpoint", "x.pt", *MODEL],
         "train": ["train", "--data", str(root), "--out", str(root.parent / "train_out"), "--epochs", "1", *MODEL],
-        "benchmark": ["benchmark", "--test", f"synthetic={root}", "--out", str(root.parent / "bench_out"),
-                      "--checkpoint", "x.pt", *MODEL],  # fmt: skip
+        "benchmark": [
+            "benchmark",
+            "--test",
+            f"synthetic={root}",
+            "--out",
+            str(root.parent / "bench_out"),
+            "--checkpoint",
+            "x.pt",
+            *MODEL,
+        ],
     }
     for name, argv in commands.items():
         assert main(argv) == 2, name
