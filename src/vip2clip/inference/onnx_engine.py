@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -45,6 +46,42 @@ class MissingDependencyError(ImportError):
     """An optional package of the `onnx` extra is not installed."""
 
 
+class OnnxLoadError(ValueError):
+    """An ONNX file (or its external data) that the runtime cannot load; one line naming the file and the problem."""
+
+
+# How ONNX Runtime and OpenVINO name an external-data file in their load errors, and say a model is no protobuf.
+_EXTERNAL_DATA = re.compile(r'External data path does not exist: "?([^"\n]+)|externally stored data in file \(([^,]+),')
+_EXTERNAL_DATA_SHORT = ("out of bounds or can not be read in full", "External initializer")
+_NOT_A_MODEL = ("Protobuf parsing failed", "No graph was found", "INVALID_PROTOBUF", "can't be parsed",
+                "Unable to read the model")  # fmt: skip
+_CONTEXT_LINES = ("Exception from", "Check '", "[ONNXRuntimeError]", "FrontEnd API failed", "Loading input model")
+
+
+def load_problem(path: Path, error: Exception) -> str:
+    """One sentence for a runtime's load failure of `path`: not a protobuf / truncated, external data missing
+    or truncated, else the runtime's first line of substance (its messages lead with C++ source files)."""
+    message = str(error)
+    named = _EXTERNAL_DATA.search(message)
+    if named or any(marker in message for marker in _EXTERNAL_DATA_SHORT):
+        data = Path(next(filter(None, named.groups()))) if named else Path(path.name + ".data")
+        data = data if data.is_absolute() else path.parent / data
+        if not data.is_file():
+            return (
+                f"{path}: its external data (the weights) is missing at {data}: copy that file along with the "
+                "model (the export wrote it beside the model)"
+            )
+        return f"{path}: its external data file {data} is truncated or damaged (copy it again, or export again)"
+    if any(marker in message for marker in _NOT_A_MODEL):
+        return (
+            f"{path} is not a readable ONNX model ({path.stat().st_size:,} bytes): not a protobuf, or truncated "
+            "(copy it again, or export again with `vip2clip export`)"
+        )
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    substance = [line for line in lines if not line.startswith(_CONTEXT_LINES)] or lines or [type(error).__name__]
+    return f"{path}: the ONNX runtime cannot load it: {substance[0]}"
+
+
 def import_optional(name: str, purpose: str, extra: str = "onnx") -> ModuleType:
     """Import `name` or raise MissingDependencyError naming the package extra that provides it."""
     try:
@@ -69,6 +106,8 @@ class OnnxEngine:
         if backend not in BACKENDS:
             raise ValueError(f"unknown ONNX backend {backend!r}; choose one of {list(BACKENDS)}")
         self.backend = backend
+        if self.path.stat().st_size == 0:
+            raise OnnxLoadError(f"{self.path} is empty (0 bytes): not an ONNX model (copy it again, or export again)")
         open_backend = _onnxruntime if backend == "onnxruntime" else _openvino
         self._run, metadata = open_backend(self.path, providers)
         self.identity, self.config = read_metadata(metadata, self.path)
@@ -128,7 +167,10 @@ def read_metadata(metadata: dict[str, str], path: Path) -> tuple[ModelIdentity, 
 
 def _onnxruntime(path: Path, providers: Sequence[str] | None) -> tuple[Runner, dict[str, str]]:
     ort = import_optional("onnxruntime", "the ONNX engine")
-    session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+    try:
+        session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as error:  # onnxruntime's own exception classes derive from Exception only
+        raise OnnxLoadError(load_problem(path, error)) from None
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         score, anomaly_map = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
@@ -140,7 +182,10 @@ def _onnxruntime(path: Path, providers: Sequence[str] | None) -> tuple[Runner, d
 def _openvino(path: Path, providers: Sequence[str] | None) -> tuple[Runner, dict[str, str]]:
     ov = import_optional("openvino", "the OpenVINO backend", extra="openvino")
     core = ov.Core()
-    model = core.read_model(str(path))
+    try:
+        model = core.read_model(str(path))
+    except Exception as error:  # OpenVINO raises RuntimeError (and its own classes) with C++ context
+        raise OnnxLoadError(load_problem(path, error)) from None
     # OpenVINO keeps an ONNX file's metadata_props under rt_info["framework"].
     keys = (META_FORMAT, META_IDENTITY, META_VERSION)
     metadata = {key: model.get_rt_info(["framework", key]).astype(str) for key in keys if _has_rt(model, key)}
