@@ -101,7 +101,11 @@ def test_write_elsewhere_keeps_paths_valid(tmp_path: Path) -> None:
     index = build_index(root, {"test": [GOOD, BROKEN]})
     written = write_index(index, tmp_path / "indexes" / "mvtec.json")
     back = read_index(written)
-    assert back.samples()[0].img_path == "../data/bottle/test/good/000.png"
+    # Absolute, not "../data/...": an index refuses paths that leave its root (issue 17 item 3).
+    assert back.samples()[0].img_path == (root / "bottle/test/good/000.png").as_posix()
+    from vip2clip.data.validate import check_index
+
+    check_index(back)
     for sample in back.samples():
         assert back.resolve(sample.img_path).resolve() == (root / sample.img_path.split("data/", 1)[1]).resolve()
         assert back.resolve(sample.img_path).is_file()

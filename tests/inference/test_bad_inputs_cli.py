@@ -4,6 +4,7 @@ tiling limits, export destinations, option combinations. Each test failed on the
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -108,3 +109,70 @@ def test_damaged_onnx_files_exit_2_with_one_line_naming_the_file(tmp_path: Path,
         assert err[-1].startswith(f"vip2clip {name}: error: {expected}"), err
         assert DAMAGED_ONNX[damage].format(folder=folder) in err[-1] and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "c.json").exists()
+
+
+def _rows(out: Path) -> dict[str, dict]:
+    return {Path(row["path"]).name: row for row in json.loads((out / "predictions.json").read_text())["predictions"]}
+
+
+def test_an_image_is_never_its_own_reference(tmp_path: Path, capsys) -> None:
+    """Item 2: `predict parts/ --reference parts/` compared each image with itself (every patch at distance 0):
+    every defect scored like a normal part. Now an image that is a reference is compared with the others only:
+    its results equal those with a reference folder that lacks it, from a fresh memory and from the cache."""
+    parts, others, alone = tmp_path / "parts", tmp_path / "others", tmp_path / "alone"
+    write_parts(parts, 3, seed=3)
+    others.mkdir()
+    alone.mkdir()
+    for name in ("part_1.png", "part_2.png"):
+        shutil.copy(parts / name, others / name)
+    shutil.copy(parts / "part_0.png", alone / "copy_of_part_0.png")
+    common = ["--reference-cache", str(tmp_path / "cache"), "--raw-maps", *MODEL_ARGS]
+    assert main(["predict", str(parts), "--reference", str(parts), "--out", str(tmp_path / "self"), *common]) == 0
+    assert "note: 3 of the 3 images are reference images too: each was compared with the other references only" in (
+        capsys.readouterr().out
+    )
+    assert json.loads((tmp_path / "self/predictions.json").read_text())["run"]["self_references"] == 3
+    one = str(parts / "part_0.png")
+    assert main(["predict", one, "--reference", str(others), "--out", str(tmp_path / "others_out"), *common]) == 0
+    assert main(["predict", one, "--reference", str(parts), "--out", str(tmp_path / "cached"), *common]) == 0  # cache
+    expected = _rows(tmp_path / "others_out")["part_0.png"]
+    expected_map = np.load(tmp_path / "others_out" / expected["anomaly_map"])
+    for run in ("self", "cached"):
+        row = _rows(tmp_path / run)["part_0.png"]
+        assert row["pred_score"] == pytest.approx(expected["pred_score"], abs=1e-5), run
+        np.testing.assert_allclose(np.load(tmp_path / run / row["anomaly_map"]), expected_map, atol=2e-3)
+    # The only reference (a copy, same pixels): nothing to compare with, an error row, never a score.
+    assert main(["predict", one, "--reference", str(alone), "--out", str(tmp_path / "alone_out"), *common]) == 1
+    row = _rows(tmp_path / "alone_out")["part_0.png"]
+    assert row["pred_label"] == "error" and "it is the only reference image" in row["error"]
+
+
+def test_tile_size_and_count_are_bounded_and_overlap_needs_tile(tmp_path: Path, capsys) -> None:
+    """Item 7: `--tile 1` was accepted (16,384 model calls for a 128-px image, 20 million for 20 MP, and the tile
+    list alone gigabytes); `--tile-overlap` without `--tile` was silently ignored."""
+    parts = tmp_path / "parts"
+    write_parts(parts, 1, size=(128, 128))
+    out = ["--out", str(tmp_path / "out"), *MODEL_ARGS]
+    for argv, message in (
+        (
+            ["--tile", "1"],
+            "--tile / --tile-overlap: tile size must be >= 32 pixels, got 1 (each tile is one model call",
+        ),
+        (["--tile-overlap", "0.5"], "--tile-overlap needs --tile SIZE (without --tile the whole image is scored"),
+    ):
+        assert main(["predict", str(parts), *argv, *out]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+    from vip2clip.data.images import BadImageError
+    from vip2clip.inference.tiling import MAX_TILES, TileConfig, tile_boxes
+
+    with pytest.raises(BadImageError, match=r"big.png: 20000x20000 pixels would need 609,961 tiles of 32 px \(overlap "
+                       r"0.2\); the limit is 4,096 tiles"):  # fmt: skip
+        tile_boxes((20000, 20000), TileConfig(32, 0.2), "big.png")  # refused before any list is built
+    assert len(tile_boxes((2048, 2048), TileConfig(32, 0.0))) == MAX_TILES  # 64 x 64: at the limit, allowed
+    # An image over the limit is an error row (the others are judged), never a run that takes days.
+    Image.fromarray(np.zeros((2100, 2100, 3), np.uint8)).save(parts / "huge.png")
+    assert main(["predict", str(parts), "--tile", "32", "--tile-overlap", "0", *out]) == 1
+    rows = _rows(tmp_path / "out")
+    assert "2100x2100 pixels would need 4,356 tiles of 32 px" in rows["huge.png"]["error"]
+    assert rows["part_0.png"]["pred_label"] in ("normal", "anomalous")

@@ -65,17 +65,17 @@ def test_grid_covers_the_image_with_full_tiles_and_the_last_at_the_border(length
 
 
 def test_overlap_blending_is_a_linear_cross_fade() -> None:
-    # Two 8-pixel tiles on a 12-pixel row overlap by 4: each weight ramps over the overlap, tile A = 0, B = 1.
-    stitched = StitchedMap((12, 1), TileConfig(8, 0.5))
-    assert stitched.boxes == [(0, 0, 8, 1), (4, 0, 12, 1)]
-    stitched.add(0, np.zeros((1, 8), np.float32), 0.2)
-    stitched.add(1, np.ones((1, 8), np.float32), 0.7)
+    # Two 32-pixel tiles on a 48-pixel row overlap by 16: each weight ramps over the overlap, tile A = 0, B = 1.
+    stitched = StitchedMap((48, 1), TileConfig(32, 0.5))
+    assert stitched.boxes == [(0, 0, 32, 1), (16, 0, 48, 1)]
+    stitched.add(0, np.zeros((1, 32), np.float32), 0.2)
+    stitched.add(1, np.ones((1, 32), np.float32), 0.7)
     score, row = stitched.finish()
-    expected = [0, 0, 0, 0, 0.125, 0.375, 0.625, 0.875, 1, 1, 1, 1]
+    expected = [0] * 16 + [(j + 0.5) / 16 for j in range(16)] + [1] * 16  # 0.03125, 0.09375 ... 0.96875
     np.testing.assert_allclose(row[0], expected, atol=1e-6)
     assert score == 0.7  # the image score is the maximum tile score
-    incomplete = StitchedMap((12, 1), TileConfig(8, 0.5))
-    incomplete.add(0, np.zeros((1, 8), np.float32), 0.2)
+    incomplete = StitchedMap((48, 1), TileConfig(32, 0.5))
+    incomplete.add(0, np.zeros((1, 32), np.float32), 0.2)
     with pytest.raises(ValueError, match="1 of 2 tiles were not scored"):
         incomplete.finish()
 

@@ -103,18 +103,24 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
         help="score SIZE x SIZE tiles (pixels of the original image) and stitch their maps (default: whole image)",
     )
     group.add_argument(
-        "--tile-overlap", type=float, default=0.25, metavar="FRACTION", help="share of a tile its neighbours overlap"
+        "--tile-overlap",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="share of a tile its neighbours overlap, with --tile (default 0.25)",
     )
 
 
 def tiling_from_args(args: argparse.Namespace) -> TileConfig | None:
     """The TileConfig of --tile / --tile-overlap (None without --tile); CLIError for bad values."""
-    from vip2clip.inference.tiling import TileConfig
+    from vip2clip.inference.tiling import DEFAULT_OVERLAP, TileConfig
 
     if args.tile is None:
+        if args.tile_overlap is not None:
+            raise CLIError("--tile-overlap needs --tile SIZE (without --tile the whole image is scored at once)")
         return None
     try:
-        return TileConfig(args.tile, args.tile_overlap)
+        return TileConfig(args.tile, DEFAULT_OVERLAP if args.tile_overlap is None else args.tile_overlap)
     except ValueError as error:
         raise CLIError(f"--tile / --tile-overlap: {error}") from None
 

@@ -145,6 +145,11 @@ def run_predict(args: argparse.Namespace) -> int:
         return 0 if summary.complete else 1
     for note in summary.scan.notes():
         print(f"note: {note}")
+    if summary.self_references:
+        print(
+            f"note: {summary.self_references} of the {summary.found} images are reference images too: each was "
+            "compared with the other references only (an image is never its own reference)"
+        )
     print(
         f"{summary.found} images found: {summary.predicted} predicted, {summary.skipped} already done, "
         f"{len(summary.failed)} unreadable, {len(summary.errors)} not judged (NaN/infinite model output)"

@@ -36,6 +36,7 @@ Masks come back as bool [H, W]. The rule that decides "defect" depends on the fi
 
 from __future__ import annotations
 
+import hashlib
 import io
 import warnings
 from pathlib import Path
@@ -199,6 +200,14 @@ def to_rgb(image: ImageInput, name: str | Path = "image") -> Image.Image:
     if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
         return Image.fromarray(_high_bit_depth_to_uint8(image, name)).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB image (memory: 40 MP uploads)
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """Hex SHA-256 of a decoded image's mode, size and pixels: the same picture gives the same digest whatever file
+    (or upload) it came from, which is how the reference memory knows an image is one of its own references."""
+    digest = hashlib.sha256(f"{image.mode} {image.width}x{image.height}\n".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
 
 
 def load_image(path: str | Path, max_pixels: int | None = None) -> Image.Image:

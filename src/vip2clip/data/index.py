@@ -240,14 +240,16 @@ def read_index(path: str | Path) -> DatasetIndex:
 def _relative_path(path: str, root: Path, base: Path) -> str:
     """A sample path (relative to `root`, or absolute) rewritten relative to `base`, the folder of the new file.
 
-    Absolute paths outside `base` stay absolute rather than turn into a chain of `..`.
+    Paths outside `base` become (or stay) absolute rather than turn into a chain of `..`: an index refuses paths
+    that leave its root (`vip2clip.data.validate`), so an index written beside other data must name it absolutely.
     """
     cleaned = clean_path(path)
     is_absolute = Path(cleaned).is_absolute()
     if not is_absolute and root == base:
         return cleaned
-    relative = Path(os.path.relpath(Path(cleaned) if is_absolute else root / cleaned, base)).as_posix()
-    return cleaned if is_absolute and relative.startswith("..") else relative
+    target = Path(cleaned) if is_absolute else root / cleaned
+    relative = Path(os.path.relpath(target, base)).as_posix()
+    return Path(os.path.abspath(target)).as_posix() if relative.startswith("..") else relative
 
 
 def index_to_dict(index: DatasetIndex, base: Path | None = None) -> dict[str, dict[str, list[dict[str, Any]]]]:

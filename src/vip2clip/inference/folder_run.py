@@ -47,7 +47,15 @@ from PIL import Image
 from vip2clip.data.files import ImageScan, InputImage, no_images_error, scan_images
 from vip2clip.data.images import BadImageError, image_size, load_image
 from vip2clip.inference import calibration as calib
-from vip2clip.inference.journal import is_done, journal_file, merge_rank_journals, remove_stale_outputs, start_journal
+from vip2clip.inference.journal import (
+    assign_keys,
+    is_done,
+    journal_file,
+    merge_rank_journals,
+    output_name,
+    remove_stale_outputs,
+    start_journal,
+)
 from vip2clip.inference.predictor import (
     DEFAULT_THRESHOLD,
     ERROR,
@@ -77,7 +85,8 @@ CSV_COLUMNS = (
 class RunSummary:
     """found: images found; predicted: judged in this run; skipped: already done (resumed); failed: unreadable
     files (path, problem); errors: files whose score or map was NaN/infinite (path, problem); anomalous: rows
-    judged anomalous; total_rows: rows in the tables (= found); scan: what the folder search skipped."""
+    judged anomalous; total_rows: rows in the tables (= found); scan: what the folder search skipped;
+    self_references: judged rows that are reference images too (each compared with the other references only)."""
 
     found: int
     predicted: int
@@ -88,6 +97,7 @@ class RunSummary:
     total_rows: int = 0
     out_dir: Path = Path()
     scan: ImageScan = field(default_factory=ImageScan)
+    self_references: int = 0
 
     @property
     def complete(self) -> bool:
@@ -102,34 +112,6 @@ def _load(image: InputImage) -> Image.Image:
 def _failure(scored: ScoredImage[InputImage]) -> tuple[str, str]:
     logger.warning("skipping unreadable file %s", scored.error)
     return str(scored.source.path), scored.error.problem
-
-
-def output_name(key: str) -> str:
-    """ "good/a.jpg" -> "good/a_jpg.png": the suffix joins the stem so that a.jpg and a.png stay apart."""
-    path = Path(key)
-    suffix = path.suffix.lstrip(".").lower()
-    return (path.with_name(f"{path.stem}_{suffix}" if suffix else path.name)).as_posix() + ".png"
-
-
-def _unique_key(key: str, taken: set[str]) -> str:
-    """`key`, or "stem~2.ext", "stem~3.ext"... if another image already has that key."""
-    path, number, candidate = Path(key), 2, key
-    while candidate in taken:
-        candidate = path.with_name(f"{path.stem}~{number}{path.suffix}").as_posix()
-        number += 1
-    return candidate
-
-
-def _assign_keys(todo: list[InputImage], records: dict[str, dict[str, Any]]) -> list[InputImage]:
-    """Give each image to redo a key no other image (of this run or kept from earlier runs) uses."""
-    redo = {str(image.path) for image in todo}
-    taken = {record["key"] for path, record in records.items() if path not in redo}
-    assigned = []
-    for image in todo:
-        key = _unique_key(image.key, taken)
-        taken.add(key)
-        assigned.append(InputImage(image.path, key))
-    return assigned
 
 
 def run_settings(
@@ -280,7 +262,7 @@ def predict_folder(
         settings = run_settings(predictor, overlays, panels, raw_maps, paths)
         records, earlier = start_journal(out_dir, settings, overwrite, images)
         todo = [image for image in images if not is_done(image, records.get(str(image.path)), out_dir)]
-        plan = _assign_keys(todo, records)
+        plan = assign_keys(todo, records)
     todo = world.broadcast(plan)
     share = [todo[i] for i in world.share(len(todo), unit=predictor.batch_size)]
     done, failed, errors, not_judged = [], [], [], {}  # records; (path, problem) x 2; error rows by path
@@ -300,6 +282,7 @@ def predict_folder(
             files += (save_panel_output(out_dir, scored.source, scored.image, result, source) if panels else "",)
             files += (save_raw_map(out_dir, scored.source, result) if raw_maps else "",)
             record = _record(scored.source, result, *files)
+            record.update({"self_reference": True} if scored.reference_digest else {})  # in the journal only
             done.append(record)
             log.write(json_line(record) + "\n")
             log.flush()
@@ -315,7 +298,10 @@ def predict_folder(
         records.update((record["path"], record) for record in done)
         rows = sorted([*records.values(), *not_judged.values()], key=lambda row: row["key"])
         remove_stale_outputs(out_dir, earlier, rows)
-        write_tables(out_dir, settings, rows, scan, world.describe(predictor.model))
+        self_references = sum(bool(row.get("self_reference")) for row in rows)
+        run = world.describe(predictor.model)
+        run.update({"self_references": self_references} if predictor.references is not None else {})
+        write_tables(out_dir, settings, rows, scan, run)
         summary = RunSummary(
             found=len(images),
             predicted=len(todo) - len(failed) - len(errors),
@@ -326,6 +312,7 @@ def predict_folder(
             total_rows=len(rows),
             out_dir=out_dir,
             scan=scan,
+            self_references=self_references,
         )
     return world.broadcast(summary)
 

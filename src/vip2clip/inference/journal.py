@@ -125,3 +125,31 @@ def remove_stale_outputs(out_dir: Path, earlier: dict[str, dict[str, Any]], rows
     for name in sorted(name for name in stale - used if name and not Path(name).is_absolute()):
         if ".." not in Path(name).parts:  # only files inside OUT, whatever a journal says
             (out_dir / name).unlink(missing_ok=True)
+
+
+def output_name(key: str) -> str:
+    """ "good/a.jpg" -> "good/a_jpg.png": the suffix joins the stem so that a.jpg and a.png stay apart."""
+    path = Path(key)
+    suffix = path.suffix.lstrip(".").lower()
+    return (path.with_name(f"{path.stem}_{suffix}" if suffix else path.name)).as_posix() + ".png"
+
+
+def _unique_key(key: str, taken: set[str]) -> str:
+    """`key`, or "stem~2.ext", "stem~3.ext"... if another image already has that key."""
+    path, number, candidate = Path(key), 2, key
+    while candidate in taken:
+        candidate = path.with_name(f"{path.stem}~{number}{path.suffix}").as_posix()
+        number += 1
+    return candidate
+
+
+def assign_keys(todo: list[InputImage], records: dict[str, dict[str, Any]]) -> list[InputImage]:
+    """Give each image to redo a key no other image (of this run or kept from earlier runs) uses."""
+    redo = {str(image.path) for image in todo}
+    taken = {record["key"] for path, record in records.items() if path not in redo}
+    assigned = []
+    for image in todo:
+        key = _unique_key(image.key, taken)
+        taken.add(key)
+        assigned.append(InputImage(image.path, key))
+    return assigned

@@ -20,7 +20,6 @@ calibration file or explicit thresholds both default to 0.5, which is uncalibrat
 
 Fail closed: an image whose score or map holds NaN or infinity (e.g. a checkpoint with NaN weights) is never
 "normal". Its pred_label is "error" and `ImageResult.error` says why; it has no defect pixels to report.
-
 Folder runs (`vip2clip predict`, `vip2clip calibrate`) live in `vip2clip.inference.folder_run`.
 """
 
@@ -218,6 +217,7 @@ class ScoredImage(Generic[T]):
     pred_score: float = float("nan")
     anomaly_map: np.ndarray | None = None
     error: BadImageError | None = None
+    reference_digest: str | None = None  # pixel digest of one of the references: compared with the others only
 
 
 @dataclass
@@ -309,9 +309,8 @@ class Predictor:
         from vip2clip.inference.onnx_engine import load_onnx
 
         predictor = cls(load_onnx(path, backend=backend), None, batch_size, tiling=tiling)
-        return predictor.with_thresholds(
-            resolve_thresholds(predictor.identity, calibration, image_threshold, pixel_threshold)
-        )
+        thresholds = resolve_thresholds(predictor.identity, calibration, image_threshold, pixel_threshold)
+        return predictor.with_thresholds(thresholds)
 
     @property
     def identity(self) -> ModelIdentity:
@@ -355,17 +354,18 @@ class Predictor:
     def _start(self, source: T, load: Callable[[T], Image.Image]) -> _InFlight[T]:
         try:
             image = load(source)
+            name = getattr(source, "path", None)
+            own = None if self.references is None else self.references.own_digest(image, name)
+            stitched = None if self.tiling is None else StitchedMap(image.size, self.tiling, name)
         except BadImageError as error:
             return _InFlight(ScoredImage(source, error=error))
-        if self.tiling is None:
-            return _InFlight(ScoredImage(source, image=image), remaining=1)
-        stitched = StitchedMap(image.size, self.tiling)
-        return _InFlight(ScoredImage(source, image=image), stitched, len(stitched.boxes))
+        scored = ScoredImage(source, image=image, reference_digest=own)  # leave-one-out when `own` is set
+        return _InFlight(scored, stitched, 1 if stitched is None else len(stitched.boxes))
 
     def _score_batch(self, batch: list[tuple[_InFlight[T], int]]) -> None:
         images = np.stack([preprocess_array(item.model_input(tile), self.image_size) for item, tile in batch])
-        prediction = self._engine.predict(images)
-        scores, maps = prediction.numpy()
+        exclude = {"exclude": [item.scored.reference_digest for item, _ in batch]} if self.references else {}
+        scores, maps = self._engine.predict(images, **exclude).numpy()
         for (item, tile), score, anomaly_map in zip(batch, scores, maps, strict=True):
             item.remaining -= 1
             if item.stitched is None:

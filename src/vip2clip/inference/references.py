@@ -8,11 +8,17 @@ Rule (measured on the synthetic benchmarks, docs/few-shot.md):
 - the reference map: that patch-grid map upsampled (bilinear) and Gaussian-smoothed like the UTPA map
   (`utpa.smooth_map`, the model's sigma unless the rule gives another); the reference score: its maximum;
 - fused with the model's zero-shot outputs: map = (1 - w) * zero-shot map + w * reference map, and the same
-  for the image score, w = `FusionRule.weight`.
+  for the image score, w = `FusionRule.weight`;
+- leave-one-out: an image is never its own reference. Each reference's decoded pixels are hashed
+  (`pixel_digest`); a test image with the same digest (the same file, a copy, the same upload) is compared with
+  the other references only (`ReferenceEngine.predict(..., exclude=)`; `Predictor` passes the digests). Without
+  this, `predict parts/ --reference parts/` compared each image with itself: every patch at distance 0, every
+  defect scored like a normal part. An image that is the only reference cannot be judged that way: an error.
 
 The memory is computed once per (model, reference files, tiling) and cached on disk (float16 .npy named by the
 SHA-256 of its key, written atomically): the key holds the backbone, its weights fingerprint, the input size, the
-tapped layers, the encoder precision, the tiling and the SHA-256 of every reference file. The checkpoint is not
+tapped layers, the encoder precision, the tiling and the SHA-256 of every reference file; the pixel digest and the
+number of memory rows of each image are kept in the entry's .json beside it. The checkpoint is not
 part of it: patch tokens come from the frozen encoder alone. The nearest-neighbour search runs on the model's
 device in chunks, holding at most `SEARCH_BUDGET` similarities (64 MiB of float32) at a time.
 """
@@ -31,10 +37,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from vip2clip.config import ModelConfig
 from vip2clip.data.files import find_images
-from vip2clip.data.images import load_image
+from vip2clip.data.images import BadImageError, load_image, pixel_digest
 from vip2clip.data.transforms import preprocess
 from vip2clip.inference.tiling import TileConfig, tile_boxes
 from vip2clip.model import utpa
@@ -46,7 +53,7 @@ from vip2clip.utils.hashing import file_sha256, json_digest
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "vip2clip-reference-memory"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the .json holds each image's pixel digest and memory rows (leave-one-out)
 SEARCH_BUDGET = 1 << 24  # similarities (float32) held at once by the nearest-neighbour search: 64 MiB
 _QUERY_CHUNK = 4096
 
@@ -71,15 +78,43 @@ class FusionRule:
 
 @dataclass
 class ReferenceMemory:
-    """tokens: per tapped layer [M, D] float16 patch tokens of the references; files: (path, sha256) per image."""
+    """tokens: per tapped layer [M, D] float16 patch tokens of the references; files: (path, sha256) per image;
+    pixels: each image's `pixel_digest`; rows: how many of the M rows each image holds, in order (for
+    leave-one-out; empty: unknown, nothing is left out)."""
 
     tokens: tuple[torch.Tensor, ...]
     files: tuple[tuple[str, str], ...]
     rule: FusionRule = field(default_factory=FusionRule)
+    pixels: tuple[str, ...] = ()
+    rows: tuple[int, ...] = ()
 
     @property
     def n_patches(self) -> int:
         return int(self.tokens[0].shape[0])
+
+    def count(self, digest: str | None) -> int:
+        """How many reference images have these pixels (0 for None)."""
+        return 0 if digest is None else self.pixels.count(digest)
+
+    def own_digest(self, image: Image.Image, name: str | Path | None = None) -> str | None:
+        """The `pixel_digest` of `image` (called `name`) when it is one of the references, to leave out; else None.
+        BadImageError when every reference is this image: nothing would be left to compare it with."""
+        digest = pixel_digest(image)
+        copies = self.count(digest)
+        if copies and copies == len(self.pixels):
+            raise BadImageError(name or "image", "it is the only reference image (or every reference is a copy of "
+                                "it): nothing else to compare it with")  # fmt: skip
+        return digest if copies else None
+
+    def keep_rows(self, digest: str) -> torch.Tensor:
+        """bool [M]: the memory rows of every image except those with the pixel digest `digest`."""
+        keep = torch.ones(self.n_patches, dtype=torch.bool, device=self.tokens[0].device)
+        start = 0
+        for pixels, rows in zip(self.pixels, self.rows, strict=True):
+            if pixels == digest:
+                keep[start : start + rows] = False
+            start += rows
+        return keep
 
     def record(self) -> dict[str, Any]:
         """What results and calibrations record: the rule, the images (paths and a digest of their hashes)."""
@@ -89,7 +124,7 @@ class ReferenceMemory:
     def to(self, device: torch.device) -> ReferenceMemory:
         if self.tokens[0].device == device:
             return self
-        return ReferenceMemory(tuple(t.to(device) for t in self.tokens), self.files, self.rule)
+        return ReferenceMemory(tuple(t.to(device) for t in self.tokens), self.files, self.rule, self.pixels, self.rows)
 
 
 def reference_files(folder: str | Path) -> list[Path]:
@@ -128,20 +163,31 @@ def _batched(items: Iterator[torch.Tensor], size: int) -> Iterator[list[torch.Te
         yield batch
 
 
-def build_tokens(
-    engine: Any, paths: Sequence[Path], tiling: TileConfig | None, batch_size: int = 8
-) -> tuple[torch.Tensor, ...]:
+@dataclass
+class BuiltTokens:
+    """What `build_tokens` computes: per layer [M, D] float16 tokens, and each image's pixel digest and rows."""
+
+    tokens: tuple[torch.Tensor, ...]
+    pixels: tuple[str, ...]
+    rows: tuple[int, ...]
+
+
+def build_tokens(engine: Any, paths: Sequence[Path], tiling: TileConfig | None, batch_size: int = 8) -> BuiltTokens:
     """The patch tokens of every image (or every tile) in `paths`: per layer [M, D] float16 on the CPU.
 
     Images of any size are preprocessed to the model's input like test images. BadImageError names a reference
     file that cannot be decoded (a reference set with a broken image is the user's to fix, not to skip)."""
     check_engine(engine)
     size = engine.config.image_size
+    pixels: list[str] = []
+    inputs: list[int] = []  # model inputs (the image, or its tiles) per image
 
     def model_inputs() -> Iterator[torch.Tensor]:
         for path in paths:
             image = load_image(path)
-            boxes = [None] if tiling is None else tile_boxes(image.size, tiling)
+            pixels.append(pixel_digest(image))
+            boxes = [None] if tiling is None else tile_boxes(image.size, tiling, path)
+            inputs.append(len(boxes))
             for box in boxes:
                 yield preprocess(image if box is None else image.crop(box), size)
 
@@ -152,7 +198,9 @@ def build_tokens(
         layers = layers or [[] for _ in tokens]
         for stored, new in zip(layers, tokens, strict=True):
             stored.append(new)
-    return tuple(torch.cat(chunks) for chunks in layers)
+    tokens = tuple(torch.cat(chunks) for chunks in layers)
+    per_input = int(tokens[0].shape[0]) // max(1, sum(inputs))
+    return BuiltTokens(tokens, tuple(pixels), tuple(count * per_input for count in inputs))
 
 
 def memory_key(identity: ModelIdentity, engine: Any, tiling: TileConfig | None, shas: Sequence[str]) -> dict:
@@ -175,16 +223,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vip2clip" / "references"
 
 
-def _read_cache(path: Path, n_layers: int | None) -> tuple[torch.Tensor, ...] | None:
+def _read_cache(path: Path, n_layers: int | None, n_files: int) -> BuiltTokens | None:
     try:
         stacked = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
+        images = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))["images"]
+        pixels, rows = tuple(str(image["pixels"]) for image in images), tuple(int(image["rows"]) for image in images)
+    except (OSError, ValueError, KeyError, TypeError) as error:
         logger.warning("reference cache %s unreadable (%s): rebuilding", path, error)
         return None
     if stacked.ndim != 3 or stacked.dtype != np.float16 or (n_layers is not None and stacked.shape[0] != n_layers):
         logger.warning("reference cache %s has an unexpected shape %s: rebuilding", path, stacked.shape)
         return None
-    return tuple(torch.from_numpy(layer.copy()) for layer in stacked)
+    if len(rows) != n_files or sum(rows) != stacked.shape[1]:
+        logger.warning("reference cache %s: its image list does not match its rows: rebuilding", path)
+        return None
+    return BuiltTokens(tuple(torch.from_numpy(layer.copy()) for layer in stacked), pixels, rows)
 
 
 def memory_from_files(
@@ -206,17 +259,19 @@ def memory_from_files(
     key = memory_key(identity, engine, tiling, shas)
     cache = None if cache_dir is None else Path(cache_dir) / f"{json_digest(key, 32)}.npy"
     layers = (identity.config or {}).get("feature_layers")
-    tokens = _read_cache(cache, len(layers) if layers else None) if cache and cache.is_file() else None
-    if tokens is None:
-        tokens = build_tokens(engine, paths, tiling, batch_size)
+    built = _read_cache(cache, len(layers) if layers else None, len(paths)) if cache and cache.is_file() else None
+    if built is None:
+        built = build_tokens(engine, paths, tiling, batch_size)
         if cache is not None:
-            atomic_save_npy(torch.stack(tokens).numpy(), cache)
-            atomic_write_text(cache.with_suffix(".json"), json.dumps(key, indent=1) + "\n")  # for people only
+            images = [{"pixels": pixels, "rows": rows} for pixels, rows in zip(built.pixels, built.rows, strict=True)]
+            # The .json first: a reader needs both, and the .npy is what makes the entry exist.
+            atomic_write_text(cache.with_suffix(".json"), json.dumps({**key, "images": images}, indent=1) + "\n")
+            atomic_save_npy(torch.stack(built.tokens).numpy(), cache)
             logger.info("reference memory cached in %s", cache)
     else:
         logger.info("reference memory read from %s", cache)
     files = tuple((str(path), sha) for path, sha in zip(paths, shas, strict=True))
-    return ReferenceMemory(tokens, files, rule or FusionRule())
+    return ReferenceMemory(built.tokens, files, rule or FusionRule(), built.pixels, built.rows)
 
 
 def load_references(
@@ -257,8 +312,11 @@ class ReferenceEngine:
         self.memory = memory
         self.config: ModelConfig = engine.config
 
-    def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
-        """images [B, 3, S, S] -> fused Prediction(pred_score [B], anomaly_map [B, S, S])."""
+    def predict(self, images: np.ndarray | torch.Tensor, exclude: Sequence[str | None] | None = None) -> Prediction:
+        """images [B, 3, S, S] -> fused Prediction(pred_score [B], anomaly_map [B, S, S]).
+
+        exclude: per image, the `pixel_digest` of the picture it is (or is a tile of): the references with these
+        pixels are left out of its nearest-neighbour search (leave-one-out; module docstring)."""
         prediction = self.engine.predict(images, return_features=True)
         features = prediction.features
         if len(features.patch_tokens) != len(self.memory.tokens):
@@ -271,6 +329,9 @@ class ReferenceEngine:
             distance = torch.stack(
                 [nearest_distance(t, m) for t, m in zip(features.patch_tokens, self.memory.tokens, strict=True)]
             ).mean(dim=0)  # [B, HW]
+            for row, digest in enumerate(exclude or ()):
+                if self.memory.count(digest):
+                    distance[row] = self._distance_without(features.patch_tokens, row, digest)
             rule = self.memory.rule
             sigma = self.config.sigma if rule.sigma is None else rule.sigma
             reference_map = utpa.smooth_map(distance, features.grid, tuple(images.shape[-2:]), sigma)
@@ -280,3 +341,11 @@ class ReferenceEngine:
             (1 - weight) * prediction.pred_score + weight * reference_score,
             (1 - weight) * prediction.anomaly_map + weight * reference_map,
         )
+
+    def _distance_without(self, patch_tokens: Sequence[torch.Tensor], row: int, digest: str) -> torch.Tensor:
+        """[HW] distance of image `row` to the references other than those with pixel digest `digest`."""
+        keep = self.memory.keep_rows(digest)
+        if not keep.any():
+            raise ValueError("an image cannot be judged against references that are all the image itself")
+        layers = zip(patch_tokens, self.memory.tokens, strict=True)
+        return torch.stack([nearest_distance(t[row : row + 1], m[keep]) for t, m in layers]).mean(dim=0)[0]

@@ -16,6 +16,12 @@ tile only gets that tile's value. The weights are separable and the grid is a pr
 weights are the outer product of two per-axis sums: besides one tile's map, memory is a single float32 [H, W]
 accumulator (4 bytes per pixel; 80 MB at 20 MP), which becomes the map.
 
+Limits: a tile is at least MIN_TILE_SIZE pixels and an image is cut into at most MAX_TILES tiles (BadImageError
+naming the image otherwise, checked from the two axes before any tile list is built). Each tile is one model call
+and is enlarged to the model's input (518 px for ViT-L/14): `--tile 1` asked 16,384 calls of a 128-px image and
+20 million of a 20 MP one (the tile list alone gigabytes), and below 32 px the enlargement (over 16x) adds model
+calls, not detail. 4,096 tiles are about 8 hours per image for ViT-L/14 on a CPU.
+
 Image score: the maximum of the tile scores (the model's own score of each tile; see docs/tiling.md for the rule
 measured against the UTPA-style top-K mean of the stitched map).
 """
@@ -25,14 +31,18 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from vip2clip.data.images import BadImageError
 from vip2clip.data.transforms import resize_map
 
 DEFAULT_OVERLAP = 0.25
 MAX_OVERLAP = 0.9  # beyond it the tile count explodes (1 / (1 - overlap)^2 tiles per tile area)
+MIN_TILE_SIZE = 32  # pixels; the reasons for both limits are in the module docstring
+MAX_TILES = 4096  # per image
 
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in pixels, PIL's crop order
 
@@ -45,8 +55,11 @@ class TileConfig:
     overlap: float = DEFAULT_OVERLAP
 
     def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"tile size must be >= 1 pixel, got {self.size}")
+        if self.size < MIN_TILE_SIZE:
+            raise ValueError(
+                f"tile size must be >= {MIN_TILE_SIZE} pixels, got {self.size} (each tile is one model call and is "
+                f"enlarged to the model's input: smaller tiles add calls, not detail)"
+            )
         if not 0.0 <= self.overlap <= MAX_OVERLAP:
             raise ValueError(f"tile overlap must be in [0, {MAX_OVERLAP}], got {self.overlap}")
 
@@ -89,10 +102,17 @@ def _axis(image_length: int, config: TileConfig) -> _Axis:
     return _Axis(weights, total)
 
 
-def tile_boxes(size: tuple[int, int], config: TileConfig) -> list[Box]:
-    """The tiles of an image of `size` = (width, height), row by row."""
+def tile_boxes(size: tuple[int, int], config: TileConfig, name: str | Path | None = None) -> list[Box]:
+    """The tiles of an image of `size` = (width, height), row by row. BadImageError naming `name` (the image) when
+    it would need more than MAX_TILES tiles."""
     width, height = size
     lefts, tops = axis_starts(width, config.size, config.overlap), axis_starts(height, config.size, config.overlap)
+    if len(lefts) * len(tops) > MAX_TILES:
+        raise BadImageError(
+            name or "image",
+            f"{width}x{height} pixels would need {len(lefts) * len(tops):,} tiles of {config.size} px (overlap "
+            f"{config.overlap:g}); the limit is {MAX_TILES:,} tiles (model calls) per image: use a larger --tile",
+        )
     tile_width, tile_height = min(config.size, width), min(config.size, height)
     return [(left, top, left + tile_width, top + tile_height) for top in tops for left in lefts]
 
@@ -104,10 +124,10 @@ class StitchedMap:
     [S, S]); `finish()` returns (image score, map float32 [height, width]) once every tile was added.
     """
 
-    def __init__(self, size: tuple[int, int], config: TileConfig) -> None:
+    def __init__(self, size: tuple[int, int], config: TileConfig, name: str | Path | None = None) -> None:
         width, height = size
+        self.boxes = tile_boxes(size, config, name)  # first: it refuses too many tiles
         self._x, self._y = _axis(width, config), _axis(height, config)
-        self.boxes = tile_boxes(size, config)
         self._sum = np.zeros((height, width), dtype=np.float32)
         self._scores = np.zeros(len(self.boxes))
         self._added = np.zeros(len(self.boxes), dtype=bool)
