@@ -38,14 +38,28 @@ class FineGrainedPerception(nn.Module):
         text = text.expand(patches.shape[0], -1, -1)
         batch, n_text, dim = text.shape
         head_dim = dim // self.heads
-        q = self.q_proj(text).view(batch, n_text, self.heads, head_dim).transpose(1, 2)  # [B, h, T, d]
-        w_k = self.k_proj.weight.view(self.heads, head_dim, dim)  # [h, d, D]
-        w_v = self.v_proj.weight.view(self.heads, head_dim, dim)
-        q_in = torch.einsum("bhtd,hde->bhte", q, w_k).reshape(batch, self.heads * n_text, dim)  # [B, h*T, D]
-        # The key bias adds one constant per query row, which the softmax cancels; kept for the exact release form.
-        key_bias = (q * self.k_proj.bias.view(1, self.heads, 1, head_dim)).sum(-1).view(batch, -1, 1)  # [B, h*T, 1]
-        scores = torch.baddbmm(key_bias, q_in, patches.transpose(1, 2))  # [B, h*T, HW], unscaled as the release
+        scores = self._scores(text, patches)  # [B, h*T, HW]
+        w_v = self.v_proj.weight.view(self.heads, head_dim, dim)  # [h, d, D]
         pooled = torch.bmm(scores.softmax(dim=-1), patches).view(batch, self.heads, n_text, dim)  # [B, h, T, D]
         attended = torch.einsum("bhte,hde->bhtd", pooled, w_v) + self.v_proj.bias.view(1, self.heads, 1, head_dim)
         merged = attended.transpose(1, 2).reshape(batch, n_text, dim)
         return F.normalize(self.out_proj(merged), dim=-1)
+
+    def attention(self, text: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Where each text embedding looks (paper Fig. 3): its attention weights over the patches, averaged over
+        the heads -> [B, T, HW], each row summing to 1. The weights `forward` pools the patches with."""
+        text = text.expand(patches.shape[0], -1, -1)
+        batch, n_text, _ = text.shape
+        weights = self._scores(text, patches).softmax(dim=-1)
+        return weights.view(batch, self.heads, n_text, -1).mean(dim=1)
+
+    def _scores(self, text: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """Unscaled attention logits of every head and text row over the patches: text [B, T, D] -> [B, h*T, HW]."""
+        batch, n_text, dim = text.shape
+        head_dim = dim // self.heads
+        q = self.q_proj(text).view(batch, n_text, self.heads, head_dim).transpose(1, 2)  # [B, h, T, d]
+        w_k = self.k_proj.weight.view(self.heads, head_dim, dim)  # [h, d, D]
+        q_in = torch.einsum("bhtd,hde->bhte", q, w_k).reshape(batch, self.heads * n_text, dim)  # [B, h*T, D]
+        # The key bias adds one constant per query row, which the softmax cancels; kept for the exact release form.
+        key_bias = (q * self.k_proj.bias.view(1, self.heads, 1, head_dim)).sum(-1).view(batch, -1, 1)  # [B, h*T, 1]
+        return torch.baddbmm(key_bias, q_in, patches.transpose(1, 2))  # unscaled, as the release

@@ -8,6 +8,7 @@ the release's test outputs (image score, smoothed anomaly map) without gradients
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from torch import nn
 from vip2clip.config import ModelConfig
 from vip2clip.model import utpa
 from vip2clip.model.backbone import FrozenCLIP, ImageFeatures
+from vip2clip.model.explain import Explanation, fgp_attention, make_explanation
 from vip2clip.model.fgp import FineGrainedPerception
 from vip2clip.model.prediction import Prediction
 from vip2clip.model.prompt import VisualConditionedPrompts
@@ -144,16 +146,36 @@ class ViP2CLIP(nn.Module):
         """images [B, 3, H, W] (tensor or float32 array), normalised with the OpenAI mean/std -> Prediction of
         tensors (no gradients); with `return_features` it carries the encoder's outputs too (one encoder pass
         serves both)."""
-        images = torch.as_tensor(images)
-        was_training = self.training
-        self.eval()
-        try:
-            device = next(self.parameters()).device
-            features = self.encode_image(images.to(device))
-            prediction = self.prediction_from_output(self.forward_features(features), tuple(images.shape[-2:]))
+        with self._evaluating():
+            features, _, prediction = self._infer(images)
             if return_features:
                 prediction.features = features
             return prediction
+
+    @torch.no_grad()
+    def explain(self, images: torch.Tensor | np.ndarray) -> Explanation:
+        """The paper's explanatory pictures as arrays (`vip2clip.model.explain`): per tapped layer the FGP
+        attention of the two prompts (Fig. 3) and the anomaly map (Fig. 7), beside the fused map and the score
+        that `predict` gives. images: as `predict`."""
+        with self._evaluating():
+            features, output, prediction = self._infer(images)
+            attention = fgp_attention(self.fgp, output.text, features)
+            return make_explanation(prediction.pred_score, prediction.anomaly_map, output.probabilities, attention,
+                                    self.feature_layers, output.grid, self.config.sigma)  # fmt: skip
+
+    def _infer(self, images: torch.Tensor | np.ndarray) -> tuple[ImageFeatures, ModelOutput, Prediction]:
+        images = torch.as_tensor(images)
+        features = self.encode_image(images.to(next(self.parameters()).device))
+        output = self.forward_features(features)
+        return features, output, self.prediction_from_output(output, tuple(images.shape[-2:]))
+
+    @contextlib.contextmanager
+    def _evaluating(self) -> Iterator[None]:
+        """Eval mode for the block, the previous mode restored after it."""
+        was_training = self.training
+        self.eval()
+        try:
+            yield
         finally:
             self.train(was_training)
 
