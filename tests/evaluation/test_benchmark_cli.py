@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import vip2clip
 from vip2clip.cli import main
@@ -129,6 +130,33 @@ def test_test_command_reproduces_the_benchmark_numbers(run: dict[str, Path], tmp
 
 
 @pytest.mark.slow
+def test_explain_panels_for_test_and_predict(run: dict[str, Path], tmp_path: Path, capsys) -> None:
+    """`test --save-maps --explain` explains the images of the panels (same names under explain/);
+    `predict --explain` every judged image (the names of its masks/)."""
+    out = tmp_path / "test"
+    argv = ["test", "--data", str(run["test_root"]), "--checkpoint", str(run["checkpoint"]), "--out", str(out),
+            "--save-maps", "--max-maps", "2", "--explain", "--no-progress", "--backbone", "tiny"]  # fmt: skip
+    assert main(argv) == 0
+    assert "explanations: " in capsys.readouterr().out
+    panels = sorted(p.relative_to(out / "maps") for p in (out / "maps").rglob("*.png"))
+    explained = sorted(p.relative_to(out / "explain") for p in (out / "explain").rglob("*.png"))
+    assert explained == panels and len(explained) == 4
+    with Image.open(out / "explain" / explained[0]) as picture:
+        # 160-px tiles: input, the tiny backbone's 4 layers and the fused map side by side; maps and two rows of
+        # attention under each other
+        assert picture.width >= 6 * 160 and picture.height >= 3 * 160
+    images = sorted((run["test_root"] / "object_0/test").rglob("*.png"))[:2]
+    predicted = tmp_path / "predict"
+    argv = ["predict", *map(str, images), "--checkpoint", str(run["checkpoint"]), "--out", str(predicted),
+            "--explain", "--no-progress", "--backbone", "tiny"]  # fmt: skip
+    assert main(argv) == 0
+    masks = sorted(p.relative_to(predicted / "masks") for p in (predicted / "masks").rglob("*.png"))
+    assert sorted(p.relative_to(predicted / "explain") for p in (predicted / "explain").rglob("*.png")) == masks
+    assert main([*argv[:-3], "--tile", "32", "--no-progress", "--backbone", "tiny"]) == 2  # keeps --explain
+    assert "--explain shows the plain model's layers and prompts; not with --tile" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_convert_checkpoint_round_trip_gives_identical_predictions(run: dict[str, Path], tmp_path: Path) -> None:
     release, back = tmp_path / "release.pt", tmp_path / "back.pt"
     process = subprocess.run(
@@ -151,6 +179,10 @@ def test_convert_checkpoint_round_trip_gives_identical_predictions(run: dict[str
     ("argv", "message"),
     [
         (["test", "--data", "{root}", "--out", "{tmp}/o", "--backbone", "tiny"], "--checkpoint is required"),
+        (
+            ["test", "--data", "{root}", "--out", "{tmp}/o", "--checkpoint", "x.pt", "--explain"],
+            "--explain goes with --save-maps",
+        ),
         (
             ["test", "--data", "{root}", "--out", "{tmp}/o", "--checkpoint", "x.pt", "--reference", "paper"],
             "it has no numbers for 'data'; name the benchmark with --dataset",

@@ -22,6 +22,7 @@ from vip2clip.cli.common import (
     tiling_from_args,
     world_of,
 )
+from vip2clip.cli.explain import add_explain_argument, check_explain, explain_test
 from vip2clip.cli.train import add_train_arguments, train_config_from_args
 from vip2clip.config import STORAGE_DTYPES
 
@@ -106,6 +107,7 @@ def _register_test(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--classes", nargs="+", default=None, help="only these classes")
     _add_paper_argument(parser, "per class (Tables 10-21) and for the mean (Tables 1-2)")
     _add_evaluation_arguments(parser, ("--batch-size", "--eval-batch-size"))
+    add_explain_argument(parser, "explain/CLASS/NAME.png for the images of the --save-maps panels")
     add_tiling_arguments(parser)
     add_reference_arguments(parser, shots=True, seed=True)
     add_model_arguments(parser)
@@ -121,6 +123,7 @@ def run_test(args: argparse.Namespace) -> int:
     if not args.checkpoint:
         raise CLIError("--checkpoint is required (a vip2clip or release checkpoint to evaluate)")
     config = _eval_config(args, args.classes)
+    check_explain(args, {"--tile": args.tile, "--shots": args.shots}, args.save_maps)
     world = world_of(args)
     with world.main_first():  # a native root is converted (and its index written) once
         index = resolve_index(args.data, args.dataset)
@@ -144,6 +147,8 @@ def run_test(args: argparse.Namespace) -> int:
         print(f"thresholds: {out / 'calibration.json'}")
     if args.save_maps:
         print(f"panels: {out / 'maps'}")
+    if args.explain:
+        explain_test(args, model, index, [c.name for c in result.classes], result.image_threshold)
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable file(s); listed in results.json")
     if config.shots:

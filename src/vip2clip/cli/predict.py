@@ -31,6 +31,7 @@ from vip2clip.cli.common import (
     tiling_from_args,
     world_of,
 )
+from vip2clip.cli.explain import add_explain_argument, check_explain, explain_predictions
 
 if TYPE_CHECKING:
     from vip2clip.inference.predictor import Predictor
@@ -68,6 +69,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     predict.add_argument(
         "--raw-maps", action="store_true", help="also write each anomaly map (original size, float16) to maps/*.npy"
     )
+    add_explain_argument(predict, "explain/KEY.png for every judged image")
     add_progress_argument(predict)
     add_batch_argument(predict)
     add_model_arguments(predict)
@@ -129,9 +131,11 @@ def _print_failures(failed: list[tuple[str, str]], what: str = "unreadable files
 def run_predict(args: argparse.Namespace) -> int:
     from vip2clip.inference.folder_run import predict_folder
 
+    check_explain(args, {"--tile": args.tile, "--reference": args.reference, "--onnx": args.onnx})
     world = world_of(args)
+    predictor = build_predictor(args)
     summary = predict_folder(
-        build_predictor(args),
+        predictor,
         args.paths,
         args.out,
         args.overwrite,
@@ -161,6 +165,8 @@ def run_predict(args: argparse.Namespace) -> int:
     folders = "masks/" + (", overlays/" if args.overlays else "") + (", panels/" if args.panels else "")
     folders += ", maps/" if args.raw_maps else ""
     print(f"results: {summary.out_dir / 'predictions.csv'} (+ predictions.json, {folders})")
+    if args.explain:
+        explain_predictions(args, predictor)
     if not summary.complete:
         print('exit code 1: some images were not judged; their rows say pred_label "error"', file=sys.stderr)
         return 1

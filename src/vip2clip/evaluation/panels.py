@@ -22,7 +22,9 @@ import numpy as np
 
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import load_image
+from vip2clip.data.index import DatasetIndex, Sample
 from vip2clip.evaluation.results import ClassOutputs
+from vip2clip.inference.explain_run import EXPLAIN_DIR, ExplainItem
 from vip2clip.utils.fileio import atomic_save_image
 from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyle, PanelText, make_panel
 
@@ -38,6 +40,33 @@ def panel_order(labels: np.ndarray, limit: int | None) -> np.ndarray:
     alternating = np.stack([anomalous[:pairs], normal[:pairs]], axis=1).ravel()
     order = np.concatenate([alternating, anomalous[pairs:], normal[pairs:]])
     return order if limit is None else order[:limit]
+
+
+def panel_name(sample: Sample) -> str:
+    """A sample's panel file below the panels folder: CLASS/DEFECT_STEM.png (unsafe characters replaced)."""
+    stem = _UNSAFE_NAME.sub("_", f"{sample.specie_name or 'image'}_{Path(sample.img_path).stem}")
+    return f"{_UNSAFE_NAME.sub('_', sample.cls_name)}/{stem}.png"
+
+
+def panel_caption(sample: Sample) -> str:
+    truth = "anomalous" if sample.anomaly else "normal"
+    return f"{sample.cls_name} / {sample.specie_name or '-'} / {Path(sample.img_path).name} (truth: {truth})"
+
+
+def explain_items(
+    index: DatasetIndex, classes: Sequence[str], limit: int | None, split: str = "test"
+) -> list[ExplainItem]:
+    """`test --save-maps --explain`: per class the images its panels show (`panel_order`), each to
+    explain/CLASS/DEFECT_STEM.png with its ground truth where it has one."""
+    items = []
+    for name in classes:
+        samples = index.samples(split, [name])
+        for row in panel_order(np.array([s.anomaly for s in samples]), limit):
+            sample = samples[int(row)]
+            mask = Path(index.resolve(sample.mask_path)) if sample.mask_path else None
+            image = Path(index.resolve(sample.img_path))
+            items.append(ExplainItem(image, f"{EXPLAIN_DIR}/{panel_name(sample)}", panel_caption(sample), mask))
+    return items
 
 
 def _spool(array: np.ndarray, rows: np.ndarray, folder: Path) -> np.ndarray:
@@ -85,14 +114,11 @@ class PanelSpool:
             return
         samples = [dataset.samples[int(outputs.positions[row])] for row in rows]
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        folder = _UNSAFE_NAME.sub("_", samples[0].cls_name)
         self._classes.append(
             _SpooledClass(
                 image_paths=[Path(dataset.index.resolve(s.img_path)) for s in samples],
-                names=[f"{folder}/" + _UNSAFE_NAME.sub("_", f"{s.specie_name or 'image'}_{Path(s.img_path).stem}")
-                       + ".png" for s in samples],
-                captions=[f"{s.cls_name} / {s.specie_name or '-'} / {Path(s.img_path).name} (truth: "
-                          f"{'anomalous' if s.anomaly else 'normal'})" for s in samples],
+                names=[panel_name(s) for s in samples],
+                captions=[panel_caption(s) for s in samples],
                 scores=outputs.scores[rows].copy(),
                 has_truth=outputs.pixel_rows[rows].copy(),
                 maps=_spool(outputs.maps, rows, self.out_dir),

@@ -116,9 +116,8 @@ def layout_panel(image_size: tuple[int, int], n_lines: int, style: PanelStyle = 
     bar_w = max(12, font)
     bar_left = lefts[-1] + tile_w + 2 * gap
     bar = (bar_left, top, bar_left + bar_w, top + tile_h)
-    labels_left = bar[2] + _tick_length(font) + max(4, font // 3)  # a space after the tick, so "-" is no minus
-    label_w = max(text_image(_tick_label(v), font).width for v in (style.low, style.high))
-    width = labels_left + label_w + margin
+    labels_left = bar_labels_left(bar[2], font)
+    width = labels_left + bar_label_width(font, style) + margin
     lines_top = top + tile_h + gap
     lines = tuple((margin, lines_top + i * (line_h + 2), width - margin, lines_top + i * (line_h + 2) + line_h)
                   for i in range(n_lines))  # fmt: skip
@@ -170,7 +169,7 @@ def colour_bar(width: int, height: int, style: PanelStyle = PanelStyle(), marker
     return bar
 
 
-def _mask_tile(mask: np.ndarray | None, size: tuple[int, int]) -> Image.Image:
+def mask_tile(mask: np.ndarray | None, size: tuple[int, int]) -> Image.Image:
     """A binary mask [H, W] as white on black at `size` (width, height); None: an empty grey tile."""
     if mask is None:
         return Image.new("RGB", size, _EMPTY_TILE)
@@ -198,30 +197,51 @@ def make_panel(
         rgb,
         heatmap_overlay(rgb, resize_map(np.asarray(anomaly_map, dtype=np.float32), tile), style.low, style.high,
                         style.alpha),
-        _mask_tile(mask, tile),
+        mask_tile(mask, tile),
     ]  # fmt: skip
     titles = ["input", "anomaly map", mask_title if mask is not None else NO_MASK]
     panel = Image.new("RGB", layout.size, _BACKGROUND)
     for picture, box, title, title_box in zip(tiles, layout.tiles, titles, layout.titles, strict=True):
-        panel.paste(picture, box[:2])
-        label = fitted_text_image(title, layout.font_size, title_box[2] - title_box[0])
-        panel.paste(label, (title_box[0] + (title_box[2] - title_box[0] - label.width) // 2, title_box[1]))
-    bar = layout.bar
+        paste_titled(panel, picture, box, title, title_box, layout.font_size)
     marker = text.pixel_threshold if text else None
-    panel.paste(colour_bar(bar[2] - bar[0], bar[3] - bar[1], style, marker), bar[:2])
-    _draw_ticks(panel, layout, style)
-    for (line, colour), box in zip(lines, layout.lines, strict=True):
-        panel.paste(fitted_text_image(line, layout.font_size, box[2] - box[0], colour), box[:2])
+    paste_colour_bar(panel, layout.bar, layout.labels_left, layout.font_size, style, marker)
+    paste_lines(panel, lines, layout.lines, layout.font_size)
     return panel
 
 
-def _draw_ticks(panel: Image.Image, layout: PanelLayout, style: PanelStyle) -> None:
-    """Tick marks and numbers at the top (high), middle and bottom (low) of the colour bar."""
-    _, top, right, bottom = layout.bar
+def paste_titled(panel: Image.Image, picture: Image.Image, box: Box, title: str, title_box: Box, font: int) -> None:
+    """A tile at `box` and its title centred in `title_box` (made smaller or cut short to fit)."""
+    panel.paste(picture, box[:2])
+    label = fitted_text_image(title, font, title_box[2] - title_box[0])
+    panel.paste(label, (title_box[0] + (title_box[2] - title_box[0] - label.width) // 2, title_box[1]))
+
+
+def paste_lines(panel: Image.Image, lines: list[tuple[str, Colour]], boxes: tuple[Box, ...], font: int) -> None:
+    """Lines of text (with their colours) into their boxes, each fitted to its box's width."""
+    for (line, colour), box in zip(lines, boxes, strict=True):
+        panel.paste(fitted_text_image(line, font, box[2] - box[0], colour), box[:2])
+
+
+def bar_labels_left(bar_right: int, font: int) -> int:
+    """Where the colour bar's numbers start: after the tick and a space, so that "-" reads as no minus."""
+    return bar_right + _tick_length(font) + max(4, font // 3)
+
+
+def bar_label_width(font: int, style: PanelStyle = PanelStyle()) -> int:
+    """The width of the colour bar's widest number."""
+    return max(text_image(_tick_label(v), font).width for v in (style.low, style.high))
+
+
+def paste_colour_bar(
+    panel: Image.Image, bar: Box, labels_left: int, font: int, style: PanelStyle, marker: float | None = None
+) -> None:
+    """The colour bar at `bar` with tick marks and numbers at its top (high), middle and bottom (low)."""
+    _, top, right, bottom = bar
+    panel.paste(colour_bar(right - bar[0], bottom - top, style, marker), bar[:2])
     draw = ImageDraw.Draw(panel)
     for fraction in (1.0, 0.5, 0.0):
         y = round(bottom - 1 - fraction * (bottom - 1 - top))
-        draw.line((right, y, right + _tick_length(layout.font_size) - 1, y), fill=(0, 0, 0), width=1)
-        label = text_image(_tick_label(style.low + fraction * (style.high - style.low)), layout.font_size)
+        draw.line((right, y, right + _tick_length(font) - 1, y), fill=(0, 0, 0), width=1)
+        label = text_image(_tick_label(style.low + fraction * (style.high - style.low)), font)
         label_top = min(max(y - label.height // 2, top), bottom - label.height)  # the end labels stay beside the bar
-        panel.paste(label, (layout.labels_left, label_top))
+        panel.paste(label, (labels_left, label_top))
