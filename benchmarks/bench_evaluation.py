@@ -1,7 +1,7 @@
 """Peak memory and time of evaluating one large class: `collect_class_outputs` + `class_metrics` (run by hand).
 
-    python benchmarks/bench_evaluation.py                          # 1,000 images at 518 px, float16 maps
-    python benchmarks/bench_evaluation.py --images 200 --map-dtype float32 --keep-maps
+    python benchmarks/bench_evaluation.py                          # 1,000 images at 518 px, exact (float32)
+    python benchmarks/bench_evaluation.py --images 200 --map-dtype float16 --keep-maps
 
 The model and the dataset are stand-ins (random smooth maps, masks with one defect blob on 60 % of the images)
 so that only the evaluation's own memory is measured: the per-batch pixel statistics (the threshold histogram is
@@ -77,7 +77,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=518)
-    parser.add_argument("--map-dtype", choices=sorted(MAP_DTYPES), default="float16")
+    parser.add_argument("--map-dtype", choices=sorted(MAP_DTYPES), default=EvalConfig.map_dtype)
     parser.add_argument("--keep-maps", action="store_true", help="keep the class's maps and masks (as for panels)")
     args = parser.parse_args()
     dataset, model = StandInDataset(args.images, args.size), StandInModel(args.size)
@@ -90,8 +90,7 @@ def main() -> None:
     result = class_metrics("large", predictions)
     finished = time.perf_counter()
     stats = predictions.pixel
-    stored = sum(getattr(stats, f).nbytes for f in ("values", "positive", "negative", "defect_values",
-                                                     "defect_regions"))  # fmt: skip
+    stored = stats.nbytes
     if args.keep_maps:
         stored += predictions.maps.nbytes + predictions.masks.nbytes
     row = [f"{args.images}x{args.size}x{args.size}", args.map_dtype, "kept" if args.keep_maps else "statistics only",

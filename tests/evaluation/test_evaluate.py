@@ -48,7 +48,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> DatasetIndex:
 
 
 def _reference_outputs(model, index: DatasetIndex, name: str) -> tuple[np.ndarray, ...]:
-    """Labels, scores, bool masks and float16 maps of one class (compute_all's order), without evaluate.py.
+    """Labels, scores, bool masks and float32 maps of one class (compute_all's order), without evaluate.py.
 
     One batch holds the whole class, as in the evaluation below: an untrained model's scores differ by ~1e-6,
     so even the rounding differences of another batch size could reorder them.
@@ -62,7 +62,7 @@ def _reference_outputs(model, index: DatasetIndex, name: str) -> tuple[np.ndarra
         for s in samples
     ]  # fmt: skip
     labels = np.array([s.anomaly for s in samples])
-    return labels, prediction.pred_score.numpy(), np.stack(masks), prediction.anomaly_map.numpy().astype(np.float16)
+    return labels, prediction.pred_score.numpy(), np.stack(masks), prediction.anomaly_map.numpy()
 
 
 @pytest.mark.slow  # two passes of the model over 12 images: seconds on a loaded machine
@@ -79,13 +79,14 @@ def test_metrics_and_thresholds_match_an_independent_pass(tiny_model, bench: Dat
         for key in METRIC_KEYS:
             assert cls.metrics[key] == pytest.approx(expected[cls.name][key], abs=1e-6, nan_ok=True), key
         assert cls.image_threshold == pytest.approx(best_f1_threshold(labels, scores)[1], abs=1e-6)
-        assert cls.pixel_threshold == best_f1_threshold(masks.ravel(), maps.ravel())[1]
+        # The threshold for calibration.json is counted over float16 values (one histogram for the whole dataset).
+        assert cls.pixel_threshold == best_f1_threshold(masks.ravel(), maps.astype(np.float16).ravel())[1]
     for key in METRIC_KEYS:
         values = [expected[name][key] for name in expected if not math.isnan(expected[name][key])]
         assert result.mean[key] == pytest.approx(np.mean(values) if values else math.nan, nan_ok=True)
     pooled = [np.concatenate(parts) for parts in zip(*references.values(), strict=True)]
     assert result.image_threshold == pytest.approx(best_f1_threshold(pooled[0], pooled[1])[1], abs=1e-6)
-    assert result.pixel_threshold == best_f1_threshold(pooled[2].ravel(), pooled[3].ravel())[1]
+    assert result.pixel_threshold == best_f1_threshold(pooled[2].ravel(), pooled[3].astype(np.float16).ravel())[1]
     assert result.n_images == 12 and result.skipped == []
 
 
@@ -143,7 +144,7 @@ def test_histogram_from_pixel_statistics_equals_the_histogram_of_the_pixels(dtyp
     direct = PixelF1Histogram()
     direct.add(maps, masks)
     stats = PixelStats.merge([PixelStats.of(masks[:2], maps[:2]), PixelStats.of(masks[2:], maps[2:])])
-    derived = PixelF1Histogram.from_counts(stats.values, stats.positive, stats.negative)
+    derived = stats.f1_histogram()
     np.testing.assert_array_equal(derived.positive, direct.positive)
     np.testing.assert_array_equal(derived.negative, direct.negative)
     assert derived.best() == direct.best()

@@ -363,10 +363,14 @@ def test_pixel_stats_of_parts_merge_into_the_whole(dtype) -> None:
     whole = metrics.PixelStats.of(masks, maps)
     parts = [metrics.PixelStats.of(masks[a:b], maps[a:b]) for a, b in ((0, 2), (2, 3), (3, 9))]
     merged = metrics.PixelStats.merge(parts)
-    for field in ("values", "positive", "negative", "defect_values", "defect_regions"):
+    for field in ("defect_values", "defect_regions"):
         np.testing.assert_array_equal(getattr(merged, field), getattr(whole, field), err_msg=field)
-    assert merged.n_regions == whole.n_regions and int(whole.positive.sum() + whole.negative.sum()) == maps.size
-    assert whole.values.dtype == dtype and np.all(np.diff(whole.values.astype(np.float64)) > 0)
+    assert merged.n_regions == whole.n_regions and whole.n_pixels == merged.n_pixels == maps.size
+    assert merged.dtype == dtype and all(run.values.dtype == dtype for run in merged.normal)
+    thresholds = np.unique(maps)
+    for strict in (False, True):
+        expected_counts = [np.sum(maps[~masks] < t if strict else maps[~masks] <= t) for t in thresholds]
+        np.testing.assert_array_equal(merged.normal_at_or_below(thresholds, strict), expected_counts)
     expected = metrics.compute_all(None, None, masks, maps)
     assert metrics.pixel_metrics(merged) == {key: expected[key] for key in metrics.PIXEL_KEYS}  # bit for bit
     with pytest.raises(ValueError, match="dtypes"):
@@ -386,3 +390,23 @@ def test_streaming_quantiles_merge_exactly() -> None:
     assert parts[0].count == 5000 and parts[0].value() == whole.value() == pytest.approx(np.quantile(values, 0.999))
     with pytest.raises(ValueError, match="same quantile"):
         parts[0].merge(metrics.StreamingQuantile(0.99, 5000))
+
+
+def test_accumulated_batches_keep_few_bounded_runs(monkeypatch) -> None:
+    """Merged batch by batch, the normal scores stay in a few sorted runs of at most MAX_RUN scores (the extra
+    memory of a merge) and give the metrics of the whole class, bit for bit."""
+    monkeypatch.setattr(metrics.pixels, "MAX_RUN", 300)
+    rng = np.random.default_rng(6)
+    masks = rng.random((40, 6, 7)) < 0.2
+    maps = (rng.random((40, 6, 7)) + 0.2 * masks).astype(np.float32)
+    accumulator = metrics.PixelStatsAccumulator()
+    for i in range(40):
+        accumulator.add(metrics.PixelStats.of(masks[i : i + 1], maps[i : i + 1]))
+    merged = accumulator.result()
+    sizes = [run.values.size for run in merged.normal]
+    assert max(sizes) <= 300 and len(sizes) <= 8 and sum(sizes) == int((~masks).sum())
+    assert all(np.all(np.diff(run.values) >= 0) for run in merged.normal)
+    expected = metrics.compute_all(None, None, masks, maps)
+    assert metrics.pixel_metrics(merged) == {key: expected[key] for key in metrics.PIXEL_KEYS}
+    with pytest.raises(ValueError, match="nothing to merge"):
+        metrics.PixelStatsAccumulator().result()

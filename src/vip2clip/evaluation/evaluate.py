@@ -4,12 +4,13 @@ Per class: image AUROC / AP / max-F1 of the image scores and pixel AUROC / AUPRO
 the model's input size (518 px by default, as the release), via `vip2clip.metrics.compute_all`; the dataset row is
 the mean of the class values (classes where a metric is undefined are left out of that metric's mean).
 
-Memory: classes are evaluated one at a time; each batch's maps are rounded to `EvalConfig.map_dtype` (float16 by
-default) and reduced at once to the mergeable pixel statistics of `vip2clip.metrics.PixelStats` (counts per
-distinct value and the defect pixels), so no class's maps are kept unless panels are drawn (then as float16, with
-bool masks: 0.54 GB of maps and 0.27 GB of masks for a 1,000-image class at 518 px). float16 has about three
-significant digits, so two pixels whose scores differ by less than ~0.05 % tie; use map_dtype="float32" to rule
-that out (its statistics hold every distinct value: about the memory of the maps).
+Memory: classes are evaluated one at a time; each batch's maps (float32 by default, `EvalConfig.map_dtype`) are
+reduced at once to the mergeable pixel statistics of `vip2clip.metrics.PixelStats` and merged batch by batch
+(`PixelStatsAccumulator`): the normal pixels' scores in a few sorted runs and the defect pixels, 4 bytes per normal
+pixel for float32 (1.0 GiB for a 1,000-image class at 518 px), which give the authors' pixel metrics exactly.
+`map_dtype="float16"` rounds the maps first (about three significant digits: scores closer than ~5e-4 near 0.5
+tie, which changes the metrics of maps with a narrow spread); its statistics are then counts per float16 value,
+a few hundred kB per class. A class's maps are kept only when panels are drawn (in map_dtype, with bool masks).
 
 Several ranks (`world`, under torchrun) each run the model over a contiguous share of every class, in the batches
 one process forms, and rank 0 merges their scores and pixel statistics: the metrics, thresholds and per-image
@@ -60,7 +61,14 @@ from vip2clip.evaluation.results import (
 )
 from vip2clip.evaluation.scoring import Batch, choose_shots, class_engine, tiled_batches
 from vip2clip.inference.predictor import InferenceEngine
-from vip2clip.metrics import PixelF1Histogram, PixelStats, best_f1_threshold, compute_all, pixel_metrics
+from vip2clip.metrics import (
+    PixelF1Histogram,
+    PixelStats,
+    PixelStatsAccumulator,
+    best_f1_threshold,
+    compute_all,
+    pixel_metrics,
+)
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.utils.distributed import LOCAL, World
@@ -110,7 +118,7 @@ def collect_class_outputs(
     masks = np.zeros((n, size, size), dtype=bool) if keep_maps else None
     scores = np.zeros(n, dtype=np.float32)
     done = np.zeros(n, dtype=bool)
-    pixel_parts = []
+    pixel = PixelStatsAccumulator()
     for positions, batch_scores, batch_maps, batch_masks in _predicted_batches(model, dataset, config, progress, rows):
         local = positions - rows.start
         scores[local] = batch_scores
@@ -122,7 +130,7 @@ def collect_class_outputs(
         if has_masks:
             counted = usable[positions]
             if counted.any():
-                pixel_parts.append(PixelStats.of(batch_masks[counted], stored[counted]))
+                pixel.add(PixelStats.of(batch_masks[counted], stored[counted]))
     kept = np.flatnonzero(done)
     compact = kept.size < n  # rows of images that failed to decode are dropped (a copy, rare)
     positions = np.arange(rows.start, rows.stop)[kept]
@@ -133,7 +141,7 @@ def collect_class_outputs(
         masks=masks[kept] if compact and masks is not None else masks,
         pixel_rows=(usable & has_masks)[positions],
         positions=positions,
-        pixel=PixelStats.merge(pixel_parts) if pixel_parts else None,
+        pixel=pixel.result() if not pixel.empty else None,
     )
 
 

@@ -29,7 +29,7 @@ class EvalConfig:
     batch_size: int = 8
     num_workers: int = 0
     skip_bad: bool = False
-    map_dtype: str = "float16"
+    map_dtype: str = "float32"
     panels_dir: Path | None = None
     max_panels: int | None = None
     tiling: TileConfig | None = None
@@ -99,7 +99,7 @@ class ClassOutputs:
         """The pixel statistics' counts per float16 value, for the F1-optimal pixel threshold (empty without)."""
         if self.pixel is None:
             return PixelF1Histogram()
-        return PixelF1Histogram.from_counts(self.pixel.values, self.pixel.positive, self.pixel.negative)
+        return self.pixel.f1_histogram()
 
     @classmethod
     def merge(cls, parts: list[ClassOutputs]) -> ClassOutputs:

@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from vip2clip.metrics.aupro import AUPRO_VARIANTS, aupro, aupro_cflow
-from vip2clip.metrics.pixels import PixelStats, pixel_auroc, pixel_data, pixel_max_f1
+from vip2clip.metrics.pixels import PixelStats, PixelStatsAccumulator, ScoreRun, pixel_auroc, pixel_data, pixel_max_f1
 from vip2clip.metrics.ranking import (
     UndefinedMetric,
     UndefinedMetricWarning,
@@ -56,6 +56,8 @@ __all__ = [
     "PIXEL_KEYS",
     "PixelF1Histogram",
     "PixelStats",
+    "PixelStatsAccumulator",
+    "ScoreRun",
     "StreamingQuantile",
     "UndefinedMetricWarning",
     "aupro",

@@ -44,17 +44,14 @@ def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
 def aupro_cflow(data: PixelData, fpr_limit: float, num_thresholds: int) -> float:
     """The community loop's AUPRO, computed at all its thresholds at once (see the module docstring)."""
     r, stats = data.ranking, data.stats
-    lowest, highest = stats.values[0], stats.values[-1]
+    lowest, highest = stats.extremes()
     # Built exactly like the loop (min, max and step in the maps' dtype, np.arange with a step), so the thresholds
     # and hence the score match it, also for float16 maps.
     step = (highest - lowest) / num_thresholds
     if not step > 0:
-        raise UndefinedMetric(f"the maps are constant (or too narrow for {num_thresholds} {stats.values.dtype} steps)")
-    grid = _floor_to_dtype(np.arange(lowest, highest, step), stats.values.dtype)
-    # Pixels at or below each threshold, from the counts per distinct value.
-    at_or_below = np.searchsorted(stats.values, grid, side="right")
-    neg_below = np.concatenate(([0], np.cumsum(stats.negative)))[at_or_below]
-    fpr = (r.n_neg - neg_below) / r.n_neg
+        raise UndefinedMetric(f"the maps are constant (or too narrow for {num_thresholds} {stats.dtype} steps)")
+    grid = _floor_to_dtype(np.arange(lowest, highest, step), stats.dtype)
+    fpr = (r.n_neg - stats.normal_at_or_below(grid)) / r.n_neg
     pro = np.append(_pro_at_values(data), 0.0)[np.searchsorted(r.values, grid, side="right")]
     keep = fpr < fpr_limit
     if not keep.any():
