@@ -14,7 +14,8 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.evaluation.evaluate import EvalConfig, class_metrics, collect_class_outputs
+from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
+from vip2clip.evaluation.results import EvalConfig
 from vip2clip.metrics import UndefinedMetricWarning
 from vip2clip.model.vip2clip import Prediction
 
