@@ -48,8 +48,8 @@ CLASSES = ["01", "02", "03"]  # BTAD's, a class list the release's dataset.py kn
 N_CTX, N_DYN = 7, 3  # the random checkpoint's prompt lengths (check_release_equivalence.random_release_checkpoint)
 
 
-def run_release(release_dir: Path, clip_weights: Path, record: Path, argv: list[str]) -> None:
-    """In a child process: the release's test.py with `argv`, after the shims of the module docstring."""
+def install_release_shims(release_dir: Path, clip_weights: Path) -> None:
+    """Make the release importable in this process (a child one) with the shims of the module docstring."""
     sys.path.insert(0, str(release_dir))
     os.chdir(release_dir)
     import numpy as np
@@ -60,8 +60,6 @@ def run_release(release_dir: Path, clip_weights: Path, record: Path, argv: list[
     sys.modules.setdefault("pkg_resources", types.ModuleType("pkg_resources"))
     sys.modules["pkg_resources"].packaging = packaging
     import VIP2CLIP_lib.model_load as model_load
-
-    import metrics as release_metrics  # the release's metrics.py
 
     model_load._download = lambda url, cache_dir=None: str(clip_weights)
     jit_load = torch.jit.load
@@ -83,6 +81,13 @@ def run_release(release_dir: Path, clip_weights: Path, record: Path, argv: list[
         return from_array(array, mode)
 
     PIL.Image.fromarray = zero_mask_from_array
+
+
+def run_release(release_dir: Path, clip_weights: Path, record: Path, argv: list[str]) -> None:
+    """In a child process: the release's test.py with `argv`, after the shims of the module docstring."""
+    install_release_shims(release_dir, clip_weights)
+    import metrics as release_metrics  # the release's metrics.py
+
     values: list[tuple[str, str, float]] = []
 
     def recorded(function):

@@ -77,7 +77,7 @@ def demo_rows(demo_dir: Path) -> list[list[str]]:
     with tempfile.TemporaryDirectory() as tmp:
         for dtype in ("float32", "float16"):
             out = Path(tmp) / dtype
-            command = [sys.executable, "-m", "vip2clip", "test", "--data", str(demo_dir / "data" / "structured"),
+            command = [sys.executable, "-m", "vip2clip", "test", "--data", str(demo_dir / "data" / "test_structured"),
                        "--checkpoint", str(demo_dir / "train" / "checkpoint.pt"), "--backbone", "tiny",
                        "--out", str(out), "--map-dtype", dtype, "--no-progress"]  # fmt: skip
             subprocess.run(command, check=True, stdout=subprocess.DEVNULL)

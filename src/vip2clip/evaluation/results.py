@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -94,9 +95,10 @@ class ClassOutputs:
     positions: np.ndarray
     pixel: PixelStats | None = None
 
-    @property
+    @cached_property
     def histogram(self) -> PixelF1Histogram:
-        """The pixel statistics' counts per float16 value, for the F1-optimal pixel threshold (empty without)."""
+        """The pixel statistics' counts per float16 value, for the F1-optimal pixel threshold (empty without);
+        computed once (a pass over every normal score): the class's metrics and the dataset's tally both read it."""
         if self.pixel is None:
             return PixelF1Histogram()
         return self.pixel.f1_histogram()
