@@ -55,7 +55,7 @@ def _pixel(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
 
 
 def _difference_row(label: str, std: float, exact: dict, rounded: dict) -> list[str]:
-    cells = [label, f"{std:.1e}"]
+    cells = [label, f"{std:.1e}" if np.isfinite(std) else "-"]
     for key in PIXEL_KEYS:
         a, b = 100 * exact[key], 100 * rounded[key]
         cells.append(f"{a:.1f} / {b:.1f} ({b - a:+.1f})" if np.isfinite(b) else f"{a:.1f} / - (undefined)")
