@@ -132,3 +132,26 @@ def test_a_failing_rank_stops_the_run_with_its_error_and_no_results(data, traine
     assert f"vip2clip test (rank 1 of 2): error: {broken}" in process.stderr
     assert "Root Cause" in process.stderr and f"error: {broken}" in process.stderr.split("Root Cause")[1]
     assert not (out / "results.json").exists() and not (out / "calibration.json").exists()
+
+
+def test_predict_with_an_unreadable_image_in_one_rank_exits_1_without_a_rank_failure(torchrun, tmp_path) -> None:
+    """Issue 17 item 5: the rows were right, but both ranks exited 1 at once, torchrun took that for a crashed rank
+    (SIGTERM to the other, ChildFailedError naming no cause). Now only rank 0 carries predict's exit code 1, after
+    every rank finished, and torchrun's summary quotes our sentence."""
+    from PIL import Image
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for number in range(4):
+        Image.new("RGB", (40, 40), (number * 60, 90, 30)).save(parts / f"part_{number}.png")
+    broken = parts / "part_3.png"  # the last image: in rank 1's share
+    broken.write_bytes(broken.read_bytes()[:60])
+    out = tmp_path / "out"
+    process = torchrun("-m", "vip2clip", "predict", parts, "--out", out, "--random-init", "--image-size", "32",
+                       "--batch-size", "1", *TINY)  # fmt: skip
+    assert process.returncode == 1, process.stderr[-4000:]
+    rows = json.loads((out / "predictions.json").read_text())["predictions"]
+    assert [row["pred_label"] == "error" for row in rows] == [False, False, False, True]
+    assert "SIGTERM" not in process.stderr and "rank      : 1" not in process.stderr
+    assert "rank      : 0" in process.stderr and "<NO_OTHER_FAILURES>" in process.stderr
+    assert "vip2clip predict finished with exit code 1 (not a crash: the results are written" in process.stderr

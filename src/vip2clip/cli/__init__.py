@@ -43,6 +43,21 @@ def _message(error: Exception) -> str:
     return str(error)
 
 
+def _rank_exit_code(args: argparse.Namespace, code: int) -> int:
+    """A finished command's exit code on this rank. Under torchrun only rank 0 carries a non-zero code (after every
+    rank has finished: `close` waits at a barrier), with one sentence for torchrun's summary: a rank that exits
+    non-zero is a failed rank to torchrun, which stops the others with SIGTERM."""
+    from vip2clip.utils.distributed import record_error
+
+    if not code or not args.world.distributed:
+        return code
+    if not args.world.is_main:
+        return 0
+    record_error(f"vip2clip {args.command} finished with exit code {code} (not a crash: the results are written; "
+                 "exit code 1 means some inputs could not be judged, see the output above)")  # fmt: skip
+    return code
+
+
 def _join_world(args: argparse.Namespace):
     """The `World` of this process: torchrun's process group for the commands that support it, else one process.
     On ranks other than 0 only errors are logged (rank 0 reports for all)."""
@@ -78,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.world.distributed:
             where = f" (rank {args.world.rank} of {args.world.size})"
         code = int(args.func(args) or 0)
-        failed = code != 0
-        return code
+        failed = False  # the command finished: a non-zero code is a result (predict's 1), not a crashed rank
+        return _rank_exit_code(args, code)
     except (CLIError, OSError, ValueError) as error:  # user-facing: bad paths, full disks, bad files or options
         message = f"vip2clip {args.command}{where}: error: {_message(error)}"
         print(message, file=sys.stderr)
