@@ -176,3 +176,63 @@ def test_tile_size_and_count_are_bounded_and_overlap_needs_tile(tmp_path: Path, 
     rows = _rows(tmp_path / "out")
     assert "2100x2100 pixels would need 4,356 tiles of 32 px" in rows["huge.png"]["error"]
     assert rows["part_0.png"]["pred_label"] in ("normal", "anomalous")
+
+
+def test_export_errors_name_the_destination_not_a_temporary_file(tmp_path: Path, capsys) -> None:
+    """Item 8: "/tmp/ro/.m.onnx.opqkyjda: Read-only file system", "[Errno 28] No space left on device" or "problem
+    writing element 7168 to file": the temporary file or no path at all; an existing folder as --out unexplained."""
+    pytest.importorskip("onnxscript")
+    import resource
+
+    import torch
+
+    model = ["--backbone", "tiny", "--random-init", "--image-size", "32"]
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("not a folder")
+    for out, problem in (
+        (tmp_path / "folder", "is a folder; --out is the .onnx file to write (e.g. FOLDER/model.onnx)"),
+        (tmp_path / "afile" / "m.onnx", f"cannot write the ONNX export there ({tmp_path / 'afile'} is a file)"),
+    ):
+        assert main(["export", "--out", str(out), *model]) == 2
+        err = capsys.readouterr().err
+        assert f"vip2clip export: error: {out}: {problem}" in err and ".m.onnx." not in err, err
+    # A write that fails part-way (a file size limit, as a disk that fills up): the destination named, the free
+    # space said, the earlier file kept, no temporary folder left.
+    from vip2clip.inference.onnx_export import save_program, staging_folder
+
+    program = torch.onnx.export(torch.nn.Linear(512, 512).eval(), (torch.randn(2, 512),), dynamo=True, verbose=False)
+    target = tmp_path / "models" / "m.onnx"
+    target.parent.mkdir()
+    target.write_bytes(b"the earlier export")
+    folder = staging_folder(target)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(OSError, match=r"cannot write the ONNX export \(.*MiB free there\)") as raised:
+            save_program(program, target, True, folder)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert raised.value.filename == str(target) and str(folder) not in str(raised.value)
+    assert target.read_bytes() == b"the earlier export" and not (tmp_path / "models" / "m.onnx.data").exists()
+
+
+def test_onnx_refuses_cuda_it_cannot_use_and_a_reference_cache_it_cannot_use(tmp_path: Path, capsys) -> None:
+    """Item 9: `--onnx --device cuda` without a CUDA-capable onnxruntime ran on the CPU with only onnxruntime's own
+    warning; `--reference-cache` with `--onnx` was silently ignored."""
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime can use CUDA")
+    parts = tmp_path / "parts"
+    write_parts(parts, 1)
+    model = _onnx_with_external_data(tmp_path / "export")  # refused before it is loaded
+    out = ["--out", str(tmp_path / "out"), "--onnx", str(model), "--no-progress"]
+    assert main(["predict", str(parts), *out, "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda with --onnx: ONNX Runtime cannot run on CUDA here (it offers " in err
+    assert "CPUExecutionProvider" in err
+    assert "Drop --device to run on the CPU" in err
+    assert main(["predict", str(parts), *out, "--reference-cache", str(tmp_path / "cache")]) == 2
+    assert "--reference-cache cannot be used with --onnx: reference images need the encoder's patch tokens" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from vip2clip.cli import CLIError
@@ -281,7 +282,7 @@ _FIXED_BY_EXPORT = (
 
 def build_onnx_engine(args: argparse.Namespace) -> OnnxEngine:
     """The engine of --onnx (with --onnx-backend and --device); refuses the model options the export fixed."""
-    from vip2clip.inference.onnx_engine import MissingDependencyError, load_onnx
+    from vip2clip.inference.onnx_engine import MissingDependencyError, import_optional, load_onnx
 
     given = [flag for name, flag in _FIXED_BY_EXPORT if getattr(args, name, None)]
     given += ["--precision"] if getattr(args, "precision", "fp32") != "fp32" else []
@@ -289,6 +290,11 @@ def build_onnx_engine(args: argparse.Namespace) -> OnnxEngine:
         raise CLIError(
             f"--onnx runs the exported model as it is: {', '.join(given)} cannot be used with it (they are fixed "
             "when exporting: `vip2clip export ... --out MODEL.onnx`)"
+        )
+    if getattr(args, "reference_cache", None):
+        raise CLIError(
+            "--reference-cache cannot be used with --onnx: reference images need the encoder's patch tokens, which "
+            "an ONNX export does not give (use --checkpoint for --reference)"
         )
     device = getattr(args, "device", "cpu")
     if args.onnx_backend == "openvino":
@@ -299,6 +305,21 @@ def build_onnx_engine(args: argparse.Namespace) -> OnnxEngine:
     else:
         providers = None
     try:
-        return load_onnx(args.onnx, providers, args.onnx_backend)
+        cuda = device.startswith("cuda") and args.onnx_backend == "onnxruntime"
+        offered = import_optional("onnxruntime", "the ONNX engine").get_available_providers() if cuda else ()
+        if cuda and "CUDAExecutionProvider" not in offered:
+            raise _no_onnx_cuda(device, offered)  # before loading: a large model takes a while
+        engine = load_onnx(args.onnx, providers, args.onnx_backend)
     except MissingDependencyError as error:
         raise CLIError(str(error)) from error
+    if cuda and "CUDAExecutionProvider" not in engine.providers:
+        raise _no_onnx_cuda(device, engine.providers)
+    return engine
+
+
+def _no_onnx_cuda(device: str, offered: Sequence[str]) -> CLIError:
+    """ONNX Runtime would fall back to the CPU with only a warning of its own: refused instead."""
+    return CLIError(
+        f"--device {device} with --onnx: ONNX Runtime cannot run on CUDA here (it offers {', '.join(offered)}; "
+        "CUDA needs the onnxruntime-gpu package and a CUDA device). Drop --device to run on the CPU"
+    )

@@ -97,6 +97,8 @@ class OnnxEngine:
 
     config: the ModelConfig the model was exported with (image_size is the export's input size).
     identity: the ModelIdentity recorded at export (calibrations are checked against it).
+    providers: what the model runs on (ONNX Runtime's execution providers in use, or the OpenVINO device);
+    available: what the runtime offers on this machine.
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None, backend: str = "onnxruntime"):
@@ -109,7 +111,7 @@ class OnnxEngine:
         if self.path.stat().st_size == 0:
             raise OnnxLoadError(f"{self.path} is empty (0 bytes): not an ONNX model (copy it again, or export again)")
         open_backend = _onnxruntime if backend == "onnxruntime" else _openvino
-        self._run, metadata = open_backend(self.path, providers)
+        self._run, metadata, self.providers, self.available = open_backend(self.path, providers)
         self.identity, self.config = read_metadata(metadata, self.path)
 
     def __repr__(self) -> str:
@@ -165,7 +167,10 @@ def read_metadata(metadata: dict[str, str], path: Path) -> tuple[ModelIdentity, 
     return identity, config
 
 
-def _onnxruntime(path: Path, providers: Sequence[str] | None) -> tuple[Runner, dict[str, str]]:
+Opened = tuple[Runner, dict[str, str], tuple[str, ...], tuple[str, ...]]  # run, metadata, providers, available
+
+
+def _onnxruntime(path: Path, providers: Sequence[str] | None) -> Opened:
     ort = import_optional("onnxruntime", "the ONNX engine")
     try:
         session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
@@ -176,10 +181,11 @@ def _onnxruntime(path: Path, providers: Sequence[str] | None) -> tuple[Runner, d
         score, anomaly_map = session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
         return score, anomaly_map
 
-    return run, dict(session.get_modelmeta().custom_metadata_map)
+    metadata = dict(session.get_modelmeta().custom_metadata_map)
+    return run, metadata, tuple(session.get_providers()), tuple(ort.get_available_providers())
 
 
-def _openvino(path: Path, providers: Sequence[str] | None) -> tuple[Runner, dict[str, str]]:
+def _openvino(path: Path, providers: Sequence[str] | None) -> Opened:
     ov = import_optional("openvino", "the OpenVINO backend", extra="openvino")
     core = ov.Core()
     try:
@@ -191,7 +197,11 @@ def _openvino(path: Path, providers: Sequence[str] | None) -> tuple[Runner, dict
     metadata = {key: model.get_rt_info(["framework", key]).astype(str) for key in keys if _has_rt(model, key)}
     # f32 like ONNX Runtime and torch: on CPUs with bf16 units the plugin would otherwise compute in bf16.
     device = providers[0] if providers else "CPU"
-    compiled = core.compile_model(model, device, {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {})
+    try:
+        compiled = core.compile_model(model, device, {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {})
+    except Exception as error:  # e.g. a device this machine does not have
+        raise OnnxLoadError(f"{load_problem(path, error)} (OpenVINO device {device}; it offers "
+                            f"{', '.join(core.available_devices)})") from None  # fmt: skip
     request = compiled.create_infer_request()
     outputs = [compiled.output(name) for name in OUTPUT_NAMES]
 
@@ -200,7 +210,7 @@ def _openvino(path: Path, providers: Sequence[str] | None) -> tuple[Runner, dict
         score, anomaly_map = (np.array(result[output], dtype=np.float32) for output in outputs)  # copies
         return score, anomaly_map
 
-    return run, metadata
+    return run, metadata, (device,), tuple(core.available_devices)
 
 
 def _has_rt(model: Any, key: str) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -71,8 +72,21 @@ def export_onnx(
     import_optional("onnxscript", "ONNX export")
     import_optional("onnx", "ONNX export")
     path = Path(path)
+    folder = staging_folder(path)  # before the slow part: a destination that cannot be written is said at once
     size = int(image_size or model.config.image_size)
-    identity = _identity(model, checkpoint, size)
+    try:
+        program = _program(model, _identity(model, checkpoint, size), size)
+        if external_data is None:
+            weights = sum(value.const_value.nbytes for value in program.model.graph.initializers.values())
+            external_data = weights > EXTERNAL_DATA_BYTES
+        save_program(program, path, external_data, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return path
+
+
+def _program(model: ViP2CLIP, identity: ModelIdentity, size: int) -> torch.onnx.ONNXProgram:
+    """The traced graph of `model`'s predict at input size `size`, with `identity` in its metadata."""
     device = next(model.parameters()).device
     sample = torch.randn(EXPORT_BATCH, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     with _fp32_eval(model):
@@ -91,11 +105,7 @@ def export_onnx(
     program.model.metadata_props.update(
         {META_FORMAT: FORMAT, META_IDENTITY: json.dumps(identity.to_dict()), META_VERSION: __version__}
     )
-    if external_data is None:
-        weights = sum(value.const_value.nbytes for value in program.model.graph.initializers.values())
-        external_data = weights > EXTERNAL_DATA_BYTES
-    _save(program, path, external_data)
-    return path
+    return program
 
 
 def _identity(model: ViP2CLIP, checkpoint: str | Path | None, size: int) -> ModelIdentity:
@@ -115,11 +125,28 @@ def _fp32_eval(model: ViP2CLIP):
         model.set_precision(precision).train(training)
 
 
-def _save(program: torch.onnx.ONNXProgram, path: Path, external_data: bool) -> None:
-    """Write the file (and `<name>.data`) in a temporary folder beside `path`, then move them into place: a reader
-    never finds half a model, and a stale side file of an earlier export is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+def staging_folder(path: Path) -> Path:
+    """A new temporary folder beside `path` for the export to be written in; OSError naming `path` (not the
+    temporary name) when `path` is a folder or its folder cannot be written."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder; --out is the .onnx file to write (e.g. FOLDER/model.onnx)",
+                                str(path))  # fmt: skip
+    existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot write the ONNX export there ({existing} is a file)", str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as error:
+        raise OSError(
+            error.errno, f"cannot write the ONNX export there ({error.strerror or error})", str(path)
+        ) from None
+
+
+def save_program(program: torch.onnx.ONNXProgram, path: Path, external_data: bool, folder: Path) -> None:
+    """Write the file (and `<name>.data`) in `folder` (`staging_folder`), then move them into place: a reader never
+    finds half a model, and a stale side file of an earlier export is removed. A failed write (full disk, file size
+    limit) is an OSError naming `path` and the free space, and leaves the earlier files as they were."""
     data = path.with_name(path.name + ".data")
     try:
         program.save(folder / path.name, external_data=external_data)
@@ -128,5 +155,8 @@ def _save(program: torch.onnx.ONNXProgram, path: Path, external_data: bool) -> N
         else:
             data.unlink(missing_ok=True)
         os.replace(folder / path.name, path)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    except (OSError, RuntimeError, ValueError) as error:  # onnx's serialiser raises RuntimeError, without a path
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there"
+        code = getattr(error, "errno", None) or errno.EIO
+        raise OSError(code, f"cannot write the ONNX export ({reason}; {free})", str(path)) from None
