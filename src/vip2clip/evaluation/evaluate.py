@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -65,6 +66,7 @@ from vip2clip.metrics import (
     PixelF1Histogram,
     PixelStats,
     PixelStatsAccumulator,
+    UndefinedMetricWarning,
     best_f1_threshold,
     compute_all,
     pixel_metrics,
@@ -171,15 +173,32 @@ def class_metrics(name: str, outputs: ClassOutputs) -> ClassResult:
     if without_mask:
         logger.warning("%s: %d anomalous image(s) have no mask; they are left out of the pixel metrics",
                        name, without_mask)  # fmt: skip
+    only = "anomalous" if n_normal == 0 else "normal"
     if not both_labels and not pixel.any():
-        logger.warning("%s: only %s images and no masks: every metric is undefined", name,
-                       "anomalous" if n_normal == 0 else "normal")  # fmt: skip
-    metrics = compute_all(labels, scores) if both_labels else compute_all(None, None)
-    if outputs.pixel is not None:  # from the pixel rows' statistics: they may be fewer than the images
-        metrics.update(pixel_metrics(outputs.pixel))
+        logger.warning("%s: only %s images and no masks: every metric is undefined", name, only)
+    elif not both_labels:
+        logger.warning("class %s: image_auroc, image_ap and image_f1 are undefined (only %s images, one label): '-' "
+                       "in the tables, left out of the means", name, only)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UndefinedMetricWarning)
+        metrics = compute_all(labels, scores) if both_labels else compute_all(None, None)
+        if outputs.pixel is not None:  # from the pixel rows' statistics: they may be fewer than the images
+            metrics.update(pixel_metrics(outputs.pixel))
+    _say_undefined(name, caught)
     image_threshold = best_f1_threshold(labels, scores)[1] if both_labels else math.nan
     pixel_threshold = outputs.histogram.best()[1]
     return ClassResult(name, n_normal, n_anomalous, metrics, image_threshold, pixel_threshold, without_mask)
+
+
+def _say_undefined(name: str, caught: list[warnings.WarningMessage]) -> None:
+    """One sentence per undefined metric (class, metric, why), instead of the warning's file and line; other
+    warnings are passed on as they came."""
+    for warning in caught:
+        if not issubclass(warning.category, UndefinedMetricWarning):
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+            continue
+        why = str(warning.message).removesuffix("; returning NaN")
+        logger.warning("class %s: %s: '-' in the tables, left out of the means", name, why)
 
 
 def _skipped(dataset: AnomalyDataset, outputs: ClassOutputs, reported: list[tuple[str, str]]) -> list[tuple[str, str]]:
