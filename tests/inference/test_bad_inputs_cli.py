@@ -236,3 +236,22 @@ def test_onnx_refuses_cuda_it_cannot_use_and_a_reference_cache_it_cannot_use(tmp
         capsys.readouterr().err
     )
     assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def _help(capsys, *command: str) -> str:
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_help_texts_say_the_checkpoints_defaults_and_every_default(capsys) -> None:
+    """Items 14 and 15: `predict --help` said "(default ViT-L-14-336)" and "(default 518)" while the checkpoint's
+    own backbone and size are used; --tile-overlap gave no default; `demo --device` had no help."""
+    for command in ("predict", "calibrate", "serve", "test"):
+        text = _help(capsys, command)
+        assert "(default: the checkpoint's backbone; ViT-L-14-336 without a checkpoint)" in text, command
+        assert "(default: the size the checkpoint was trained at; 518 without a checkpoint)" in text, command
+        assert "(default ViT-L-14-336)" not in text and "(default 518)" not in text
+        assert "share of a tile its neighbours overlap, with --tile (default 0.25)" in text
+    assert "--device DEVICE where the demo trains and predicts: cpu, cuda, cuda:1 (cpu)" in _help(capsys, "demo")

@@ -53,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--clip-weights", default=None, help="CLIP weights file for a real backbone")
     demo.add_argument("--image-size", type=int, default=None, help="model input size (tiny: 128, real: 518)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (demo default)")
-    demo.add_argument("--device", default="cpu")
+    demo.add_argument("--device", default="cpu", help="where the demo trains and predicts: cpu, cuda, cuda:1 (cpu)")
     demo.set_defaults(func=run_demo)
 
 

@@ -30,7 +30,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True
     group.add_argument(
         "--backbone",
         default=None,
-        help=f"a preset of `vip2clip models` or an open_clip ViT name (default {DEFAULT_BACKBONE})",
+        help="a preset of `vip2clip models` or an open_clip ViT name (default: the checkpoint's backbone; "
+        f"{DEFAULT_BACKBONE} without a checkpoint)",
     )
     group.add_argument(
         "--clip-weights",
@@ -46,7 +47,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True
             help="vip2clip or authors' release checkpoint file, or a downloaded published tag (release-mvtec, "
             "release-visa: `vip2clip download`)",
         )
-    group.add_argument("--image-size", type=int, default=None, help="input side in pixels (default 518)")
+    group.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="input side in pixels (default: the size the checkpoint was trained at; 518 without a checkpoint)",
+    )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     group.add_argument(
         "--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast for the frozen encoders"
