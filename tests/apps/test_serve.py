@@ -591,3 +591,46 @@ def test_browser_upload_shows_score_overlay_scale_and_errors(
         assert not driver.find_element(By.ID, "result").is_displayed()
     finally:
         driver.quit()
+
+
+@pytest.mark.slow
+def test_a_long_calibration_line_keeps_the_mask_in_view_at_1280_px(tiny_model, tmp_path: Path) -> None:
+    """Issue 17 item 15: a calibration file's path widened the left column and pushed the pictures (the mask tile)
+    below the fold of a 1280-px window; an all-white mask merged into the page."""
+    paths = _chrome_paths()
+    if paths is None:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from vip2clip.model.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(tmp_path / "c.pt", tiny_model.config, tiny_model.trainable_state_dict())
+    good, deep = tmp_path / "good", tmp_path / "a_rather_long_folder_name_for_the_production_line_7" / "station_B"
+    good.mkdir()
+    for seed in range(2):
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (64, 64, 3), np.uint8)).save(good / f"{seed}.png")
+    calibration = deep / "camera_left_calibration.json"
+    assert main(["calibrate", str(good), "--checkpoint", str(checkpoint), "--no-progress", "--out",
+                 str(calibration)]) == 0  # fmt: skip
+    server = ServerProcess("--checkpoint", str(checkpoint), "--calibration", str(calibration))
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths[0]
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=paths[1]), options=options)
+    try:
+        driver.get(server.url)
+        driver.find_element(By.ID, "file").send_keys(str(good / "0.png"))
+        WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "score").text != "")
+        assert str(calibration) in driver.find_element(By.ID, "threshold-source").text
+        mask, overlay = driver.find_element(By.ID, "mask").rect, driver.find_element(By.ID, "overlay").rect
+        height = driver.execute_script("return window.innerHeight")
+        assert mask["y"] == overlay["y"] and mask["y"] + mask["height"] <= height, (mask, overlay, height)
+        border = driver.execute_script("return getComputedStyle(document.getElementById('mask')).borderTopColor")
+        assert border not in ("rgb(255, 255, 255)", "rgb(204, 204, 204)"), border  # visible around a white mask
+        driver.save_screenshot(str(tmp_path / "serve-1280.png"))
+    finally:
+        driver.quit()
+        server.stop()

@@ -62,6 +62,13 @@ def test_class_table_has_the_paper_layout() -> None:
     assert noted.index("**Note:** random weights") < noted.index("| Class |")
 
 
+def test_the_undefined_footnote_only_under_tables_with_a_dash() -> None:
+    """Issue 17 item 15: "'-': undefined for this data" was printed under tables without any "-"."""
+    assert "'-': undefined for this data" in class_table_markdown(FULL, "MVTec AD")  # cable's PRO is "-"
+    complete = _result({"bottle": (0.91, 0.96, 0.92, 0.905, 0.871, 0.431)})
+    assert "undefined" not in class_table_markdown(complete, "MVTec AD")
+
+
 def test_benchmark_table_has_the_table_1_2_layout() -> None:
     entries = [
         BenchmarkEntry("MVTec AD", FULL),

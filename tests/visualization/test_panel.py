@@ -168,3 +168,19 @@ def test_without_freetype_text_falls_back_to_an_enlarged_bitmap_font(monkeypatch
         monkeypatch.undo()
         text_module._font.cache_clear()
     assert text_module.scalable_text() == features.check("freetype2")
+
+
+def test_every_tile_is_framed_so_an_all_white_mask_stays_visible() -> None:
+    """Issue 17 item 15: an all-white predicted mask merged into the white panel background."""
+    from vip2clip.visualization.panel import TILE_FRAME, PanelStyle, layout_panel
+
+    image = np.full((40, 40, 3), 90, np.uint8)
+    panel = make_panel(image, np.zeros((40, 40), np.float32), np.ones((40, 40), bool), PREDICTED_MASK)
+    layout = layout_panel((40, 40), 1, PanelStyle())
+    pixels = np.asarray(panel)
+    for left, top, right, bottom in layout.tiles:
+        middle = (top + bottom) // 2
+        assert tuple(pixels[middle, left - 1]) == TILE_FRAME and tuple(pixels[middle, right]) == TILE_FRAME
+        assert tuple(pixels[top - 1, (left + right) // 2]) == TILE_FRAME
+    left, top, right, bottom = layout.tiles[2]
+    assert (pixels[top:bottom, left:right] == 255).all()  # the mask itself is unchanged: all white

@@ -62,7 +62,8 @@ def class_table_markdown(result: EvaluationResult, title: str | None = None, not
     rows.append(["**Mean**", *(f"**{percent(result.mean[k])}**" for k in METRIC_KEYS)])
     heading = f"## {title}\n\n" if title else ""
     heading += "".join(f"**Note:** {note}\n\n" for note in notes)
-    return f"{heading}{_markdown_table(CLASS_HEADER, rows)}\n\n{UNDEFINED_NOTE}\n"
+    undefined = any(cell.strip("*") == "-" for row in rows for cell in row[1:])  # the footnote only where it applies
+    return f"{heading}{_markdown_table(CLASS_HEADER, rows)}\n" + (f"\n{UNDEFINED_NOTE}\n" if undefined else "")
 
 
 def _triple(values: Mapping[str, float], keys: Sequence[str]) -> str:

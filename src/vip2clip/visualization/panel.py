@@ -32,6 +32,7 @@ ANOMALOUS_COLOUR: Colour = (190, 0, 0)
 NORMAL_COLOUR: Colour = (0, 120, 0)
 NEUTRAL_COLOUR: Colour = (70, 70, 70)
 _BACKGROUND: Colour = (255, 255, 255)
+TILE_FRAME: Colour = (150, 150, 150)  # a 1-pixel frame around each tile
 _EMPTY_TILE: Colour = (215, 215, 215)
 Box = tuple[int, int, int, int]  # left, top, right (exclusive), bottom (exclusive)
 
@@ -210,8 +211,10 @@ def make_panel(
 
 
 def paste_titled(panel: Image.Image, picture: Image.Image, box: Box, title: str, title_box: Box, font: int) -> None:
-    """A tile at `box` and its title centred in `title_box` (made smaller or cut short to fit)."""
+    """A tile at `box`, framed, and its title centred in `title_box` (made smaller or cut short to fit). The frame
+    sits in the gap around the tile: an all-white mask would otherwise merge into the white background."""
     panel.paste(picture, box[:2])
+    ImageDraw.Draw(panel).rectangle((box[0] - 1, box[1] - 1, box[2], box[3]), outline=TILE_FRAME)
     label = fitted_text_image(title, font, title_box[2] - title_box[0])
     panel.paste(label, (title_box[0] + (title_box[2] - title_box[0] - label.width) // 2, title_box[1]))
 
