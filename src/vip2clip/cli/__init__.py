@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from vip2clip import __version__
 
 # Modules under vip2clip.cli that each add one or more sub-commands.
-COMMAND_MODULES: tuple[str, ...] = ("model", "data", "train", "evaluate", "predict", "apps")
+COMMAND_MODULES: tuple[str, ...] = ("model", "data", "train", "evaluate", "study", "predict", "apps")
 # The commands that run under `torchrun --nproc-per-node N -m vip2clip ...` (the others run in one process).
-DISTRIBUTED_COMMANDS = frozenset({"train", "test", "benchmark", "predict", "calibrate"})
+DISTRIBUTED_COMMANDS = frozenset({"train", "test", "benchmark", "study", "predict", "calibrate"})
 
 
 class CLIError(Exception):

@@ -138,15 +138,21 @@ def run_test(args: argparse.Namespace) -> int:
     model = build_model(args, **config_from_args(args))
     out = Path(args.out)
     identity = model_identity(args, model)
+    training = checkpoint_training(args.checkpoint)
+    overlap = count_test_overlap(training["digests"], index, config)
+    note = overlap.note()
+    record = {**training["record"], "zero_shot": overlap.to_dict()}
     result = evaluate_dataset(
-        model, index, out, config, name, identity, args.save_maps, progress=progress_for(args), world=world,
-        paper=paper,
+        model, index, out, config, name, identity, args.save_maps, [note] if note else (), progress_for(args),
+        world, paper, record,
     )  # fmt: skip
     if not world.is_main:
         return 0
     print(class_table_markdown(result, name))
     if paper is not None:
         print(class_paper_markdown(result, paper, name))
+    if note:
+        print(f"note: {note}")
     print(f"results: {out / 'results.md'} (+ .csv, .json)")
     if (out / "calibration.json").is_file():
         print(f"thresholds: {out / 'calibration.json'}")
@@ -165,14 +171,46 @@ def run_test(args: argparse.Namespace) -> int:
     return 0
 
 
+def checkpoint_training(checkpoint: str | None) -> dict:
+    """What a checkpoint says about its training: {"digests": the SHA-256 set of its training images or None
+    (unknown: older or release format), "record": its sources, for results.json}."""
+    from vip2clip.data.zero_shot import training_digests
+    from vip2clip.model.checkpoint import load_checkpoint
+
+    if checkpoint is None:
+        return {"digests": None, "record": {}}
+    meta = load_checkpoint(checkpoint).meta
+    record = {"checkpoint": str(checkpoint), "sources": meta.get("sources"), "dataset": meta.get("dataset")}
+    return {"digests": training_digests(meta), "record": record}
+
+
+def count_test_overlap(trained: set[str] | None, index, config):
+    """The `Overlap` of the test images `config` selects in `index` with the training digests `trained`."""
+    from vip2clip.data.zero_shot import count_overlap, index_digests
+
+    return count_overlap(index_digests(index, config.split, config.classes), trained)
+
+
 def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "benchmark", help="train once (or take --checkpoint), evaluate zero-shot on several datasets (Table 1/2)"
     )
-    parser.add_argument("--train", default=None, metavar="NAME=ROOT", help="dataset to train on (its test split)")
+    parser.add_argument(
+        "--train", nargs="+", default=None, metavar="NAME=ROOT",
+        help="dataset(s) to train on (their test split); several (NAME=ROOT NAME=ROOT, or NAME=ROOT+NAME=ROOT) "
+        "form one shuffled training stream",
+    )  # fmt: skip
     parser.add_argument("--test", nargs="+", required=True, metavar="NAME=ROOT", help="datasets to evaluate")
     parser.add_argument("--out", required=True, help="output folder")
     _add_paper_argument(parser, "per dataset (Tables 1-2) and in each dataset's results per class")
+    parser.add_argument(
+        "--allow-overlap", action="store_true",
+        help="test on a dataset even when some of its images were training images (marked 'not zero-shot')",
+    )  # fmt: skip
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=None, metavar="SEED",
+        help="train one model per seed (OUT/seed-N/) and report mean and standard deviation per cell",
+    )  # fmt: skip
     _add_evaluation_arguments(parser, ("--eval-batch-size",))
     add_tiling_arguments(parser)
     add_reference_arguments(parser, shots=True)  # the --shots images are drawn with the training's --seed
@@ -182,23 +220,65 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_benchmark)
 
 
-def _train_for_benchmark(args: argparse.Namespace, train_spec, out: Path):
-    """Train a fresh model on the --train dataset; returns (model, checkpoint path, training record)."""
-    from vip2clip.evaluation.benchmark import load_dataset
+def refuse_overlaps(overlaps: dict, titles: dict[str, str], allow: bool) -> None:
+    """CLIError naming every test dataset that holds training images, unless `allow`; the unknown case is
+    said once (a warning)."""
+    from vip2clip.data.zero_shot import UNKNOWN_NOTE
+
+    shared = [f"{titles[key]}: {overlap.note()}" for key, overlap in overlaps.items() if overlap.shared]
+    if shared and not allow:
+        raise CLIError(
+            "refusing to report these as zero-shot results:\n  " + "\n  ".join(shared)
+            + "\nchoose test sets the model was not trained on, or pass --allow-overlap (the results are then "
+            "marked 'not zero-shot')"
+        )  # fmt: skip
+    for line in shared:
+        logger.warning("%s", line)
+    if any(not overlap.known for overlap in overlaps.values()):
+        logger.warning("%s", UNKNOWN_NOTE)
+
+
+def _train_for_benchmark(args: argparse.Namespace, index, sources, out: Path, seed: int):
+    """Train a fresh model on the --train data; returns (model, checkpoint path, training record)."""
+    from dataclasses import replace
+
     from vip2clip.training.loop import train
 
-    config, world = train_config_from_args(args), world_of(args)
-    with world.main_first():
-        index = load_dataset(train_spec)
+    config, world = replace(train_config_from_args(args), seed=seed), world_of(args)
+    if args.seeds and config.cache_dir is None:  # the seeds' runs read one feature cache
+        config = replace(config, cache_dir=str(Path(args.out) / "feature_cache"))
     model = build_model(args, seed=config.seed, **config_from_args(args))  # seeded like `vip2clip train`
-    result = train(
-        model, index, out / "train", config, progress=progress_for(args), overwrite=args.overwrite, world=world
-    )
-    record = {"name": train_spec.title, "root": str(index.root), "config": config.to_dict(), "trained": True}
+    result = train(model, index, out / "train", config, progress=progress_for(args), overwrite=args.overwrite,
+                   world=world, sources=sources)  # fmt: skip
+    record = {"name": "+".join(s["name"] for s in sources), "root": str(index.root), "sources": sources,
+              "config": config.to_dict(), "trained": True}  # fmt: skip
     return model, result.checkpoint, record
 
 
+def _benchmark_plan(args: argparse.Namespace, out: Path) -> list[tuple[int, Path]]:
+    """(seed, output folder) of each model to train and evaluate; refuses an earlier run before any slow work."""
+    from vip2clip.training.loop import earlier_run
+
+    if not args.seeds:
+        plan = [(args.seed, out)]
+    elif len(set(args.seeds)) != len(args.seeds):
+        raise CLIError(f"--seeds lists a seed twice: {args.seeds}")
+    else:
+        plan = [(seed, out / f"seed-{seed}") for seed in args.seeds]
+    for _, folder in plan if args.train and not args.checkpoint else []:
+        try:
+            earlier_run(folder / "train", resume=False, overwrite=args.overwrite)
+        except ValueError:
+            raise CLIError(
+                f"{folder / 'train'} holds an earlier training run: pass --overwrite to train again, evaluate it with "
+                f"--checkpoint {folder / 'train' / 'checkpoint.pt'}, or choose another --out"
+            ) from None
+    return plan
+
+
 def run_benchmark(args: argparse.Namespace) -> int:
+    from vip2clip.cli.train import load_training_sources, split_specs
+    from vip2clip.data.zero_shot import index_digests
     from vip2clip.evaluation.benchmark import benchmark_datasets, load_dataset, parse_dataset_spec
     from vip2clip.evaluation.paper import load_paper_numbers
     from vip2clip.evaluation.reports import benchmark_table_markdown
@@ -206,40 +286,49 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
     if not args.train and not args.checkpoint:
         raise CLIError("give --train NAME=ROOT (to train first) or --checkpoint CKPT")
+    if args.seeds and args.checkpoint:
+        raise CLIError("--seeds trains one model per seed: give --train NAME=ROOT instead of --checkpoint")
     paper = load_paper_numbers(args.reference) if args.reference else None
-    train_spec = parse_dataset_spec(args.train) if args.train else None
+    train_texts = split_specs(args.train) if args.train else []
     tests = [parse_dataset_spec(text) for text in args.test]
     config = _eval_config(args)
     out, world = Path(args.out), world_of(args)
-    if train_spec is not None and not args.checkpoint:
-        from vip2clip.training.loop import earlier_run
-
-        try:  # before any slow work
-            earlier_run(out / "train", resume=False, overwrite=args.overwrite)
-        except ValueError:
-            raise CLIError(
-                f"{out / 'train'} holds an earlier training run: pass --overwrite to train again, evaluate it with "
-                f"--checkpoint {out / 'train' / 'checkpoint.pt'}, or choose another --out"
-            ) from None
+    plan = _benchmark_plan(args, out)
     with world.main_first():
         indexes = [(spec, load_dataset(spec)) for spec in tests]  # all errors in the data before training
     for _, index in indexes:
         _check_shots(index, config)
-    if train_spec is not None:
-        for spec in tests:
-            if spec.root.resolve() == train_spec.root.resolve():
-                logger.warning("%s is also the training set: its numbers are not zero-shot", spec.title)
     if args.checkpoint:
-        model, checkpoint = build_model(args, **config_from_args(args)), args.checkpoint
-        training = {"name": train_spec.title if train_spec else None, "trained": False}
+        training = checkpoint_training(args.checkpoint)
+        trained, index, sources = training["digests"], None, None
     else:
-        model, checkpoint, training = _train_for_benchmark(args, train_spec, out)
-    identity = ModelIdentity.of(model, checkpoint)
-    entries = benchmark_datasets(
-        model, indexes, out, config, identity, training, args.save_maps, progress_for(args), paper, world
-    )
+        for text in train_texts:
+            parse_dataset_spec(text)  # NAME=ROOT, as --test
+        index, sources = load_training_sources(train_texts, None, "test", world)
+        trained = set(index_digests(index, "test"))
+    overlaps = {spec.folder: count_test_overlap(trained, test_index, config) for spec, test_index in indexes}
+    refuse_overlaps(overlaps, {spec.folder: spec.title for spec in tests}, args.allow_overlap)
+    runs = {}
+    for seed, folder in plan:
+        if args.checkpoint:
+            model, checkpoint = build_model(args, **config_from_args(args)), args.checkpoint
+            names = "+".join(parse_dataset_spec(text).title for text in train_texts) or None
+            record = {"name": names, "trained": False, **training["record"]}
+        else:
+            model, checkpoint, record = _train_for_benchmark(args, index, sources, folder, seed)
+        identity = ModelIdentity.of(model, checkpoint)
+        runs[seed] = benchmark_datasets(
+            model, indexes, folder, config, identity, record, args.save_maps, progress_for(args), paper, world,
+            overlaps,
+        )  # fmt: skip
     if not world.is_main:
         return 0
-    print(benchmark_table_markdown(entries, paper=paper))
+    if args.seeds:
+        from vip2clip.evaluation.seeds import seeds_table_markdown, write_seed_benchmark
+
+        write_seed_benchmark(out, runs, paper)
+        print(seeds_table_markdown(runs, paper))
+    else:
+        print(benchmark_table_markdown(runs[plan[0][0]], paper=paper))
     print(f"benchmark: {out / 'benchmark.md'} (+ .csv, .json); per dataset: {', '.join(s.folder for s in tests)}")
     return 0

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from vip2clip.cli import CLIError
 from vip2clip.cli.common import (
     add_config_arguments,
     add_model_arguments,
@@ -15,6 +19,10 @@ from vip2clip.cli.common import (
     world_of,
 )
 from vip2clip.config import TrainConfig
+from vip2clip.utils.distributed import World
+
+if TYPE_CHECKING:
+    from vip2clip.data.index import DatasetIndex
 
 _DEFAULTS = TrainConfig()
 
@@ -27,7 +35,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "per-epoch losses to OUT/train_log.jsonl. Defaults are the authors' release settings. An OUT that holds a "
         "run is refused unless --resume or --overwrite.",
     )
-    parser.add_argument("--data", required=True, help="dataset root with meta.json, a meta.json, or a native root")
+    parser.add_argument(
+        "--data",
+        required=True,
+        action="append",
+        metavar="ROOT | NAME=ROOT",
+        help="dataset root with meta.json, a meta.json, or a native root; repeat it to train on several datasets "
+        "at once (one shuffled stream; NAME=ROOT converts a native root of the benchmark NAME)",
+    )
     parser.add_argument("--dataset", default=None, help="benchmark name, to convert a native root on the fly")
     parser.add_argument("--split", default="test", help="split to train on (the release uses 'test')")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, log, feature cache)")
@@ -87,16 +102,47 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+_SPEC_SEPARATOR = re.compile(r"\+(?=[A-Za-z0-9._-]+=)")
+
+
+def split_specs(texts: Sequence[str]) -> list[str]:
+    """The NAME=ROOT specs of `--train a=X b=Y` or `--train a=X+b=Y` (a '+' before the next NAME= joins them)."""
+    return [part for text in texts for part in _SPEC_SEPARATOR.split(text)]
+
+
+def load_training_sources(
+    texts: Sequence[str], dataset: str | None, split: str, world: World
+) -> tuple[DatasetIndex, list[dict[str, Any]]]:
+    """The training index of one or several --data/--train values (ROOT or NAME=ROOT) and the record of the
+    sources with their image counts (several are merged: `data.sources.merge_sources`)."""
     from vip2clip.data.registry import resolve_index
+    from vip2clip.data.sources import merge_sources, source_counts
+    from vip2clip.evaluation.benchmark import load_dataset, parse_dataset_spec
+
+    if len(texts) > 1 and dataset:
+        raise CLIError("with several --data, name each one's benchmark as NAME=ROOT instead of --dataset")
+    loaded = []
+    with world.main_first():  # a native root is converted (and its index written) once
+        for text in texts:
+            named = "=" in text and not Path(text).exists()
+            spec = parse_dataset_spec(text) if named else None
+            index = load_dataset(spec) if spec else resolve_index(text, dataset)
+            loaded.append((spec.title if spec else Path(index.root).name, index))
+    if len(loaded) == 1:
+        name, index = loaded[0]
+        return index, [source_counts(name, index, split).to_dict()]
+    merged = merge_sources(loaded, split)  # logs duplicates and differing image sizes
+    return merged.index, merged.describe()
+
+
+def run(args: argparse.Namespace) -> int:
     from vip2clip.training.loop import earlier_run, train
     from vip2clip.utils.fileio import json_line
 
     config = train_config_from_args(args)
     world = world_of(args)
     earlier_run(Path(args.out), args.resume, args.overwrite)  # refuse before the slow part: loading the model
-    with world.main_first():  # a native root is converted (and its index written) once
-        index = resolve_index(args.data, args.dataset)
+    index, sources = load_training_sources(args.data, args.dataset, args.split, world)
     model = build_model(args, seed=config.seed, **config_from_args(args))
     result = train(
         model,
@@ -108,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
         progress_for(args),
         overwrite=args.overwrite,
         world=world,
+        sources=sources,
     )
     if not world.is_main:
         return 0

@@ -22,6 +22,7 @@ from typing import Any
 from vip2clip import __version__
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.registry import DATASETS, dataset_info, resolve_index
+from vip2clip.data.zero_shot import UNKNOWN_NOTE, Overlap
 from vip2clip.evaluation.evaluate import evaluate
 from vip2clip.evaluation.paper import PaperNumbers
 from vip2clip.evaluation.reports import BenchmarkEntry, write_benchmark, write_results, write_scores
@@ -160,6 +161,7 @@ def evaluate_dataset(
     progress: Progress = silent,
     world: World = LOCAL,
     paper: PaperNumbers | None = None,
+    training: Mapping[str, Any] | None = None,
 ) -> EvaluationResult:
     """Evaluate and write results.{md,csv,json}, scores.csv, calibration.json and (save_maps) the panels in OUT/maps/.
 
@@ -167,6 +169,8 @@ def evaluate_dataset(
     and the few-shot protocol of `config`).
     `notes` go into results.md and results.json; a note on random backbone weights is added automatically.
     paper: numbers to compare with per class and for the mean (`name` is looked up in it).
+    training: what the model was trained on and its overlap with these test images (`data.zero_shot`), recorded
+    in results.json as "training".
     """
     out_dir = Path(out_dir)
     identity = evaluated_identity(identity, config.tiling, config.shots, config.seed)
@@ -184,6 +188,8 @@ def evaluate_dataset(
     if config.tiling is not None:
         notes = [*notes, f"tiled: {config.tiling.size}-px tiles, overlap {config.tiling.overlap}."]
     context = run_context(model, identity, dataset, config, world)
+    if training is not None:
+        context["training"] = dict(training)
     write_results(out_dir, result, context, title=name, notes=notes, paper=paper, dataset=name)
     write_scores(out_dir / SCORES_NAME, result)
     write_calibration(out_dir / CALIBRATION_NAME, identity, result)
@@ -203,27 +209,37 @@ def benchmark_datasets(
     progress: Progress = silent,
     paper: PaperNumbers | None = None,
     world: World = LOCAL,
+    overlaps: Mapping[str, Overlap] | None = None,
 ) -> list[BenchmarkEntry]:
     """Evaluate every test dataset into OUT/NAME/ and write the combined OUT/benchmark.{md,csv,json}.
 
     identity: `ModelIdentity.of(model, checkpoint)`; training: what the model was trained on (in benchmark.json);
-    paper: numbers to compare with (`evaluation.paper.load_paper_numbers("paper")`), added to the tables.
+    paper: numbers to compare with (`evaluation.paper.load_paper_numbers("paper")`), added to the tables;
+    overlaps: per test dataset (by folder) its overlap with the training images (`data.zero_shot`), recorded in
+    its results and in benchmark.json, with a note when it is not zero-shot.
     """
     out_dir = Path(out_dir)
     folders = [spec.folder for spec, _ in tests]
     if len(set(folders)) != len(folders):
         raise ValueError(f"two test datasets share an output folder name: {folders}")
-    entries = []
+    overlaps = overlaps or {}
+    entries, notes = [], []
     for spec, index in tests:
         logger.info("evaluating %s (%s)", spec.title, index.root)
+        overlap = overlaps.get(spec.folder)
+        note = overlap.note() if overlap else None
+        record = {**(training or {}), "zero_shot": overlap.to_dict()} if overlap else training
         result = evaluate_dataset(
-            model, index, out_dir / spec.folder, config, spec.title, identity, save_maps, progress=progress,
-            world=world, paper=paper,
+            model, index, out_dir / spec.folder, config, spec.title, identity, save_maps, [note] if note else (),
+            progress, world, paper, record,
         )  # fmt: skip
         entries.append(BenchmarkEntry(spec.title, result))
+        notes += [f"{spec.title}: {note}"] if note and overlap.known else []
+    if any(not overlap.known for overlap in overlaps.values()):
+        notes.append(UNKNOWN_NOTE)
     if world.is_main:
         tested = {"tests": [{"name": s.title, "root": str(i.root)} for s, i in tests]}
         context = run_context(model, identity, tested, config, world)
-        context["training"] = dict(training or {})
-        write_benchmark(out_dir, entries, context, paper=paper)
+        context["training"] = {**(training or {}), "zero_shot": {k: v.to_dict() for k, v in overlaps.items()}}
+        write_benchmark(out_dir, entries, context, paper=paper, notes=notes)
     return entries

@@ -51,6 +51,7 @@ from torch.utils.data import DataLoader, Subset
 
 from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.data.index import DatasetIndex
+from vip2clip.evaluation.cached import SplitFeatures
 from vip2clip.evaluation.panels import PanelSpool, panel_order
 from vip2clip.evaluation.results import (
     MAP_DTYPES,
@@ -85,9 +86,17 @@ def _pixel_rows(dataset: AnomalyDataset) -> np.ndarray:
 
 
 def _predicted_batches(
-    model: InferenceEngine, dataset: AnomalyDataset, config: EvalConfig, progress: Progress, rows: range
+    model: InferenceEngine,
+    dataset: AnomalyDataset,
+    config: EvalConfig,
+    progress: Progress,
+    rows: range,
+    features: SplitFeatures | None = None,
 ) -> Iterator[Batch]:
     """(rows, scores [B], maps [B, S, S], masks bool [B, S, S]) per batch of the readable images among `rows`."""
+    if features is not None:
+        yield from features.batches(model, dataset, config.batch_size, progress, rows)
+        return
     if config.tiling is not None:
         yield from tiled_batches(model, dataset, config.tiling, config.batch_size, progress, rows)
         return
@@ -108,6 +117,7 @@ def collect_class_outputs(
     progress: Progress = silent,
     rows: range | None = None,
     keep_maps: bool | None = None,
+    features: SplitFeatures | None = None,
 ) -> ClassOutputs:
     """Run the model (or any inference engine) over one class's dataset (only `rows` of it when given: a rank's
     share, whole batches). Maps and masks are kept when `keep_maps` (default: when panels are wanted)."""
@@ -121,7 +131,9 @@ def collect_class_outputs(
     scores = np.zeros(n, dtype=np.float32)
     done = np.zeros(n, dtype=bool)
     pixel = PixelStatsAccumulator()
-    for positions, batch_scores, batch_maps, batch_masks in _predicted_batches(model, dataset, config, progress, rows):
+    for positions, batch_scores, batch_maps, batch_masks in _predicted_batches(
+        model, dataset, config, progress, rows, features
+    ):
         local = positions - rows.start
         scores[local] = batch_scores
         done[local] = True
@@ -268,12 +280,17 @@ def _classes_to_evaluate(index: DatasetIndex, config: EvalConfig) -> list[str]:
 
 
 def _evaluate_class(
-    engine: InferenceEngine, dataset: AnomalyDataset, config: EvalConfig, progress: Progress, world: World
+    engine: InferenceEngine,
+    dataset: AnomalyDataset,
+    config: EvalConfig,
+    progress: Progress,
+    world: World,
+    features: SplitFeatures | None = None,
 ) -> tuple[ClassOutputs, ClassOutputs | None, list[tuple[str, str]]]:
-    """Score this rank's share of one class: (its outputs, every rank's outputs merged (rank 0; None on the others),
-    the files every rank skipped)."""
+    """Score this rank's share of one class (from the cached `features` when given): (its outputs, every rank's
+    outputs merged (rank 0; None on the others), the files every rank skipped)."""
     share = world.share(len(dataset), unit=config.batch_size)
-    outputs = collect_class_outputs(engine, dataset, config, progress, share)
+    outputs = collect_class_outputs(engine, dataset, config, progress, share, features=features)
     reports = world.gather((replace(outputs, maps=None, masks=None), list(dataset.skipped)))
     if not world.is_main:
         return outputs, None, []
@@ -296,12 +313,13 @@ def evaluate(
     identity = ModelIdentity.of(model) if shots else None  # keys the reference memories (no checkpoint needed)
     tally = _Tally()
     panels = PanelSpool(config.panels_dir, config.max_panels) if config.panels_dir is not None else None
+    features = SplitFeatures.open(model, index, config, progress, world) if config.feature_cache else None
     for name in classes:
         dataset = AnomalyDataset(index, config.split, [name], model.config.image_size, config.skip_bad)
         engine = class_engine(
             model, identity, shots.get(name), config.tiling, config.batch_size, config.reference_cache
         )
-        outputs, merged, reported = _evaluate_class(engine, dataset, config, progress, world)
+        outputs, merged, reported = _evaluate_class(engine, dataset, config, progress, world, features)
         if merged is not None:
             tally.add(name, dataset, merged, reported)
         if panels is not None:  # chosen over the whole class; each rank spools the ones it holds

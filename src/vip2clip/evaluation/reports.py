@@ -314,9 +314,11 @@ def write_benchmark(
     context: Mapping[str, Any],
     method: str = "ViP²-CLIP",
     paper: PaperNumbers | None = None,
+    notes: Sequence[str] = (),
 ) -> dict[str, Path]:
     """Write benchmark.md, benchmark.csv and benchmark.json (per-dataset means, block averages, `context`, and
-    the reference's numbers and our differences when one is given)."""
+    the reference's numbers and our differences when one is given); `notes` go above the markdown table and into
+    the JSON."""
     out_dir = Path(out_dir)
     averages = {task: block_average(_block_entries(entries, keys), keys) for task, keys in BLOCKS}
     data = {
@@ -324,11 +326,15 @@ def write_benchmark(
         "metrics_scale": "fraction (markdown: x100)",
         "datasets": [{"name": e.name, "n_classes": len(e.result.classes), "mean": e.result.mean} for e in entries],
         "average": averages,
+        "notes": list(notes),
     }
     if paper is not None:
         data["reference"] = _paper_json(paper, entries)
     return {
-        "markdown": atomic_write_text(out_dir / "benchmark.md", benchmark_table_markdown(entries, method, paper)),
+        "markdown": atomic_write_text(
+            out_dir / "benchmark.md",
+            "".join(f"**Note:** {note}\n\n" for note in notes) + benchmark_table_markdown(entries, method, paper),
+        ),
         "csv": atomic_write_text(out_dir / "benchmark.csv", benchmark_csv(entries, paper)),
         "json": atomic_write_json(out_dir / "benchmark.json", data),
     }

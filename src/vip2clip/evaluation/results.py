@@ -37,10 +37,14 @@ class EvalConfig:
     shots: int = 0
     seed: int = 111
     reference_cache: Path | None = None
+    feature_cache: Path | None = None  # read the split's encoder outputs from this cache (`evaluation.cached`)
+    cache_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.shots < 0:
             raise ValueError(f"shots must be >= 0, got {self.shots}")
+        if self.cache_dtype not in MAP_DTYPES:
+            raise ValueError(f"cache_dtype must be one of {sorted(MAP_DTYPES)}, got {self.cache_dtype!r}")
         if self.map_dtype not in MAP_DTYPES:
             raise ValueError(f"map_dtype must be one of {sorted(MAP_DTYPES)}, got {self.map_dtype!r}")
         if self.batch_size < 1 or self.num_workers < 0:

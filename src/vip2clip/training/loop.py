@@ -45,6 +45,8 @@ from vip2clip import __version__
 from vip2clip.config import TrainConfig
 from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.data.index import DatasetIndex
+from vip2clip.data.sources import source_counts
+from vip2clip.data.zero_shot import RECORD_KEY, training_record
 from vip2clip.model.backbone import ImageFeatures
 from vip2clip.model.checkpoint import load_checkpoint, save_checkpoint
 from vip2clip.model.vip2clip import ViP2CLIP
@@ -52,6 +54,7 @@ from vip2clip.training.feature_cache import FeatureCache, load_or_build_cache
 from vip2clip.training.losses import LossParts, training_loss
 from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.fileio import atomic_write_text, json_line
+from vip2clip.utils.hashing import file_sha256
 from vip2clip.utils.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
@@ -199,12 +202,15 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
 
 
-def _run_meta(model: ViP2CLIP, index: DatasetIndex, split: str, config: TrainConfig, world: World) -> dict[str, Any]:
+def _run_meta(
+    model: ViP2CLIP, index: DatasetIndex, split: str, config: TrainConfig, world: World, sources: list[dict[str, Any]]
+) -> dict[str, Any]:
     backbone = model.backbone
     return {
         **world.describe(model),
         "train_config": config.to_dict(),
         "dataset": {"name": index.root.name, "root": str(index.root), "split": split},
+        "sources": sources,
         "backbone": {"name": backbone.name, "weights": backbone.weights_source, "fingerprint": backbone.fingerprint()},
         "precision": model.precision,
         "trained_with": f"vip2clip {__version__}",
@@ -251,18 +257,29 @@ def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
 
 def _prepare_batches(
     model: ViP2CLIP, dataset: AnomalyDataset, out_dir: Path, config: TrainConfig, progress: Progress, world: World
-) -> tuple[list[int], Callable[[list[list[int]]], Iterator[Batch | None]], int]:
-    """(trainable rows, batches -> iterator of this rank's Batch, cache bytes): from the cache, or encoding."""
+) -> tuple[list[int], Callable[[list[list[int]]], Iterator[Batch | None]], FeatureCache | None]:
+    """(trainable rows, batches -> iterator of this rank's Batch, the cache or None): from the cache, or encoding."""
     if not config.cache:
         rows = list(range(len(dataset)))
-        return rows, lambda b: _encoded_batches(model, dataset, b, config.num_workers, world), 0
+        return rows, lambda b: _encoded_batches(model, dataset, b, config.num_workers, world), None
     directory = Path(config.cache_dir) if config.cache_dir else out_dir / CACHE_SUBDIR
     cache = load_or_build_cache(
         model, dataset, directory, config.cache_dtype, config.batch_size, config.num_workers, progress, world
     )
     device = next(model.parameters()).device
     labels = dataset.labels
-    return cache.valid_indices, lambda b: _cached_batches(cache, labels, b, device, world), cache.disk_bytes
+    return cache.valid_indices, lambda b: _cached_batches(cache, labels, b, device, world), cache
+
+
+def _image_digests(dataset: AnomalyDataset, rows: list[int], cache: FeatureCache | None, world: World) -> list[str]:
+    """SHA-256 of the training images `rows`: from the cache's key (hashed when it was keyed), else hashed here
+    (each rank a share)."""
+    if cache is not None:
+        files = cache.manifest["key"]["files"]
+        return [files[row].partition(":")[0] for row in rows]
+    share = [rows[i] for i in world.share(len(rows))]
+    hashed = world.all_gather([file_sha256(dataset.paths(dataset.samples[row])[0]) for row in share])
+    return [digest for part in hashed for digest in part]
 
 
 def train(
@@ -275,11 +292,15 @@ def train(
     progress: Progress = silent,
     overwrite: bool = False,
     world: World = LOCAL,
+    sources: list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train `model`'s prompt learner and FGP on a split of `index`; checkpoints and log go to `out_dir`.
 
-    Raises ValueError when `out_dir` holds a run and neither `resume` nor `overwrite` is given. Under torchrun every
-    rank calls this with its `world` (see the module docstring)."""
+    sources: the datasets `index` was merged from, with their image counts (`data.sources.merge_sources`),
+    recorded in the checkpoint and every log line (default: `index` itself). The checkpoint also records the
+    SHA-256 of every training image (`data.zero_shot`). Raises ValueError when `out_dir` holds a run and neither
+    `resume` nor `overwrite` is given. Under torchrun every rank calls this with its `world` (see the module
+    docstring)."""
     config = config or TrainConfig()
     out_dir = Path(out_dir)
     replaced = earlier_run(out_dir, resume, overwrite)
@@ -292,9 +313,11 @@ def train(
     if not resume:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-    rows, make_batches, cache_bytes = _prepare_batches(model, dataset, out_dir, config, progress, world)
-    meta = _run_meta(model, index, split, config, world)
-    run = world.describe(model)
+    rows, make_batches, cache = _prepare_batches(model, dataset, out_dir, config, progress, world)
+    sources = sources or [source_counts(index.root.name, index, split).to_dict()]
+    meta = _run_meta(model, index, split, config, world, sources)
+    meta[RECORD_KEY] = training_record(_image_digests(dataset, rows, cache, world), split)
+    run = {**world.describe(model), "sources": [f"{s['name']}: {s['images']} images" for s in sources]}
     if world.is_main:  # every rank has checked OUT by now (the cache's collectives came first)
         for path in replaced:  # only now that the data and the cache are ready: a bad dataset keeps the earlier run
             path.unlink()
@@ -337,4 +360,4 @@ def train(
     world.barrier()  # the final checkpoint exists for every rank (evaluation after training hashes it)
     # Without the cache a file that fails to decode is met (and recorded) once per epoch.
     skipped = [item for report in reports for item in report] if reports else dataset.skipped
-    return TrainResult(final, history, list(dict.fromkeys(skipped)), cache_bytes)
+    return TrainResult(final, history, list(dict.fromkeys(skipped)), cache.disk_bytes if cache else 0)

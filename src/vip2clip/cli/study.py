@@ -1,0 +1,158 @@
+"""`vip2clip study NAME`: one of the paper's studies (Tables 4, 5, 6, 9; Figs. 5, 6, 10), end to end, resumably."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+from vip2clip.cli import CLIError
+from vip2clip.cli.common import add_model_arguments, add_progress_argument, build_model, progress_for, world_of
+from vip2clip.cli.train import add_train_arguments, split_specs, train_config_from_args
+from vip2clip.config import STORAGE_DTYPES
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "study",
+        help="run one of the paper's studies (ablations, Top-K, prompt length, medical fine-tuning) with the paper's "
+        "numbers beside ours",
+        description="Trains every variant of the study on the protocol's training sets and tests it zero-shot; "
+        "writes OUT/study.{md,csv,json} (and figure.png/.csv for a figure). Variants share one feature cache; a "
+        "re-run reads finished variants back and continues a killed study. `vip2clip study --list` lists them.",
+    )
+    parser.add_argument("name", nargs="?", default=None, help="the study (see --list)")
+    parser.add_argument("--list", action="store_true", help="list the studies, their variants and what they reproduce")
+    parser.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="NAME=ROOT",
+        help="the roots of the datasets the study's protocol uses (e.g. mvtec=/data/mvtec visa=/data/visa)",
+    )
+    parser.add_argument(
+        "--train",
+        nargs="+",
+        default=None,
+        metavar="NAME=ROOT",
+        help="instead of the paper's protocol: train on these (one stream) ...",
+    )
+    parser.add_argument("--test", nargs="+", default=None, metavar="NAME=ROOT", help="... and test on these")
+    parser.add_argument("--out", default=None, help="the study's folder (resumable)")
+    parser.add_argument("--variants", default=None, metavar="A,B", help="run only these variants (default: all)")
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="one model per seed; cells show mean ± std (default: --seed)",
+    )
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--eval-batch-size", type=int, default=8, help="images per test batch (8)")
+    group.add_argument(
+        "--map-dtype", choices=STORAGE_DTYPES, default="float32", help="storage of the maps (float16 halves RAM)"
+    )
+    add_progress_argument(parser)
+    add_train_arguments(parser)
+    add_model_arguments(parser, checkpoint=False)
+    parser.set_defaults(func=run)
+
+
+def _datasets(args: argparse.Namespace, study):
+    """(study with the protocol to run, {registry name: DatasetIndex}, title of a name)."""
+    from dataclasses import replace
+
+    from vip2clip.evaluation.benchmark import load_dataset, parse_dataset_spec
+    from vip2clip.evaluation.studies import Direction
+
+    if (args.train is None) != (args.test is None):
+        raise CLIError("--train and --test go together (a protocol of your own); without them: --data")
+    texts = split_specs(args.data + (args.train or []) + (args.test or []))
+    specs = {}
+    for spec in (parse_dataset_spec(text) for text in texts):
+        specs[_key(spec)] = spec
+    if args.train is not None:
+        train = tuple(_key(parse_dataset_spec(t)) for t in split_specs(args.train))
+        tests = tuple(_key(parse_dataset_spec(t)) for t in args.test)
+        study = replace(study, protocol=(Direction(train, tests),))
+    missing = [name for name in study.datasets if name not in specs]
+    if missing:
+        raise CLIError(
+            f"study {study.name} needs the roots of {', '.join(missing)}: pass --data "
+            + " ".join(f"{name}=ROOT" for name in missing)
+        )
+    with world_of(args).main_first():
+        indexes = {name: load_dataset(specs[name]) for name in study.datasets}
+    return study, indexes, lambda name: specs[name].title if name in specs else name
+
+
+def _key(spec) -> str:
+    """A dataset's key in a study: its registry name (so that the paper's numbers match), else its label."""
+    from vip2clip.data.registry import dataset_info
+
+    try:
+        return dataset_info(spec.name).name
+    except ValueError:
+        return spec.name
+
+
+def _factory(args: argparse.Namespace):
+    def build(options, seed, checkpoint):
+        settings = copy.copy(args)
+        settings.checkpoint = str(checkpoint) if checkpoint is not None else None
+        extra = {"seed": seed} if seed is not None else {}
+        return build_model(settings, **extra, **dict(options))
+
+    return build
+
+
+def run(args: argparse.Namespace) -> int:
+    from vip2clip.evaluation.results import EvalConfig
+    from vip2clip.evaluation.studies import describe_studies, get_study
+    from vip2clip.evaluation.study import StudyPlan, run_study, select_seeds
+    from vip2clip.evaluation.study_report import write_study
+
+    if args.list:
+        print(describe_studies())
+        return 0
+    if not args.name or not args.out:
+        raise CLIError("give a study NAME and --out DIR (or --list)")
+    study = get_study(args.name)
+    variants = study.select([key.strip() for key in args.variants.split(",") if key.strip()] if args.variants else None)
+    seeds = select_seeds(args.seeds, args.seed)
+    study, indexes, titles = _datasets(args, study)
+    world = world_of(args)
+    settings = {
+        "backbone": args.backbone,
+        "clip_weights": args.clip_weights,
+        "random_init": args.random_init,
+        "image_size": args.image_size,
+        "precision": args.precision,
+    }
+    plan = StudyPlan(
+        study,
+        variants,
+        seeds,
+        indexes,
+        train_config_from_args(args),
+        EvalConfig(
+            batch_size=args.eval_batch_size,
+            num_workers=args.num_workers,
+            skip_bad=args.skip_bad,
+            map_dtype=args.map_dtype,
+            cache_dtype=args.cache_dtype,
+        ),
+        settings,
+    )
+    results = run_study(plan, args.out, _factory(args), args.overwrite, progress_for(args), world)
+    if not world.is_main:
+        return 0
+    written = write_study(args.out, study, variants, seeds, results, titles)
+    print(Path(written["markdown"]).read_text(encoding="utf-8"))
+    print(f"study: {written['markdown']} (+ .csv, .json)")
+    if "figure" in written:
+        print(f"figure: {written['figure']} (+ figure.csv)")
+    if "figure_note" in written:
+        print(f"note: {written['figure_note']}")
+    return 0

@@ -1,0 +1,231 @@
+"""The paper's studies as data: each study's variants (model options), protocol and what it reproduces.
+
+A variant is a set of `ModelConfig` options for training (`options`) and, for a test-time switch such as Top-K,
+options applied only when testing (`test_options`: variants that differ only there share one trained model). A
+protocol is a list of directions, each training on one or several datasets' test splits (several form one stream,
+`data.sources`) and testing on others: the paper's MVTec AD <-> VisA swap, the seven industrial sets of Fig. 5,
+or Table 9's medical fine-tuning. Dataset names are registry names (`data.registry`).
+
+The variant keys and options of the tables (4, 5, 6, 9) are those of `paper_results.json`'s "studies", which
+holds the paper's numbers for them (a test checks that the two agree). The figures (5, 6, 10) print no numbers:
+their studies show ours only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row (or point) of a study: its key, the label printed in our table, the training options and the
+    test-time options."""
+
+    key: str
+    label: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+    test_options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Direction:
+    """Train on the test splits of `train` (one stream), test zero-shot on `tests`."""
+
+    train: tuple[str, ...]
+    tests: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.train)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """How a study is plotted. kind "gain": per test dataset, `metrics` of the second variant minus the first
+    (bars); kind "sweep": `metrics` against the variants' `x` values, one line per series, test dataset and
+    metric (`series`: name -> variant keys in x order; empty: one series of all variants)."""
+
+    kind: str
+    metrics: tuple[str, ...]
+    x_label: str
+    y_label: str
+    x: Mapping[str, float] = field(default_factory=dict)  # variant key -> x value (sweep)
+    series: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    log_x: bool = False
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    reproduces: str
+    title: str
+    variants: tuple[Variant, ...]
+    protocol: tuple[Direction, ...]
+    figure: Figure | None = None
+    rows: str = "variants"  # "datasets": one row per test dataset (Table 9's layout, one variant)
+
+    @property
+    def datasets(self) -> list[str]:
+        """Every dataset the protocol reads, in first-use order."""
+        names: list[str] = []
+        for direction in self.protocol:
+            names += [name for name in (*direction.train, *direction.tests) if name not in names]
+        return names
+
+    def variant(self, key: str) -> Variant:
+        for variant in self.variants:
+            if variant.key == key:
+                return variant
+        raise ValueError(f"study {self.name} has no variant {key!r}; its variants: {self.variant_keys()}")
+
+    def variant_keys(self) -> str:
+        return ", ".join(variant.key for variant in self.variants)
+
+    def select(self, keys: Sequence[str] | None) -> tuple[Variant, ...]:
+        """The variants named in `keys` (all for None), in the study's order; unknown keys list the valid ones."""
+        if not keys:
+            return self.variants
+        chosen = {self.variant(key).key for key in keys}
+        return tuple(variant for variant in self.variants if variant.key in chosen)
+
+
+SWAP = (Direction(("mvtec",), ("visa",)), Direction(("visa",), ("mvtec",)))
+INDUSTRIAL = (
+    Direction(("mvtec",), ("visa", "mpdd", "btad", "ksdd", "dagm", "dtd-synthetic")),
+    Direction(("visa",), ("mvtec",)),
+)
+MEDICAL = (
+    Direction(("mvtec", "colondb"), ("headct", "brainmri", "br35h", "isic", "clinicdb", "endo", "kvasir")),
+    Direction(("visa", "clinicdb"), ("colondb",)),
+)
+
+
+def _modules(utpa: bool, vca: bool, fgp: bool) -> Variant:
+    parts = [name for name, on in (("utpa", utpa), ("vca", vca), ("fgp", fgp)) if on]
+    key = "+".join(parts) or "none"
+    label = ", ".join(part.upper() for part in parts) or "(none)"
+    return Variant(key, label, {"use_utpa": utpa, "use_vca": vca, "use_fgp": fgp})
+
+
+def _words(normal: str, anomalous: str) -> Variant:
+    return Variant(
+        f"{normal}-{anomalous}", f"{normal.title()}/{anomalous.title()}", {"state_words": [normal, anomalous]}
+    )
+
+
+TOP_K = (1, 10, 20, 50, 100, 200)
+# Fig. 10 plots prompt lengths whose values the text does not print: static tokens M with J = 3, and dynamic
+# tokens J with M = 7 (the default 7 + 3 = 10 in both).
+PROMPT_LENGTHS = ((3, 3), (5, 3), (7, 3), (9, 3), (11, 3), (7, 1), (7, 5))
+
+STUDIES: dict[str, Study] = {
+    study.name: study
+    for study in (
+        Study(
+            "modules",
+            "Table 4",
+            "Module ablation: the combinations of UTPA, VCA and FGP",
+            tuple(
+                _modules(u, v, f)
+                for u, v, f in ((0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 1), (1, 1, 1))
+            ),
+            SWAP,
+        ),
+        Study(
+            "alignment",
+            "Table 5",
+            "UTPA vs the dual-branch alignment (static prompts, no FGP)",
+            (
+                Variant("dual", "CLIP_DUAL", {"use_utpa": False, "use_vca": False, "use_fgp": False}),
+                Variant("utpa", "CLIP_UTPA", {"use_utpa": True, "use_vca": False, "use_fgp": False}),
+            ),
+            SWAP,
+        ),
+        Study(
+            "state-words",
+            "Table 6",
+            "State adjectives of the prompts",
+            (
+                _words("good", "damaged"),
+                _words("normal", "abnormal"),
+                _words("perfect", "flawed"),
+                _words("flawless", "imperfect"),
+            ),
+            SWAP,
+        ),
+        Study(
+            "static-prompts",
+            "Fig. 5",
+            "F1 gain of visual-conditioned over static prompts, seven industrial sets",
+            (
+                Variant("static", "static prompts (ViP²-CLIP_re)", {"use_vca": False}),
+                Variant("visual", "visual-conditioned prompts (ViP²-CLIP)", {}),
+            ),
+            INDUSTRIAL,
+            Figure("gain", ("image_f1", "pixel_f1"), "test dataset", "F1 gain (points, x100)"),
+        ),
+        Study(
+            "top-k",
+            "Fig. 6",
+            "Top-K patches pooled for the image score (a test-time switch: one trained model)",
+            tuple(Variant(f"k{k}", f"K = {k}", {}, {"top_k": k}) for k in TOP_K),
+            SWAP,
+            Figure(
+                "sweep",
+                ("image_auroc",),
+                "K (patches pooled)",
+                "image AUROC (%)",
+                {f"k{k}": k for k in TOP_K},
+                log_x=True,
+            ),
+        ),
+        Study(
+            "prompt-length",
+            "Fig. 10",
+            "Prompt length: static tokens M and dynamic tokens J (tested on VisA)",
+            tuple(
+                Variant(f"m{m}-j{j}", f"M = {m}, J = {j}", {"n_context": m, "n_dynamic": j}) for m, j in PROMPT_LENGTHS
+            ),
+            (SWAP[0],),
+            Figure(
+                "sweep",
+                ("image_auroc", "pixel_auroc", "image_f1", "pixel_f1"),
+                "prompt length M + J (tokens)",
+                "metric (%)",
+                {f"m{m}-j{j}": m + j for m, j in PROMPT_LENGTHS},
+                {
+                    "M varies, J = 3": tuple(f"m{m}-j3" for m in (3, 5, 7, 9, 11)),
+                    "J varies, M = 7": tuple(f"m7-j{j}" for j in (1, 3, 5)),
+                },
+            ),
+        ),
+        Study(
+            "medical",
+            "Table 9",
+            "Medical fine-tuning: trained on MVTec AD + CVC-ColonDB (ColonDB: VisA + CVC-ClinicDB)",
+            (Variant("fine-tuned", "ViP²-CLIP", {}),),
+            MEDICAL,
+            rows="datasets",
+        ),
+    )
+}
+
+
+def get_study(name: str) -> Study:
+    """The named study; ValueError listing the studies for an unknown name."""
+    if name not in STUDIES:
+        raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)} (`vip2clip study --list`)")
+    return STUDIES[name]
+
+
+def describe_studies() -> str:
+    """`vip2clip study --list`: each study, what it reproduces, its protocol and its variants."""
+    lines = []
+    for study in STUDIES.values():
+        protocol = "; ".join(f"train {'+'.join(d.train)} -> test {', '.join(d.tests)}" for d in study.protocol)
+        lines.append(f"{study.name}  ({study.reproduces}) {study.title}")
+        lines.append(f"    protocol: {protocol}")
+        lines.append(f"    variants: {study.variant_keys()}")
+    return "\n".join(lines)

@@ -1,0 +1,297 @@
+"""Running one of the paper's studies (`evaluation.studies`): train every variant, test it, resumably.
+
+Layout of a study folder OUT:
+    study_settings.json               the study and the settings every variant shares (a re-run must match)
+    feature_cache/                    one frozen-feature cache for every variant and every dataset
+    models/KEY/seed-S/TRAIN/          a trained model (`training.loop` folder: checkpoint.pt, train_log.jsonl)
+    runs/VARIANT/seed-S/TRAIN/TEST/   a variant's results on a test set (results.json ...), done.json when finished
+    study.md, study.csv, study.json, figure.png/.csv   the tables (`evaluation.study_report`)
+Variants that differ only in test-time options (Top-K) share a model folder (KEY "shared-..."); the others have
+their own (KEY = the variant).
+
+Every variant's model is built on the same backbone, weights, image size and layers, so they share the feature
+cache: training reads it (`training.loop`) and so does testing (`EvalConfig.feature_cache`, `evaluation.cached`);
+the image encoder runs once per image of the study, the rest is the small heads.
+
+Resuming: a unit (variant, seed, direction) whose done.json exists is read back, not rerun; a unit whose model
+finished training is only tested; a unit killed during training continues from its last epoch (`resume`). So a
+killed study, run again with the same command, continues at the unfinished unit; `variants` runs a subset, and a
+later run can add variants or seeds. A folder holding another study or other settings is refused unless
+`overwrite` (which deletes the earlier study's models and runs).
+
+No unit ever tests a model on its own training images: the overlap of every direction's training set with its
+test sets is counted from the images' SHA-256 (`data.zero_shot`) before any training, and refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from vip2clip.config import TrainConfig
+from vip2clip.data.index import DatasetIndex
+from vip2clip.data.registry import dataset_info
+from vip2clip.data.sources import merge_sources, source_counts
+from vip2clip.data.zero_shot import count_overlap, index_digests
+from vip2clip.evaluation.benchmark import evaluate_dataset
+from vip2clip.evaluation.results import EvalConfig
+from vip2clip.evaluation.studies import Direction, Study, Variant
+from vip2clip.model.identity import ModelIdentity
+from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.training.loop import FINAL_CHECKPOINT, LAST_CHECKPOINT, train
+from vip2clip.utils.distributed import LOCAL, World
+from vip2clip.utils.fileio import atomic_write_json
+from vip2clip.utils.hashing import json_digest
+from vip2clip.utils.progress import Progress, silent
+
+logger = logging.getLogger(__name__)
+
+STUDY_FILE = "study_settings.json"
+DONE_FILE = "done.json"
+CACHE_DIR = "feature_cache"
+# (options, seed, checkpoint) -> a model: with a checkpoint its trained weights (options: test-time overrides),
+# without one a fresh model seeded with `seed` for training.
+ModelFactory = Callable[[Mapping[str, Any], "int | None", "Path | None"], ViP2CLIP]
+# results[variant][test dataset] = one dict of mean metrics per seed, in seed order
+StudyResults = dict[str, dict[str, list[dict[str, float]]]]
+
+
+@dataclass(frozen=True)
+class StudyPlan:
+    """What to run: the study, the chosen variants and seeds, the datasets by registry name, and the settings
+    that every variant shares (recorded in study_settings.json; `settings` also names the model options given by the
+    user, e.g. the backbone and weights)."""
+
+    study: Study
+    variants: tuple[Variant, ...]
+    seeds: tuple[int, ...]
+    datasets: Mapping[str, DatasetIndex]
+    train_config: TrainConfig
+    eval_config: EvalConfig
+    settings: Mapping[str, Any]
+
+    def manifest(self) -> dict[str, Any]:
+        """study_settings.json: what must match for a re-run to reuse finished variants."""
+        train = {k: v for k, v in self.train_config.to_dict().items() if k not in ("seed", "cache_dir", "num_workers")}
+        return {
+            "study": self.study.name,
+            "reproduces": self.study.reproduces,
+            "settings": {
+                **dict(self.settings),
+                "data": {name: str(index.root) for name, index in self.datasets.items()},
+                "protocol": [{"train": list(d.train), "tests": list(d.tests)} for d in self.study.protocol],
+                "train": train,
+                "evaluation": {
+                    "split": self.eval_config.split,
+                    "map_dtype": self.eval_config.map_dtype,
+                    "cache_dtype": self.eval_config.cache_dtype,
+                },
+            },
+        }
+
+
+def claim_folder(out_dir: Path, manifest: Mapping[str, Any], overwrite: bool) -> None:
+    """Make OUT this study's folder: refuse one that holds another study, other settings or other files unless
+    `overwrite` (then the earlier study's models and runs are deleted), and write study_settings.json."""
+    path = out_dir / STUDY_FILE
+    if path.is_file():
+        earlier, settings = json.loads(path.read_text(encoding="utf-8")), manifest["settings"]
+        if earlier.get("study") != manifest["study"] or earlier.get("settings") != manifest["settings"]:
+            if not overwrite:
+                what = (
+                    f"the study {earlier.get('study')!r}"
+                    if earlier.get("study") != manifest["study"]
+                    else f"this study with other settings ({_changed(earlier.get('settings', {}), settings)})"
+                )
+                raise ValueError(f"{out_dir} holds {what}; pass --overwrite to replace it, or choose another --out")
+            for folder in ("models", "runs"):
+                shutil.rmtree(out_dir / folder, ignore_errors=True)
+    elif out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{out_dir} is not empty and holds no study; pass --overwrite to use it, or choose another --out"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, manifest)
+
+
+def _changed(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
+    keys = sorted(key for key in {*before, *now} if before.get(key) != now.get(key))
+    return "differs in: " + ", ".join(keys)
+
+
+def check_zero_shot(study: Study, datasets: Mapping[str, DatasetIndex], split: str) -> None:
+    """ValueError naming every direction that would test on its own training images (same SHA-256); each
+    dataset is hashed once."""
+    hashed: dict[tuple[str, str], list[str]] = {}
+
+    def digests(name: str, of_split: str) -> list[str]:
+        if (name, of_split) not in hashed:
+            hashed[(name, of_split)] = index_digests(datasets[name], of_split)
+        return hashed[(name, of_split)]
+
+    problems = []
+    for direction in study.protocol:
+        trained = {digest for name in direction.train for digest in digests(name, "test")}
+        for test in direction.tests:
+            note = count_overlap(digests(test, split), trained).note()
+            if note:
+                problems.append(f"train {direction.name} -> test {test}: {note}")
+    if problems:
+        raise ValueError("a study must test zero-shot; refusing:\n  " + "\n  ".join(problems))
+
+
+def _title(name: str) -> str:
+    try:
+        return dataset_info(name).title
+    except ValueError:
+        return name
+
+
+def model_folder(out_dir: Path, variant: Variant, seed: int, direction: Direction) -> Path:
+    """Where a variant's model is trained: its own folder, or one shared by test-time-only variants."""
+    key = variant.key if not variant.test_options else "shared-" + json_digest(dict(variant.options), 12)
+    return out_dir / "models" / key / f"seed-{seed}" / direction.name
+
+
+def _labelled(progress: Progress, label: str) -> Progress:
+    """`progress` with every bar's description prefixed by `label` (which variant, seed and step)."""
+
+    def bars(items, *, total=None, desc=""):
+        return progress(items, total=total, desc=f"{label} {desc}".strip())
+
+    return bars
+
+
+@dataclass
+class _Direction:
+    """A direction's training index and its sources' record (computed once per study run)."""
+
+    index: DatasetIndex
+    sources: list[dict[str, Any]]
+
+
+def _training_set(direction: Direction, datasets: Mapping[str, DatasetIndex]) -> _Direction:
+    if len(direction.train) == 1:
+        name = direction.train[0]
+        return _Direction(datasets[name], [source_counts(_title(name), datasets[name], "test").to_dict()])
+    merged = merge_sources([(_title(name), datasets[name]) for name in direction.train], "test")
+    return _Direction(merged.index, merged.describe())
+
+
+def _trained_model(
+    plan: StudyPlan,
+    variant: Variant,
+    seed: int,
+    direction: Direction,
+    training: _Direction,
+    out_dir: Path,
+    build: ModelFactory,
+    progress: Progress,
+    world: World,
+) -> tuple[ViP2CLIP, Path]:
+    """The unit's model: read back when trained, else trained (continued from its last epoch when killed)."""
+    folder = model_folder(out_dir, variant, seed, direction)
+    checkpoint = folder / FINAL_CHECKPOINT
+    if not checkpoint.is_file():
+        config = replace(plan.train_config, seed=seed, cache_dir=str(out_dir / CACHE_DIR))
+        resume = (folder / LAST_CHECKPOINT).is_file()
+        model = build(variant.options, seed, None)
+        train(
+            model,
+            training.index,
+            folder,
+            config,
+            "test",
+            resume,
+            progress,
+            overwrite=not resume,
+            world=world,
+            sources=training.sources,
+        )
+        if not variant.test_options:
+            return model, checkpoint
+    return build(variant.test_options, None, checkpoint), checkpoint
+
+
+def run_unit(
+    plan: StudyPlan,
+    variant: Variant,
+    seed: int,
+    direction: Direction,
+    training: _Direction,
+    out_dir: Path,
+    build: ModelFactory,
+    progress: Progress = silent,
+    world: World = LOCAL,
+) -> dict[str, dict[str, float]]:
+    """Train (or read back) one variant for one seed and direction, test it; returns {test: mean metrics}."""
+    unit = out_dir / "runs" / variant.key / f"seed-{seed}" / direction.name
+    done = unit / DONE_FILE
+    if done.is_file():
+        logger.info("%s: finished earlier, read back", unit)
+        return json.loads(done.read_text(encoding="utf-8"))["datasets"]
+    model, checkpoint = _trained_model(plan, variant, seed, direction, training, out_dir, build, progress, world)
+    identity = ModelIdentity.of(model, checkpoint)
+    config = replace(plan.eval_config, feature_cache=out_dir / CACHE_DIR)
+    means = {}
+    for test in direction.tests:
+        record = {"sources": training.sources, "zero_shot": {"zero_shot": True, "checked": "before the study"}}
+        result = evaluate_dataset(
+            model,
+            plan.datasets[test],
+            unit / test,
+            config,
+            _title(test),
+            identity,
+            progress=progress,
+            world=world,
+            training=record,
+        )
+        means[test] = dict(result.mean)
+    if world.is_main:
+        atomic_write_json(
+            done, {"variant": variant.key, "seed": seed, "train": list(direction.train), "datasets": means}
+        )
+    world.barrier()
+    return means
+
+
+def run_study(
+    plan: StudyPlan,
+    out_dir: str | Path,
+    build: ModelFactory,
+    overwrite: bool = False,
+    progress: Progress = silent,
+    world: World = LOCAL,
+) -> StudyResults:
+    """Run every (variant, seed, direction) unit of `plan` into OUT (module docstring); returns the means."""
+    out_dir = Path(out_dir)
+    check_zero_shot(plan.study, plan.datasets, plan.eval_config.split)
+    if world.is_main:
+        claim_folder(out_dir, plan.manifest(), overwrite)
+    world.barrier()
+    trainings = {direction.name: _training_set(direction, plan.datasets) for direction in plan.study.protocol}
+    results: StudyResults = {variant.key: {} for variant in plan.variants}
+    units = [(v, s, d) for v in plan.variants for s in plan.seeds for d in plan.study.protocol]
+    for number, (variant, seed, direction) in enumerate(units, start=1):
+        label = f"[{number}/{len(units)}] {variant.key} seed {seed} train {direction.name}:"
+        logger.info("study %s %s", plan.study.name, label)
+        means = run_unit(
+            plan, variant, seed, direction, trainings[direction.name], out_dir, build, _labelled(progress, label), world
+        )
+        for test, mean in means.items():
+            results[variant.key].setdefault(test, []).append(mean)
+    return results
+
+
+def select_seeds(seeds: Sequence[int] | None, default: int) -> tuple[int, ...]:
+    """The seeds to run (the training default when none are given); ValueError for a repeated seed."""
+    chosen = tuple(seeds) if seeds else (default,)
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"a seed is listed twice: {list(chosen)}")
+    return chosen
