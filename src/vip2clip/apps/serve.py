@@ -2,7 +2,8 @@
 
 Routes: `GET /` the page (package data `serve_page.html`), `GET /api/info` model, thresholds and limits,
 `GET /api/examples` the bundled synthetic examples, `POST /api/example?name=...` and `POST /api/predict` a
-prediction (JSON; `?images=true` adds the display PNGs the page draws). OpenAPI at `/openapi.json` and `/docs`.
+prediction (JSON; `?images=true` adds the display PNGs the page draws). OpenAPI at `/openapi.json` and `/docs`
+(Swagger UI served from the fastapi-offline package's files, so it works without internet; `/redoc` too).
 `POST /api/predict` takes the image as the raw request body (`Content-Type: image/*` or
 `application/octet-stream`) or as the one file of a `multipart/form-data` upload.
 
@@ -25,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -125,6 +127,10 @@ async def _multipart_file(request: Request, body: bytes) -> bytes:
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": body, "more_body": False}
 
+    boundary = request.headers.get("content-type", "").partition("boundary=")[2].split(";")[0].strip().strip('"')
+    if boundary and f"--{boundary}--".encode() not in body:
+        missing = f"its closing boundary --{boundary}-- is missing (the upload was cut short, or the form unfinished)"
+        raise ApiError(400, f"incomplete multipart body: {missing}")
     async with Request(request.scope, replay).form(max_files=1, max_fields=16) as form:
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         if not files:
@@ -152,7 +158,7 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None, examples
         checkpoint_sha256=identity.checkpoint_sha256,
         image_size=identity.image_size,
     )
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs with Swagger UI's files from the fastapi-offline package: no CDN, works offline
         title="vip2clip",
         version=__version__,
         description="Zero-shot anomaly detection (ViP²-CLIP): score an image, get its decision and defect area.",
@@ -222,8 +228,9 @@ def create_app(predictor: Predictor, limits: ServeLimits | None = None, examples
         Send the image's bytes as the body (`Content-Type: image/png`, `image/jpeg`, ... or
         `application/octet-stream`), or as the one file of a `multipart/form-data` upload."""
         kind = _upload_kind(request.headers.get("content-type"))
-        with jobs.slot():
-            data = await read_body(request, limits)
+        with jobs.slot() as slot:
+            with slot.uploading(limits.body_timeout):  # for Retry-After: this slot frees by the upload's deadline
+                data = await read_body(request, limits)
             if kind == "multipart":
                 data = await _multipart_file(request, data)
             return await answer(request, response, data, images)
@@ -366,7 +373,10 @@ def serve(
     server = make_server(predictor, limits, examples)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(f"serving the vip2clip demo on http://{shown}:{port}/ (API docs: /docs; Ctrl+C stops)", flush=True)
+    print(
+        f"serving the vip2clip demo on http://{shown}:{port}/ (API docs: /docs, schema: /openapi.json; Ctrl+C stops)",
+        flush=True,
+    )
     try:
         server.run(sockets=[sock])
     finally:

@@ -28,6 +28,7 @@ from PIL import Image
 from vip2clip.data.images import decode_image_bytes
 from vip2clip.data.transforms import resize_map
 from vip2clip.inference.predictor import Predictor
+from vip2clip.utils.memory import return_freed_memory
 from vip2clip.visualization.heatmap import heatmap_overlay
 from vip2clip.visualization.panel import colour_bar
 
@@ -73,6 +74,21 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class Slot:
+    """One admitted request; `upload_deadline` (time.monotonic) while it reads its upload, else None."""
+
+    def __init__(self) -> None:
+        self.upload_deadline: float | None = None
+
+    @contextmanager
+    def uploading(self, timeout: float) -> Iterator[None]:
+        self.upload_deadline = time.monotonic() + timeout
+        try:
+            yield
+        finally:
+            self.upload_deadline = None
+
+
 class ModelOutputError(RuntimeError):
     """The model gave a NaN or infinite score or map: no decision can be made (fail closed, never "normal")."""
 
@@ -82,7 +98,10 @@ class JobQueue:
     thread-safe, and one decoded image at a time bounds memory).
 
     A request holds a `slot()` from before it reads its upload until its job has left the worker, so `capacity`
-    bounds the uploads held in memory as well as the jobs waiting.
+    bounds the uploads held in memory as well as the jobs waiting. Retry-After (`retry_after`) is computed from what
+    holds the slots: a job frees its slot after about a job's time, an upload at the latest at its deadline (the body
+    timeout), so slow uploads that hold every slot are not answered "retry in 1 s". After each job the memory freed
+    is given back to the system (`return_freed_memory`): a 40 MP upload's buffers no longer stay in the process.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -93,25 +112,35 @@ class JobQueue:
         self.done = 0
         self.skipped = 0  # jobs whose client left before they started: never run
         self._mean_seconds = 1.0  # running mean of job durations, for Retry-After
+        self._slots: set[Slot] = set()
         self._lock = threading.Lock()
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vip2clip-predict")
 
     def retry_after(self) -> int:
-        """Whole seconds until the queue has likely drained by one job (at least 1)."""
-        return max(1, math.ceil(self._mean_seconds * self.in_use))
+        """Whole seconds until a slot is likely free (at least 1): a job's mean time when a slot holds a job, else
+        the time to the earliest upload deadline (an upload that stalls is refused then, and its slot freed)."""
+        now = time.monotonic()
+        deadlines = [slot.upload_deadline - now for slot in self._slots if slot.upload_deadline is not None]
+        jobs = len(self._slots) - len(deadlines)
+        soonest = min([self._mean_seconds] * bool(jobs) + [max(0.0, d) for d in deadlines], default=self._mean_seconds)
+        return max(1, math.ceil(soonest))
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one of the `capacity` slots; QueueFull at once when none is free."""
+    def slot(self) -> Iterator[Slot]:
+        """Hold one of the `capacity` slots; QueueFull at once when none is free. The caller marks the slot's upload
+        (`Slot.uploading`) while it reads one."""
+        held = Slot()
         with self._lock:
             if self.in_use >= self.capacity:
                 raise QueueFull(self.capacity, self.retry_after())
             self.in_use += 1
+            self._slots.add(held)
         try:
-            yield
+            yield held
         finally:
             with self._lock:
                 self.in_use -= 1
+                self._slots.discard(held)
 
     async def run(self, job: Callable[[], T], client_gone: Callable[[], Awaitable[Any]]) -> T | None:
         """Run `job` on the worker thread and return its result (its exception is raised here).
@@ -138,6 +167,7 @@ class JobQueue:
         finally:
             self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.perf_counter() - start)
             self.done += 1
+            return_freed_memory()  # the job's image buffers, before the next job
 
     def close(self) -> None:
         """Drop waiting jobs; the running one finishes on its thread."""
