@@ -34,6 +34,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _register_benchmark(subparsers)
 
 
+def add_map_dtype_argument(group: argparse._ArgumentGroup) -> None:
+    """--map-dtype, the maps' dtype for the pixel statistics (test, benchmark, study)."""
+    group.add_argument(
+        "--map-dtype",
+        choices=STORAGE_DTYPES,
+        default="float32",
+        help="maps' dtype for the pixel metrics: float32 (default) exact, as the authors' test.py, 4 bytes per normal "
+        "pixel of a class; float16 rounds the maps first (~3 digits: a few hundred kB per class, but changes the "
+        "pixel metrics of narrow maps, see docs/evaluation.md)",
+    )
+
+
 def _add_evaluation_arguments(parser: argparse.ArgumentParser, batch_flags: tuple[str, ...]) -> None:
     """Evaluation options; batch_flags name the inference batch size (the benchmark's --batch-size trains)."""
     group = parser.add_argument_group("evaluation")
@@ -44,14 +56,7 @@ def _add_evaluation_arguments(parser: argparse.ArgumentParser, batch_flags: tupl
     group.add_argument("--save-maps", action="store_true", help="write input | heat map | ground truth panels")
     group.add_argument("--max-maps", type=int, default=None, help="at most this many panels per class (all)")
     group.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
-    group.add_argument(
-        "--map-dtype",
-        choices=STORAGE_DTYPES,
-        default="float32",
-        help="maps' dtype for the pixel metrics: float32 (default) exact, as the authors' test.py, 4 bytes per normal "
-        "pixel of a class; float16 rounds the maps first (~3 digits: a few hundred kB per class, but changes the "
-        "pixel metrics of narrow maps, see docs/evaluation.md)",
-    )
+    add_map_dtype_argument(group)
     add_progress_argument(parser)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from vip2clip.cli import CLIError
 from vip2clip.cli.common import add_model_arguments, add_progress_argument, build_model, progress_for, world_of
+from vip2clip.cli.evaluate import add_map_dtype_argument
 from vip2clip.cli.train import add_train_arguments, split_specs, train_config_from_args
-from vip2clip.config import STORAGE_DTYPES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,9 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     group = parser.add_argument_group("evaluation")
     group.add_argument("--eval-batch-size", type=int, default=8, help="images per test batch (8)")
-    group.add_argument(
-        "--map-dtype", choices=STORAGE_DTYPES, default="float32", help="storage of the maps (float16 halves RAM)"
-    )
+    add_map_dtype_argument(group)
     add_progress_argument(parser)
     add_train_arguments(parser)
     add_model_arguments(parser, checkpoint=False)
