@@ -14,6 +14,7 @@ from vip2clip.model.checkpoint import load_checkpoint
 from vip2clip.model.presets import get_preset, is_preset
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.model.weights import load_clip
+from vip2clip.utils.cpu_features import cpu_features
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,8 @@ def create_model(
     checkpoint: our checkpoint, the authors' release checkpoint, or a downloaded published tag ("release-mvtec",
         "release-visa"); its config is used, `config` overrides it.
     image_size: input side (default 518, or the checkpoint's). seed: initialises the trainable parts.
-    precision: "fp32", or "fp16"/"bf16" autocast for the frozen encoders (the heads stay fp32).
+    precision: "fp32", or "bf16"/"fp16" for the frozen encoders (the heads stay fp32; see
+        `ViP2CLIP.set_precision`). bf16 on a CPU without native bf16 logs a warning (it runs, slower than fp32).
     config: any `ModelConfig` field (ablation switches, top_k, sigma, state_words, ...).
     """
     if is_preset(backbone):
@@ -98,4 +100,18 @@ def create_model(
         model = ViP2CLIP(frozen, cfg)
     if loaded is not None:
         model.load_trainable_state_dict(loaded.state)
-    return model.set_precision(precision).to(device)
+    model = model.set_precision(precision).to(device)
+    _log_precision(model)
+    return model
+
+
+def _log_precision(model: ViP2CLIP) -> None:
+    """Say where a low-precision model computes what; warn when this CPU emulates bf16 (slower than fp32)."""
+    if model.precision == "fp32":
+        return
+    features = cpu_features()
+    on_cpu = model.backbone.clip.visual.proj.device.type == "cpu"
+    if on_cpu and model.precision == "bf16" and features.known and not features.bf16:
+        logger.warning("precision bf16: %s (%s); fp32 is faster here", features.describe_bf16(), features.model)
+    else:
+        logger.info("precision %s: %s", model.precision, model.describe_precision())

@@ -55,7 +55,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True
     )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     group.add_argument(
-        "--precision", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast for the frozen encoders"
+        "--precision",
+        default="fp32",
+        choices=["fp32", "fp16", "bf16"],
+        help="the frozen encoders' precision (bf16: about 3-4x faster on CPUs with AVX512-BF16/AMX; see `info`)",
     )
     group.add_argument(
         "--compile", action="store_true", help="torch.compile the encoder blocks (pays off on a GPU; slow start)"

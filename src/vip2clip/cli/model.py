@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vip2clip.cli import CLIError
 from vip2clip.cli.common import add_inference_arguments, add_model_arguments, build_model, config_from_args
+from vip2clip.utils.cpu_features import cpu_features
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -63,6 +64,8 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"trainable parameters: {model.num_trainable_parameters():,}")
     print(f"frozen backbone parameters: {sum(p.numel() for p in model.backbone.parameters()):,}")
     print(f"backbone parameters requiring grad: {backbone_trainable}")
+    print(f"precision: {model.precision} ({model.describe_precision()})")
+    print(f"cpu: {cpu_features().describe()}")
     return 0
 
 

@@ -78,6 +78,8 @@ class FrozenCLIP(nn.Module):
         self._pos_cache: dict[tuple, torch.Tensor] = {}
         # False runs open_clip's own block forward (nn.MultiheadAttention) everywhere: for comparisons only.
         self.sdpa = True
+        # bf16/fp16: the SDPA blocks' matrix products and attention run in it; residuals and LayerNorms stay fp32.
+        self.compute_dtype: torch.dtype | None = None
         self._block_forward = block_forward
         self.text_causal = is_causal_mask(clip.attn_mask)
         for tower, transformer in (("vision", clip.visual.transformer), ("text", clip.transformer)):
@@ -135,10 +137,11 @@ class FrozenCLIP(nn.Module):
         mask: open_clip's additive [L, L] mask; causal: it is the causal mask (SDPA's is_causal, no mask tensor).
         """
         batch_first = getattr(transformer, "batch_first", True)
+        dtype = self.compute_dtype if x.device.type == "cpu" else None  # other devices: the caller's autocast
         tapped = []
         for index, block in enumerate(transformer.resblocks, start=1):
             if self.sdpa and sdpa_unsupported(block) is None:
-                x = self._block_forward(block, x, mask, causal)
+                x = self._block_forward(block, x, mask, causal, dtype)
             elif batch_first:
                 x = block(x, attn_mask=mask)
             else:
@@ -237,24 +240,31 @@ def sdpa_unsupported(block: nn.Module) -> str | None:
 
 
 def block_forward(
-    block: ResidualAttentionBlock, x: torch.Tensor, mask: torch.Tensor | None = None, causal: bool = False
+    block: ResidualAttentionBlock,
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    causal: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """open_clip's `ResidualAttentionBlock.forward` with the attention through SDPA and the linear layers through
     `vip2clip.model.linear` (oneDNN on CPUs), on the block's own weights.
 
     x [B, L, W] (batch first) -> [B, L, W]. mask: additive [L, L] mask (ignored when `causal`); causal: apply
     the causal mask as SDPA's `is_causal`. Equal to `block(x, attn_mask=mask)` up to float rounding.
+    dtype: run the linear layers, the attention and the activation in it (bf16: oneDNN's bf16 kernels); the
+    residual stream and the LayerNorms stay in x's dtype.
     """
     attn = block.attn
-    qkv = linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
+    low = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
+    qkv = linear(low(block.ln_1(x)), attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
     q, k, v = qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, L, d]
     if causal or mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
     out = linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)  # [B, L, W]
-    x = x + block.ls_1(out)
-    return x + block.ls_2(mlp(block.mlp, block.ln_2(x)))
+    x = x + block.ls_1(out)  # a bf16 branch is promoted to x's dtype in the addition itself
+    return x + block.ls_2(mlp(block.mlp, low(block.ln_2(x))))
 
 
 def is_causal_mask(mask: torch.Tensor | None) -> bool:

@@ -23,6 +23,7 @@ from vip2clip.model.fgp import FineGrainedPerception
 from vip2clip.model.prediction import Prediction
 from vip2clip.model.prompt import VisualConditionedPrompts
 from vip2clip.model.state_check import state_mismatch
+from vip2clip.utils.cpu_features import cpu_features
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -68,11 +69,29 @@ class ViP2CLIP(nn.Module):
         self.precision = "fp32"
 
     def set_precision(self, precision: str) -> ViP2CLIP:
-        """Run the frozen encoders under autocast ("fp16"/"bf16"); the small heads and softmax stay fp32."""
+        """Run the frozen encoders in "bf16"/"fp16"; FGP, UTPA, the softmax and the smoothing stay fp32.
+
+        bf16 on the CPU runs every SDPA block's linear layers, attention and activation in bf16 (oneDNN's kernels,
+        on bf16 copies of the frozen weights made once), residuals and LayerNorms in fp32
+        (`FrozenCLIP.compute_dtype`); elsewhere (fp16, CUDA) the encoders run under autocast.
+        """
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
         self.precision = precision
+        self.backbone.compute_dtype = torch.bfloat16 if precision == "bf16" else None
         return self
+
+    def describe_precision(self) -> str:
+        """Where the model computes in which precision, and whether this CPU has native bf16 (for logs)."""
+        device = self.backbone.clip.visual.proj.device.type
+        if self.precision == "fp32":
+            return "fp32 everywhere"
+        if device != "cpu" or self.precision != "bf16":
+            return f"{self.precision} autocast for the frozen encoders on {device}; FGP, UTPA and smoothing in fp32"
+        return (
+            "bf16 encoders on the CPU (linear layers, attention and activations in bf16 through oneDNN; residuals, "
+            f"LayerNorms, FGP, UTPA, softmax and smoothing in fp32); {cpu_features().describe_bf16()}"
+        )
 
     def compile_encoders(self, **options) -> ViP2CLIP:
         """torch.compile the frozen encoders' transformer blocks in place (`options` go to torch.compile).
@@ -84,10 +103,10 @@ class ViP2CLIP(nn.Module):
         return self
 
     def _encoder_autocast(self) -> contextlib.AbstractContextManager:
-        dtype = PRECISIONS[self.precision]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.backbone.clip.visual.proj.device.type, dtype=dtype)
+        dtype, device = PRECISIONS[self.precision], self.backbone.clip.visual.proj.device.type
+        if dtype is None or (device == "cpu" and self.backbone.compute_dtype == dtype):
+            return contextlib.nullcontext()  # fp32, or the backbone's own bf16 path
+        return torch.autocast(device_type=device, dtype=dtype)
 
     @property
     def feature_layers(self) -> tuple[int, ...]:
