@@ -73,9 +73,9 @@ def add_onnx_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--onnx-backend",
-        default="onnxruntime",
-        choices=["onnxruntime", "openvino"],
-        help="runtime for --onnx (onnxruntime; openvino reads the same file)",
+        default="auto",
+        choices=["auto", "onnxruntime", "openvino"],
+        help="runtime for --onnx (auto: the faster one for the precision that is installed; both read the file)",
     )
 
 
@@ -294,7 +294,8 @@ def build_onnx_engine(args: argparse.Namespace) -> OnnxEngine:
     from vip2clip.inference.onnx_engine import MissingDependencyError, import_optional, load_onnx
 
     given = [flag for name, flag in _FIXED_BY_EXPORT if getattr(args, name, None)]
-    given += ["--precision"] if getattr(args, "precision", "fp32") != "fp32" else []
+    precision = getattr(args, "precision", "fp32")
+    given += ["--precision fp16"] if precision == "fp16" else []
     if given:
         raise CLIError(
             f"--onnx runs the exported model as it is: {', '.join(given)} cannot be used with it (they are fixed "
@@ -306,7 +307,10 @@ def build_onnx_engine(args: argparse.Namespace) -> OnnxEngine:
             "an ONNX export does not give (use --checkpoint for --reference)"
         )
     device = getattr(args, "device", "cpu")
-    if args.onnx_backend == "openvino":
+    backend = args.onnx_backend
+    if backend == "auto" and device.startswith("cuda"):
+        backend = "onnxruntime"  # OpenVINO's devices are not CUDA devices
+    if backend == "openvino":
         providers = [device.upper()]  # OpenVINO device names: CPU, GPU, ...
     elif device.startswith("cuda"):
         index = int(device.partition(":")[2] or 0)
@@ -314,15 +318,16 @@ def build_onnx_engine(args: argparse.Namespace) -> OnnxEngine:
     else:
         providers = None
     try:
-        cuda = device.startswith("cuda") and args.onnx_backend == "onnxruntime"
+        cuda = device.startswith("cuda") and backend == "onnxruntime"
         offered = import_optional("onnxruntime", "the ONNX engine").get_available_providers() if cuda else ()
         if cuda and "CUDAExecutionProvider" not in offered:
             raise _no_onnx_cuda(device, offered)  # before loading: a large model takes a while
-        engine = load_onnx(args.onnx, providers, args.onnx_backend)
+        engine = load_onnx(args.onnx, providers, backend, "bf16" if precision == "bf16" else "auto")
     except MissingDependencyError as error:
         raise CLIError(str(error)) from error
     if cuda and "CUDAExecutionProvider" not in engine.providers:
         raise _no_onnx_cuda(device, engine.providers)
+    logger.info("%s", engine.describe())
     return engine
 
 

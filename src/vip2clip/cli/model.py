@@ -49,6 +49,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="auto",
         help="weights in OUT.data: auto = above 1 GiB (ViT-L/14 yes, ViT-B/16 no)",
     )
+    int8 = export.add_argument_group("INT8 (post-training quantization of the image encoder's linear layers)")
+    int8.add_argument("--int8", action="store_true", help="write an INT8 model (needs --calibration-images)")
+    int8.add_argument(
+        "--calibration-images", nargs="+", metavar="PATH", help="normal images (files or folders; 32 or more)"
+    )
+    int8.add_argument("--int8-method", choices=["nncf", "onnxruntime"], default="nncf", help="the quantizer")
+    int8.add_argument(
+        "--max-map-drop",
+        type=float,
+        default=None,
+        help="accuracy control: keep the blocks that move the map most in fp32 until the map's rank correlation "
+        "with fp32 is at least 1 - this (e.g. 0.01); slower export",
+    )
     add_model_arguments(export)
     add_inference_arguments(export)
     export.set_defaults(func=run_export)
@@ -115,19 +128,35 @@ def run_export(args: argparse.Namespace) -> int:
     from vip2clip.inference.onnx_export import export_onnx
 
     if args.precision != "fp32" or args.compile:
-        raise CLIError("export writes the fp32 graph: drop --precision/--compile (the runtime picks its own kernels)")
+        raise CLIError(
+            "export writes the fp32 graph (or INT8 with --int8): drop --precision/--compile; run an fp32 file in "
+            "bf16 with `--onnx MODEL.onnx --precision bf16`"
+        )
+    if args.int8 != bool(args.calibration_images):
+        raise CLIError("--int8 needs --calibration-images DIR (normal images), and --calibration-images needs --int8")
     if not getattr(args, "verbose", False):
         for name in ("onnxscript", "onnx_ir"):  # hundreds of INFO lines per export otherwise
             logging.getLogger(name).setLevel(logging.WARNING)
     model = build_model(args, **config_from_args(args))
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     try:
-        path = export_onnx(model, args.out, checkpoint=args.checkpoint, external_data=external)
+        path = export_onnx(
+            model,
+            args.out,
+            checkpoint=args.checkpoint,
+            external_data=external,
+            quantize="int8" if args.int8 else None,
+            calibration_images=args.calibration_images,
+            int8_method=args.int8_method,
+            max_map_drop=args.max_map_drop,
+            progress=print,
+        )
     except MissingDependencyError as error:
         raise CLIError(str(error)) from error
     data = path.with_name(path.name + ".data")
     size = model.config.image_size
-    print(f"wrote {path}" + (f" and its weights {data.name} (keep them side by side)" if data.exists() else ""))
+    kind = "INT8 " if args.int8 else ""
+    print(f"wrote {kind}{path}" + (f" and its weights {data.name} (keep them side by side)" if data.exists() else ""))
     print(f"input images [B, 3, {size}, {size}] (normalised), outputs pred_score [B], anomaly_map [B, {size}, {size}]")
     print(f"use it: vip2clip predict IMAGES --onnx {path} --out preds/  (or vip2clip.load_onnx in Python)")
     return 0

@@ -15,7 +15,9 @@ then runs preprocessing and map resizing on numpy and PIL, so a deployment needs
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import logging
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,17 +29,26 @@ import numpy as np
 from vip2clip.config import ModelConfig
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.prediction import Prediction
+from vip2clip.utils.cpu_features import cpu_features
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "vip2clip-onnx/1"
 META_FORMAT = "vip2clip.format"
 META_IDENTITY = "vip2clip.identity"  # ModelIdentity.to_dict() as JSON
 META_VERSION = "vip2clip.version"
+META_PRECISION = "vip2clip.precision"  # "int8" for a quantized file; absent: fp32
+META_QUANTIZATION = "vip2clip.quantization"  # how it was quantized and calibrated (JSON; Int8Report)
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("pred_score", "anomaly_map")
-BACKENDS = ("onnxruntime", "openvino")
+BACKENDS = ("auto", "onnxruntime", "openvino")
+PRECISIONS = ("auto", "fp32", "bf16")  # what the runtime computes in; "auto"/"fp32": as the file (fp32 or INT8)
+# backend="auto": the faster runtime per precision on this project's CPU (benchmarks/RESULTS.md, bench_precision.py);
+# ONNX Runtime when OpenVINO is not installed (it has no bf16 CPU path).
+FASTER_BACKEND = {"fp32": "openvino", "int8": "openvino", "bf16": "openvino"}
 
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -101,21 +112,56 @@ class OnnxEngine:
     available: what the runtime offers on this machine.
     """
 
-    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, backend: str = "onnxruntime"):
+    def __init__(
+        self,
+        path: str | Path,
+        providers: Sequence[str] | None = None,
+        backend: str = "auto",
+        precision: str = "auto",
+    ):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"ONNX model not found: {self.path}")
         if backend not in BACKENDS:
             raise ValueError(f"unknown ONNX backend {backend!r}; choose one of {list(BACKENDS)}")
-        self.backend = backend
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown engine precision {precision!r}; choose one of {list(PRECISIONS)}")
+        self.backend = _choose_backend(backend, precision)
+        if precision == "bf16" and cpu_features().known and not cpu_features().bf16:
+            logger.warning("bf16 engine: %s; fp32 is faster here", cpu_features().describe_bf16())
+        if precision == "bf16" and self.backend == "onnxruntime":
+            raise ValueError(
+                "ONNX Runtime has no bf16 CPU kernels: it would run this file in fp32. For bf16 use "
+                "backend='openvino' (or 'auto'; pip install 'vip2clip[openvino]'), or drop bf16"
+            )
         if self.path.stat().st_size == 0:
             raise OnnxLoadError(f"{self.path} is empty (0 bytes): not an ONNX model (copy it again, or export again)")
-        open_backend = _onnxruntime if backend == "onnxruntime" else _openvino
-        self._run, metadata, self.providers, self.available = open_backend(self.path, providers)
+        open_backend = _onnxruntime if self.backend == "onnxruntime" else _openvino
+        self._run, metadata, self.providers, self.available = open_backend(self.path, providers, precision == "bf16")
         self.identity, self.config = read_metadata(metadata, self.path)
+        self.file_precision = metadata.get(META_PRECISION, "fp32")
+        # How an INT8 file was quantized and calibrated (`vip2clip.inference.onnx_quantize.Int8Report`); else None.
+        self.quantization = json.loads(metadata[META_QUANTIZATION]) if META_QUANTIZATION in metadata else None
+        self.precision = {("int8", True): "int8+bf16", ("fp32", True): "bf16"}.get(
+            (self.file_precision, precision == "bf16"), self.file_precision
+        )
 
     def __repr__(self) -> str:
-        return f"OnnxEngine({str(self.path)!r}, backend={self.backend!r}, image_size={self.config.image_size})"
+        return (
+            f"OnnxEngine({str(self.path)!r}, backend={self.backend!r}, precision={self.precision!r}, "
+            f"image_size={self.config.image_size})"
+        )
+
+    def describe(self) -> str:
+        """What runs: the runtime, and the precision of the file and of the computation (for logs)."""
+        runtime = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}[self.backend]
+        kernels = {
+            "fp32": "fp32",
+            "bf16": "bf16 (OpenVINO's bf16 inference precision)",
+            "int8": "INT8 encoder linear layers, the rest fp32",
+            "int8+bf16": "INT8 encoder linear layers, the rest bf16",
+        }[self.precision]
+        return f"{runtime} running the {self.file_precision} file {self.path.name} in {kernels}"
 
     def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
         """images [B, 3, S, S] (normalised; numpy or torch) -> Prediction(pred_score [B], anomaly_map [B, S, S]).
@@ -138,15 +184,29 @@ class OnnxEngine:
         return Prediction(score, anomaly_map)
 
 
-def load_onnx(path: str | Path, providers: Sequence[str] | None = None, backend: str = "onnxruntime") -> OnnxEngine:
-    """Load a model exported by `vip2clip.export_onnx`.
+def load_onnx(
+    path: str | Path, providers: Sequence[str] | None = None, backend: str = "auto", precision: str = "auto"
+) -> OnnxEngine:
+    """Load a model exported by `vip2clip.export_onnx` (fp32 or INT8).
 
     providers: ONNX Runtime execution providers in order of preference (default ["CPUExecutionProvider"]; e.g.
         ["CUDAExecutionProvider", "CPUExecutionProvider"] with onnxruntime-gpu). With backend="openvino" the first
         entry names the OpenVINO device instead (default "CPU").
-    backend: "onnxruntime" or "openvino" (reads the same file; see docs/deployment.md for which is faster where).
+    backend: "auto" (the runtime measured faster for the precision, FASTER_BACKEND, when installed), "onnxruntime"
+        or "openvino" (they read the same file; docs/deployment.md says which is faster where).
+    precision: "auto"/"fp32" compute as the file is (fp32, or INT8 layers + fp32); "bf16" computes what is not INT8
+        in bf16 (OpenVINO only; on CPUs with AVX512-BF16 or AMX).
     """
-    return OnnxEngine(path, providers, backend)
+    return OnnxEngine(path, providers, backend, precision)
+
+
+def _choose_backend(backend: str, precision: str) -> str:
+    if backend != "auto":
+        return backend
+    preferred = FASTER_BACKEND["bf16" if precision == "bf16" else "fp32"]
+    if preferred == "openvino" and importlib.util.find_spec("openvino") is None:
+        return "onnxruntime"
+    return preferred
 
 
 def read_metadata(metadata: dict[str, str], path: Path) -> tuple[ModelIdentity, ModelConfig]:
@@ -170,7 +230,7 @@ def read_metadata(metadata: dict[str, str], path: Path) -> tuple[ModelIdentity, 
 Opened = tuple[Runner, dict[str, str], tuple[str, ...], tuple[str, ...]]  # run, metadata, providers, available
 
 
-def _onnxruntime(path: Path, providers: Sequence[str] | None) -> Opened:
+def _onnxruntime(path: Path, providers: Sequence[str] | None, bf16: bool) -> Opened:
     ort = import_optional("onnxruntime", "the ONNX engine")
     try:
         session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
@@ -185,7 +245,7 @@ def _onnxruntime(path: Path, providers: Sequence[str] | None) -> Opened:
     return run, metadata, tuple(session.get_providers()), tuple(ort.get_available_providers())
 
 
-def _openvino(path: Path, providers: Sequence[str] | None) -> Opened:
+def _openvino(path: Path, providers: Sequence[str] | None, bf16: bool) -> Opened:
     ov = import_optional("openvino", "the OpenVINO backend", extra="openvino")
     core = ov.Core()
     try:
@@ -193,12 +253,14 @@ def _openvino(path: Path, providers: Sequence[str] | None) -> Opened:
     except Exception as error:  # OpenVINO raises RuntimeError (and its own classes) with C++ context
         raise OnnxLoadError(load_problem(path, error)) from None
     # OpenVINO keeps an ONNX file's metadata_props under rt_info["framework"].
-    keys = (META_FORMAT, META_IDENTITY, META_VERSION)
+    keys = (META_FORMAT, META_IDENTITY, META_VERSION, META_PRECISION, META_QUANTIZATION)
     metadata = {key: model.get_rt_info(["framework", key]).astype(str) for key in keys if _has_rt(model, key)}
-    # f32 like ONNX Runtime and torch: on CPUs with bf16 units the plugin would otherwise compute in bf16.
+    # f32 like ONNX Runtime and torch unless bf16 is asked for: on CPUs with bf16 units the plugin would otherwise
+    # compute in bf16. INT8 (QDQ) layers run in INT8 either way.
     device = providers[0] if providers else "CPU"
+    hint = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"} if device == "CPU" else {}
     try:
-        compiled = core.compile_model(model, device, {"INFERENCE_PRECISION_HINT": "f32"} if device == "CPU" else {})
+        compiled = core.compile_model(model, device, hint)
     except Exception as error:  # e.g. a device this machine does not have
         raise OnnxLoadError(f"{load_problem(path, error)} (OpenVINO device {device}; it offers "
                             f"{', '.join(core.available_devices)})") from None  # fmt: skip

@@ -14,9 +14,11 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -28,12 +30,17 @@ from vip2clip.inference.onnx_engine import (
     INPUT_NAME,
     META_FORMAT,
     META_IDENTITY,
+    META_PRECISION,
+    META_QUANTIZATION,
     META_VERSION,
     OUTPUT_NAMES,
     import_optional,
 )
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.utils.cpu_features import cpu_features
+
+logger = logging.getLogger(__name__)
 
 # Weights above this size go to a side file (`<name>.data`, ONNX external data). Protobuf caps a file at 2 GB and
 # fp32 ViT-L/14's two towers are 1.7 GB: a single file would work but sits at the limit, and serialising it
@@ -60,12 +67,22 @@ def export_onnx(
     image_size: int | None = None,
     checkpoint: str | Path | None = None,
     external_data: bool | None = None,
+    quantize: str | None = None,
+    calibration_images: str | Path | Sequence[str | Path] | None = None,
+    int8_method: str = "nncf",
+    max_map_drop: float | None = None,
+    progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Export `model`'s predict to the ONNX file `path` (written atomically); returns the path.
 
     image_size: the input side S (default the model's). checkpoint: the file the model's trainable weights came
         from, hashed into the recorded identity (as `ModelIdentity.of(model, checkpoint)`).
     external_data: weights in `<path>.data` beside the file; None decides by size (above EXTERNAL_DATA_BYTES).
+    quantize: None (fp32) or "int8": the image encoder's linear layers post-training quantized
+        (`vip2clip.inference.onnx_quantize`), calibrated on `calibration_images` (files or folders of normal
+        images) with `int8_method` ("nncf" or "onnxruntime"); `max_map_drop` (e.g. 0.01) keeps the encoder blocks
+        that move the map most in fp32 until the map's rank correlation with fp32 is at least 1 - max_map_drop.
+    progress: called with a line per step of the INT8 export.
     Runs in fp32 whatever the model's precision (the runtime chooses its own). Takes about a minute and a few GB
     of memory for ViT-L/14.
     """
@@ -75,11 +92,19 @@ def export_onnx(
     folder = staging_folder(path)  # before the slow part: a destination that cannot be written is said at once
     size = int(image_size or model.config.image_size)
     try:
+        calibration = _calibration(quantize, calibration_images, size)  # bad calibration input: said at once
         program = _program(model, _identity(model, checkpoint, size), size)
-        if external_data is None:
-            weights = sum(value.const_value.nbytes for value in program.model.graph.initializers.values())
-            external_data = weights > EXTERNAL_DATA_BYTES
-        save_program(program, path, external_data, folder)
+        if calibration is None:
+            if external_data is None:
+                weights = sum(value.const_value.nbytes for value in program.model.graph.initializers.values())
+                external_data = weights > EXTERNAL_DATA_BYTES
+            save_program(program, path, external_data, folder)
+        else:
+            fp32 = folder / "fp32" / "fp32.onnx"  # the quantizers read the graph from a file
+            fp32.parent.mkdir()
+            program.save(fp32, external_data=True)
+            del program
+            _write_int8(fp32, calibration, path, external_data, folder, int8_method, max_map_drop, progress)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return path
@@ -106,6 +131,71 @@ def _program(model: ViP2CLIP, identity: ModelIdentity, size: int) -> torch.onnx.
         {META_FORMAT: FORMAT, META_IDENTITY: json.dumps(identity.to_dict()), META_VERSION: __version__}
     )
     return program
+
+
+def quantize_onnx(
+    source: str | Path,
+    path: str | Path,
+    calibration_images: str | Path | Sequence[str | Path],
+    int8_method: str = "nncf",
+    max_map_drop: float | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """An fp32 file written by `export_onnx` -> its INT8 version at `path` (as `export_onnx(..., quantize="int8")`
+    without exporting again)."""
+    onnx = import_optional("onnx", "INT8 export")
+    source, path = Path(source), Path(path)
+    metadata = {entry.key: entry.value for entry in onnx.load(source, load_external_data=False).metadata_props}
+    if metadata.get(META_FORMAT) != FORMAT or metadata.get(META_PRECISION, "fp32") != "fp32":
+        raise ValueError(f"{source} is not an fp32 vip2clip export (write one with `vip2clip export`)")
+    identity = ModelIdentity.from_dict(json.loads(metadata[META_IDENTITY]))
+    calibration = _calibration("int8", calibration_images, int(identity.image_size))
+    folder = staging_folder(path)
+    try:
+        _write_int8(source, calibration, path, None, folder, int8_method, max_map_drop, progress)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return path
+
+
+def _write_int8(fp32: Path, calibration, path: Path, external_data, folder: Path, method, max_map_drop, progress):
+    """Quantize the fp32 file `fp32` and write it to `path` (through `folder`) with its metadata plus how."""
+    from vip2clip.inference.onnx_quantize import quantize_int8
+
+    onnx = import_optional("onnx", "INT8 export")
+    metadata = {entry.key: entry.value for entry in onnx.load(fp32, load_external_data=False).metadata_props}
+    quantized, report = quantize_int8(fp32, calibration, method, max_map_drop, progress)
+    metadata |= {META_PRECISION: "int8", META_QUANTIZATION: json.dumps(report.to_dict())}
+    del quantized.metadata_props[:]
+    for key, value in metadata.items():
+        quantized.metadata_props.add(key=key, value=value)
+    if external_data is None:
+        external_data = quantized.ByteSize() > EXTERNAL_DATA_BYTES
+
+    def write(target: Path, external: bool) -> None:
+        onnx.save(quantized, target, save_as_external_data=external, location=target.name + ".data")
+
+    save_written(write, path, external_data, folder)
+
+
+def _calibration(quantize: str | None, images: str | Path | Sequence[str | Path] | None, size: int):
+    """The calibration images of an INT8 export (checked before the minute of export); None for fp32."""
+    if quantize is None:
+        return None
+    if quantize != "int8":
+        raise ValueError(f"unknown quantization {quantize!r}; the only one is 'int8'")
+    if images is None:
+        raise ValueError("an INT8 export needs calibration_images: a folder (or files) of normal images")
+    features = cpu_features()
+    if features.known and not features.int8:
+        logger.warning(
+            "exporting INT8 on a CPU without VNNI (%s): the export works, but INT8 models run slowly on such "
+            "CPUs; deploy it on one with VNNI or AMX", features.model
+        )  # fmt: skip
+    from vip2clip.inference.onnx_quantize import load_calibration_images
+
+    paths = [images] if isinstance(images, (str, Path)) else list(images)
+    return load_calibration_images(paths, size)
 
 
 def _identity(model: ViP2CLIP, checkpoint: str | Path | None, size: int) -> ModelIdentity:
@@ -144,12 +234,18 @@ def staging_folder(path: Path) -> Path:
 
 
 def save_program(program: torch.onnx.ONNXProgram, path: Path, external_data: bool, folder: Path) -> None:
-    """Write the file (and `<name>.data`) in `folder` (`staging_folder`), then move them into place: a reader never
-    finds half a model, and a stale side file of an earlier export is removed. A failed write (full disk, file size
-    limit) is an OSError naming `path` and the free space, and leaves the earlier files as they were."""
+    """`save_written` of a traced program."""
+    save_written(lambda target, external: program.save(target, external_data=external), path, external_data, folder)
+
+
+def save_written(write: Callable[[Path, bool], None], path: Path, external_data: bool, folder: Path) -> None:
+    """Write the file (and `<name>.data`) with `write(target, external_data)` in `folder` (`staging_folder`), then
+    move them into place: a reader never finds half a model, and a stale side file of an earlier export is removed.
+    A failed write (full disk, file size limit) is an OSError naming `path` and the free space, and leaves the
+    earlier files as they were."""
     data = path.with_name(path.name + ".data")
     try:
-        program.save(folder / path.name, external_data=external_data)
+        write(folder / path.name, external_data)
         if (folder / data.name).exists():
             os.replace(folder / data.name, data)
         else:

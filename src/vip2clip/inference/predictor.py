@@ -302,7 +302,7 @@ class Predictor:
         pixel_threshold: float | None = None,
         batch_size: int = 8,
         tiling: TileConfig | None = None,
-        backend: str = "onnxruntime",
+        backend: str = "auto",
     ) -> Predictor:
         """A model exported by `vip2clip.export_onnx`, on ONNX Runtime or OpenVINO (`vip2clip.load_onnx`; no torch
         needed); the calibration is checked against the identity recorded in the file."""

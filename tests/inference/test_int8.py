@@ -1,0 +1,146 @@
+"""INT8 export and the engines' precisions: a tiny export calibrated on a few 64-px images quantizes exactly the
+encoder's linear layers, records how it was calibrated, loads with load_onnx and --onnx, and stays close to fp32;
+bad calibration inputs are clear errors; accuracy control puts blocks back in fp32; bf16 engines say what runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from PIL import Image
+
+import vip2clip
+from vip2clip.cli import main
+from vip2clip.inference import onnx_export, onnx_quantize
+from vip2clip.inference.onnx_quantize import MIN_CALIBRATION_IMAGES, _Fp32Source, encoder_linear_nodes, revert_blocks
+from vip2clip.utils.cpu_features import CpuFeatures, cpu_features
+
+from test_onnx import SIZE, random_images, sharpened_tiny_model
+
+TINY_BLOCKS = 4  # tiny backbone: 4 vision blocks, 4 linear layers each
+
+
+def write_images(folder: Path, count: int, seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)).save(folder / f"{index}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def int8_export(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("int8")
+    model = sharpened_tiny_model(seed=0)
+    images = write_images(folder / "good", MIN_CALIBRATION_IMAGES)
+    (images / "broken.png").write_bytes(b"not a png")
+    path = vip2clip.export_onnx(model, folder / "int8.onnx", quantize="int8", calibration_images=images,
+                                int8_method="onnxruntime")  # fmt: skip
+    return model, path, folder
+
+
+def test_int8_export_quantizes_the_encoder_linears_and_records_how(int8_export) -> None:
+    model, path, _ = int8_export
+    graph = onnx.load(path)
+    metadata = {entry.key: entry.value for entry in graph.metadata_props}
+    assert metadata["vip2clip.precision"] == "int8"
+    report = json.loads(metadata["vip2clip.quantization"])
+    assert report["method"] == "onnxruntime" and report["calibration_images"] == MIN_CALIBRATION_IMAGES
+    assert report["skipped_images"] == 1 and report["quantized_layers"] == 4 * TINY_BLOCKS
+    quantized_products = {
+        node.name
+        for node in graph.graph.node
+        if node.op_type == "MatMul" and any(name.endswith("_DequantizeLinear_Output") for name in node.input)
+    }
+    assert quantized_products == set(encoder_linear_nodes(graph)), "only the encoder's linear layers"
+    assert len(quantized_products) == 4 * TINY_BLOCKS
+
+
+def test_int8_engine_loads_and_stays_close_to_fp32(int8_export) -> None:
+    model, path, _ = int8_export
+    images = random_images(3, seed=5)
+    expected = model.predict(images)
+    for backend in ("onnxruntime", "openvino"):
+        engine = vip2clip.load_onnx(path, backend=backend)
+        assert engine.precision == "int8" and engine.file_precision == "int8"
+        assert "INT8 encoder linear layers" in engine.describe()
+        assert engine.config == model.config and engine.quantization["method"] == "onnxruntime"
+        got = engine.predict(images.numpy())
+        assert np.abs(got.pred_score - expected.pred_score.numpy()).max() < 0.05
+        assert np.corrcoef(got.anomaly_map.ravel(), expected.anomaly_map.numpy().ravel())[0, 1] > 0.95
+
+
+def test_int8_cli_export_and_onnx_predict(int8_export, tmp_path: Path, capsys) -> None:
+    _, path, folder = int8_export
+    args = ["--backbone", "tiny", "--image-size", str(SIZE)]
+    assert main(["export", *args, "--int8", "--out", str(tmp_path / "m.onnx")]) == 2
+    assert "--int8 needs --calibration-images" in capsys.readouterr().err
+    few = write_images(tmp_path / "few", MIN_CALIBRATION_IMAGES - 1)
+    (few / "bad.png").write_bytes(b"broken")
+    code = main(["export", *args, "--int8", "--calibration-images", str(few), "--out", str(tmp_path / "m.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"needs at least {MIN_CALIBRATION_IMAGES} readable normal images" in err
+    assert f"has {MIN_CALIBRATION_IMAGES - 1} (1 unreadable skipped)" in err
+    assert not (tmp_path / "m.onnx").exists()
+    out = tmp_path / "preds"
+    assert (
+        main(["predict", str(folder / "good" / "0.png"), "--onnx", str(path), "--out", str(out), "--no-progress"]) == 0
+    )
+    assert (out / "predictions.csv").is_file()
+
+
+def test_export_warns_without_vnni(monkeypatch, caplog, tmp_path: Path) -> None:
+    monkeypatch.setattr(onnx_export, "cpu_features", lambda: CpuFeatures("Old CPU", frozenset({"avx2"}), True))
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="needs at least"):
+        onnx_export._calibration("int8", write_images(tmp_path / "two", 2), SIZE)
+    assert "without VNNI (Old CPU)" in caplog.text and "run slowly" in caplog.text
+    with pytest.raises(ValueError, match="only one is 'int8'"):
+        onnx_export._calibration("int4", tmp_path, SIZE)
+
+
+def test_reverting_every_block_gives_back_the_fp32_graph(int8_export, tmp_path: Path) -> None:
+    model, path, _ = int8_export
+    fp32_path = vip2clip.export_onnx(model, tmp_path / "fp32.onnx", external_data=True)
+    fp32 = _Fp32Source(fp32_path, onnx.load(fp32_path, load_external_data=False))
+    targets = encoder_linear_nodes(fp32.graph_only)
+    reverted = revert_blocks(fp32, onnx.load(path), targets, set(range(TINY_BLOCKS)))
+    assert not [node for node in reverted.graph.node if node.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    images = random_images(2, seed=9).numpy()
+    back = onnx_quantize._session(reverted).run(None, {"images": images})
+    exact = vip2clip.load_onnx(fp32_path, backend="onnxruntime").predict(images)
+    np.testing.assert_allclose(back[1], exact.anomaly_map, atol=1e-5)
+    one = revert_blocks(fp32, onnx.load(path), targets, {0})
+    assert sum(node.op_type == "DequantizeLinear" for node in one.graph.node) < sum(
+        node.op_type == "DequantizeLinear" for node in onnx.load(path).graph.node
+    )
+
+
+def test_accuracy_control_keeps_blocks_in_fp32_until_the_map_agrees(int8_export, tmp_path: Path) -> None:
+    model, _, folder = int8_export
+    path = vip2clip.export_onnx(model, tmp_path / "controlled.onnx", quantize="int8", int8_method="onnxruntime",
+                                calibration_images=folder / "good", max_map_drop=0.0)  # fmt: skip
+    report = vip2clip.load_onnx(path, backend="onnxruntime").quantization
+    assert report["fp32_blocks"], "a zero drop cannot be met with every block quantized"
+    assert report["quantized_layers"] == 4 * (TINY_BLOCKS - len(report["fp32_blocks"]))
+
+
+def test_bf16_engine_says_what_runs_and_onnxruntime_refuses_bf16(int8_export, tmp_path: Path, capsys) -> None:
+    model, int8_path, folder = int8_export
+    fp32_path = vip2clip.export_onnx(model, tmp_path / "fp32.onnx")
+    engine = vip2clip.load_onnx(fp32_path, precision="bf16")
+    assert (engine.backend, engine.precision) == ("openvino", "bf16")
+    assert "running the fp32 file fp32.onnx in bf16" in engine.describe()
+    assert vip2clip.load_onnx(int8_path, precision="bf16").precision == "int8+bf16"
+    with pytest.raises(ValueError, match="ONNX Runtime has no bf16 CPU kernels"):
+        vip2clip.load_onnx(fp32_path, backend="onnxruntime", precision="bf16")
+    out = tmp_path / "preds"
+    args = ["predict", str(folder / "good" / "0.png"), "--onnx", str(fp32_path), "--out", str(out), "--no-progress"]
+    assert main([*args, "--precision", "bf16", "--onnx-backend", "onnxruntime"]) == 2
+    assert "ONNX Runtime has no bf16 CPU kernels" in capsys.readouterr().err
+    assert main([*args, "--precision", "fp16"]) == 2
+    if cpu_features().bf16:
+        assert main([*args, "--precision", "bf16"]) == 0
