@@ -12,14 +12,13 @@ import numpy as np
 import onnx
 import pytest
 from PIL import Image
+from test_onnx import SIZE, random_images, sharpened_tiny_model
 
 import vip2clip
 from vip2clip.cli import main
 from vip2clip.inference import onnx_export, onnx_quantize
 from vip2clip.inference.onnx_quantize import MIN_CALIBRATION_IMAGES, _Fp32Source, encoder_linear_nodes, revert_blocks
 from vip2clip.utils.cpu_features import CpuFeatures, cpu_features
-
-from test_onnx import SIZE, random_images, sharpened_tiny_model
 
 TINY_BLOCKS = 4  # tiny backbone: 4 vision blocks, 4 linear layers each
 
@@ -44,7 +43,7 @@ def int8_export(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_int8_export_quantizes_the_encoder_linears_and_records_how(int8_export) -> None:
-    model, path, _ = int8_export
+    _, path, _ = int8_export
     graph = onnx.load(path)
     metadata = {entry.key: entry.value for entry in graph.metadata_props}
     assert metadata["vip2clip.precision"] == "int8"
