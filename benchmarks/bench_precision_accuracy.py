@@ -27,7 +27,7 @@ from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.data.transforms import preprocess_array
 from vip2clip.evaluation.evaluate import EvalConfig, evaluate
 
-METRICS = ("image_auroc", "pixel_auroc", "aupro")
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
 
 def engines(model, checkpoint: Path, work: Path, methods: list[str]) -> tuple[dict, list[str]]:

@@ -143,3 +143,16 @@ def test_bf16_engine_says_what_runs_and_onnxruntime_refuses_bf16(int8_export, tm
     assert main([*args, "--precision", "fp16"]) == 2
     if cpu_features().bf16:
         assert main([*args, "--precision", "bf16"]) == 0
+
+
+@pytest.mark.slow
+def test_nncf_quantizes_the_same_layers(int8_export, tmp_path: Path) -> None:
+    pytest.importorskip("nncf", reason="the int8 extra (NNCF) is not installed")
+    model, _, folder = int8_export
+    path = vip2clip.export_onnx(model, tmp_path / "nncf.onnx", quantize="int8", calibration_images=folder / "good")
+    engine = vip2clip.load_onnx(path, backend="onnxruntime")
+    assert engine.quantization["method"] == "nncf" and engine.quantization["quantized_layers"] == 4 * TINY_BLOCKS
+    images = random_images(2, seed=4)
+    expected = model.predict(images)
+    got = engine.predict(images.numpy())
+    assert np.corrcoef(got.anomaly_map.ravel(), expected.anomaly_map.numpy().ravel())[0, 1] > 0.95

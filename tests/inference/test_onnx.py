@@ -195,8 +195,9 @@ def test_clear_errors(exported: Exported, tmp_path: Path, monkeypatch: pytest.Mo
         vip2clip.load_onnx(exported.onnx, backend="tensorrt")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the extra were not installed
     with pytest.raises(MissingDependencyError, match=r"pip install 'vip2clip\[onnx\]'"):
-        vip2clip.load_onnx(exported.onnx)
-    assert main(["predict", str(tmp_path), "--onnx", str(exported.onnx), "--out", str(tmp_path / "o")]) == 2
+        vip2clip.load_onnx(exported.onnx, backend="onnxruntime")
+    onnx_args = ["--onnx", str(exported.onnx), "--onnx-backend", "onnxruntime"]
+    assert main(["predict", str(tmp_path), *onnx_args, "--out", str(tmp_path / "o")]) == 2
 
 
 TORCH_FREE = textwrap.dedent(

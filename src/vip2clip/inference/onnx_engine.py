@@ -255,6 +255,7 @@ def _openvino(path: Path, providers: Sequence[str] | None, bf16: bool) -> Opened
     # OpenVINO keeps an ONNX file's metadata_props under rt_info["framework"].
     keys = (META_FORMAT, META_IDENTITY, META_VERSION, META_PRECISION, META_QUANTIZATION)
     metadata = {key: model.get_rt_info(["framework", key]).astype(str) for key in keys if _has_rt(model, key)}
+    read_metadata(metadata, path)  # not a vip2clip export: say so before compiling it
     # f32 like ONNX Runtime and torch unless bf16 is asked for: on CPUs with bf16 units the plugin would otherwise
     # compute in bf16. INT8 (QDQ) layers run in INT8 either way.
     device = providers[0] if providers else "CPU"

@@ -203,6 +203,8 @@ def _quantize_onnxruntime(source: Path, arrays: list[np.ndarray], targets: dict[
             per_channel=True,
             nodes_to_quantize=list(targets),
             use_external_data_format=True,
+            # No re-quantization of the products' outputs before their bias (NNCF does not either).
+            extra_options={"OpTypesToExcludeOutputQuantization": ["MatMul", "Gemm"]},
         )
         return onnx.load(target)
 
