@@ -36,6 +36,7 @@ from common import (
     machine_description,
     markdown_table,
     paired_ratio,
+    peak_rss_mib,
     publish,
     time_interleaved,
 )
@@ -236,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         f"CPU: {cpu_features().describe()}. Random weights, one random release checkpoint; {args.repeats} "
         f"interleaved rounds (rotating) after {args.warmup} warm-up; medians; ratios are medians of per-round "
         f"ratios. Matrix-product work {flops / 1e9:.0f} GFLOP per image; GEMM rates of the block shapes here "
-        f"(GFLOP/s, best of 3): {rate_line}. Load average (1 min) at the end: {os.getloadavg()[0]:.2f}."
+        f"(GFLOP/s, best of 3): {rate_line}. Peak RSS of the whole process (every candidate loaded at once): "
+        f"{peak_rss_mib():.0f} MiB. Load average (1 min) at the end: {os.getloadavg()[0]:.2f}."
         f"{''.join(' ' + note for note in notes)}\n"
         f"Command: `python benchmarks/bench_precision.py {' '.join(sys.argv[1:])}`\n\n"
         + markdown_table(headers, rows)
