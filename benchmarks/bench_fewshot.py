@@ -30,6 +30,7 @@ from common import (
     add_common_arguments,
     apply_common_arguments,
     current_rss_mib,
+    demo_model,
     machine_description,
     markdown_table,
     paired_ratio,
@@ -38,7 +39,6 @@ from common import (
     reset_peak_rss,
     time_interleaved,
 )
-from vip2clip.apps.demo import DemoConfig, run_offline_demo
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
@@ -161,8 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     sections = []
     if not args.skip_accuracy:
         with tempfile.TemporaryDirectory() as tmp:
-            demo = run_offline_demo(Path(tmp) / "demo", config=DemoConfig(), echo=lambda line: None)
-            model = vip2clip.create_model("tiny", checkpoint=demo.checkpoint)
+            model = demo_model(tmp)
             sections.append(accuracy_tables(model, Path(tmp), args.sets, args.seed))
     sections.append(cost_table(args, device))
     publish("bench_fewshot.py: reference images (few-shot)", "\n\n".join(sections), info, args.record)

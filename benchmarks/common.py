@@ -219,3 +219,13 @@ def apply_common_arguments(args: argparse.Namespace) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: CUDA is not available on this machine")
     return device
+
+
+def demo_model(folder: str | Path):
+    """The model `vip2clip demo` trains (tiny random CLIP, 128 px, the 'textured' synthetic set), trained in
+    `folder`: the model of the accuracy tables on synthetic data."""
+    import vip2clip
+    from vip2clip.apps.demo import DemoConfig, run_offline_demo
+
+    demo = run_offline_demo(Path(folder) / "demo", config=DemoConfig(), echo=lambda line: None)
+    return vip2clip.create_model("tiny", checkpoint=demo.checkpoint)

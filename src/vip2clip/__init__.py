@@ -1,9 +1,10 @@
 """vip2clip: ViP²-CLIP zero-shot anomaly detection on a frozen CLIP.
 
 Public API: `create_model`, `list_models` (presets), `list_pretrained` / `download_pretrained` (published weights),
-`preprocess`, `Predictor`, `ModelConfig`, `export_onnx`, `load_onnx`, `metrics`, `__version__`. They load lazily, so
-that commands which need neither torch nor open_clip (dataset conversion, validation) start fast, and `load_onnx` +
-`Predictor` run without torch.
+`preprocess`, `Predictor`, `ModelConfig`, `export_onnx`, `load_onnx`, `metrics`, `MutualRule` and `predict_mutual`
+(batch zero-shot: the images of a batch score each other), `__version__`. They load lazily, so that commands which
+need neither torch nor open_clip (dataset conversion, validation) start fast, and `load_onnx` + `Predictor` run
+without torch.
 
 The package is grouped by pipeline: `model/` (the network), `data/` (datasets, images, converters), `training/`,
 `evaluation/` (with `metrics/` beside it), `inference/` (Predictor, calibration, folder runs), `visualization/`,
@@ -27,10 +28,13 @@ _LAZY_ATTRIBUTES = {
     "list_models": "vip2clip.model.presets",
     "list_pretrained": "vip2clip.model.pretrained",
     "download_pretrained": "vip2clip.model.pretrained",
+    "MutualRule": "vip2clip.inference.mutual_rule",
+    "predict_mutual": "vip2clip.inference.mutual",
 }
 _LAZY_MODULES = ("metrics",)
 __all__ = [
     "ModelConfig",
+    "MutualRule",
     "Predictor",
     "__version__",
     "create_model",
@@ -40,6 +44,7 @@ __all__ = [
     "list_pretrained",
     "load_onnx",
     "metrics",
+    "predict_mutual",
     "preprocess",
 ]
 

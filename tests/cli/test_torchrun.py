@@ -96,6 +96,22 @@ def test_test_command_gives_the_one_process_metrics_scores_and_panels(data, trai
     assert all((one / p).read_bytes() == (two / p).read_bytes() for p in panels)
 
 
+def test_mutual_test_scores_each_class_on_one_rank_with_the_one_process_results(
+    data, trained, torchrun, rank_threads
+) -> None:
+    # A class's images must meet each other: under torchrun each class is scored whole by one rank (round-robin).
+    args = ["test", "--data", str(data["test"]), "--checkpoint", str(trained), "--batch-size", "3", "--mutual", *TINY]
+    with rank_threads(2):
+        assert main([*args, "--out", str(data["base"] / "mutual1")]) == 0
+    process = torchrun("-m", "vip2clip", *args, "--out", data["base"] / "mutual2")
+    assert process.returncode == 0, process.stderr[-4000:]
+    one, two = data["base"] / "mutual1", data["base"] / "mutual2"
+    assert (two / "scores.csv").read_text() == (one / "scores.csv").read_text()
+    assert len((one / "scores.csv").read_text().splitlines()) == 15
+    a, b = (json.loads((folder / "results.json").read_text()) for folder in (one, two))
+    assert a["mean"] == b["mean"] and b["model"]["mutual"] is not None
+
+
 def test_predict_and_calibrate_give_the_one_process_files(data, trained, torchrun, rank_threads) -> None:
     one, two = data["base"] / "predict1", data["base"] / "predict2"
     args = ["predict", str(data["parts"]), "--checkpoint", str(trained), "--batch-size", "2", *TINY]

@@ -20,8 +20,9 @@ from vip2clip.data.files import find_images
 from vip2clip.data.images import BadImageError, load_image
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.inference import calibration as calib
-from vip2clip.inference.folder_run import output_name, panel_threshold_source
+from vip2clip.inference.journal import output_name
 from vip2clip.inference.predictor import Predictor, Thresholds, resolve_thresholds
+from vip2clip.inference.run_outputs import panel_threshold_source
 from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.visualization.panel import layout_panel

@@ -17,6 +17,7 @@ from vip2clip.utils.distributed import LOCAL, World
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from vip2clip.inference.mutual_rule import MutualRule
     from vip2clip.inference.onnx_engine import OnnxEngine
     from vip2clip.inference.references import ReferenceMemory
     from vip2clip.inference.tiling import TileConfig
@@ -175,6 +176,46 @@ def references_from_args(
     memory = load_references(model, identity, args.reference, tiling, args.batch_size, reference_cache_from_args(args))
     logger.info("references: %d images of %s (%d patches)", len(memory.files), args.reference, memory.n_patches)
     return memory
+
+
+def add_mutual_arguments(parser: argparse.ArgumentParser, grouping: bool = False) -> None:
+    """--mutual and its rule (predict, calibrate, test); --mutual-group (predict, calibrate)."""
+    from vip2clip.inference.mutual_rule import GROUPS, MutualRule
+
+    default = MutualRule()
+    group = parser.add_argument_group("batch zero-shot: images of a part score each other (docs/mutual.md)")
+    what = "the images of each group" if grouping else "each class's test images"
+    group.add_argument("--mutual", action="store_true", help=f"{what} score each other, fused with the model's maps")
+    if grouping:
+        group.add_argument(
+            "--mutual-group", choices=GROUPS, default="folder",
+            help="which images score each other: those of one folder (default), or all the images of the run",
+        )  # fmt: skip
+    group.add_argument(
+        "--mutual-others", type=int, default=default.max_others, metavar="M",
+        help=f"at most M other images per image (a seeded sample beyond; {default.max_others})",
+    )  # fmt: skip
+    group.add_argument(
+        "--mutual-share", type=float, default=default.share, metavar="F",
+        help=f"average the smallest share F of the distances to the other images ({default.share})",
+    )  # fmt: skip
+    group.add_argument(
+        "--mutual-weight", type=float, default=default.weight, metavar="W",
+        help=f"share of the mutual map in the fused map ({default.weight}; 1: mutual only)",
+    )  # fmt: skip
+    group.add_argument("--mutual-seed", type=int, default=default.seed, help="seed of the sample of others (0)")
+
+
+def mutual_from_args(args: argparse.Namespace) -> MutualRule | None:
+    """The MutualRule of --mutual and its options (None without --mutual); CLIError for bad values."""
+    if not getattr(args, "mutual", False):
+        return None
+    from vip2clip.inference.mutual_rule import MutualRule
+
+    try:
+        return MutualRule(args.mutual_share, args.mutual_others, args.mutual_weight, None, args.mutual_seed)
+    except ValueError as error:
+        raise CLIError(f"--mutual: {error}") from None
 
 
 def add_threshold_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,12 +11,14 @@ from vip2clip.cli.common import (
     add_config_arguments,
     add_inference_arguments,
     add_model_arguments,
+    add_mutual_arguments,
     add_progress_argument,
     add_reference_arguments,
     add_tiling_arguments,
     build_model,
     config_from_args,
     model_identity,
+    mutual_from_args,
     progress_for,
     reference_cache_from_args,
     tiling_from_args,
@@ -76,6 +78,7 @@ def _eval_config(args: argparse.Namespace, classes: list[str] | None = None):
         shots=args.shots,
         seed=args.seed,
         reference_cache=Path(reference_cache_from_args(args)),
+        mutual=mutual_from_args(args),
     )
 
 
@@ -120,6 +123,7 @@ def _register_test(subparsers: argparse._SubParsersAction) -> None:
     add_explain_argument(parser, "explain/CLASS/NAME.png for the images of the --save-maps panels")
     add_tiling_arguments(parser)
     add_reference_arguments(parser, shots=True, seed=True)
+    add_mutual_arguments(parser)
     add_model_arguments(parser)
     add_inference_arguments(parser)  # only these: the architecture comes from the checkpoint
     parser.set_defaults(func=run_test)
@@ -169,6 +173,9 @@ def run_test(args: argparse.Namespace) -> int:
         print(f"skipped {len(result.skipped)} unreadable file(s); listed in results.json")
     if config.shots:
         print(f"references: {config.shots} normal train image(s) per class (seed {config.seed}); see results.json")
+    if config.mutual:
+        print(f"mutual scoring: each class's test images scored each other (at most {config.mutual.max_others} "
+              f"others per image, share {config.mutual.share}, weight {config.mutual.weight})")  # fmt: skip
     without_mask = sum(c.n_without_mask for c in result.classes)
     if without_mask:
         print(f"{without_mask} anomalous image(s) have no mask: left out of the pixel metrics (n_without_mask in "
@@ -219,6 +226,7 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
     _add_evaluation_arguments(parser, ("--eval-batch-size",))
     add_tiling_arguments(parser)
     add_reference_arguments(parser, shots=True)  # the --shots images are drawn with the training's --seed
+    add_mutual_arguments(parser)
     add_model_arguments(parser)
     add_config_arguments(parser)
     add_train_arguments(parser, data_loading=False)  # --skip-bad, --num-workers: the evaluation's serve both

@@ -45,7 +45,7 @@ def explain_test(args: argparse.Namespace, model, index, classes: list[str], ima
 def explain_predictions(args: argparse.Namespace, predictor) -> None:
     """`predict --explain`: OUT/explain/KEY.png for every judged image of the run."""
     from vip2clip.inference.explain_run import EXPLAIN_DIR, Decision, prediction_items, write_explanations
-    from vip2clip.inference.folder_run import panel_threshold_source
+    from vip2clip.inference.run_outputs import panel_threshold_source
 
     thresholds = predictor.thresholds
     decision = Decision(thresholds.image, panel_threshold_source(thresholds))

@@ -17,6 +17,7 @@ from vip2clip.cli import CLIError
 from vip2clip.cli.common import (
     add_inference_arguments,
     add_model_arguments,
+    add_mutual_arguments,
     add_onnx_arguments,
     add_progress_argument,
     add_reference_arguments,
@@ -26,6 +27,7 @@ from vip2clip.cli.common import (
     build_onnx_engine,
     config_from_args,
     model_identity,
+    mutual_from_args,
     progress_for,
     references_from_args,
     tiling_from_args,
@@ -76,6 +78,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_inference_arguments(predict)
     add_tiling_arguments(predict)
     add_reference_arguments(predict)
+    add_mutual_arguments(predict, grouping=True)
     add_onnx_arguments(predict)
     add_threshold_arguments(predict)
     predict.set_defaults(func=run_predict)
@@ -91,6 +94,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_inference_arguments(calibrate)
     add_tiling_arguments(calibrate)
     add_reference_arguments(calibrate)
+    add_mutual_arguments(calibrate, grouping=True)
     add_onnx_arguments(calibrate)
     calibrate.set_defaults(func=run_calibrate)
 
@@ -102,7 +106,12 @@ def build_predictor(args: argparse.Namespace, thresholds: bool = True) -> Predic
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    tiling = tiling_from_args(args)
+    tiling, mutual = tiling_from_args(args), mutual_from_args(args)
+    if mutual is not None and getattr(args, "onnx", None):
+        raise CLIError(
+            "--mutual needs the encoder's patch tokens, which the exported ONNX graph does not output (it gives "
+            "scores and maps only); use the PyTorch model (--checkpoint) for mutual scoring"
+        )
     if getattr(args, "onnx", None):
         model = build_onnx_engine(args)
         identity = model.identity
@@ -110,7 +119,7 @@ def build_predictor(args: argparse.Namespace, thresholds: bool = True) -> Predic
         model = build_model(args, **config_from_args(args))
         identity = model_identity(args, model)
     memory = references_from_args(args, model, identity, tiling)
-    predictor = Predictor(model, None, args.batch_size, identity, tiling, memory)
+    predictor = Predictor(model, None, args.batch_size, identity, tiling, memory, mutual)
     if not thresholds:
         return predictor
     decisions = resolve_thresholds(predictor.identity, args.calibration, args.threshold, args.pixel_threshold)
@@ -126,6 +135,16 @@ def _print_failures(failed: list[tuple[str, str]], what: str = "unreadable files
         print(f"  {path}: {problem}")
     if len(failed) > _LISTED_FAILURES:
         print(f"  ... and {len(failed) - _LISTED_FAILURES} more (see predictions.json)")
+
+
+def _print_groups(groups: list[dict]) -> None:
+    """One line per mutual group, and a warning for groups whose images mostly do not look alike."""
+    for group in groups:
+        print(f"mutual group {group['group']}: {group['images']} images scored each other (each met "
+              f"{group['others_per_image']}); {100 * group['alike_share']:.0f} % of them look alike")  # fmt: skip
+        if group["alike_share"] < 0.5:
+            warning = f"warning: most images of {group['group']} do not look alike (mostly defective, or parts mixed?)"
+            print(f"{warning}: their mutual scores are not to be trusted; see docs/mutual.md", file=sys.stderr)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -144,6 +163,7 @@ def run_predict(args: argparse.Namespace) -> int:
         args.panels,
         args.raw_maps,
         world,
+        getattr(args, "mutual_group", "folder"),
     )
     if not world.is_main:  # the same exit code on every rank
         return 0 if summary.complete else 1
@@ -162,6 +182,7 @@ def run_predict(args: argparse.Namespace) -> int:
     print(f"{summary.anomalous} of {judged} judged images are anomalous")
     _print_failures(summary.failed, 'unreadable files (pred_label "error")')
     _print_failures(summary.errors, 'images the model could not judge (pred_label "error")')
+    _print_groups(summary.mutual_groups)
     folders = "masks/" + (", overlays/" if args.overlays else "") + (", panels/" if args.panels else "")
     folders += ", maps/" if args.raw_maps else ""
     print(f"results: {summary.out_dir / 'predictions.csv'} (+ predictions.json, {folders})")
@@ -180,7 +201,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always" if world.is_main else "ignore", UserWarning)
         calibration, failed, scan = calibrate_folder(
-            predictor, args.paths, args.quantile, args.pixel_quantile, progress_for(args), world
+            predictor, args.paths, args.quantile, args.pixel_quantile, progress_for(args), world, args.mutual_group
         )
     if not world.is_main:
         return 0

@@ -97,7 +97,7 @@ def run_context(
 ) -> dict[str, Any]:
     """What a results file records about how it was made: package, model identity (with the tiling and the
     few-shot protocol of `config`), dataset, protocol, and how many processes on which kind of device ran it."""
-    identity = evaluated_identity(identity, config.tiling, config.shots, config.seed)
+    identity = evaluated_identity(identity, config.tiling, config.shots, config.seed, config.mutual)
     return {
         "vip2clip_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -173,7 +173,7 @@ def evaluate_dataset(
     in results.json as "training".
     """
     out_dir = Path(out_dir)
-    identity = evaluated_identity(identity, config.tiling, config.shots, config.seed)
+    identity = evaluated_identity(identity, config.tiling, config.shots, config.seed, config.mutual)
     if save_maps:
         config = replace(config, panels_dir=out_dir / MAPS_DIR)
     result = evaluate(model, index, config, progress, world)
@@ -187,6 +187,10 @@ def evaluate_dataset(
                  f"{config.seed}; listed in results.json), not zero-shot."]  # fmt: skip
     if config.tiling is not None:
         notes = [*notes, f"tiled: {config.tiling.size}-px tiles, overlap {config.tiling.overlap}."]
+    if config.mutual is not None:
+        rule = config.mutual
+        notes = [*notes, f"mutual scoring: each class's test images scored each other (at most {rule.max_others} "
+                 f"others per image, share {rule.share}, weight {rule.weight}), not zero-shot."]  # fmt: skip
     context = run_context(model, identity, dataset, config, world)
     if training is not None:
         context["training"] = dict(training)

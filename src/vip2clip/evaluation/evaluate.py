@@ -61,7 +61,7 @@ from vip2clip.evaluation.results import (
     EvaluationResult,
     mean_metrics,
 )
-from vip2clip.evaluation.scoring import Batch, choose_shots, class_engine, tiled_batches
+from vip2clip.evaluation.scoring import Batch, choose_shots, class_engine, class_share, tiled_batches
 from vip2clip.inference.predictor import InferenceEngine
 from vip2clip.metrics import (
     PixelF1Histogram,
@@ -97,8 +97,8 @@ def _predicted_batches(
     if features is not None:
         yield from features.batches(model, dataset, config.batch_size, progress, rows)
         return
-    if config.tiling is not None:
-        yield from tiled_batches(model, dataset, config.tiling, config.batch_size, progress, rows)
+    if config.tiling is not None or config.mutual is not None:
+        yield from tiled_batches(model, dataset, config.tiling, config.batch_size, progress, rows, config.mutual)
         return
     loader = DataLoader(Subset(dataset, rows), batch_size=config.batch_size, num_workers=config.num_workers,
                         collate_fn=collate_items)  # fmt: skip
@@ -286,10 +286,11 @@ def _evaluate_class(
     progress: Progress,
     world: World,
     features: SplitFeatures | None = None,
+    position: int = 0,
 ) -> tuple[ClassOutputs, ClassOutputs | None, list[tuple[str, str]]]:
-    """Score this rank's share of one class (from the cached `features` when given): (its outputs, every rank's
-    outputs merged (rank 0; None on the others), the files every rank skipped)."""
-    share = world.share(len(dataset), unit=config.batch_size)
+    """Score this rank's share of one class (the `position`-th; from the cached `features` when given): (its
+    outputs, every rank's outputs merged (rank 0; None on the others), the files every rank skipped)."""
+    share = class_share(world, len(dataset), config.batch_size, config.mutual is not None, position)
     outputs = collect_class_outputs(engine, dataset, config, progress, share, features=features)
     reports = world.gather((replace(outputs, maps=None, masks=None), list(dataset.skipped)))
     if not world.is_main:
@@ -313,13 +314,14 @@ def evaluate(
     identity = ModelIdentity.of(model) if shots else None  # keys the reference memories (no checkpoint needed)
     tally = _Tally()
     panels = PanelSpool(config.panels_dir, config.max_panels) if config.panels_dir is not None else None
-    features = SplitFeatures.open(model, index, config, progress, world) if config.feature_cache else None
-    for name in classes:
+    cached = config.feature_cache and config.mutual is None  # mutual scoring needs every image's patch tokens
+    features = SplitFeatures.open(model, index, config, progress, world) if cached else None
+    for position, name in enumerate(classes):
         dataset = AnomalyDataset(index, config.split, [name], model.config.image_size, config.skip_bad)
         engine = class_engine(
             model, identity, shots.get(name), config.tiling, config.batch_size, config.reference_cache
         )
-        outputs, merged, reported = _evaluate_class(engine, dataset, config, progress, world, features)
+        outputs, merged, reported = _evaluate_class(engine, dataset, config, progress, world, features, position)
         if merged is not None:
             tally.add(name, dataset, merged, reported)
         if panels is not None:  # chosen over the whole class; each rank spools the ones it holds

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from vip2clip.config import STORAGE_DTYPES
+from vip2clip.inference.mutual_rule import MutualRule
 from vip2clip.inference.tiling import TileConfig
 from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, PixelStats
 
@@ -23,7 +24,8 @@ class EvalConfig:
     """How to evaluate. panels_dir: write labelled panels there (`evaluation.panels`; None: no panels);
     max_panels: at most this many per class (anomalous and normal alternately; None: all). tiling: score tile by
     tile; shots: reference images per class from the train split, drawn with `seed`, their memories cached in
-    `reference_cache` (None: not on disk) (see `vip2clip.evaluation.scoring`)."""
+    `reference_cache` (None: not on disk); mutual: each class's images score each other (see
+    `vip2clip.evaluation.scoring`)."""
 
     split: str = "test"
     classes: tuple[str, ...] | None = None
@@ -39,6 +41,7 @@ class EvalConfig:
     reference_cache: Path | None = None
     feature_cache: Path | None = None  # read the split's encoder outputs from this cache (`evaluation.cached`)
     cache_dtype: str = "float16"
+    mutual: MutualRule | None = None
 
     def __post_init__(self) -> None:
         if self.shots < 0:

@@ -6,6 +6,10 @@ name) so that a class gets the same images whatever other classes are evaluated,
 memory (`vip2clip.inference.references`); the class's test images are scored by the fused rule. Every class must
 have K normal train images; the check runs for all classes before any work.
 
+Mutual scoring (`EvalConfig.mutual`, `vip2clip.inference.mutual`): a class's test images are one group that scores
+each other (each image meets at most M others), fused with the model's outputs; under torchrun each class is
+scored by one rank (classes round-robin), since its images must meet each other.
+
 Tiling (`EvalConfig.tiling`): each test image is read at its own size and scored tile by tile through
 `Predictor.score` (the one batching path); the stitched map, at the image's own size, is resized (`resize_map`,
 bilinear) to the evaluation's map size, the model's input size, where the masks are as without tiling. Metrics stay
@@ -25,10 +29,12 @@ from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import BadImageError, load_image
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.transforms import resize_map
+from vip2clip.inference.mutual_rule import MutualRule
 from vip2clip.inference.predictor import InferenceEngine, Predictor
 from vip2clip.inference.references import FusionRule, ReferenceEngine, memory_from_files
 from vip2clip.inference.tiling import TileConfig
 from vip2clip.model.identity import ModelIdentity
+from vip2clip.utils.distributed import World
 from vip2clip.utils.progress import Progress
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # rows [B], scores [B], maps [B, S, S], masks bool
@@ -56,13 +62,17 @@ def choose_shots(index: DatasetIndex, classes: list[str], shots: int, seed: int)
     return chosen
 
 
-def evaluated_identity(identity: ModelIdentity, tiling: TileConfig | None, shots: int, seed: int) -> ModelIdentity:
-    """The model's identity as the evaluation uses it, for results.json and calibration.json: with the tiling and
-    the few-shot protocol (the images are listed per class in results.json)."""
+def evaluated_identity(
+    identity: ModelIdentity, tiling: TileConfig | None, shots: int, seed: int, mutual: MutualRule | None = None
+) -> ModelIdentity:
+    """The model's identity as the evaluation uses it, for results.json and calibration.json: with the tiling, the
+    few-shot protocol (the images are listed per class in results.json) and the mutual-scoring rule (the group of
+    an image: its class's test images, as many as the class's counts say)."""
     references = None
     if shots:
         references = {"rule": FusionRule().to_dict(), "shots": shots, "seed": seed, "source": "normal train images"}
-    return replace(identity, tiling=None if tiling is None else tiling.to_dict(), references=references)
+    return replace(identity, tiling=None if tiling is None else tiling.to_dict(), references=references,
+                   mutual=None if mutual is None else mutual.to_dict())  # fmt: skip
 
 
 def class_engine(
@@ -79,20 +89,29 @@ def class_engine(
     return ReferenceEngine(model, memory_from_files(model, identity, files, tiling, batch_size, cache_dir))
 
 
+def class_share(world: World, n: int, batch_size: int, mutual: bool, position: int) -> range:
+    """The rows of a class a rank scores: a share of whole batches; with mutual scoring the whole class on one rank
+    (classes round-robin: the images of a class must meet each other), none on the others."""
+    if not mutual:
+        return world.share(n, unit=batch_size)
+    return range(n) if position % world.size == world.rank else range(0)
+
+
 def tiled_batches(
     engine: InferenceEngine,
     dataset: AnomalyDataset,
-    tiling: TileConfig,
+    tiling: TileConfig | None,
     batch_size: int,
     progress: Progress,
     share: range | None = None,
+    mutual: MutualRule | None = None,
 ) -> Iterator[Batch]:
-    """Score the class's images (only those in `share` when given: a rank's share) tile by tile; yields batches of
-    stitched maps resized to the dataset's size.
+    """Score the class's images (only those in `share` when given: a rank's share) through a `Predictor`: tile by
+    tile, and with `mutual` all of them together; yields batches of (stitched) maps resized to the dataset's size.
 
     An image (or mask) that cannot be read raises BadImageError, or with `dataset.skip_bad` is listed in
     `dataset.skipped` and left out."""
-    predictor = Predictor(engine, batch_size=batch_size, tiling=tiling)
+    predictor = Predictor(engine, batch_size=batch_size, tiling=tiling, mutual=mutual)
     size = dataset.image_size
     rows: list[int] = []
     scores: list[float] = []
@@ -103,6 +122,8 @@ def tiled_batches(
         return load_image(dataset.paths(dataset.samples[i])[0])
 
     share = range(len(dataset)) if share is None else share
+    if not share:
+        return
     scored_images = predictor.score(share, load)
     for scored in progress(scored_images, total=len(share), desc=dataset.samples[0].cls_name if dataset else ""):
         try:

@@ -47,30 +47,27 @@ from PIL import Image
 from vip2clip.data.files import ImageScan, InputImage, no_images_error, scan_images
 from vip2clip.data.images import BadImageError, image_size, load_image
 from vip2clip.inference import calibration as calib
+from vip2clip.inference.grouping import check_groups, folder_share, group_images, whole_groups
 from vip2clip.inference.journal import (
     assign_keys,
     is_done,
     journal_file,
     merge_rank_journals,
-    output_name,
     remove_stale_outputs,
     start_journal,
 )
 from vip2clip.inference.predictor import (
-    DEFAULT_THRESHOLD,
     ERROR,
     ImageResult,
     Predictor,
     ScoredImage,
-    Thresholds,
     non_finite_problem,
 )
+from vip2clip.inference.run_outputs import panel_threshold_source, save_outputs, save_panel_output, save_raw_map
 from vip2clip.metrics.threshold import DEFAULT_IMAGE_QUANTILE, DEFAULT_PIXEL_QUANTILE, StreamingQuantile
 from vip2clip.utils.distributed import LOCAL, World
-from vip2clip.utils.fileio import atomic_save_image, atomic_save_npy, atomic_write_json, atomic_write_text, json_line
+from vip2clip.utils.fileio import atomic_write_json, atomic_write_text, json_line
 from vip2clip.utils.progress import Progress, silent
-from vip2clip.visualization.heatmap import heatmap_overlay
-from vip2clip.visualization.panel import PREDICTED_MASK, PanelText, make_panel
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +83,8 @@ class RunSummary:
     """found: images found; predicted: judged in this run; skipped: already done (resumed); failed: unreadable
     files (path, problem); errors: files whose score or map was NaN/infinite (path, problem); anomalous: rows
     judged anomalous; total_rows: rows in the tables (= found); scan: what the folder search skipped;
-    self_references: judged rows that are reference images too (each compared with the other references only)."""
+    self_references: judged rows that are reference images too (each compared with the other references only);
+    mutual_groups: the reports of the groups that scored each other in this run (mutual scoring)."""
 
     found: int
     predicted: int
@@ -98,6 +96,7 @@ class RunSummary:
     out_dir: Path = Path()
     scan: ImageScan = field(default_factory=ImageScan)
     self_references: int = 0
+    mutual_groups: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -120,6 +119,7 @@ def run_settings(
     panels: bool = False,
     raw_maps: bool = False,
     inputs: Sequence[str | Path] = (),
+    mutual_group: str = "folder",
 ) -> dict[str, Any]:
     """What decides the outputs: the model's identity (with tiling and the references' rule), the thresholds, the
     overlay switch, the inputs (the paths given, absolute and sorted), and the panel and raw-map switches and
@@ -136,6 +136,8 @@ def run_settings(
     settings.update({name: True for name, used in switches.items() if used})  # absent when off: see above
     if predictor.references is not None:
         settings["references_sha256"] = predictor.references.record()["sha256"]
+    if predictor.mutual is not None:
+        settings["mutual_group"] = mutual_group
     return settings
 
 
@@ -168,46 +170,6 @@ def _error_row(image: InputImage, problem: str) -> dict[str, Any]:
     row: dict[str, Any] = dict.fromkeys(CSV_COLUMNS, None)
     return {**row, "path": str(image.path), "key": image.key, "pred_label": ERROR, "pred_mask": "", "overlay": "",
             "panel": "", "anomaly_map": "", "error": problem}  # fmt: skip
-
-
-def save_outputs(
-    out_dir: Path, image: InputImage, rgb: Image.Image, result: ImageResult, overlays: bool
-) -> tuple[str, str]:
-    """Write the mask (and overlay) PNGs of one image; returns their paths relative to `out_dir`.
-
-    The overlay's colours span map values 0 (blue) to 1 (red) for every image (the fixed scale of
-    `visualization.heatmap`), so colours compare across images.
-    """
-    name = output_name(image.key)
-    mask_name, overlay_name = f"masks/{name}", f"overlays/{name}" if overlays else ""
-    mask = Image.fromarray(np.where(result.pred_mask, 255, 0).astype(np.uint8), mode="L")
-    atomic_save_image(mask, out_dir / mask_name)
-    if overlays:
-        atomic_save_image(heatmap_overlay(rgb, result.anomaly_map), out_dir / overlay_name)
-    return mask_name, overlay_name
-
-
-def save_raw_map(out_dir: Path, image: InputImage, result: ImageResult) -> str:
-    """Write maps/KEY.npy (the map at the image's size, float16) atomically; returns its path relative to out_dir."""
-    name = f"maps/{output_name(image.key).removesuffix('.png')}.npy"
-    atomic_save_npy(result.anomaly_map.astype(np.float16), out_dir / name)
-    return name
-
-
-def panel_threshold_source(thresholds: Thresholds) -> str:
-    """How the image threshold was chosen, for a panel: "" for the uncalibrated default."""
-    if "calibration" in thresholds.source:
-        return "calibration"
-    uncalibrated = "uncalibrated" in thresholds.source and thresholds.image == DEFAULT_THRESHOLD
-    return "" if uncalibrated else "given"
-
-
-def save_panel_output(out_dir: Path, image: InputImage, rgb: Image.Image, result: ImageResult, source: str) -> str:
-    """Write panels/KEY.png for one image (see the module docstring); returns its path relative to `out_dir`."""
-    name = f"panels/{output_name(image.key)}"
-    text = PanelText(result.pred_score, result.image_threshold, source, result.pixel_threshold, image.key)
-    atomic_save_image(make_panel(rgb, result.anomaly_map, result.pred_mask, PREDICTED_MASK, text), out_dir / name)
-    return name
 
 
 def write_tables(
@@ -243,8 +205,10 @@ def predict_folder(
     panels: bool = False,
     raw_maps: bool = False,
     world: World = LOCAL,
+    mutual_group: str = "folder",
 ) -> RunSummary:
     """Predict every image in `paths` (files or folders, recursive) into `out_dir`; see the module docstring.
+    With `predictor.mutual`, the images of each group (`mutual_group.group_images`) score each other.
 
     Unreadable files and images whose model output is not finite get "error" rows, are listed in the summary
     and never stop the run (`RunSummary.complete` is False then).
@@ -259,15 +223,18 @@ def predict_folder(
         if not images:
             raise no_images_error(paths, scan)
         out_dir.mkdir(parents=True, exist_ok=True)
-        settings = run_settings(predictor, overlays, panels, raw_maps, paths)
+        settings = run_settings(predictor, overlays, panels, raw_maps, paths, mutual_group)
         records, earlier = start_journal(out_dir, settings, overwrite, images)
         todo = [image for image in images if not is_done(image, records.get(str(image.path)), out_dir)]
+        if predictor.mutual is not None:  # a group is scored whole: the resumed ones again with the rest
+            todo = whole_groups(todo, images, mutual_group)
+            check_groups(group_images(todo, mutual_group))
         plan = assign_keys(todo, records)
     todo = world.broadcast(plan)
-    share = [todo[i] for i in world.share(len(todo), unit=predictor.batch_size)]
+    share, stream, groups = folder_share(predictor, todo, _load, world, mutual_group)
     done, failed, errors, not_judged = [], [], [], {}  # records; (path, problem) x 2; error rows by path
     with journal_file(out_dir, world.rank if world.distributed else None).open("a", encoding="utf-8") as log:
-        for scored in progress(predictor.score(share, _load), total=len(share), desc="predict"):
+        for scored in progress(stream, total=len(share), desc="predict"):
             if scored.error is not None:
                 failed.append(_failure(scored))
                 not_judged[str(scored.source.path)] = _error_row(scored.source, scored.error.problem)
@@ -286,7 +253,7 @@ def predict_folder(
             done.append(record)
             log.write(json_line(record) + "\n")
             log.flush()
-    reports = world.gather((done, failed, errors, not_judged))
+    reports = world.gather((done, failed, errors, not_judged, [group.to_dict() for group in groups]))
     summary = None
     if world.is_main:
         done, failed, errors = ([item for report in reports for item in report[part]] for part in range(3))
@@ -301,6 +268,8 @@ def predict_folder(
         self_references = sum(bool(row.get("self_reference")) for row in rows)
         run = world.describe(predictor.model)
         run.update({"self_references": self_references} if predictor.references is not None else {})
+        if predictor.mutual is not None:  # how many images scored each other, and how alike they look
+            run["mutual_groups"] = [group for report in reports for group in report[4]]
         write_tables(out_dir, settings, rows, scan, run)
         summary = RunSummary(
             found=len(images),
@@ -313,6 +282,7 @@ def predict_folder(
             out_dir=out_dir,
             scan=scan,
             self_references=self_references,
+            mutual_groups=run.get("mutual_groups", []),
         )
     return world.broadcast(summary)
 
@@ -336,6 +306,7 @@ def calibrate_folder(
     pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
     progress: Progress = silent,
     world: World = LOCAL,
+    mutual_group: str = "folder",
 ) -> tuple[calib.Calibration, list[tuple[str, str]], ImageScan]:
     """Normal-quantile calibration (`calib.calibrate_from_normal`) on the defect-free images in `paths`.
 
@@ -356,8 +327,10 @@ def calibrate_folder(
     scores: list[float] = []
     failed: list[tuple[str, str]] = []
     broken: list[str] = []
-    share = [images[i] for i in world.share(len(images), unit=predictor.batch_size)]
-    for scored in progress(predictor.score(share, _load), total=len(share), desc="calibrate"):
+    if predictor.mutual is not None:  # the normal images of each group score each other, as predict will
+        check_groups(group_images(images, mutual_group))
+    share, stream, _ = folder_share(predictor, images, _load, world, mutual_group)
+    for scored in progress(stream, total=len(share), desc="calibrate"):
         if scored.error is not None:
             failed.append(_failure(scored))
         elif non_finite_problem(scored.pred_score, scored.anomaly_map) is not None:

@@ -9,14 +9,15 @@ torch: with the ONNX engine, preprocessing, scoring and map resizing run on nump
 
 Options: `tiling` (a `TileConfig`) scores large images tile by tile and stitches the maps at the original size
 (`vip2clip.inference.tiling`); `references` (a `ReferenceMemory` of normal images of the part) fuses a
-nearest-neighbour map with the model's (`vip2clip.inference.references`). Both go into the predictor's identity,
-so that calibrations and prediction folders made with other options are refused.
+nearest-neighbour map with the model's (`vip2clip.inference.references`); `mutual` (a `MutualRule`) lets the images
+given to one `score` / `predict` call judge each other (`vip2clip.inference.mutual`). All go into the predictor's
+identity, so that calibrations and prediction folders made with other options are refused.
 
 Vocabulary (as anomalib's): `pred_score` the image score, `pred_label` the decision, `anomaly_map` the map,
 `pred_mask` the defect pixels. An image is "anomalous" when pred_score >= the image threshold; a pixel is a defect
 when its map value >= the pixel threshold. Both are probabilities in [0, 1] (other values are refused); without a
 calibration file or explicit thresholds both default to 0.5, which is uncalibrated and said so
-(`Thresholds.source`).
+(`Thresholds.source`; thresholds live in `vip2clip.inference.thresholds`).
 
 Fail closed: an image whose score or map holds NaN or infinity (e.g. a checkpoint with NaN weights) is never
 "normal". Its pred_label is "error" and `ImageResult.error` says why; it has no defect pixels to report.
@@ -40,6 +41,7 @@ from vip2clip.config import ModelConfig
 from vip2clip.data.images import BadImageError, ImageInput, to_rgb
 from vip2clip.data.transforms import preprocess_array, resize_map
 from vip2clip.inference import calibration as calib
+from vip2clip.inference.thresholds import DEFAULT_THRESHOLD, Thresholds, resolve_thresholds
 from vip2clip.inference.tiling import StitchedMap, TileConfig
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.prediction import Prediction
@@ -47,11 +49,11 @@ from vip2clip.model.prediction import Prediction
 if TYPE_CHECKING:
     import torch
 
+    from vip2clip.inference.mutual_rule import MutualRule
     from vip2clip.inference.references import ReferenceMemory
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_THRESHOLD = 0.5
 ANOMALOUS, NORMAL, ERROR = "anomalous", "normal", "error"
 T = TypeVar("T")
 
@@ -65,67 +67,6 @@ class InferenceEngine(Protocol):
     def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
         """images [B, 3, S, S] float32 (normalised) -> Prediction(pred_score [B], anomaly_map [B, S, S])."""
         ...
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    """Image and pixel decision thresholds and where they came from (shown to the user)."""
-
-    image: float
-    pixel: float
-    source: str
-
-    def __post_init__(self) -> None:
-        calib.check_threshold(self.image, "image threshold")
-        calib.check_threshold(self.pixel, "pixel threshold")
-
-
-def resolve_thresholds(
-    identity: ModelIdentity,
-    calibration: str | Path | calib.Calibration | None = None,
-    image_threshold: float | None = None,
-    pixel_threshold: float | None = None,
-) -> Thresholds:
-    """Explicit thresholds win; the rest come from the calibration (checked against `identity`), else 0.5.
-
-    Raises ValueError when the calibration was made for another checkpoint, backbone, image size or top_k/sigma,
-    and when it has no threshold of a kind (null: undefined for its data) that is not given explicitly: a
-    calibrated file with a gap should not silently fall back to the uncalibrated 0.5.
-    """
-    for value, name in ((image_threshold, "image threshold (--threshold)"),
-                        (pixel_threshold, "pixel threshold (--pixel-threshold)")):  # fmt: skip
-        if value is not None:
-            calib.check_threshold(value, name)
-    sources = []
-    if calibration is not None:
-        loaded = calibration if isinstance(calibration, calib.Calibration) else calib.load(calibration)
-        loaded.check_compatible(identity)
-        name = calibration if not isinstance(calibration, calib.Calibration) else "calibration"
-        sources.append(f"calibration {name} ({loaded.method}, {loaded.n_images} images)")
-        image_threshold = _from_calibration(loaded.image_threshold, image_threshold, name, "image", "--threshold")
-        pixel_threshold = _from_calibration(loaded.pixel_threshold, pixel_threshold, name, "pixel", "--pixel-threshold")
-    if image_threshold is None or pixel_threshold is None:
-        sources.append(f"default {DEFAULT_THRESHOLD} (uncalibrated)")
-    return Thresholds(
-        DEFAULT_THRESHOLD if image_threshold is None else float(image_threshold),
-        DEFAULT_THRESHOLD if pixel_threshold is None else float(pixel_threshold),
-        " + ".join(sources) or "given explicitly",
-    )
-
-
-def _from_calibration(
-    calibrated: float | None, explicit: float | None, name: object, kind: str, flag: str
-) -> float | None:
-    """The explicit threshold, else the calibration's; ValueError when both are missing."""
-    if explicit is not None:
-        return explicit
-    if calibrated is None:
-        raise ValueError(
-            f"calibration {name} has no {kind} threshold (it was undefined for the data it was computed on, e.g. "
-            f"{'data with one image label only' if kind == 'image' else 'images without masks'}), but {kind} "
-            f"decisions need one: give it explicitly ({flag} on the command line, {kind}_threshold= in Python)"
-        )
-    return calibrated
 
 
 @dataclass
@@ -248,17 +189,16 @@ class Predictor:
         identity: ModelIdentity | None = None,
         tiling: TileConfig | None = None,
         references: ReferenceMemory | None = None,
+        mutual: MutualRule | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.model = model
+        self.model, self.batch_size, self.tiling = model, batch_size, tiling
+        self.references, self.mutual = references, mutual
         self.thresholds = thresholds or Thresholds(DEFAULT_THRESHOLD, DEFAULT_THRESHOLD, "default (uncalibrated)")
-        self.batch_size = batch_size
-        self.tiling = tiling
-        self.references = references
         if references is not None:
             from vip2clip.inference.references import ReferenceEngine  # imports torch: only with references
-        self._engine = model if references is None else ReferenceEngine(model, references)
+        self.engine = model if references is None else ReferenceEngine(model, references)  # what scores
         self._identity = identity
 
     @classmethod
@@ -276,11 +216,12 @@ class Predictor:
         batch_size: int = 8,
         tiling: TileConfig | None = None,
         reference: str | Path | None = None,
+        mutual: MutualRule | None = None,
         **config: Any,
     ) -> Predictor:
         """Build the model (`vip2clip.create_model`), the reference memory of the normal images in the folder
         `reference` (`vip2clip.inference.references.load_references`, cached in `default_cache_dir()`) and resolve
-        the thresholds (`resolve_thresholds`)."""
+        the thresholds (`resolve_thresholds`); `mutual`: score the images of each call together."""
         from vip2clip.factory import create_model
         from vip2clip.inference.references import default_cache_dir, load_references
 
@@ -289,7 +230,7 @@ class Predictor:
         memory = None
         if reference is not None:
             memory = load_references(model, identity, reference, tiling, batch_size, default_cache_dir())
-        predictor = cls(model, None, batch_size, identity, tiling, memory)
+        predictor = cls(model, None, batch_size, identity, tiling, memory, mutual)
         thresholds = resolve_thresholds(predictor.identity, calibration, image_threshold, pixel_threshold)
         return predictor.with_thresholds(thresholds)
 
@@ -322,6 +263,7 @@ class Predictor:
             self._identity,
             tiling=None if self.tiling is None else self.tiling.to_dict(),
             references=None if self.references is None else self.references.record(),
+            mutual=None if self.mutual is None else self.mutual.to_dict(),
         )
 
     @property
@@ -329,14 +271,21 @@ class Predictor:
         return self.model.config.image_size
 
     def with_thresholds(self, thresholds: Thresholds) -> Predictor:
-        """The same model, tiling and references with other thresholds (no reload)."""
-        return Predictor(self.model, thresholds, self.batch_size, self._identity, self.tiling, self.references)
+        """The same model and options with other thresholds (no reload)."""
+        return Predictor(self.model, thresholds, self.batch_size, self._identity, self.tiling, self.references,
+                         self.mutual)  # fmt: skip
 
     def score(self, inputs: Iterable[T], load: Callable[[T], Image.Image] = to_rgb) -> Iterator[ScoredImage[T]]:
         """Decode `inputs` with `load`, score their model inputs (each image, or each of its tiles) in batches of
         `batch_size`, yield one ScoredImage per input in order. A BadImageError from `load` is reported on its
         ScoredImage and never stops the stream. Inputs are decoded only as the batches need them, and tiles are
-        cut and preprocessed batch by batch, so memory holds the images of one batch (and their accumulators)."""
+        cut and preprocessed batch by batch, so memory holds the images of one batch (and their accumulators).
+        With `mutual`, the inputs are one group scored together (`mutual_group.score_group`) before any is yielded."""
+        if self.mutual is not None:
+            from vip2clip.inference.mutual_group import score_group  # imports torch: only in mutual mode
+
+            yield from score_group(self, list(inputs), load).scored()
+            return
         queue: deque[_InFlight[T]] = deque()
         batch: list[tuple[_InFlight[T], int]] = []
         for source in inputs:
@@ -365,7 +314,7 @@ class Predictor:
     def _score_batch(self, batch: list[tuple[_InFlight[T], int]]) -> None:
         images = np.stack([preprocess_array(item.model_input(tile), self.image_size) for item, tile in batch])
         exclude = {"exclude": [item.scored.reference_digest for item, _ in batch]} if self.references else {}
-        scores, maps = self._engine.predict(images, **exclude).numpy()
+        scores, maps = self.engine.predict(images, **exclude).numpy()
         for (item, tile), score, anomaly_map in zip(batch, scores, maps, strict=True):
             item.remaining -= 1
             if item.stitched is None:

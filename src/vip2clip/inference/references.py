@@ -312,11 +312,17 @@ class ReferenceEngine:
         self.memory = memory
         self.config: ModelConfig = engine.config
 
-    def predict(self, images: np.ndarray | torch.Tensor, exclude: Sequence[str | None] | None = None) -> Prediction:
+    def predict(
+        self,
+        images: np.ndarray | torch.Tensor,
+        exclude: Sequence[str | None] | None = None,
+        return_features: bool = False,
+    ) -> Prediction:
         """images [B, 3, S, S] -> fused Prediction(pred_score [B], anomaly_map [B, S, S]).
 
         exclude: per image, the `pixel_digest` of the picture it is (or is a tile of): the references with these
-        pixels are left out of its nearest-neighbour search (leave-one-out; module docstring)."""
+        pixels are left out of its nearest-neighbour search (leave-one-out; module docstring). return_features: the
+        Prediction carries the encoder's outputs (for mutual scoring on top)."""
         prediction = self.engine.predict(images, return_features=True)
         features = prediction.features
         if len(features.patch_tokens) != len(self.memory.tokens):
@@ -340,6 +346,7 @@ class ReferenceEngine:
         return Prediction(
             (1 - weight) * prediction.pred_score + weight * reference_score,
             (1 - weight) * prediction.anomaly_map + weight * reference_map,
+            features if return_features else None,
         )
 
     def _distance_without(self, patch_tokens: Sequence[torch.Tensor], row: int, digest: str) -> torch.Tensor:

@@ -26,8 +26,9 @@ class ModelIdentity:
     image_size, top_k, sigma: the options that change scores without retraining.
     fingerprint / top_k / sigma may be None in records written by older versions: then they are not compared.
     config: the full model configuration; vip2clip_version: the package that wrote the record.
-    tiling / references: how the predictor used the model (tile size and overlap; the reference images' fusion
-    rule and files), None when it did not tile / had no references (and in records of older versions).
+    tiling / references / mutual: how the predictor used the model (tile size and overlap; the reference images'
+    fusion rule and files; the mutual-scoring rule), None when it did not tile / had no references / scored each
+    image alone (and in records of older versions).
     """
 
     backbone: str
@@ -42,6 +43,7 @@ class ModelIdentity:
     vip2clip_version: str | None = None
     tiling: dict[str, Any] | None = None
     references: dict[str, Any] | None = None
+    mutual: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, model: ViP2CLIP, checkpoint: str | Path | None = None) -> ModelIdentity:
@@ -75,8 +77,8 @@ class ModelIdentity:
 
         Compared: checkpoint hash, backbone, CLIP weights fingerprint, input size, top_k and sigma (the last three
         only where both records know them), the tiling and the references' fusion rule (not which reference
-        images: other good parts of the same setup give scores on the same scale). Paths, wording and package
-        versions are not compared.
+        images: other good parts of the same setup give scores on the same scale) and the mutual-scoring rule.
+        Paths, wording and package versions are not compared.
         """
         mine, theirs = labels
         problems = []
@@ -95,6 +97,8 @@ class ModelIdentity:
         rules = [None if r is None else r.get("rule") for r in (self.references, other.references)]
         if rules[0] != rules[1]:
             problems.append(f"reference images: {mine} {_option(rules[0])}, {theirs} {_option(rules[1])}")
+        if self.mutual != other.mutual:
+            problems.append(f"mutual scoring: {mine} {_option(self.mutual)}, {theirs} {_option(other.mutual)}")
         return problems
 
 

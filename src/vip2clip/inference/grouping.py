@@ -1,0 +1,64 @@
+"""Which images of a folder run score each other (mutual scoring, `vip2clip.inference.mutual_group`), and what
+each rank scores. Imports no torch: folder runs on the ONNX engine use it too."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from vip2clip.data.files import InputImage
+from vip2clip.inference.mutual_rule import GROUPS, MIN_IMAGES
+from vip2clip.utils.distributed import World
+
+if TYPE_CHECKING:
+    from vip2clip.inference.mutual_group import GroupReport
+    from vip2clip.inference.predictor import Predictor, ScoredImage
+
+
+def group_images(images: Sequence[InputImage], by: str) -> list[tuple[str, list[InputImage]]]:
+    """The groups of a folder run: by "folder", one per folder that holds images (named by its path, in the order
+    of their first image); by "all", one group of every image."""
+    if by not in GROUPS:
+        raise ValueError(f"mutual group must be one of {GROUPS}, got {by!r}")
+    if by == "all":
+        return [("all", list(images))] if images else []
+    groups: dict[str, list[InputImage]] = {}
+    for image in images:
+        groups.setdefault(str(image.path.parent), []).append(image)
+    return list(groups.items())
+
+
+def check_groups(groups: Sequence[tuple[str, Sequence[Any]]]) -> None:
+    """ValueError naming every group of fewer than 3 images (before any work)."""
+    small = [f"{name} ({len(members)})" for name, members in groups if len(members) < MIN_IMAGES]
+    if small:
+        raise ValueError(
+            f"mutual scoring needs at least {MIN_IMAGES} images per group (with two, a difference between them "
+            f"could be in either); too few in: {', '.join(small[:10])}{' ...' if len(small) > 10 else ''}; put more "
+            "images of the part in those folders, or score all images together with --mutual-group all"
+        )
+
+
+def whole_groups(todo: Sequence[InputImage], images: Sequence[InputImage], by: str) -> list[InputImage]:
+    """The images of every group that has an image in `todo` (a group is scored again whole, never in part)."""
+    redo = {image.path for image in todo}
+    return [image for _, members in group_images(images, by) if redo & {m.path for m in members} for image in members]
+
+
+def folder_share(
+    predictor: Predictor, todo: list[InputImage], load: Callable[[InputImage], Image.Image], world: World, by: str
+) -> tuple[list[InputImage], Iterator[ScoredImage[InputImage]], list[GroupReport]]:
+    """What a rank of a folder run scores: (its images, their ScoredImages, the mutual groups' reports). Without
+    mutual scoring a share of whole batches; with it whole groups, round-robin over the ranks (a group's images
+    must meet each other: one group is never split)."""
+    reports: list[GroupReport] = []
+    if predictor.mutual is None:
+        share = [todo[i] for i in world.share(len(todo), unit=predictor.batch_size)]
+        return share, predictor.score(share, load), reports
+    from vip2clip.inference.mutual_group import score_groups  # imports torch: only in mutual mode
+
+    mine = group_images(todo, by)[world.rank :: world.size]
+    share = [image for _, members in mine for image in members]
+    return share, score_groups(predictor, mine, load, reports), reports

@@ -1,0 +1,73 @@
+"""Decision thresholds: explicit values, a calibration file's (checked against the model's identity) or the
+uncalibrated default 0.5, and where they came from (`Thresholds.source`, shown to the user)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from vip2clip.inference import calibration as calib
+from vip2clip.model.identity import ModelIdentity
+
+DEFAULT_THRESHOLD = 0.5
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Image and pixel decision thresholds and where they came from (shown to the user)."""
+
+    image: float
+    pixel: float
+    source: str
+
+    def __post_init__(self) -> None:
+        calib.check_threshold(self.image, "image threshold")
+        calib.check_threshold(self.pixel, "pixel threshold")
+
+
+def resolve_thresholds(
+    identity: ModelIdentity,
+    calibration: str | Path | calib.Calibration | None = None,
+    image_threshold: float | None = None,
+    pixel_threshold: float | None = None,
+) -> Thresholds:
+    """Explicit thresholds win; the rest come from the calibration (checked against `identity`), else 0.5.
+
+    Raises ValueError when the calibration was made for another checkpoint, backbone, image size or top_k/sigma,
+    and when it has no threshold of a kind (null: undefined for its data) that is not given explicitly: a
+    calibrated file with a gap should not silently fall back to the uncalibrated 0.5.
+    """
+    for value, name in ((image_threshold, "image threshold (--threshold)"),
+                        (pixel_threshold, "pixel threshold (--pixel-threshold)")):  # fmt: skip
+        if value is not None:
+            calib.check_threshold(value, name)
+    sources = []
+    if calibration is not None:
+        loaded = calibration if isinstance(calibration, calib.Calibration) else calib.load(calibration)
+        loaded.check_compatible(identity)
+        name = calibration if not isinstance(calibration, calib.Calibration) else "calibration"
+        sources.append(f"calibration {name} ({loaded.method}, {loaded.n_images} images)")
+        image_threshold = _from_calibration(loaded.image_threshold, image_threshold, name, "image", "--threshold")
+        pixel_threshold = _from_calibration(loaded.pixel_threshold, pixel_threshold, name, "pixel", "--pixel-threshold")
+    if image_threshold is None or pixel_threshold is None:
+        sources.append(f"default {DEFAULT_THRESHOLD} (uncalibrated)")
+    return Thresholds(
+        DEFAULT_THRESHOLD if image_threshold is None else float(image_threshold),
+        DEFAULT_THRESHOLD if pixel_threshold is None else float(pixel_threshold),
+        " + ".join(sources) or "given explicitly",
+    )
+
+
+def _from_calibration(
+    calibrated: float | None, explicit: float | None, name: object, kind: str, flag: str
+) -> float | None:
+    """The explicit threshold, else the calibration's; ValueError when both are missing."""
+    if explicit is not None:
+        return explicit
+    if calibrated is None:
+        raise ValueError(
+            f"calibration {name} has no {kind} threshold (it was undefined for the data it was computed on, e.g. "
+            f"{'data with one image label only' if kind == 'image' else 'images without masks'}), but {kind} "
+            f"decisions need one: give it explicitly ({flag} on the command line, {kind}_threshold= in Python)"
+        )
+    return calibrated
