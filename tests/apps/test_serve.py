@@ -513,6 +513,19 @@ def _chrome_paths() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
+def headless_chromium(window: str):
+    """A Selenium driver of headless Chromium with a window of `window` ("W,H"); skips the test without one."""
+    paths = _chrome_paths()
+    if paths is None:
+        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = paths[0]
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", f"--window-size={window}"):
+        options.add_argument(argument)
+    return webdriver.Chrome(service=webdriver.ChromeService(executable_path=paths[1]), options=options)
+
+
 @pytest.fixture
 def served(trained_tiny_checkpoint) -> Iterator[str]:
     """`python -m vip2clip serve` with the trained tiny model, a real process on a free loopback port; its URL."""
@@ -546,18 +559,10 @@ def best_found_defect(predictor: Predictor, index: DatasetIndex) -> tuple[Path, 
 def test_browser_upload_shows_score_overlay_scale_and_errors(
     served: str, trained_tiny_checkpoint, tmp_path: Path
 ) -> None:
-    paths = _chrome_paths()
-    if paths is None:
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    driver = headless_chromium("1200,860")
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = paths[0]
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,860"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=paths[1]), options=options)
     try:
         wait = WebDriverWait(driver, 120)
         driver.get(served)
@@ -622,14 +627,7 @@ def test_browser_upload_shows_score_overlay_scale_and_errors(
 @pytest.mark.slow
 def test_a_long_calibration_line_keeps_the_mask_in_view_at_1280_px(tiny_model, tmp_path: Path) -> None:
     """Issue 17 item 15: a calibration file's path widened the left column and pushed the pictures (the mask tile)
-    below the fold of a 1280-px window; an all-white mask merged into the page."""
-    paths = _chrome_paths()
-    if paths is None:
-        pytest.skip("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
+    below the fold of a 1280-px window; an all-white mask merged into the page. Item 10: /docs was blank offline."""
     from vip2clip.model.checkpoint import save_checkpoint
 
     checkpoint = save_checkpoint(tmp_path / "c.pt", tiny_model.config, tiny_model.trainable_state_dict())
@@ -640,13 +638,13 @@ def test_a_long_calibration_line_keeps_the_mask_in_view_at_1280_px(tiny_model, t
     calibration = deep / "camera_left_calibration.json"
     assert main(["calibrate", str(good), "--checkpoint", str(checkpoint), "--no-progress", "--out",
                  str(calibration)]) == 0  # fmt: skip
-    server = ServerProcess("--checkpoint", str(checkpoint), "--calibration", str(calibration))
-    options = webdriver.ChromeOptions()
-    options.binary_location = paths[0]
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,800"):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=webdriver.ChromeService(executable_path=paths[1]), options=options)
+    driver = headless_chromium("1280,800")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    server = None
     try:
+        server = ServerProcess("--checkpoint", str(checkpoint), "--calibration", str(calibration))
         driver.get(server.url)
         driver.find_element(By.ID, "file").send_keys(str(good / "0.png"))
         WebDriverWait(driver, 120).until(lambda d: d.find_element(By.ID, "score").text != "")
@@ -657,9 +655,13 @@ def test_a_long_calibration_line_keeps_the_mask_in_view_at_1280_px(tiny_model, t
         border = driver.execute_script("return getComputedStyle(document.getElementById('mask')).borderTopColor")
         assert border not in ("rgb(255, 255, 255)", "rgb(204, 204, 204)"), border  # visible around a white mask
         driver.save_screenshot(str(tmp_path / "serve-1280.png"))
+        driver.get(server.url + "/docs")  # offline: Swagger UI's files come from the server (item 10)
+        title = "return document.querySelector('.swagger-ui .info .title')?.textContent || ''"
+        WebDriverWait(driver, 60).until(lambda d: "vip2clip" in d.execute_script(title))
     finally:
         driver.quit()
-        server.stop()
+        if server is not None:
+            server.stop()
 
 
 def test_each_job_gives_its_freed_memory_back(monkeypatch) -> None:
