@@ -21,10 +21,14 @@ _MEAN = np.asarray(OPENAI_MEAN, dtype=np.float32)
 _STD = np.asarray(OPENAI_STD, dtype=np.float32)
 
 
+def resize_image(image: Image.Image, image_size: int = 518) -> Image.Image:
+    """PIL image (any mode) -> RGB image S x S: the release's resize (PIL bicubic on 8-bit pixels)."""
+    return (image if image.mode == "RGB" else image.convert("RGB")).resize((image_size, image_size), Image.BICUBIC)
+
+
 def preprocess_array(image: Image.Image, image_size: int = 518) -> np.ndarray:
     """PIL image (any mode) -> normalised float32 array [3, S, S], as the release feeds CLIP (numpy only)."""
-    rgb = (image if image.mode == "RGB" else image.convert("RGB")).resize((image_size, image_size), Image.BICUBIC)
-    pixels = np.asarray(rgb, dtype=np.float32) / 255.0  # [S, S, 3]
+    pixels = np.asarray(resize_image(image, image_size), dtype=np.float32) / 255.0  # [S, S, 3]
     return np.ascontiguousarray(((pixels - _MEAN) / _STD).transpose(2, 0, 1))
 
 

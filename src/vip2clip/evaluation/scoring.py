@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from vip2clip.utils.distributed import World
 from vip2clip.utils.progress import Progress
 
 Batch = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # rows [B], scores [B], maps [B, S, S], masks bool
+T = TypeVar("T")
 
 
 def choose_shots(index: DatasetIndex, classes: list[str], shots: int, seed: int) -> dict[str, list[Path]]:
@@ -56,10 +58,15 @@ def choose_shots(index: DatasetIndex, classes: list[str], shots: int, seed: int)
             raise ValueError(
                 f"{index.root}: class {name!r} {have}; --shots {shots} needs {shots} per class from the train split"
             )
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode("utf-8"))])
-        picked = rng.choice(len(paths), size=shots, replace=False)
-        chosen[name] = sorted(Path(index.resolve(paths[i])).resolve() for i in picked)
+        chosen[name] = sorted(Path(index.resolve(path)).resolve() for path in draw_shots(paths, shots, seed, name))
     return chosen
+
+
+def draw_shots(paths: list[T], shots: int, seed: int, class_name: str) -> list[T]:
+    """`shots` of `paths` drawn without replacement by the (seed, class name) generator of the few-shot protocol
+    (the one draw of `choose_shots` and of the anomalib integration)."""
+    rng = np.random.default_rng([seed, zlib.crc32(class_name.encode("utf-8"))])
+    return [paths[i] for i in rng.choice(len(paths), size=shots, replace=False)]
 
 
 def evaluated_identity(

@@ -1,0 +1,263 @@
+"""ViP²-CLIP as an anomalib 2.x model: `vip2clip.integrations.anomalib.ViP2CLIP` (`pip install "vip2clip[anomalib]"`).
+
+>>> from anomalib.data import MVTecAD  # doctest: +SKIP
+>>> from anomalib.engine import Engine  # doctest: +SKIP
+>>> model = ViP2CLIP(checkpoint="run/checkpoint.pt", clip_weights="ViT-L-14-336px.pt")  # doctest: +SKIP
+>>> Engine().test(model, datamodule=MVTecAD(root="mvtec", category="bottle"))  # doctest: +SKIP
+
+The same computation as `vip2clip.Predictor` and `vip2clip test`: the model comes from `vip2clip.create_model`,
+anomalib's PreProcessor resizes and normalises as the release does and its PostProcessor thresholds the
+probabilities (`vip2clip.integrations.anomalib_processing`). Zero-shot by default (anomalib's zero-shot learning
+type); `shots=k` (few-shot learning type) makes k normal images of the data module's train split, drawn as
+`vip2clip test --shots k --seed s` draws them, the reference memory (`vip2clip.inference.references`), and
+`reference=FOLDER` takes a folder of normal images instead.
+
+Training is refused: the release trains the prompts on an auxiliary dataset's *test* split (anomalous images with
+masks), which anomalib's loop, whose train split holds normal images and which never calls a zero-shot model's
+training step, cannot express; `vip2clip train` does it (the message gives the command). `engine.fit` on this model
+does what it does on every anomalib zero-/few-shot model: it runs validation to collect thresholds, and a
+warning says that nothing is trained and gives the command.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from vip2clip.integrations.anomalib_support import require_anomalib
+
+require_anomalib()
+
+import torch  # noqa: E402
+from anomalib import LearningType  # noqa: E402
+from anomalib.data import Batch, InferenceBatch  # noqa: E402
+from anomalib.metrics import Evaluator  # noqa: E402
+from anomalib.models.components import AnomalibModule  # noqa: E402
+from anomalib.visualization import Visualizer  # noqa: E402
+from torch import nn  # noqa: E402
+from torchvision.transforms.v2 import Resize  # noqa: E402
+
+from vip2clip.data.images import load_image  # noqa: E402
+from vip2clip.evaluation.scoring import draw_shots  # noqa: E402
+from vip2clip.factory import create_model  # noqa: E402
+from vip2clip.inference.references import (  # noqa: E402
+    ReferenceEngine,
+    ReferenceMemory,
+    default_cache_dir,
+    memory_from_files,
+    reference_files,
+)
+from vip2clip.integrations.anomalib_processing import (  # noqa: E402
+    ProbabilityPostProcessor,
+    ReleasePreProcessor,
+    _tracing,
+)
+from vip2clip.model.identity import ModelIdentity  # noqa: E402
+from vip2clip.model.vip2clip import ViP2CLIP as ViP2CLIPNetwork  # noqa: E402
+
+__all__ = ["ViP2CLIP"]
+
+logger = logging.getLogger(__name__)
+
+TRAINING_REFUSED = (
+    "ViP2CLIP is not trained through anomalib's loop: the release trains its prompts on an auxiliary dataset's test "
+    "split (anomalous images with masks; focal + Dice + image cross-entropy, Adam at 1e-3 / 1e-5, batch 8, 10 epochs, "
+    "seed 111, frozen-feature cache), and anomalib's train split holds normal images only. Train with vip2clip, then "
+    "pass the checkpoint to this model:\n"
+    "  vip2clip train --data AUXILIARY_DATASET --out RUN --clip-weights ViT-L-14-336px.pt\n"
+    "  anomalib test --model vip2clip.integrations.anomalib.ViP2CLIP --model.checkpoint RUN/checkpoint.pt "
+    "--model.clip_weights ViT-L-14-336px.pt --data ..."
+)
+
+
+class _Scorer(nn.Module):
+    """The torch model anomalib calls: normalised images [B, 3, S, S] -> InferenceBatch(pred_score [B],
+    anomaly_map [B, S, S]), through `ViP2CLIP.predict` (fused with the reference memory when there is one)."""
+
+    def __init__(self, network: ViP2CLIPNetwork) -> None:
+        super().__init__()
+        self.network = network
+        self.references: ReferenceMemory | None = None
+
+    def forward(self, images: torch.Tensor, exclude: list[str | None] | None = None) -> InferenceBatch:
+        """exclude: per image, the pixel digest of the reference it is (leave-one-out, as `Predictor` does)."""
+        if _tracing():  # export: predict's computation without its no_grad / eval switching
+            output = self.network(images)
+            prediction = self.network.prediction_from_output(output, tuple(images.shape[-2:]))
+        elif self.references is None:
+            prediction = self.network.predict(images)
+        else:
+            prediction = ReferenceEngine(self.network, self.references).predict(images, exclude)
+        return InferenceBatch(pred_score=prediction.pred_score, anomaly_map=prediction.anomaly_map)
+
+
+class ViP2CLIP(AnomalibModule):
+    """ViP²-CLIP in anomalib (module docstring; docs/anomalib.md).
+
+    checkpoint, backbone, clip_weights, image_size, precision, top_k, sigma: as `vip2clip.create_model` (a
+        checkpoint brings its own backbone, size and options; clip_weights None means random weights, for tests).
+    shots: 0 (zero-shot) or k normal train images of the data module as references, drawn with `seed`.
+    reference: a folder of normal images as references instead (few-shot without a train split).
+    reference_cache: where reference memories are cached (default ~/.cache/vip2clip/references).
+    pre_processor, post_processor, evaluator, visualizer: anomalib's components (True: ours / anomalib's default).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None = None,
+        backbone: str | None = None,
+        clip_weights: str | Path | None = None,
+        image_size: int | None = None,
+        precision: str = "fp32",
+        top_k: int | None = None,
+        sigma: float | None = None,
+        shots: int = 0,
+        seed: int = 111,
+        reference: str | Path | None = None,
+        reference_cache: str | Path | None = None,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        if shots < 0:
+            raise ValueError(f"shots must be >= 0, got {shots}")
+        if shots and reference is not None:
+            raise ValueError("give shots (normal train images of the data module) or reference (a folder), not both")
+        options = {name: value for name, value in (("top_k", top_k), ("sigma", sigma)) if value is not None}
+        network = create_model(backbone, clip_weights, checkpoint, image_size, precision=precision, **options)
+        size = int(network.config.image_size)
+        super().__init__(
+            pre_processor=ReleasePreProcessor(size) if pre_processor is True else pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        self.model = _Scorer(network)
+        self.identity = ModelIdentity.of(network, checkpoint)
+        self.shots, self.seed = shots, seed
+        self.reference = None if reference is None else Path(reference)
+        self.reference_cache = Path(reference_cache) if reference_cache is not None else default_cache_dir()
+
+    @property
+    def network(self) -> ViP2CLIPNetwork:
+        """The vip2clip model (`vip2clip.create_model`'s) inside."""
+        return self.model.network
+
+    @property
+    def learning_type(self) -> LearningType:
+        return LearningType.FEW_SHOT if self.shots or self.reference is not None else LearningType.ZERO_SHOT
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | int | None = None) -> ReleasePreProcessor:
+        """The release's resize (to a square side: the first of `image_size`, default 518) and normalisation."""
+        side = image_size[0] if isinstance(image_size, tuple | list) else image_size
+        return ReleasePreProcessor(int(side or 518))
+
+    @staticmethod
+    def configure_post_processor() -> ProbabilityPostProcessor:
+        return ProbabilityPostProcessor()
+
+    def configure_optimizers(self) -> None:
+        raise RuntimeError(TRAINING_REFUSED)
+
+    def training_step(self, batch: Batch, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError(TRAINING_REFUSED)
+
+    def on_validation_start(self) -> None:
+        # anomalib's Engine.fit runs a verbose validation for zero-/few-shot models (test and predict validate
+        # quietly first): say that nothing is trained, and how to train.
+        if self.trainer.validate_loop.verbose:
+            logger.warning("anomalib's fit / validate only compute ViP2CLIP's thresholds; nothing is trained. %s",
+                           TRAINING_REFUSED)  # fmt: skip
+
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
+        """Scores the validation split, from which anomalib's PostProcessor computes its thresholds."""
+        return self._scored(batch)
+
+    def test_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
+        return self._scored(batch)
+
+    def predict_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
+        return self._scored(batch)
+
+    def _scored(self, batch: Batch) -> Batch:
+        """The batch with pred_score and anomaly_map; an image that is one of the references is compared with the
+        other references only (leave-one-out by pixel digest, as `Predictor` does)."""
+        exclude = None
+        paths = getattr(batch, "image_path", None)
+        if self.model.references is not None and paths is not None:
+            exclude = [self.model.references.own_digest(load_image(path), path) for path in paths]
+        return batch.update(**self.model(batch.image, exclude)._asdict())
+
+    def val_dataloader(self) -> list:
+        """Used only without a data module (`engine.predict(data_path=...)`, `anomalib predict --data DIR`), where
+        anomalib still validates a zero-shot model first: nothing to validate, thresholds stay at 0.5."""
+        logger.warning(
+            "no validation data (no data module): ViP2CLIP's thresholds stay at 0.5, uncalibrated; give a data "
+            "module with labelled images to let anomalib compute F1-adaptive thresholds"
+        )
+        return []
+
+    def setup(self, stage: str | None = None) -> None:
+        """Before a run: say how the data module's own resizing relates to the model's; build the references."""
+        del stage
+        datamodule = getattr(getattr(self, "_trainer", None), "datamodule", None)
+        if datamodule is not None:
+            self._report_resizes(datamodule)
+        if self.learning_type == LearningType.FEW_SHOT and self.model.references is None:
+            files = reference_files(self.reference) if self.reference is not None else self._train_shots(datamodule)
+            memory = memory_from_files(self.network, self.identity, files, cache_dir=self.reference_cache)
+            logger.info("ViP2CLIP references: %d images (%d patches)", len(memory.files), memory.n_patches)
+            self.model.references = memory
+
+    def _train_shots(self, datamodule: Any) -> list[Path]:
+        """`shots` normal images of the data module's train split, drawn as `vip2clip test --shots` draws them:
+        from the sorted paths, by the (seed, class) generator; the class is the data module's category (or name)."""
+        train = getattr(datamodule, "train_data", None)
+        if train is None:
+            raise ValueError(
+                f"shots={self.shots} takes normal images from the data module's train split, and this run has no "
+                "data module with one; pass reference=FOLDER (--model.reference) with normal images instead"
+            )
+        samples = train.samples
+        paths = sorted(str(path) for path in samples.loc[samples.label_index == 0, "image_path"])
+        class_name = str(getattr(datamodule, "category", None) or datamodule.name)
+        if len(paths) < self.shots:
+            raise ValueError(
+                f"shots={self.shots}, but the train split of {datamodule.name} ({class_name}) holds {len(paths)} "
+                "normal image(s)"
+            )
+        return [Path(path) for path in draw_shots(paths, self.shots, self.seed, class_name)]
+
+    def _report_resizes(self, datamodule: Any) -> None:
+        """A data module that resizes to another size than the model's: its images are resized again to the
+        model's input, as `vip2clip test` resizes every image to the checkpoint's size; said, not refused."""
+        size = self.network.config.image_size
+        for name in ("augmentations", "train_augmentations", "val_augmentations", "test_augmentations"):
+            for transform in _resizes(getattr(datamodule, name, None)):
+                if list(transform.size) not in ([size], [size, size]):
+                    logger.warning(
+                        "the data module's %s resize images to %s; ViP2CLIP (trained at %d px) resizes them again "
+                        "to %d x %d, as `vip2clip test` does: its scores are those at %d px",
+                        name, list(transform.size), size, size, size, size,
+                    )  # fmt: skip
+
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Path:
+        if self.model.references is not None:
+            raise ValueError(
+                "a ViP2CLIP with reference images (shots / reference) is not exported: the reference memory needs "
+                "the PyTorch model; export the zero-shot model (shots=0) or use vip2clip's Predictor with --reference"
+            )
+        return super().to_onnx(*args, **kwargs)
+
+
+def _resizes(transform: Any) -> list[Resize]:
+    if isinstance(transform, Resize):
+        return [transform]
+    return [r for t in getattr(transform, "transforms", []) for r in _resizes(t)]
