@@ -129,6 +129,11 @@ class OnnxEngine:
         self.backend = _choose_backend(backend, precision)
         if precision == "bf16" and cpu_features().known and not cpu_features().bf16:
             logger.warning("bf16 engine: %s; fp32 is faster here", cpu_features().describe_bf16())
+        if precision == "bf16":
+            logger.warning(
+                "bf16 on OpenVINO runs FGP, UTPA's softmax and the smoothing in bf16 too: its maps move more than "
+                "torch's --precision bf16 (docs/precision.md); prefer torch bf16 or an INT8 export for maps"
+            )
         if precision == "bf16" and self.backend == "onnxruntime":
             raise ValueError(
                 "ONNX Runtime has no bf16 CPU kernels: it would run this file in fp32. For bf16 use "
