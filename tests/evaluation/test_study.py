@@ -151,14 +151,20 @@ def test_a_folder_of_another_study_or_settings_is_refused(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_a_study_under_torchrun_gives_the_one_process_table(roots, tmp_path: Path, torchrun) -> None:
+def test_a_study_under_torchrun_gives_the_one_process_table(roots, tmp_path: Path, torchrun, rank_threads) -> None:
     argv = ["study", "alignment", *_data_args("alignment", roots), "--variants", "utpa", *MODEL_ARGS]
-    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    with rank_threads(2):  # the ranks' thread count: the same rounding in the forward passes
+        assert main([*argv, "--out", str(tmp_path / "one")]) == 0
     process = torchrun("-m", "vip2clip", *argv, "--out", str(tmp_path / "two"))
     assert process.returncode == 0, process.stderr[-2000:]
     one, two = (json.loads((tmp_path / name / "study.json").read_text()) for name in ("one", "two"))
     for test, entry in one["variants"][0]["datasets"].items():
         for key, cell in entry["metrics"].items():
             other = two["variants"][0]["datasets"][test]["metrics"][key]["mean"]
-            assert cell["mean"] == other or abs(cell["mean"] - other) < 1e-4, (test, key)  # None: undefined in both
+            # Two ranks sum the gradients in another order: weights differ by ~1e-9 and the tiny random model's
+            # near-flat maps by less than that. The release's AUPRO rule (thresholds kept while FPR < 0.3, then
+            # rescaled) jumps when one of its 200 thresholds crosses 0.3, so on the exact float32 maps it gets a
+            # wider bound than the continuous metrics.
+            bound = 2e-3 if key == "pixel_aupro" else 1e-4
+            assert cell["mean"] == other or abs(cell["mean"] - other) < bound, (test, key)  # None: undefined in both
     assert json.loads(next((tmp_path / "two" / "runs").rglob("results.json")).read_text())["world_size"] == 2

@@ -39,6 +39,7 @@ def _merged_by_hand(roots: tuple[Path, Path], folder: Path) -> Path:
             test[f"{root.name}-{name}"] = [
                 replace(
                     s,
+                    cls_name=f"{root.name}-{name}",  # a row's cls_name names the class it is listed under
                     img_path=str(index.resolve(s.img_path)),
                     mask_path=str(index.resolve(s.mask_path)) if s.mask_path else "",
                 )
