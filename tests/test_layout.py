@@ -1,5 +1,7 @@
-"""The package layout's rules, checked on the source: small modules, a model that knows nothing about files or
-the command line, library code that never looks at terminals."""
+"""The package layout's rules, checked on the source: small modules and functions, a model that knows nothing about
+files or the command line, library code that never looks at terminals, no import cycles (imports inside functions
+and under TYPE_CHECKING count: they are knowledge of the other module too), no underscore names taken from another
+module."""
 
 from __future__ import annotations
 
@@ -35,6 +37,70 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Each package module -> the package modules it imports anywhere (top level, functions, TYPE_CHECKING);
+    `from vip2clip.x import y` counts as importing vip2clip.x.y when that is a module."""
+    modules = {_module_name(path): path for path in MODULES}
+    graph = {}
+    for name, path in modules.items():
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets.add(node.module)
+                targets.update(f"{node.module}.{alias.name}" for alias in node.names)
+        graph[name] = (targets & set(modules)) - {name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
 @pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_modules_stay_small(path: Path) -> None:
     assert len(path.read_text(encoding="utf-8").splitlines()) <= MAX_LINES
@@ -55,6 +121,25 @@ def test_lower_layers_do_not_import_upper_ones(path: Path) -> None:
     for name in _imports(path):
         if name == "vip2clip" or name.startswith("vip2clip."):
             assert any(name == a or name.startswith(a + ".") for a in allowed), f"{path} imports {name}"
+
+
+def test_no_import_cycles() -> None:
+    assert _cycles(_module_graph()) == []
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert _cycles(graph) == [["a", "b", "c"]]
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_underscore_names_from_other_modules(path: Path) -> None:
+    """A name with a leading underscore is private to its module: shared ones get a public name (or a core module
+    names them without one)."""
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("vip2clip"):
+            private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+            assert not private, f"{path} imports {private} from {node.module}"
 
 
 def test_public_entry_points() -> None:
