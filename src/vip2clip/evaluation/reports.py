@@ -50,7 +50,7 @@ def _markdown_row(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     lines = [_markdown_row(header), _markdown_row(["---"] * len(header))]
     lines += [_markdown_row(row) for row in rows]
     return "\n".join(lines)
@@ -63,10 +63,10 @@ def class_table_markdown(result: EvaluationResult, title: str | None = None, not
     heading = f"## {title}\n\n" if title else ""
     heading += "".join(f"**Note:** {note}\n\n" for note in notes)
     undefined = any(cell.strip("*") == "-" for row in rows for cell in row[1:])  # the footnote only where it applies
-    return f"{heading}{_markdown_table(CLASS_HEADER, rows)}\n" + (f"\n{UNDEFINED_NOTE}\n" if undefined else "")
+    return f"{heading}{markdown_table(CLASS_HEADER, rows)}\n" + (f"\n{UNDEFINED_NOTE}\n" if undefined else "")
 
 
-def _triple(values: Mapping[str, float], keys: Sequence[str]) -> str:
+def triple(values: Mapping[str, float], keys: Sequence[str]) -> str:
     return "(" + ", ".join(percent(values[k]) for k in keys) + ")"
 
 
@@ -91,22 +91,22 @@ def _printed_difference(ours: float, paper: float) -> str:
     return f"{round(float(ours_text) - float(reference_text), 1) or 0.0:+.1f}"  # no "-0.0"
 
 
-def _difference_triple(ours: Mapping[str, float], paper: Mapping[str, float] | None, keys: Sequence[str]) -> str:
+def difference_triple(ours: Mapping[str, float], paper: Mapping[str, float] | None, keys: Sequence[str]) -> str:
     """ "(+0.3, -, -1.2)": printed ours - printed reference, "-" where either is missing."""
     if paper is None:
         return "-"
     return "(" + ", ".join(_printed_difference(ours[key], paper.get(key, math.nan)) for key in keys) + ")"
 
 
-def _comparison_cells(
+def comparison_cells(
     paper: PaperNumbers | None, ours: Mapping[str, float], theirs: Mapping[str, float] | None, keys: Sequence[str]
 ) -> list[str]:
     if paper is None:
         return []
-    return [_triple(theirs, keys) if theirs else "-", _difference_triple(ours, theirs, keys)]
+    return [triple(theirs, keys) if theirs else "-", difference_triple(ours, theirs, keys)]
 
 
-def _paper_values(paper: PaperNumbers, name: str, keys: Sequence[str]) -> dict[str, float] | None:
+def paper_values(paper: PaperNumbers, name: str, keys: Sequence[str]) -> dict[str, float] | None:
     """The reference's values of one block for a dataset (None: it does not report that block)."""
     row = paper.row_for(name)
     return {k: row.values[k] for k in keys} if row and all(k in row.values for k in keys) else None
@@ -121,16 +121,16 @@ def benchmark_table_markdown(
     for task, keys in BLOCKS:
         shown = _block_entries(entries, keys)
         for position, entry in enumerate(shown):
-            theirs = _paper_values(paper, entry.name, keys) if paper else None
+            theirs = paper_values(paper, entry.name, keys) if paper else None
             rows.append([task if position == 0 else "", entry.name, str(len(entry.result.classes)),
-                         _triple(entry.result.mean, keys),
-                         *_comparison_cells(paper, entry.result.mean, theirs, keys)])  # fmt: skip
+                         triple(entry.result.mean, keys),
+                         *comparison_cells(paper, entry.result.mean, theirs, keys)])  # fmt: skip
         if shown:
             average = block_average(shown, keys)
             theirs = paper.block_average([e.name for e in shown], keys) if paper else None
-            rows.append(["", "AVERAGE", "-", _triple(average, keys), *_comparison_cells(paper, average, theirs, keys)])
+            rows.append(["", "AVERAGE", "-", triple(average, keys), *comparison_cells(paper, average, theirs, keys)])
     header = ("Task", "Datasets", "C", method) + ((paper.name, f"ours - {paper.name}") if paper else ())
-    table = _markdown_table(header, rows) + "\n"
+    table = markdown_table(header, rows) + "\n"
     if paper:
         table += (
             f"\n{paper.name}: {paper.source} ({paper.protocol}). Differences in points of the printed "
@@ -161,7 +161,7 @@ def class_paper_markdown(result: EvaluationResult, paper: PaperNumbers, dataset:
     rows.append(["**Mean**", *_paper_cells(result.mean, comparison.mean)])
     mean_note = f"the Mean row's reference: {comparison.mean_source or 'none (not every class is in the paper)'}"
     return (
-        f"{heading} ({', '.join(comparison.tables)})\n\n{_markdown_table(CLASS_HEADER, rows)}\n\n"
+        f"{heading} ({', '.join(comparison.tables)})\n\n{markdown_table(CLASS_HEADER, rows)}\n\n"
         f"Cells: the {paper.name}'s value (ours - {paper.name}, in points of the printed values); '-': not "
         f"reported there, or (in the difference) undefined here; {mean_note}.\n"
     )
@@ -189,11 +189,11 @@ def _class_paper_json(result: EvaluationResult, paper: PaperNumbers, comparison:
             "mean": {"source": comparison.mean_source, "values": mean, "difference": gaps}}  # fmt: skip
 
 
-def _csv_number(value: float) -> str:
+def csv_number(value: float) -> str:
     return "" if value is None or math.isnan(value) else repr(float(value))
 
 
-def _csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
@@ -212,21 +212,21 @@ def class_table_csv(result: EvaluationResult, comparison: ClassComparison | None
         if comparison is None:
             return []
         theirs, gaps = theirs or {}, difference(ours, theirs, METRIC_KEYS)
-        return [*(_csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
-                *(_csv_number(gaps[k]) for k in METRIC_KEYS)]  # fmt: skip
+        return [*(csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
+                *(csv_number(gaps[k]) for k in METRIC_KEYS)]  # fmt: skip
 
     rows = [
-        [c.name, c.n_normal, c.n_anomalous, *(_csv_number(c.metrics[k]) for k in METRIC_KEYS),
-         _csv_number(c.image_threshold), _csv_number(c.pixel_threshold),
+        [c.name, c.n_normal, c.n_anomalous, *(csv_number(c.metrics[k]) for k in METRIC_KEYS),
+         csv_number(c.image_threshold), csv_number(c.pixel_threshold),
          *cells(c.metrics, comparison and _class_values(comparison, c.name))]
         for c in result.classes
     ]  # fmt: skip
     n_normal = sum(c.n_normal for c in result.classes)
     n_anomalous = sum(c.n_anomalous for c in result.classes)
-    rows.append(["mean", n_normal, n_anomalous, *(_csv_number(result.mean[k]) for k in METRIC_KEYS),
-                 _csv_number(result.image_threshold), _csv_number(result.pixel_threshold),
+    rows.append(["mean", n_normal, n_anomalous, *(csv_number(result.mean[k]) for k in METRIC_KEYS),
+                 csv_number(result.image_threshold), csv_number(result.pixel_threshold),
                  *cells(result.mean, comparison and comparison.mean)])  # fmt: skip
-    return _csv_text(header, rows)
+    return csv_text(header, rows)
 
 
 def _paper_average(paper: PaperNumbers, entries: Sequence[BenchmarkEntry]) -> dict[str, float]:
@@ -248,19 +248,19 @@ def benchmark_csv(entries: Sequence[BenchmarkEntry], paper: PaperNumbers | None 
             return []
         theirs = theirs or {}
         gaps = difference(ours, theirs, METRIC_KEYS)
-        return [table, *(_csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
-                *(_csv_number(gaps[k]) for k in METRIC_KEYS)]  # fmt: skip
+        return [table, *(csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
+                *(csv_number(gaps[k]) for k in METRIC_KEYS)]  # fmt: skip
 
     rows = []
     for e in entries:
         row = paper.row_for(e.name) if paper else None
-        rows.append([e.name, len(e.result.classes), *(_csv_number(e.result.mean[k]) for k in METRIC_KEYS),
+        rows.append([e.name, len(e.result.classes), *(csv_number(e.result.mean[k]) for k in METRIC_KEYS),
                      *cells(e.result.mean, row.table if row else "", row.values if row else None)])  # fmt: skip
     average = {**block_average(_block_entries(entries, IMAGE_KEYS), IMAGE_KEYS),
                **block_average(_block_entries(entries, PIXEL_KEYS), PIXEL_KEYS)}  # fmt: skip
     theirs = _paper_average(paper, entries) if paper else None
-    rows.append(["AVERAGE", "", *(_csv_number(average[k]) for k in METRIC_KEYS), *cells(average, "", theirs)])
-    return _csv_text(header, rows)
+    rows.append(["AVERAGE", "", *(csv_number(average[k]) for k in METRIC_KEYS), *cells(average, "", theirs)])
+    return csv_text(header, rows)
 
 
 def write_results(
@@ -344,4 +344,4 @@ def write_scores(path: str | Path, result: EvaluationResult) -> Path:
     """scores.csv: one row per evaluated image in dataset order (class, image path as in the index, label,
     pred_score at full precision), so that runs can be compared image by image."""
     rows = [[name, image, label, repr(score)] for name, image, label, score in result.image_scores]
-    return atomic_write_text(path, _csv_text(("class", "image", "label", "pred_score"), rows))
+    return atomic_write_text(path, csv_text(("class", "image", "label", "pred_score"), rows))

@@ -20,12 +20,12 @@ from vip2clip.evaluation.paper import PaperNumbers
 from vip2clip.evaluation.reports import (
     BLOCKS,
     BenchmarkEntry,
-    _comparison_cells,
-    _csv_number,
-    _csv_text,
-    _markdown_table,
-    _paper_values,
     block_average,
+    comparison_cells,
+    csv_number,
+    csv_text,
+    markdown_table,
+    paper_values,
     percent,
 )
 from vip2clip.metrics import METRIC_KEYS
@@ -80,7 +80,7 @@ def seeds_table_markdown(runs: Mapping[int, Sequence[BenchmarkEntry]], reference
         ]
         for position, (name, n_classes, values) in enumerate(shown):
             means = {key: mean_std(values[key])[0] for key in keys}
-            theirs = _paper_values(reference, name, keys) if reference else None
+            theirs = paper_values(reference, name, keys) if reference else None
             cells = "(" + ", ".join(spread_cell(values[key]) for key in keys) + ")"
             table.append(
                 [
@@ -88,7 +88,7 @@ def seeds_table_markdown(runs: Mapping[int, Sequence[BenchmarkEntry]], reference
                     name,
                     str(n_classes),
                     cells,
-                    *_comparison_cells(reference, means, theirs, keys),
+                    *comparison_cells(reference, means, theirs, keys),
                 ]
             )
         if shown:
@@ -96,12 +96,12 @@ def seeds_table_markdown(runs: Mapping[int, Sequence[BenchmarkEntry]], reference
             means = {key: mean_std(averages[key])[0] for key in keys}
             theirs = reference.block_average([name for name, _, _ in shown], keys) if reference else None
             cells = "(" + ", ".join(spread_cell(averages[key]) for key in keys) + ")"
-            table.append(["", "AVERAGE", "-", cells, *_comparison_cells(reference, means, theirs, keys)])
+            table.append(["", "AVERAGE", "-", cells, *comparison_cells(reference, means, theirs, keys)])
     header = ("Task", "Datasets", "C", "ViP²-CLIP") + (
         (reference.name, f"mean - {reference.name}") if reference else ()
     )
     note = STD_NOTE.format(", ".join(str(seed) for seed in runs))
-    return f"{_markdown_table(header, table)}\n\n{note}; per seed: seed-N/benchmark.md.\n"
+    return f"{markdown_table(header, table)}\n\n{note}; per seed: seed-N/benchmark.md.\n"
 
 
 def seeds_json(runs: Mapping[int, Sequence[BenchmarkEntry]]) -> dict[str, Any]:
@@ -128,9 +128,9 @@ def write_seed_benchmark(
         [
             d["name"],
             key,
-            _csv_number(d["metrics"][key]["mean"]),
-            _csv_number(d["metrics"][key]["std"]),
-            *(_csv_number(d["per_seed"][str(seed)][key]) for seed in runs),
+            csv_number(d["metrics"][key]["mean"]),
+            csv_number(d["metrics"][key]["std"]),
+            *(csv_number(d["per_seed"][str(seed)][key]) for seed in runs),
         ]
         for d in data["datasets"]
         for key in METRIC_KEYS
@@ -138,6 +138,6 @@ def write_seed_benchmark(
     header = ("dataset", "metric", "mean", "std", *(f"seed_{seed}" for seed in runs))
     return {
         "markdown": atomic_write_text(out_dir / "benchmark.md", seeds_table_markdown(runs, reference)),
-        "csv": atomic_write_text(out_dir / "benchmark.csv", _csv_text(header, rows)),
+        "csv": atomic_write_text(out_dir / "benchmark.csv", csv_text(header, rows)),
         "json": atomic_write_json(out_dir / "benchmark.json", data),
     }

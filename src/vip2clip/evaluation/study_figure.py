@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from vip2clip.evaluation.reports import _csv_number, _csv_text
+from vip2clip.evaluation.reports import csv_number, csv_text
 from vip2clip.evaluation.seeds import mean_std
 from vip2clip.evaluation.studies import Study, Variant
 from vip2clip.utils.fileio import atomic_write_text
@@ -84,12 +84,12 @@ def write_figure(
             p["metric"],
             p.get("variant", ""),
             p["x"],
-            _csv_number(p["mean"]),
-            _csv_number(p["std"]),
+            csv_number(p["mean"]),
+            csv_number(p["std"]),
         ]
         for p in points
     ]
-    written: dict[str, Path | str] = {"figure_csv": atomic_write_text(out_dir / "figure.csv", _csv_text(header, rows))}
+    written: dict[str, Path | str] = {"figure_csv": atomic_write_text(out_dir / "figure.csv", csv_text(header, rows))}
     try:
         import matplotlib
 

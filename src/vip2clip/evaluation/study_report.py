@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vip2clip.evaluation.paper import PaperNumbers, difference, load_paper_numbers
-from vip2clip.evaluation.reports import _csv_number, _csv_text, _difference_triple, _markdown_table, _triple
+from vip2clip.evaluation.reports import csv_number, csv_text, difference_triple, markdown_table, triple
 from vip2clip.evaluation.seeds import mean_std, spread_cell
 from vip2clip.evaluation.studies import Study, Variant
 from vip2clip.evaluation.study_figure import write_figure
@@ -78,11 +78,11 @@ def variants_table(study: Study, variants: Sequence[Variant], results, paper: Pa
                 if paper:
                     block = {k: theirs[k] for k in keys} if theirs and all(k in theirs for k in keys) else None
                     row += [
-                        _triple(block, keys) if block else "-",
-                        _difference_triple(_means(runs), block, keys) if runs else "-",
+                        triple(block, keys) if block else "-",
+                        difference_triple(_means(runs), block, keys) if runs else "-",
                     ]
         rows.append(row)
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _short(key: str) -> str:
@@ -131,7 +131,7 @@ def datasets_table(study: Study, variant: Variant, results, paper: PaperStudy | 
                 ]
             )
     header = ["Task", "Datasets", "ViP²-CLIP (ours)"] + (["paper", "ours - paper"] if paper else [])
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _block_mean(runs: Sequence[Mapping[str, float]], key: str) -> float:
@@ -146,7 +146,7 @@ def _means_of(runs: Sequence[Mapping[str, float]], keys: Sequence[str]) -> dict[
 def _paper_cells(paper, ours: Mapping[str, float], theirs: Mapping[str, float] | None, keys) -> list[str]:
     if paper is None:
         return []
-    return [_triple(theirs, keys) if theirs else "-", _difference_triple(ours, theirs, keys)]
+    return [triple(theirs, keys) if theirs else "-", difference_triple(ours, theirs, keys)]
 
 
 def study_markdown(study: Study, variants, seeds, results, reference: PaperNumbers | None, titles) -> str:
@@ -196,11 +196,11 @@ def study_rows(study: Study, variants, seeds, results, paper: PaperStudy | None)
                         variant.key,
                         test,
                         key,
-                        _csv_number(mean),
-                        _csv_number(std),
-                        *(_csv_number(v) for v in values),
-                        _csv_number(paper_value),
-                        _csv_number(mean - paper_value),
+                        csv_number(mean),
+                        csv_number(std),
+                        *(csv_number(v) for v in values),
+                        csv_number(paper_value),
+                        csv_number(mean - paper_value),
                     ]
                 )
     return rows
@@ -278,7 +278,7 @@ def write_study(
             out_dir / "study.md", study_markdown(study, variants, seeds, results, reference, titles)
         ),
         "csv": atomic_write_text(
-            out_dir / "study.csv", _csv_text(header, study_rows(study, variants, seeds, results, paper))
+            out_dir / "study.csv", csv_text(header, study_rows(study, variants, seeds, results, paper))
         ),
         "json": atomic_write_json(
             out_dir / "study.json", study_json(study, variants, seeds, results, paper, reference)
