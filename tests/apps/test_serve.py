@@ -683,3 +683,21 @@ def test_each_job_gives_its_freed_memory_back(monkeypatch) -> None:
         jobs.close()
     assert calls == [1]  # once per job, after it
     assert return_freed_memory() == (sys.platform.startswith("linux") and "glibc" in os.confstr("CS_GNU_LIBC_VERSION"))
+
+
+def test_a_route_handler_runs_alone(tiny_model) -> None:
+    """The handlers are module-level functions reading the shared state from the request: callable without a
+    server or an app."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vip2clip.apps.serve_routes import ServeState, info
+
+    state = ServeState.of(Predictor(tiny_model, Thresholds(0.3, 0.4, "test")), examples=[])
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(serve=state)))
+    try:
+        reply = asyncio.run(info(request))
+    finally:
+        state.jobs.close()
+    assert (reply.image_threshold, reply.pixel_threshold, reply.threshold_source) == (0.3, 0.4, "test")
+    assert reply.model.backbone == "tiny" and reply.model.random_weights and reply.queue.in_use == 0
