@@ -51,7 +51,7 @@ from vip2clip.inference.references import (  # noqa: E402
 from vip2clip.integrations.anomalib_processing import (  # noqa: E402
     ProbabilityPostProcessor,
     ReleasePreProcessor,
-    _tracing,
+    is_tracing,
 )
 from vip2clip.model.identity import ModelIdentity  # noqa: E402
 from vip2clip.model.vip2clip import ViP2CLIP as ViP2CLIPNetwork  # noqa: E402
@@ -82,7 +82,7 @@ class _Scorer(nn.Module):
 
     def forward(self, images: torch.Tensor, exclude: list[str | None] | None = None) -> InferenceBatch:
         """exclude: per image, the pixel digest of the reference it is (leave-one-out, as `Predictor` does)."""
-        if _tracing():  # export: predict's computation without its no_grad / eval switching
+        if is_tracing():  # export: predict's computation without its no_grad / eval switching
             output = self.network(images)
             prediction = self.network.prediction_from_output(output, tuple(images.shape[-2:]))
         elif self.references is None:

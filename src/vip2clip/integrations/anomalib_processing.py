@@ -37,7 +37,7 @@ from vip2clip.data.transforms import preprocess_mask, resize_image  # noqa: E402
 from vip2clip.inference.predictor import DEFAULT_THRESHOLD  # noqa: E402
 
 
-def _tracing() -> bool:
+def is_tracing() -> bool:
     return torch.compiler.is_compiling() or torch.compiler.is_exporting()
 
 
@@ -128,7 +128,7 @@ class ReleasePreProcessor(PreProcessor):
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] -> normalised [B, 3, S, S] (anomalib's inference and export path)."""
-        if not _tracing():
+        if not is_tracing():
             return super().forward(batch)
         return (pil_like_resize(batch, self.image_size) - self.mean) / self.std
 
