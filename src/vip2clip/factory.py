@@ -47,6 +47,19 @@ def create_model(
 ) -> ViP2CLIP:
     """Build ViP²-CLIP on a frozen open_clip CLIP.
 
+    Args (below), Returns: the `ViP2CLIP` model (frozen backbone, trainable prompt learner and FGP, the
+    checkpoint's weights loaded). Raises: ValueError for an unknown preset or model option, a checkpoint trained on
+    another backbone or an explicit image size that is not a multiple of the patch size; FileNotFoundError for a
+    missing checkpoint or weights file; `CheckpointError` (a ValueError) for a file that is not a checkpoint.
+
+    Example:
+        >>> import vip2clip
+        >>> model = vip2clip.create_model("tiny", image_size=64, seed=0)  # random weights: for tests only
+        >>> model.config.backbone, model.config.image_size
+        ('tiny', 64)
+        >>> real = vip2clip.create_model(clip_weights="ViT-L-14-336px.pt", checkpoint="ckpt.pt")  # doctest: +SKIP
+
+    Args:
     backbone: a preset of `vip2clip.list_models()` ("vip2clip", the ablation variants, "tiny"; its switches are
         defaults that `config` overrides), an open_clip ViT name (default "ViT-L-14-336", or the checkpoint's).
     clip_weights: None (random init: for tests, the scores mean nothing), a local OpenAI-format file

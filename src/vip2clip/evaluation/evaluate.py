@@ -306,8 +306,33 @@ def evaluate(
     progress: Progress = silent,
     world: World = LOCAL,
 ) -> EvaluationResult:
-    """Evaluate `model` on a split of `index`, one class at a time (see the module docstring). Under torchrun every
-    rank calls this with its `world`; all get the result."""
+    """Evaluate `model` on a split of `index`, one class at a time (see the module docstring).
+
+    Args:
+        model: the model to evaluate.
+        index: the dataset (`vip2clip.data.index.DatasetIndex`, e.g. from `vip2clip convert` or
+            `vip2clip.data.synthetic.generate_benchmark`).
+        config: split, classes, batch size, map dtype, panels, tiling, few-shot references (`EvalConfig`).
+        progress: a progress callable (`vip2clip.utils.progress`; silent by default).
+        world: the process group under torchrun (every rank calls this; all get the result).
+
+    Returns:
+        The per-class metrics, their mean, the dataset-level F1-optimal thresholds, skipped files and per-image
+        scores (`EvaluationResult`).
+
+    Raises:
+        ValueError: an unknown class, a split without images or without a readable one, fewer normal train images
+            than `config.shots`, or NaN/infinite scores or maps (naming the files).
+
+    Example:
+        >>> import tempfile, vip2clip
+        >>> from vip2clip.data.synthetic import generate_benchmark
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     index = generate_benchmark(folder, classes=1, image_size=64, n_test_good=2, n_test_defect=2)
+        ...     result = evaluate(vip2clip.create_model("tiny", image_size=64, seed=0), index)
+        >>> len(result.classes), result.n_images, sorted(result.mean) == sorted(result.classes[0].metrics)
+        (1, 4, True)
+    """
     config = config or EvalConfig()
     classes = _classes_to_evaluate(index, config)
     shots = choose_shots(index, classes, config.shots, config.seed) if config.shots else {}

@@ -192,8 +192,17 @@ class OnnxEngine:
 def load_onnx(
     path: str | Path, providers: Sequence[str] | None = None, backend: str = "auto", precision: str = "auto"
 ) -> OnnxEngine:
-    """Load a model exported by `vip2clip.export_onnx` (fp32 or INT8).
+    """Load a model exported by `vip2clip.export_onnx` (fp32 or INT8; no torch needed).
 
+    Returns: an `OnnxEngine` (`predict` as `ViP2CLIP.predict`, the exported model's `config` and `identity`).
+    Raises: MissingDependencyError (the runtime is not installed: an ImportError naming the extra);
+    FileNotFoundError; ValueError for a damaged file or one not written by `export_onnx`.
+
+    Example:
+        >>> engine = vip2clip.load_onnx("model.onnx")  # doctest: +SKIP
+        >>> predictor = vip2clip.Predictor(engine)  # doctest: +SKIP
+
+    Args:
     providers: ONNX Runtime execution providers in order of preference (default ["CPUExecutionProvider"]; e.g.
         ["CUDAExecutionProvider", "CPUExecutionProvider"] with onnxruntime-gpu). With backend="openvino" the first
         entry names the OpenVINO device instead (default "CPU").

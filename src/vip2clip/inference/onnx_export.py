@@ -73,8 +73,18 @@ def export_onnx(
     max_map_drop: float | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
-    """Export `model`'s predict to the ONNX file `path` (written atomically); returns the path.
+    """Export `model`'s predict to the ONNX file `path` (written atomically).
 
+    Returns: the path written. Raises: MissingDependencyError (onnx/onnxscript, or nncf for INT8, not installed);
+    OSError when the destination cannot be written (said before the slow export).
+
+    Example:
+        >>> import vip2clip
+        >>> model = vip2clip.create_model("tiny", image_size=64, seed=0)
+        >>> vip2clip.export_onnx(model, "model.onnx")  # doctest: +SKIP
+        PosixPath('model.onnx')
+
+    Args:
     image_size: the input side S (default the model's). checkpoint: the file the model's trainable weights came
         from, hashed into the recorded identity (as `ModelIdentity.of(model, checkpoint)`).
     external_data: weights in `<path>.data` beside the file; None decides by size (above EXTERNAL_DATA_BYTES).

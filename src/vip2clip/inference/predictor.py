@@ -176,9 +176,29 @@ class _InFlight(Generic[T]):
 class Predictor:
     """Loads a model once and predicts on images of any size. Not thread-safe: serialise calls.
 
-    >>> predictor = Predictor.from_checkpoint("checkpoint.pt", calibration="calibration.json")  # doctest: +SKIP
-    >>> result = predictor.predict("part.png")[0]  # doctest: +SKIP
-    >>> result.pred_score, result.pred_label, result.pred_mask.shape  # doctest: +SKIP
+    Build one with `from_checkpoint` or `from_onnx`, or from an engine directly.
+
+    Args:
+        model: an inference engine: a `ViP2CLIP`, the ONNX engine of `vip2clip.load_onnx`, or anything with their
+            `config` and `predict`.
+        thresholds: the decision thresholds (default 0.5 for both, uncalibrated; see `resolve_thresholds`).
+        batch_size: images (or tiles) per forward pass.
+        identity: the model's `ModelIdentity` (default: the engine's, else `ModelIdentity.of(model)`).
+        tiling: score large images tile by tile (`TileConfig`); None: whole images.
+        references: a `ReferenceMemory` of normal images of the part, fused with the model's outputs.
+        mutual: score each call's images against each other (batch zero-shot, `vip2clip.inference.mutual`).
+
+    Raises:
+        ValueError: batch_size below 1.
+
+    Example:
+        >>> import numpy as np, vip2clip
+        >>> predictor = vip2clip.Predictor(vip2clip.create_model("tiny", image_size=64, seed=0))
+        >>> result = predictor.predict(np.zeros((48, 80, 3), dtype=np.uint8))[0]  # any size: maps come back in it
+        >>> result.anomaly_map.shape, result.pred_mask.shape, result.pred_label in ("normal", "anomalous")
+        ((48, 80), (48, 80), True)
+        >>> predictor = Predictor.from_checkpoint("checkpoint.pt", calibration="calibration.json")  # doctest: +SKIP
+        >>> result = predictor.predict("part.png")[0]  # doctest: +SKIP
     """
 
     def __init__(
