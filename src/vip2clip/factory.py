@@ -47,31 +47,20 @@ def create_model(
 ) -> ViP2CLIP:
     """Build ViP²-CLIP on a frozen open_clip CLIP.
 
-    Args (below), Returns: the `ViP2CLIP` model (frozen backbone, trainable prompt learner and FGP, the
-    checkpoint's weights loaded). Raises: ValueError for an unknown preset or model option, a checkpoint trained on
-    another backbone or an explicit image size that is not a multiple of the patch size; FileNotFoundError for a
-    missing checkpoint or weights file; `CheckpointError` (a ValueError) for a file that is not a checkpoint.
+    Returns: the `ViP2CLIP` model. Raises: ValueError (bad preset, option, backbone or size), FileNotFoundError.
 
     Example:
         >>> import vip2clip
-        >>> model = vip2clip.create_model("tiny", image_size=64, seed=0)  # random weights: for tests only
-        >>> model.config.backbone, model.config.image_size
-        ('tiny', 64)
-        >>> real = vip2clip.create_model(clip_weights="ViT-L-14-336px.pt", checkpoint="ckpt.pt")  # doctest: +SKIP
+        >>> vip2clip.create_model("tiny", image_size=64, seed=0).config.image_size  # random weights: tests only
+        64
 
     Args:
-    backbone: a preset of `vip2clip.list_models()` ("vip2clip", the ablation variants, "tiny"; its switches are
-        defaults that `config` overrides), an open_clip ViT name (default "ViT-L-14-336", or the checkpoint's).
-    clip_weights: None (random init: for tests, the scores mean nothing), a local OpenAI-format file
-        (state dict or TorchScript .pt), a downloaded published tag ("openai-vit-l-14-336", see
-        `vip2clip.list_pretrained()` and `vip2clip download`), or an open_clip pretrained tag ("openai", downloads
-        when online).
-    checkpoint: our checkpoint, the authors' release checkpoint, or a downloaded published tag ("release-mvtec",
-        "release-visa"); its config is used, `config` overrides it.
+    backbone: a preset of `vip2clip.list_models()` (its switches are defaults that `config` overrides) or an
+        open_clip ViT name (default "ViT-L-14-336", or the checkpoint's).
+    clip_weights: None (random: scores mean nothing), a file, a published tag (`vip2clip download`), an open_clip tag.
+    checkpoint: ours, the release's, or a downloaded published tag; its config is used, `config` overrides it.
     image_size: input side (default 518, or the checkpoint's). seed: initialises the trainable parts.
-    precision: "fp32", or "bf16"/"fp16" for the frozen encoders (the heads stay fp32; see
-        `ViP2CLIP.set_precision`). bf16 on a CPU without native bf16 logs a warning (it runs, slower than fp32).
-    config: any `ModelConfig` field (ablation switches, top_k, sigma, state_words, ...).
+    precision: "fp32", "bf16"/"fp16" frozen encoders. config: `ModelConfig` fields (switches, top_k, sigma, ...).
     """
     if is_preset(backbone):
         preset = get_preset(backbone)
