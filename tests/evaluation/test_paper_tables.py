@@ -76,7 +76,8 @@ def test_study_variants_name_valid_model_options() -> None:
         for variant in study.variants.values():
             ModelConfig().updated(**variant.model_options)  # raises on an unknown option
     modules = PAPER.study("modules")
-    assert {k: tuple(v.model_options.values()) for k, v in modules.variants.items()}["fgp"] == (False, False, True)
+    fgp = ModelConfig().updated(**modules.variant("fgp").model_options)
+    assert (fgp.use_utpa, fgp.use_vca, fgp.use_fgp) == (False, False, True)
     assert modules.variant("none").values["visa"]["pixel_f1"] == 0.028
     assert PAPER.study("alignment").values_for("dual", "MVTec AD")["pixel_aupro"] == 0.246
     words = PAPER.study("state-words").variant("perfect-flawed")

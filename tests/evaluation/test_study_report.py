@@ -13,6 +13,7 @@ import pytest
 from vip2clip.evaluation.studies import STUDIES
 from vip2clip.evaluation.study_report import write_study
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
+from vip2clip.model.presets import get_preset
 
 PAPER = json.loads(resources.files("vip2clip.evaluation").joinpath("paper_results.json").read_text(encoding="utf-8"))
 BLOCK_KEYS = {"image": ("image_auroc", "image_ap", "image_f1"), "pixel": ("pixel_auroc", "pixel_aupro", "pixel_f1")}
@@ -39,8 +40,10 @@ def _rows(markdown: str) -> list[list[str]]:
 def test_the_registry_has_the_papers_variants_and_options(name: str) -> None:
     paper = PAPER["studies"][name]
     assert paper["table"] == STUDIES[name].reproduces
-    ours = {variant.key: dict(variant.options) for variant in STUDIES[name].variants}
-    assert ours == {variant["key"]: variant["model_options"] for variant in paper["variants"]}
+    ours = {variant.key: variant.preset for variant in STUDIES[name].variants}
+    assert ours == {variant["key"]: variant["preset"] for variant in paper["variants"]}
+    for variant in STUDIES[name].variants:  # the options a study trains with are its preset's
+        assert dict(variant.options) == get_preset(variant.preset).config
 
 
 @pytest.mark.parametrize("name", ["modules", "alignment", "state-words"])

@@ -5,8 +5,8 @@ The values are facts from the paper (percent with one decimal as printed), kept 
 package, `paper_results.json`, each with the table it came from:
 - Tables 1-2: one row per dataset (`PaperNumbers.row_for`), with the printed AVERAGE rows (`block_average`);
 - Tables 10-21: per class of MVTec AD and VisA, all six metrics (`PaperNumbers.class_row`, `class_mean`);
-- Tables 4, 5, 6 and 9: the studies (`PaperNumbers.study`): each variant with the model options that make it
-  (`ModelConfig.updated(**variant.model_options)`) and its values per dataset.
+- Tables 4, 5, 6 and 9: the studies (`PaperNumbers.study`): each variant with the model preset that makes it
+  (`vip2clip.model.presets`) and its values per dataset.
 Datasets are matched through the registry (`vip2clip.data.registry.dataset_info`: a name such as "visa", an alias
 or a title such as "VisA"); a dataset or class the paper does not report has no reference ("-" in the tables).
 
@@ -23,6 +23,7 @@ from importlib import resources
 from typing import Any
 
 from vip2clip.data.registry import dataset_info
+from vip2clip.model.presets import get_preset
 
 REFERENCES = {"paper": "paper_results.json"}
 
@@ -72,12 +73,18 @@ class ClassComparison:
 @dataclass(frozen=True)
 class StudyVariant:
     """One row of a study table: its key (what `vip2clip study --variants` takes), the name printed in the
-    paper, the model options that make it, and its values (fractions) per dataset registry name."""
+    paper, the model preset that makes it (`vip2clip.list_models()`), and its values (fractions) per dataset
+    registry name."""
 
     key: str
     printed_name: str
-    model_options: dict[str, Any]
+    preset: str
     values: dict[str, dict[str, float]]
+
+    @property
+    def model_options(self) -> dict[str, Any]:
+        """The ModelConfig options of the variant's preset."""
+        return dict(get_preset(self.preset).config)
 
 
 @dataclass(frozen=True)
@@ -247,7 +254,7 @@ def _per_class(tables: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str,
 def _study(name: str, data: Mapping[str, Any], blocks: Mapping[str, Sequence[str]]) -> PaperStudy:
     variants = {
         item["key"]: StudyVariant(
-            item["key"], item["printed_name"], dict(item["model_options"]),
+            item["key"], item["printed_name"], item["preset"],
             {_registry_name(dataset): _block_values(entry, blocks) for dataset, entry in item["values"].items()},
         )
         for item in data["variants"]

@@ -17,16 +17,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vip2clip.model.presets import get_preset
+
 
 @dataclass(frozen=True)
 class Variant:
     """One row (or point) of a study: its key, the label printed in our table, the training options and the
-    test-time options."""
+    test-time options. A variant of the paper's tables is a model preset (`vip2clip.list_models()`): its options
+    are the preset's (`Variant.of_preset`), kept in one place."""
 
     key: str
     label: str
     options: Mapping[str, Any] = field(default_factory=dict)
     test_options: Mapping[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+
+    @classmethod
+    def of_preset(cls, key: str, label: str, preset: str) -> Variant:
+        return cls(key, label, dict(get_preset(preset).config), preset=preset)
 
 
 @dataclass(frozen=True)
@@ -106,13 +114,13 @@ def _modules(utpa: bool, vca: bool, fgp: bool) -> Variant:
     parts = [name for name, on in (("utpa", utpa), ("vca", vca), ("fgp", fgp)) if on]
     key = "+".join(parts) or "none"
     label = ", ".join(part.upper() for part in parts) or "(none)"
-    return Variant(key, label, {"use_utpa": utpa, "use_vca": vca, "use_fgp": fgp})
+    return Variant.of_preset(key, label, "vip2clip" if len(parts) == 3 else "ablation-" + ("-".join(parts) or "none"))
 
 
 def _words(normal: str, anomalous: str) -> Variant:
-    return Variant(
-        f"{normal}-{anomalous}", f"{normal.title()}/{anomalous.title()}", {"state_words": [normal, anomalous]}
-    )
+    key = f"{normal}-{anomalous}"
+    preset = "vip2clip" if key == "good-damaged" else f"state-{key}"
+    return Variant.of_preset(key, f"{normal.title()}/{anomalous.title()}", preset)
 
 
 TOP_K = (1, 10, 20, 50, 100, 200)
@@ -138,8 +146,8 @@ STUDIES: dict[str, Study] = {
             "Table 5",
             "UTPA vs the dual-branch alignment (static prompts, no FGP)",
             (
-                Variant("dual", "CLIP_DUAL", {"use_utpa": False, "use_vca": False, "use_fgp": False}),
-                Variant("utpa", "CLIP_UTPA", {"use_utpa": True, "use_vca": False, "use_fgp": False}),
+                Variant.of_preset("dual", "CLIP_DUAL", "ablation-none"),
+                Variant.of_preset("utpa", "CLIP_UTPA", "ablation-utpa"),
             ),
             SWAP,
         ),
@@ -160,8 +168,8 @@ STUDIES: dict[str, Study] = {
             "Fig. 5",
             "F1 gain of visual-conditioned over static prompts, seven industrial sets",
             (
-                Variant("static", "static prompts (ViP²-CLIP_re)", {"use_vca": False}),
-                Variant("visual", "visual-conditioned prompts (ViP²-CLIP)", {}),
+                Variant.of_preset("static", "static prompts (ViP²-CLIP_re)", "ablation-utpa-fgp"),
+                Variant.of_preset("visual", "visual-conditioned prompts (ViP²-CLIP)", "vip2clip"),
             ),
             INDUSTRIAL,
             Figure("gain", ("image_f1", "pixel_f1"), "test dataset", "F1 gain (points, x100)"),
@@ -205,7 +213,7 @@ STUDIES: dict[str, Study] = {
             "medical",
             "Table 9",
             "Medical fine-tuning: trained on MVTec AD + CVC-ColonDB (ColonDB: VisA + CVC-ClinicDB)",
-            (Variant("fine-tuned", "ViP²-CLIP", {}),),
+            (Variant.of_preset("fine-tuned", "ViP²-CLIP", "vip2clip"),),
             MEDICAL,
             rows="datasets",
         ),
