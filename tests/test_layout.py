@@ -17,7 +17,7 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 MAX_LINES = 400
 MAX_FUNCTION_LINES = 70
 # Functions still over the limit (to split; nothing may join this list).
-KNOWN_LONG_FUNCTIONS = {"inference/folder_run.py": {"predict_folder"}, "training/loop.py": {"train"}}
+KNOWN_LONG_FUNCTIONS = {"inference/folder_run.py": {"predict_folder"}}
 # What each layer may import from the package (besides itself): the model and the metrics sit at the bottom.
 ALLOWED = {
     "model": {"vip2clip", "vip2clip.config", "vip2clip.utils"},

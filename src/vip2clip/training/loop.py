@@ -328,30 +328,45 @@ def train(
         batches = epoch_batches(rows, config.batch_size, config.seed, epoch)
         steps = progress(make_batches(batches), total=len(batches), desc=f"epoch {epoch}/{config.epochs}")
         record = {"epoch": epoch, **run_epoch(model, optimizer, steps, world), **run}
-        if not math.isfinite(record["total"]):  # fail closed: a NaN model would judge nothing (or everything)
-            kept = f"{out_dir / LAST_CHECKPOINT} holds epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
-            raise ValueError(
-                f"training diverged in epoch {epoch} (loss {record['total']}); its weights are not saved ({kept}). "
-                "Lower --lr / --lr-fgp and train again (--overwrite)"
-            )
+        _refuse_divergence(record, out_dir)
         history.append(record)
         if world.is_main:
-            state = model.trainable_state_dict()
-            resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
-            save_checkpoint(
-                out_dir / LAST_CHECKPOINT, model.config, state, **meta, epoch=epoch, history=history, **resume_state
-            )
-            with open(out_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
-                log.write(json_line(record) + "\n")
-        logger.info(
-            "epoch %d/%d: loss %.4f (%d steps, %.1f s)",
-            epoch,
-            config.epochs,
-            record["total"],
-            record["steps"],
-            record["seconds"],
-        )
+            _save_epoch(model, optimizer, out_dir, meta, history)
+        logger.info("epoch %d/%d: loss %.4f (%d steps, %.1f s)", epoch, config.epochs, record["total"],
+                    record["steps"], record["seconds"])  # fmt: skip
     model.eval()
+    return _finish_training(model, out_dir, meta, history, dataset, cache, world)
+
+
+def _refuse_divergence(record: dict[str, Any], out_dir: Path) -> None:
+    """Fail closed: an epoch whose mean loss is NaN or infinite stops training (a NaN model would judge nothing,
+    or everything); its weights are not saved."""
+    if math.isfinite(record["total"]):
+        return
+    epoch = record["epoch"]
+    kept = f"{out_dir / LAST_CHECKPOINT} holds epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
+    raise ValueError(
+        f"training diverged in epoch {epoch} (loss {record['total']}); its weights are not saved ({kept}). "
+        "Lower --lr / --lr-fgp and train again (--overwrite)"
+    )
+
+
+def _save_epoch(
+    model: ViP2CLIP, optimizer: torch.optim.Optimizer, out_dir: Path, meta: dict[str, Any], history: list
+) -> None:
+    """OUT/last.pt (weights, Adam state, RNG: what resuming needs) and the epoch's log line."""
+    resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
+    epoch = history[-1]["epoch"]
+    save_checkpoint(out_dir / LAST_CHECKPOINT, model.config, model.trainable_state_dict(), **meta, epoch=epoch,
+                    history=history, **resume_state)  # fmt: skip
+    with open(out_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
+        log.write(json_line(history[-1]) + "\n")
+
+
+def _finish_training(
+    model: ViP2CLIP, out_dir: Path, meta: dict[str, Any], history: list, dataset: AnomalyDataset, cache, world: World
+) -> TrainResult:
+    """The final checkpoint (rank 0; every rank waits for it) and the files skipped on any rank."""
     done = history[-1]["epoch"] if history else 0
     final = out_dir / FINAL_CHECKPOINT
     if world.is_main:
