@@ -130,6 +130,8 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, commands in runs.items():
                 timings[name].append(run_commands(commands, work))
+                wall, encoder, images = timings[name][-1]
+                print(f"RESULT {name}: {wall:.1f} s, encoder {encoder:.1f} s, {images} images", flush=True)
     rows, first = [], next(iter(timings.values()))
     for name, values in timings.items():
         walls = sorted(v[0] for v in values)
@@ -167,7 +169,7 @@ def main() -> None:
             rows,
         )
     )
-    publish(f"Studies: {args.backbone} at {args.image_size} px", body, info, args.record, args.output)
+    publish(f"Studies: {args.backbone} at {args.image_size} px", body, info, args.record)
 
 
 def _argv() -> list[str]:
