@@ -10,7 +10,7 @@ import torch
 
 from vip2clip.config import DEFAULT_BACKBONE, ModelConfig
 from vip2clip.model.backbone import FrozenCLIP
-from vip2clip.model.checkpoint import load_checkpoint
+from vip2clip.model.checkpoint import Checkpoint, load_checkpoint
 from vip2clip.model.presets import get_preset, is_preset
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.model.weights import load_clip
@@ -38,7 +38,7 @@ def _check_patch_multiple(cfg: ModelConfig, patch: int, explicit: bool) -> None:
 def create_model(
     backbone: str | None = None,
     clip_weights: str | Path | None = None,
-    checkpoint: str | Path | None = None,
+    checkpoint: str | Path | Checkpoint | None = None,
     image_size: int | None = None,
     device: str | torch.device = "cpu",
     seed: int | None = None,
@@ -70,8 +70,8 @@ def create_model(
     loaded = None
     base = ModelConfig()
     if checkpoint is not None:
-        loaded = load_checkpoint(checkpoint, base_config=base)
-        base = loaded.config
+        loaded = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, base_config=base)
+        checkpoint, base = loaded.path, loaded.config
         if backbone is not None and loaded.meta.get("source", "").startswith("release"):
             base = base.updated(backbone=backbone)
         elif backbone is not None and backbone != base.backbone:

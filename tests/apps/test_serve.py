@@ -34,7 +34,8 @@ from vip2clip.apps.serve_jobs import JobQueue, QueueFull, ServeLimits, synthetic
 from vip2clip.apps.serve_models import PredictResponse
 from vip2clip.cli import main
 from vip2clip.data.index import DatasetIndex
-from vip2clip.inference.predictor import Predictor, Thresholds
+from vip2clip.inference.predictor import Predictor
+from vip2clip.inference.thresholds import Thresholds
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.visualization.heatmap import jet
 

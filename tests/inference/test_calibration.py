@@ -14,6 +14,7 @@ import pytest
 import vip2clip
 from vip2clip import metrics
 from vip2clip.inference import calibration as calib
+from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.utils.hashing import file_sha256
@@ -26,8 +27,8 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
 
 
 @pytest.fixture(scope="module")
-def identity(tiny_model, checkpoint: Path) -> ModelIdentity:
-    return ModelIdentity.of(tiny_model, checkpoint)
+def identity(tiny_model, checkpoint: Path) -> PredictorIdentity:
+    return PredictorIdentity(ModelIdentity.of(tiny_model, checkpoint))
 
 
 def _normal_data(n_images: int, seed: int = 0) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -100,16 +101,16 @@ def test_calibrate_from_normal_records_rule_and_model(tiny_model, checkpoint: Pa
     assert result.method == calib.METHOD_NORMAL
     assert (result.quantile, result.pixel_quantile, result.n_images) == (0.9, 0.999, 20)
     assert result.image_threshold == pytest.approx(np.quantile(scores, 0.9))
-    assert result.model.backbone == "tiny" and result.model.image_size == tiny_model.config.image_size
-    assert result.model.checkpoint == str(checkpoint.resolve())
-    assert result.model.checkpoint_sha256 == file_sha256(checkpoint)
-    assert result.model.fingerprint == tiny_model.backbone.fingerprint()
+    assert result.identity.model.backbone == "tiny" and result.identity.model.image_size == tiny_model.config.image_size
+    assert result.identity.model.checkpoint == str(checkpoint.resolve())
+    assert result.identity.model.checkpoint_sha256 == file_sha256(checkpoint)
+    assert result.identity.model.fingerprint == tiny_model.backbone.fingerprint()
 
 
 def test_few_normal_images_warn(tiny_model) -> None:
     scores, maps = _normal_data(5)
     with pytest.warns(UserWarning, match="only 5 normal images"):
-        calib.calibrate_from_normal(scores, maps, ModelIdentity.of(tiny_model))
+        calib.calibrate_from_normal(scores, maps, PredictorIdentity(ModelIdentity.of(tiny_model)))
 
 
 def test_save_load_round_trip(identity, tmp_path: Path) -> None:
@@ -120,7 +121,7 @@ def test_save_load_round_trip(identity, tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["calibration.json"]  # no temporary file left behind
     data = json.loads(path.read_text())
     assert data["format"] == calib.FORMAT and data["method"] == "f1-optimal on labelled images"
-    assert data["model"]["checkpoint_sha256"] == identity.checkpoint_sha256
+    assert data["model"]["checkpoint_sha256"] == identity.model.checkpoint_sha256
     assert calib.load(path) == original
 
 
@@ -128,15 +129,16 @@ def test_format_1_files_are_read(identity, tmp_path: Path) -> None:
     """Files written before the identity record (flat checkpoint/backbone fields) still load and are checked."""
     flat = {
         "format": calib.FORMAT, "format_version": 1, "image_threshold": 0.4, "pixel_threshold": 0.6,
-        "method": calib.METHOD_NORMAL, "quantile": 0.99, "n_images": 30, "checkpoint": identity.checkpoint,
-        "checkpoint_sha256": identity.checkpoint_sha256, "backbone": "tiny", "image_size": identity.image_size,
+        "method": calib.METHOD_NORMAL, "quantile": 0.99, "n_images": 30, "checkpoint": identity.model.checkpoint,
+        "checkpoint_sha256": identity.model.checkpoint_sha256, "backbone": "tiny",
+        "image_size": identity.model.image_size,
         "created": "2026-01-01T00:00:00+00:00", "pixel_quantile": 0.999,
     }  # fmt: skip
     path = tmp_path / "v1.json"
     path.write_text(json.dumps(flat))
     loaded = calib.load(path)
-    assert (loaded.image_threshold, loaded.model.checkpoint_sha256) == (0.4, identity.checkpoint_sha256)
-    assert loaded.model.fingerprint is None and loaded.model.top_k is None  # unknown: not checked
+    assert (loaded.image_threshold, loaded.identity.model.checkpoint_sha256) == (0.4, identity.model.checkpoint_sha256)
+    assert loaded.identity.model.fingerprint is None and loaded.identity.model.top_k is None  # unknown: not checked
     loaded.check_compatible(identity)
     path.write_text(json.dumps({**flat, "image_size": 999}))
     with pytest.raises(ValueError, match="image size: calibrated with 999"):
@@ -169,7 +171,11 @@ def test_load_errors_name_the_file(tmp_path: Path, tiny_model) -> None:
     with pytest.raises(ValueError, match=r"bad\.json is not a vip2clip calibration"):
         calib.load(bad)
     good = calib.make_calibration(
-        ModelIdentity.of(tiny_model), image_threshold=0.5, pixel_threshold=0.5, method=calib.METHOD_F1, n_images=3
+        PredictorIdentity(ModelIdentity.of(tiny_model)),
+        image_threshold=0.5,
+        pixel_threshold=0.5,
+        method=calib.METHOD_F1,
+        n_images=3,
     ).to_dict()
     bad.write_text(json.dumps({key: value for key, value in good.items() if key != "model"}))
     with pytest.raises(ValueError, match=r"bad\.json.*lacks.*model"):
@@ -189,17 +195,19 @@ def test_check_compatible(tiny_model, checkpoint: Path, identity, tmp_path: Path
     calibration.check_compatible(identity)
     copy = tmp_path / "copy.pt"
     copy.write_bytes(checkpoint.read_bytes())
-    calibration.check_compatible(ModelIdentity.of(tiny_model, copy))  # same bytes elsewhere: fine
+    calibration.check_compatible(PredictorIdentity(ModelIdentity.of(tiny_model, copy)))  # same bytes elsewhere: fine
 
     other_model = vip2clip.create_model("tiny", image_size=tiny_model.config.image_size, seed=5, top_k=4)
     other = save_checkpoint(tmp_path / "other.pt", other_model.config, other_model.trainable_state_dict())
     with pytest.raises(ValueError, match=r"checkpoint: calibrated with .*checkpoint\.pt"):
-        calibration.check_compatible(ModelIdentity.of(other_model, other))
+        calibration.check_compatible(PredictorIdentity(ModelIdentity.of(other_model, other)))
     with pytest.raises(ValueError, match="model uses no checkpoint"):
-        calibration.check_compatible(ModelIdentity.of(tiny_model))
+        calibration.check_compatible(PredictorIdentity(ModelIdentity.of(tiny_model)))
 
     def altered(**changes) -> calib.Calibration:
-        return dataclasses.replace(calibration, model=dataclasses.replace(identity, **changes))
+        return dataclasses.replace(
+            calibration, identity=identity.with_model(dataclasses.replace(identity.model, **changes))
+        )
 
     with pytest.raises(ValueError, match="backbone: calibrated with 'ViT-B-16'"):
         altered(backbone="ViT-B-16").check_compatible(identity)

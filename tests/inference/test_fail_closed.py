@@ -14,7 +14,9 @@ from PIL import Image
 
 from vip2clip.cli import main
 from vip2clip.inference import calibration as calib
-from vip2clip.inference.predictor import Predictor, Thresholds, make_result
+from vip2clip.inference.identity import PredictorIdentity
+from vip2clip.inference.predictor import Predictor, make_result
+from vip2clip.inference.thresholds import Thresholds
 from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
 
@@ -112,7 +114,11 @@ def test_thresholds_outside_0_1_are_refused(value: str, checkpoints, tmp_path: P
 
 def test_calibration_files_with_bad_thresholds_are_refused(tiny_model, tmp_path: Path) -> None:
     good = calib.make_calibration(
-        ModelIdentity.of(tiny_model), image_threshold=0.3, pixel_threshold=0.4, method=calib.METHOD_F1, n_images=3
+        PredictorIdentity(ModelIdentity.of(tiny_model)),
+        image_threshold=0.3,
+        pixel_threshold=0.4,
+        method=calib.METHOD_F1,
+        n_images=3,
     ).to_dict()
     for bad in ("1.5", "NaN", "-1"):  # NaN: what a non-strict JSON writer leaves
         path = tmp_path / "c.json"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.inference.mutual import (
     MutualRule,
     alike_share,
@@ -21,7 +22,6 @@ from vip2clip.inference.mutual_group import score_group
 from vip2clip.inference.predictor import Predictor
 from vip2clip.inference.references import ReferenceMemory
 from vip2clip.inference.tiling import TileConfig
-from vip2clip.model.identity import ModelIdentity
 
 
 def _tokens(n: int, patches: int = 12, width: int = 16, layers: int = 2, seed: int = 0) -> list[torch.Tensor]:
@@ -173,7 +173,7 @@ def test_mutual_scoring_on_top_of_reference_images(tiny_model) -> None:
         np.testing.assert_allclose(result.anomaly_map, expected, atol=1e-3)
     identity = Predictor(tiny_model, references=memory, mutual=MutualRule()).identity
     assert identity.references is not None and identity.mutual is not None
-    assert ModelIdentity.from_dict(identity.to_dict()) == identity
+    assert PredictorIdentity.from_dict(identity.to_dict()) == identity
 
 
 def _preprocess(image: Image.Image) -> torch.Tensor:

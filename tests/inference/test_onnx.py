@@ -211,7 +211,7 @@ TORCH_FREE = textwrap.dedent(
 
     onnx, image, out = sys.argv[1:]
     results = Predictor(load_onnx(onnx)).predict([image])
-    assert Predictor.from_onnx(onnx).identity.checkpoint_sha256
+    assert Predictor.from_onnx(onnx).identity.model.checkpoint_sha256
     assert main(["predict", image, "--onnx", onnx, "--out", out, "--no-progress"]) == 0
     loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "open_clip", "torchvision"))
     result = {"score": results[0].pred_score, "map_sum": float(results[0].anomaly_map.sum()), "loaded": loaded}

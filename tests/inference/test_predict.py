@@ -20,9 +20,11 @@ from vip2clip.data.files import find_images
 from vip2clip.data.images import BadImageError, load_image
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.inference import calibration as calib
+from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.inference.journal import output_name
-from vip2clip.inference.predictor import Predictor, Thresholds, resolve_thresholds
+from vip2clip.inference.predictor import Predictor
 from vip2clip.inference.run_outputs import panel_threshold_source
+from vip2clip.inference.thresholds import Thresholds, resolve_thresholds
 from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.visualization.panel import layout_panel
@@ -125,7 +127,7 @@ def test_bad_inputs(predictor: Predictor, tmp_path: Path) -> None:
 
 
 def test_resolve_thresholds(tiny_model, checkpoint: Path, tmp_path: Path) -> None:
-    identity = ModelIdentity.of(tiny_model, checkpoint)
+    identity = PredictorIdentity(ModelIdentity.of(tiny_model, checkpoint))
     default = resolve_thresholds(identity)
     assert (default.image, default.pixel) == (0.5, 0.5) and "uncalibrated" in default.source
     saved = calib.make_calibration(
@@ -136,14 +138,14 @@ def test_resolve_thresholds(tiny_model, checkpoint: Path, tmp_path: Path) -> Non
     mixed = resolve_thresholds(identity, saved, pixel_threshold=0.9)
     assert (mixed.image, mixed.pixel) == (0.3, 0.9)
     with pytest.raises(ValueError, match="does not match this model"):
-        resolve_thresholds(ModelIdentity.of(tiny_model), saved)
+        resolve_thresholds(PredictorIdentity(ModelIdentity.of(tiny_model)), saved)
 
 
 @pytest.mark.parametrize(("missing", "flag"), [("image", "--threshold"), ("pixel", "--pixel-threshold")])
 def test_a_calibration_without_one_threshold_needs_it_explicitly(
     missing: str, flag: str, tiny_model, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    identity = ModelIdentity.of(tiny_model, checkpoint)
+    identity = PredictorIdentity(ModelIdentity.of(tiny_model, checkpoint))
     thresholds = {"image_threshold": 0.3, "pixel_threshold": 0.4, f"{missing}_threshold": None}
     saved = calib.make_calibration(identity, method=calib.METHOD_F1, n_images=4, **thresholds).save(tmp_path / "c.json")
     with pytest.raises(ValueError, match=f"c\\.json has no {missing} threshold.*{flag}"):
@@ -304,7 +306,12 @@ def test_calibrate_cli_then_predict(checkpoint: Path, tmp_path: Path, capsys: py
     assert "warning: calibrating on only 7 normal images" in captured.err
     assert "corrupt.png" in captured.out
     loaded = calib.load(out)
-    assert (loaded.method, loaded.n_images, loaded.quantile, loaded.model.image_size) == ("normal-quantile", 7, 0.9, 64)
+    assert (loaded.method, loaded.n_images, loaded.quantile, loaded.identity.model.image_size) == (
+        "normal-quantile",
+        7,
+        0.9,
+        64,
+    )
 
     # The same thresholds from the Python side, from the same images.
     model = vip2clip.create_model("tiny", checkpoint=checkpoint, image_size=64)

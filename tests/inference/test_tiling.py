@@ -18,7 +18,8 @@ from vip2clip.cli import main
 from vip2clip.config import OPENAI_MEAN, OPENAI_STD, ModelConfig
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.inference import calibration as calib
-from vip2clip.inference.predictor import Predictor, Thresholds
+from vip2clip.inference.predictor import Predictor
+from vip2clip.inference.thresholds import Thresholds
 from vip2clip.inference.tiling import StitchedMap, TileConfig, axis_starts, tile_boxes
 from vip2clip.model.vip2clip import Prediction
 
@@ -192,7 +193,7 @@ def test_tiled_calibration_is_refused_without_tiling(checkpoint_64: Path, tmp_pa
     args = ["--checkpoint", str(checkpoint_64), "--image-size", "64", *MODEL_ARGS]
     assert main(["calibrate", str(good), "--out", str(tmp_path / "c.json"), "--tile", "64", *args]) == 0
     loaded = calib.load(tmp_path / "c.json")
-    assert loaded.model.tiling == {"size": 64, "overlap": 0.25} and loaded.n_images == 3
+    assert loaded.identity.tiling == {"size": 64, "overlap": 0.25} and loaded.n_images == 3
     # The pixel quantile is taken over the stitched maps at the images' own size, the maps predict thresholds.
     model_args = {"backbone": "tiny", "image_size": 64}
     predictor = Predictor.from_checkpoint(checkpoint_64, tiling=TileConfig(64), **model_args)

@@ -96,8 +96,8 @@ def test_download_verifies_installs_and_resolves(weights_dir: Path, small_entry:
     model = vip2clip.create_model(checkpoint="demo-test")
     assert model.config.backbone == "tiny"
     identity = vip2clip.Predictor.from_checkpoint("demo-test").identity
-    assert identity.checkpoint == str(small_entry.path.resolve())
-    assert identity.checkpoint_sha256 == small_entry.sha256
+    assert identity.model.checkpoint == str(small_entry.path.resolve())
+    assert identity.model.checkpoint_sha256 == small_entry.sha256
 
 
 def test_a_download_with_another_hash_is_refused_and_leaves_nothing(

@@ -146,7 +146,7 @@ class ServeState:
     def of(cls, predictor: Predictor, limits: ServeLimits | None = None, examples: list[Example] | None = None):
         """The state of a server for `predictor` (default limits; the synthetic examples unless `examples`)."""
         limits = limits or ServeLimits()
-        identity = predictor.identity
+        identity = predictor.identity.model
         weights = identity.weights or "unknown"
         model = ModelInfo(
             backbone=identity.backbone,

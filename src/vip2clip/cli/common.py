@@ -1,14 +1,13 @@
 """Options shared by the commands, each defined once: model and weights, model hyper-parameters, inference
-options, tiling, reference images, decision thresholds, progress bars; and the model builder and progress reporter
-they configure."""
+options, tiling, reference images, decision thresholds, progress bars; their mapping to the specs of
+`vip2clip.inference.assembly` (the one path from options to a model or predictor) and the progress reporter."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vip2clip.cli import CLIError
 from vip2clip.config import DEFAULT_BACKBONE
@@ -17,9 +16,8 @@ from vip2clip.utils.distributed import LOCAL, World
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from vip2clip.inference.assembly import ModelSpec, PredictorSpec
     from vip2clip.inference.mutual_rule import MutualRule
-    from vip2clip.inference.onnx_engine import OnnxEngine
-    from vip2clip.inference.references import ReferenceMemory
     from vip2clip.inference.tiling import TileConfig
     from vip2clip.model.identity import ModelIdentity
     from vip2clip.model.vip2clip import ViP2CLIP
@@ -165,19 +163,6 @@ def reference_cache_from_args(args: argparse.Namespace) -> str:
     return args.reference_cache or str(default_cache_dir())
 
 
-def references_from_args(
-    args: argparse.Namespace, model: ViP2CLIP, identity: ModelIdentity, tiling: TileConfig | None
-) -> ReferenceMemory | None:
-    """The memory of --reference DIR (cached), None without it."""
-    if args.reference is None:
-        return None
-    from vip2clip.inference.references import load_references  # imports torch: not on the torch-free --onnx path
-
-    memory = load_references(model, identity, args.reference, tiling, args.batch_size, reference_cache_from_args(args))
-    logger.info("references: %d images of %s (%d patches)", len(memory.files), args.reference, memory.n_patches)
-    return memory
-
-
 def add_mutual_arguments(parser: argparse.ArgumentParser, grouping: bool = False) -> None:
     """--mutual and its rule (predict, calibrate, test); --mutual-group (predict, calibrate)."""
     from vip2clip.inference.mutual_rule import GROUPS, MutualRule
@@ -250,131 +235,66 @@ def progress_for(args: argparse.Namespace) -> Progress:
     return bars
 
 
-CONFIG_FIELDS = (
-    "use_vca",
-    "use_fgp",
-    "use_utpa",
-    "state_words",
-    "n_context",
-    "n_dynamic",
-    "top_k",
-    "sigma",
-    "feature_layers",
-)
+def model_spec_from_args(args: argparse.Namespace, **fixed: Any) -> ModelSpec:
+    """The ModelSpec of the parsed model options (`fixed`: fields the command sets itself, e.g. the seed). The
+    ModelConfig overrides are the options named like its fields that the user gave (unset ones keep the
+    checkpoint's or the paper's values); --onnx options where the command has them."""
+    from vip2clip.inference.assembly import CONFIG_OVERRIDES, ModelSpec
+
+    config = {name: getattr(args, name) for name in CONFIG_OVERRIDES if getattr(args, name, None) is not None}
+    values = {name: getattr(args, name) for name in _SPEC_OPTIONS if hasattr(args, name)}
+    try:
+        return ModelSpec(**values, config=config, **fixed)
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
-def config_from_args(args: argparse.Namespace) -> dict:
-    """The ModelConfig overrides the user gave (unset options keep the checkpoint's or the paper's values)."""
-    return {name: getattr(args, name) for name in CONFIG_FIELDS if getattr(args, name, None) is not None}
+# ModelSpec fields that are command-line options of the same name (--checkpoint, --clip-weights, ...).
+_SPEC_OPTIONS = ("checkpoint", "clip_weights", "random_init", "backbone", "image_size", "device", "precision",
+                 "compile", "onnx", "onnx_backend")  # fmt: skip
 
 
-def resolve_clip_weights(args: argparse.Namespace) -> str | None:
-    """The weights the user asked for; refuses to guess when neither weights nor --random-init were given.
+def build_model(args: argparse.Namespace, **fixed: Any) -> tuple[ViP2CLIP, ModelIdentity]:
+    """The model of the parsed options and its identity (`vip2clip.inference.assembly.build_model`)."""
+    from vip2clip.inference.assembly import build_model as build
 
-    The tiny backbone exists only with random weights, so it needs no flag.
-    """
-    if args.clip_weights and args.random_init:
-        raise CLIError("give either --clip-weights or --random-init, not both")
-    if args.clip_weights:
-        return args.clip_weights
-    if args.random_init or _effective_backbone(args) == "tiny":
-        return None
-    raise CLIError(
-        "no CLIP weights given. Pass --clip-weights PATH (OpenAI's ViT-L-14-336px.pt or a state dict), "
-        "--clip-weights openai (open_clip download, needs internet), or --random-init (meaningless scores)"
-    )
+    return build(model_spec_from_args(args, **fixed))
 
 
-def _effective_backbone(args: argparse.Namespace) -> str | None:
-    """--backbone, else the backbone recorded in --checkpoint (our format), else None."""
-    if args.backbone or not getattr(args, "checkpoint", None):
-        return args.backbone
-    from vip2clip.model.checkpoint import load_checkpoint
+def predictor_spec_from_args(args: argparse.Namespace, decide: bool = True) -> PredictorSpec:
+    """The PredictorSpec of the parsed options: model (or --onnx), tiling, references, thresholds, batch size,
+    mutual scoring."""
+    from vip2clip.inference.assembly import PredictorSpec
 
-    return load_checkpoint(args.checkpoint).config.backbone
-
-
-def build_model(args: argparse.Namespace, **config) -> ViP2CLIP:
-    """create_model from the parsed model options (`config`: ModelConfig overrides and the seed)."""
-    from vip2clip.factory import create_model
-
-    model = create_model(
-        backbone=args.backbone,
-        clip_weights=resolve_clip_weights(args),
-        checkpoint=getattr(args, "checkpoint", None),
-        image_size=args.image_size,
-        device=args.device,
-        precision=args.precision,
-        **config,
-    )
-    return model.compile_encoders() if args.compile else model
-
-
-def model_identity(args: argparse.Namespace, model: ViP2CLIP) -> ModelIdentity:
-    """The identity of the model built from `args` (its checkpoint hashed once, here)."""
-    from vip2clip.model.identity import ModelIdentity
-
-    return ModelIdentity.of(model, getattr(args, "checkpoint", None))
-
-
-# Options an exported model has fixed: (attribute, flag); giving one with --onnx is refused, not ignored.
-_FIXED_BY_EXPORT = (
-    ("checkpoint", "--checkpoint"),
-    ("clip_weights", "--clip-weights"),
-    ("random_init", "--random-init"),
-    ("backbone", "--backbone"),
-    ("image_size", "--image-size"),
-    ("compile", "--compile"),
-    ("top_k", "--top-k"),
-    ("sigma", "--sigma"),
-)
-
-
-def build_onnx_engine(args: argparse.Namespace) -> OnnxEngine:
-    """The engine of --onnx (with --onnx-backend and --device); refuses the model options the export fixed."""
-    from vip2clip.inference.onnx_engine import MissingDependencyError, import_optional, load_onnx
-
-    given = [flag for name, flag in _FIXED_BY_EXPORT if getattr(args, name, None)]
-    precision = getattr(args, "precision", "fp32")
-    given += ["--precision fp16"] if precision == "fp16" else []
-    if given:
+    spec = model_spec_from_args(args)
+    fixed = spec.fixed_by_export()
+    if fixed:
+        flags = ", ".join("--" + name.replace("_", "-") for name in fixed)
         raise CLIError(
-            f"--onnx runs the exported model as it is: {', '.join(given)} cannot be used with it (they are fixed "
+            f"--onnx runs the exported model as it is: {flags} cannot be used with it (they are fixed "
             "when exporting: `vip2clip export ... --out MODEL.onnx`)"
         )
-    if getattr(args, "reference_cache", None):
+    if spec.onnx is not None and getattr(args, "reference_cache", None):
         raise CLIError(
             "--reference-cache cannot be used with --onnx: reference images need the encoder's patch tokens, which "
             "an ONNX export does not give (use --checkpoint for --reference)"
         )
-    device = getattr(args, "device", "cpu")
-    backend = args.onnx_backend
-    if backend == "auto" and device.startswith("cuda"):
-        backend = "onnxruntime"  # OpenVINO's devices are not CUDA devices
-    if backend == "openvino":
-        providers = [device.upper()]  # OpenVINO device names: CPU, GPU, ...
-    elif device.startswith("cuda"):
-        index = int(device.partition(":")[2] or 0)
-        providers = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    else:
-        providers = None
-    try:
-        cuda = device.startswith("cuda") and backend == "onnxruntime"
-        offered = import_optional("onnxruntime", "the ONNX engine").get_available_providers() if cuda else ()
-        if cuda and "CUDAExecutionProvider" not in offered:
-            raise _no_onnx_cuda(device, offered)  # before loading: a large model takes a while
-        engine = load_onnx(args.onnx, providers, backend, "bf16" if precision == "bf16" else "auto")
-    except MissingDependencyError as error:
-        raise CLIError(str(error)) from error
-    if cuda and "CUDAExecutionProvider" not in engine.providers:
-        raise _no_onnx_cuda(device, engine.providers)
-    logger.info("%s", engine.describe())
-    return engine
-
-
-def _no_onnx_cuda(device: str, offered: Sequence[str]) -> CLIError:
-    """ONNX Runtime would fall back to the CPU with only a warning of its own: refused instead."""
-    return CLIError(
-        f"--device {device} with --onnx: ONNX Runtime cannot run on CUDA here (it offers {', '.join(offered)}; "
-        "CUDA needs the onnxruntime-gpu package and a CUDA device). Drop --device to run on the CPU"
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if spec.onnx is not None and getattr(args, "mutual", False):
+        raise CLIError(
+            "--mutual needs the encoder's patch tokens, which the exported ONNX graph does not output (it gives "
+            "scores and maps only); use the PyTorch model (--checkpoint) for mutual scoring"
+        )
+    return PredictorSpec(
+        model=spec,
+        tiling=tiling_from_args(args),
+        reference=args.reference,
+        reference_cache=reference_cache_from_args(args),
+        calibration=getattr(args, "calibration", None),
+        image_threshold=getattr(args, "threshold", None),
+        pixel_threshold=getattr(args, "pixel_threshold", None),
+        decide=decide,
+        batch_size=args.batch_size,
+        mutual=mutual_from_args(args),
     )

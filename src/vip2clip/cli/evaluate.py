@@ -16,8 +16,6 @@ from vip2clip.cli.common import (
     add_reference_arguments,
     add_tiling_arguments,
     build_model,
-    config_from_args,
-    model_identity,
     mutual_from_args,
     progress_for,
     reference_cache_from_args,
@@ -144,9 +142,8 @@ def run_test(args: argparse.Namespace) -> int:
     _check_shots(index, config)
     name = dataset_info(args.dataset).title if args.dataset else Path(index.root).name
     paper = _test_paper(args, name)
-    model = build_model(args, **config_from_args(args))
+    model, identity = build_model(args)
     out = Path(args.out)
-    identity = model_identity(args, model)
     training = checkpoint_training(args.checkpoint)
     overlap = count_test_overlap(training["digests"], index, config)
     note = overlap.note()
@@ -260,7 +257,7 @@ def _train_for_benchmark(args: argparse.Namespace, index, sources, out: Path, se
     config, world = replace(train_config_from_args(args), seed=seed), world_of(args)
     if args.seeds and config.cache_dir is None:  # the seeds' runs read one feature cache
         config = replace(config, cache_dir=str(Path(args.out) / "feature_cache"))
-    model = build_model(args, seed=config.seed, **config_from_args(args))  # seeded like `vip2clip train`
+    model, _ = build_model(args, seed=config.seed)  # seeded like `vip2clip train`
     result = train(model, index, out / "train", config, progress=progress_for(args), overwrite=args.overwrite,
                    world=world, sources=sources)  # fmt: skip
     record = {"name": "+".join(s["name"] for s in sources), "root": str(index.root), "sources": sources,
@@ -324,12 +321,12 @@ def run_benchmark(args: argparse.Namespace) -> int:
     runs = {}
     for seed, folder in plan:
         if args.checkpoint:
-            model, checkpoint = build_model(args, **config_from_args(args)), args.checkpoint
+            model, identity = build_model(args)
             names = "+".join(parse_dataset_spec(text).title for text in train_texts) or None
             record = {"name": names, "trained": False, **training["record"]}
         else:
             model, checkpoint, record = _train_for_benchmark(args, index, sources, folder, seed)
-        identity = ModelIdentity.of(model, checkpoint)
+            identity = ModelIdentity.of(model, checkpoint)
         runs[seed] = benchmark_datasets(
             model, indexes, folder, config, identity, record, args.save_maps, progress_for(args), paper, world,
             overlaps,

@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 from vip2clip.cli import CLIError
-from vip2clip.cli.common import add_inference_arguments, add_model_arguments, build_model, config_from_args
+from vip2clip.cli.common import add_inference_arguments, add_model_arguments, build_model
 from vip2clip.utils.cpu_features import cpu_features
 
 
@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    model = build_model(args)
+    model, _ = build_model(args)
     backbone_trainable = sum(p.numel() for p in model.backbone.parameters() if p.requires_grad)
     print(f"backbone: {model.config.backbone} ({model.backbone.depth} blocks, patch {model.backbone.patch_size})")
     print(f"backbone weights: {model.backbone.weights_source}")
@@ -137,13 +137,13 @@ def run_export(args: argparse.Namespace) -> int:
     if not getattr(args, "verbose", False):
         for name in ("onnxscript", "onnx_ir"):  # hundreds of INFO lines per export otherwise
             logging.getLogger(name).setLevel(logging.WARNING)
-    model = build_model(args, **config_from_args(args))
+    model, identity = build_model(args)
     external = {"auto": None, "yes": True, "no": False}[args.external_data]
     try:
         path = export_onnx(
             model,
             args.out,
-            checkpoint=args.checkpoint,
+            checkpoint=identity.checkpoint,
             external_data=external,
             quantize="int8" if args.int8 else None,
             calibration_images=args.calibration_images,

@@ -23,14 +23,8 @@ from vip2clip.cli.common import (
     add_reference_arguments,
     add_threshold_arguments,
     add_tiling_arguments,
-    build_model,
-    build_onnx_engine,
-    config_from_args,
-    model_identity,
-    mutual_from_args,
+    predictor_spec_from_args,
     progress_for,
-    references_from_args,
-    tiling_from_args,
     world_of,
 )
 from vip2clip.cli.explain import add_explain_argument, check_explain, explain_predictions
@@ -100,31 +94,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_predictor(args: argparse.Namespace, thresholds: bool = True) -> Predictor:
-    """The Predictor of the parsed options: model (or the --onnx engine), identity, tiling, references and
-    (thresholds=True) the decision thresholds."""
-    from vip2clip.inference.predictor import Predictor, resolve_thresholds
+    """The Predictor of the parsed options (`Predictor.from_spec`): model (or the --onnx engine), tiling,
+    references and (thresholds=True) the decision thresholds."""
+    from vip2clip.inference.onnx_engine import MissingDependencyError
+    from vip2clip.inference.predictor import Predictor
 
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    tiling, mutual = tiling_from_args(args), mutual_from_args(args)
-    if mutual is not None and getattr(args, "onnx", None):
-        raise CLIError(
-            "--mutual needs the encoder's patch tokens, which the exported ONNX graph does not output (it gives "
-            "scores and maps only); use the PyTorch model (--checkpoint) for mutual scoring"
-        )
-    if getattr(args, "onnx", None):
-        model = build_onnx_engine(args)
-        identity = model.identity
-    else:
-        model = build_model(args, **config_from_args(args))
-        identity = model_identity(args, model)
-    memory = references_from_args(args, model, identity, tiling)
-    predictor = Predictor(model, None, args.batch_size, identity, tiling, memory, mutual)
-    if not thresholds:
-        return predictor
-    decisions = resolve_thresholds(predictor.identity, args.calibration, args.threshold, args.pixel_threshold)
-    logger.info("thresholds: image %.4g, pixel %.4g (%s)", decisions.image, decisions.pixel, decisions.source)
-    return predictor.with_thresholds(decisions)
+    try:
+        predictor = Predictor.from_spec(predictor_spec_from_args(args, decide=thresholds))
+    except MissingDependencyError as error:
+        raise CLIError(str(error)) from error
+    if thresholds:
+        decisions = predictor.thresholds
+        logger.info("thresholds: image %.4g, pixel %.4g (%s)", decisions.image, decisions.pixel, decisions.source)
+    return predictor
 
 
 def _print_failures(failed: list[tuple[str, str]], what: str = "unreadable files") -> None:

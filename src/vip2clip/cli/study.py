@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 from vip2clip.cli import CLIError
-from vip2clip.cli.common import add_model_arguments, add_progress_argument, build_model, progress_for, world_of
+from vip2clip.cli.common import add_model_arguments, add_progress_argument, model_spec_from_args, progress_for, world_of
 from vip2clip.cli.evaluate import add_map_dtype_argument
 from vip2clip.cli.train import add_train_arguments, split_specs, train_config_from_args
 
@@ -96,11 +97,13 @@ def _key(spec) -> str:
 
 
 def _factory(args: argparse.Namespace):
+    from vip2clip.inference.assembly import build_model
+
     def build(options, seed, checkpoint):
         settings = copy.copy(args)
         settings.checkpoint = str(checkpoint) if checkpoint is not None else None
-        extra = {"seed": seed} if seed is not None else {}
-        return build_model(settings, **extra, **dict(options))
+        spec = model_spec_from_args(settings, seed=seed)
+        return build_model(replace(spec, config={**spec.config, **dict(options)}))[0]
 
     return build
 

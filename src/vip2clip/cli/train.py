@@ -14,7 +14,6 @@ from vip2clip.cli.common import (
     add_model_arguments,
     add_progress_argument,
     build_model,
-    config_from_args,
     progress_for,
     world_of,
 )
@@ -143,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     world = world_of(args)
     earlier_run(Path(args.out), args.resume, args.overwrite)  # refuse before the slow part: loading the model
     index, sources = load_training_sources(args.data, args.dataset, args.split, world)
-    model = build_model(args, seed=config.seed, **config_from_args(args))
+    model, _ = build_model(args, seed=config.seed)
     result = train(
         model,
         index,

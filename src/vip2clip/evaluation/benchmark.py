@@ -29,6 +29,7 @@ from vip2clip.evaluation.reports import BenchmarkEntry, write_benchmark, write_r
 from vip2clip.evaluation.results import EvalConfig, EvaluationResult
 from vip2clip.evaluation.scoring import evaluated_identity
 from vip2clip.inference.calibration import METHOD_F1, make_calibration
+from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.utils.distributed import LOCAL, World
@@ -124,7 +125,7 @@ _UNDEFINED_REASON = {
 }
 
 
-def write_calibration(path: Path, identity: ModelIdentity, result: EvaluationResult) -> Path | None:
+def write_calibration(path: Path, identity: PredictorIdentity, result: EvaluationResult) -> Path | None:
     """calibration.json with the F1-optimal thresholds, null for an undefined one (an image-level-only dataset
     has no pixel threshold, an all-anomalous one no image threshold), with a warning; None (not written) when
     both are undefined."""
@@ -173,7 +174,6 @@ def evaluate_dataset(
     in results.json as "training".
     """
     out_dir = Path(out_dir)
-    identity = evaluated_identity(identity, config.tiling, config.shots, config.seed, config.mutual)
     if save_maps:
         config = replace(config, panels_dir=out_dir / MAPS_DIR)
     result = evaluate(model, index, config, progress, world)
@@ -196,7 +196,8 @@ def evaluate_dataset(
         context["training"] = dict(training)
     write_results(out_dir, result, context, title=name, notes=notes, paper=paper, dataset=name)
     write_scores(out_dir / SCORES_NAME, result)
-    write_calibration(out_dir / CALIBRATION_NAME, identity, result)
+    evaluated = evaluated_identity(identity, config.tiling, config.shots, config.seed, config.mutual)
+    write_calibration(out_dir / CALIBRATION_NAME, evaluated, result)
     for path, reason in result.skipped:
         logger.warning("skipped %s: %s", path, reason)
     return result

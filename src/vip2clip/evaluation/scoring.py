@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,6 +29,7 @@ from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import BadImageError, load_image
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.transforms import resize_map
+from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.inference.mutual_rule import MutualRule
 from vip2clip.inference.predictor import InferenceEngine, Predictor
 from vip2clip.inference.references import FusionRule, ReferenceEngine, memory_from_files
@@ -71,15 +71,15 @@ def draw_shots(paths: list[T], shots: int, seed: int, class_name: str) -> list[T
 
 def evaluated_identity(
     identity: ModelIdentity, tiling: TileConfig | None, shots: int, seed: int, mutual: MutualRule | None = None
-) -> ModelIdentity:
+) -> PredictorIdentity:
     """The model's identity as the evaluation uses it, for results.json and calibration.json: with the tiling, the
     few-shot protocol (the images are listed per class in results.json) and the mutual-scoring rule (the group of
     an image: its class's test images, as many as the class's counts say)."""
     references = None
     if shots:
         references = {"rule": FusionRule().to_dict(), "shots": shots, "seed": seed, "source": "normal train images"}
-    return replace(identity, tiling=None if tiling is None else tiling.to_dict(), references=references,
-                   mutual=None if mutual is None else mutual.to_dict())  # fmt: skip
+    return PredictorIdentity(identity, None if tiling is None else tiling.to_dict(), references,
+                             None if mutual is None else mutual.to_dict())  # fmt: skip
 
 
 def class_engine(

@@ -2,15 +2,16 @@
 
 A `Calibration` holds an image threshold (image score >= threshold -> "anomalous") and a pixel threshold
 (anomaly-map value >= threshold -> defect pixel), how they were obtained, and the identity of the model they
-belong to (a `ModelIdentity`: checkpoint hash, backbone and weights fingerprint, input size, top-K, sigma). Scores
-of a different model or resolution are on a different scale, so `check_compatible` refuses such pairs.
+belong to (a `PredictorIdentity`: the model's checkpoint hash, backbone and weights fingerprint, input size, top-K,
+sigma, and the predictor's tiling and reference images' rule). Scores of a different model, resolution, tiling or
+fusion are on a different scale, so `check_compatible` refuses such pairs.
 
 Thresholds are probabilities in [0, 1] (`check_threshold` refuses anything else, NaN included). Either threshold
 may be None (JSON null): undefined for the data it was derived from. Image-level-only data
 (no masks: HeadCT, BrainMRI, Br35H) has no pixel threshold, and data with one image label only (all anomalous:
 ISIC, Kvasir, ...) no image threshold. Such a file still decides the other kind; decisions of the missing kind
 need an explicit threshold (`vip2clip predict --threshold` / `--pixel-threshold`), see
-`vip2clip.inference.predictor.resolve_thresholds`.
+`vip2clip.inference.thresholds.resolve_thresholds`.
 
 Two ways to obtain thresholds:
 - "f1-optimal on labelled images": `vip2clip test` picks the thresholds that maximise image and pixel F1 on a
@@ -21,7 +22,8 @@ Two ways to obtain thresholds:
   normal pixels would be flagged. With few images the high quantiles are close to the maximum and noisy,
   hence a warning below `MIN_NORMAL_IMAGES`.
 
-File format 2 holds the identity as a "model" record; files of format 1 (flat checkpoint/backbone fields) are read.
+File format 2 holds the identity as a "model" record (`Calibration.identity`); files of format 1 (flat
+checkpoint/backbone fields) are read.
 """
 
 from __future__ import annotations
@@ -36,13 +38,13 @@ from typing import Any
 
 import numpy as np
 
+from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.metrics.threshold import (
     DEFAULT_IMAGE_QUANTILE,
     DEFAULT_PIXEL_QUANTILE,
     StreamingQuantile,
     normal_quantile_thresholds,
 )
-from vip2clip.model.identity import ModelIdentity
 from vip2clip.utils.fileio import atomic_write_json
 
 FORMAT = "vip2clip-calibration"
@@ -62,6 +64,8 @@ _V1_IDENTITY_FIELDS = {
     "top_k": "top_k",
     "sigma": "sigma",
 }
+# Field names whose key in the file differs (the file's "model" record predates the split of model and predictor).
+_KEYS = {"identity": "model"}
 _REQUIRED = ("image_threshold", "pixel_threshold", "method", "n_images", "created", "model")
 
 
@@ -83,7 +87,8 @@ class Calibration:
     image_threshold / pixel_threshold: None when undefined for the calibration data (see the module docstring);
         at least one is a number.
     quantile / pixel_quantile: the quantiles used by the "normal-quantile" method (None otherwise).
-    model: the `ModelIdentity` of the model that produced the scores. created: ISO-8601 UTC time stamp.
+    identity: the `PredictorIdentity` of what produced the scores (the "model" record of the file). created:
+    ISO-8601 UTC time stamp.
     """
 
     image_threshold: float | None
@@ -91,7 +96,7 @@ class Calibration:
     method: str
     n_images: int
     created: str
-    model: ModelIdentity
+    identity: PredictorIdentity
     quantile: float | None = None
     pixel_quantile: float | None = None
 
@@ -103,12 +108,13 @@ class Calibration:
                 check_threshold(getattr(self, name), f"{name} (null when undefined)")
         if self.image_threshold is None and self.pixel_threshold is None:
             raise ValueError("image_threshold and pixel_threshold are both null: the calibration decides nothing")
-        if self.model.image_size < 1 or self.n_images < 0:
-            raise ValueError(f"bad calibration: image_size={self.model.image_size}, n_images={self.n_images}")
+        if self.identity.model.image_size < 1 or self.n_images < 0:
+            size = self.identity.model.image_size
+            raise ValueError(f"bad calibration: image_size={size}, n_images={self.n_images}")
 
     def to_dict(self) -> dict[str, Any]:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, **values, "model": self.model.to_dict()}
+        values = {_KEYS.get(f.name, f.name): getattr(self, f.name) for f in fields(self)}
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **values, "model": self.identity.to_dict()}
 
     def save(self, path: str | Path) -> Path:
         """Write the calibration as strict JSON, atomically (temp file + rename)."""
@@ -126,18 +132,18 @@ class Calibration:
         missing = [key for key in _REQUIRED if key not in data]
         if missing:
             raise ValueError(f"{source}: calibration lacks the field(s) {missing}")
-        known = {f.name for f in fields(cls)}
-        values = {key: value for key, value in data.items() if key in known}
+        known = {_KEYS.get(f.name, f.name): f.name for f in fields(cls)}
+        values = {known[key]: value for key, value in data.items() if key in known}
         try:
-            values["model"] = ModelIdentity.from_dict(values["model"])
+            values["identity"] = PredictorIdentity.from_dict(values["identity"])
             return cls(**values)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{source}: invalid calibration: {error}") from error
 
-    def check_compatible(self, identity: ModelIdentity) -> None:
-        """Raise ValueError unless `identity` describes the model this calibration is for (see
-        `ModelIdentity.mismatches`): thresholds of another model, resolution or smoothing do not fit."""
-        problems = self.model.mismatches(identity, labels=("calibrated with", "model uses"))
+    def check_compatible(self, identity: PredictorIdentity) -> None:
+        """Raise ValueError unless `identity` describes the scoring this calibration is for (see
+        `PredictorIdentity.mismatches`): thresholds of another model, resolution, smoothing or tiling do not fit."""
+        problems = self.identity.mismatches(identity, labels=("calibrated with", "model uses"))
         if problems:
             raise ValueError(
                 "calibration does not match this model (" + "; ".join(problems) + "). Re-run `vip2clip calibrate` "
@@ -168,7 +174,7 @@ def load(path: str | Path) -> Calibration:
 
 
 def make_calibration(
-    identity: ModelIdentity,
+    identity: PredictorIdentity,
     *,
     image_threshold: float | None,
     pixel_threshold: float | None,
@@ -177,7 +183,7 @@ def make_calibration(
     quantile: float | None = None,
     pixel_quantile: float | None = None,
 ) -> Calibration:
-    """A Calibration for the model `identity`, stamped now.
+    """A Calibration for the scoring `identity`, stamped now.
 
     `vip2clip test` calls it with method=METHOD_F1 and the F1-optimal thresholds (None where undefined).
     """
@@ -187,7 +193,7 @@ def make_calibration(
         method=method,
         n_images=int(n_images),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        model=identity,
+        identity=identity,
         quantile=quantile,
         pixel_quantile=pixel_quantile,
     )
@@ -200,7 +206,7 @@ def _optional_float(value: float | None) -> float | None:
 def calibrate_from_normal(
     image_scores: Sequence[float] | np.ndarray,
     pixel_scores: Sequence[np.ndarray] | np.ndarray | StreamingQuantile,
-    identity: ModelIdentity,
+    identity: PredictorIdentity,
     image_quantile: float = DEFAULT_IMAGE_QUANTILE,
     pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
 ) -> Calibration:

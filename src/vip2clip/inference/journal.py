@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vip2clip.data.files import InputImage
-from vip2clip.model.identity import ModelIdentity
+from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.utils.fileio import atomic_write_text, json_line
 
 logger = logging.getLogger(__name__)
@@ -58,7 +58,8 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     changed = sorted(key for key in set(old) | set(new) if key not in ignored and old.get(key) != new.get(key))
     if not isinstance(old.get("model"), dict):
         return ["model", *changed]
-    return [*ModelIdentity.from_dict(old["model"]).mismatches(ModelIdentity.from_dict(new["model"])), *changed]
+    identities = [PredictorIdentity.from_dict(settings["model"]) for settings in (old, new)]
+    return [*identities[0].mismatches(identities[1]), *changed]
 
 
 def is_done(image: InputImage, record: dict[str, Any] | None, out_dir: Path) -> bool:

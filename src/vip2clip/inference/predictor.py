@@ -30,7 +30,7 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -41,6 +41,8 @@ from vip2clip.config import ModelConfig
 from vip2clip.data.images import BadImageError, ImageInput, to_rgb
 from vip2clip.data.transforms import preprocess_array, resize_map
 from vip2clip.inference import calibration as calib
+from vip2clip.inference.assembly import ModelSpec, PredictorSpec, load_engine, load_reference_memory
+from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.inference.thresholds import DEFAULT_THRESHOLD, Thresholds, resolve_thresholds
 from vip2clip.inference.tiling import StitchedMap, TileConfig
 from vip2clip.model.identity import ModelIdentity
@@ -222,6 +224,20 @@ class Predictor:
         self._identity = identity
 
     @classmethod
+    def from_spec(cls, spec: PredictorSpec) -> Predictor:
+        """The predictor of `spec` (`vip2clip.inference.assembly`: the one path the command line, the server and
+        integrations take): the model or ONNX engine, the reference memory, the thresholds."""
+        engine, identity = load_engine(spec.model)
+        memory = load_reference_memory(spec, engine, identity)
+        predictor = cls(engine, None, spec.batch_size, identity, spec.tiling, memory, spec.mutual)
+        if not spec.decide:
+            return predictor
+        thresholds = resolve_thresholds(
+            predictor.identity, spec.calibration, spec.image_threshold, spec.pixel_threshold
+        )
+        return predictor.with_thresholds(thresholds)
+
+    @classmethod
     def from_checkpoint(
         cls,
         checkpoint: str | Path | None,
@@ -239,20 +255,15 @@ class Predictor:
         mutual: MutualRule | None = None,
         **config: Any,
     ) -> Predictor:
-        """Build the model (`vip2clip.create_model`), the reference memory of the normal images in the folder
-        `reference` (`vip2clip.inference.references.load_references`, cached in `default_cache_dir()`) and resolve
-        the thresholds (`resolve_thresholds`); `mutual`: score the images of each call together."""
-        from vip2clip.factory import create_model
-        from vip2clip.inference.references import default_cache_dir, load_references
-
-        model = create_model(backbone, clip_weights, checkpoint, image_size, device, precision=precision, **config)
-        identity = ModelIdentity.of(model, checkpoint)
-        memory = None
-        if reference is not None:
-            memory = load_references(model, identity, reference, tiling, batch_size, default_cache_dir())
-        predictor = cls(model, None, batch_size, identity, tiling, memory, mutual)
-        thresholds = resolve_thresholds(predictor.identity, calibration, image_threshold, pixel_threshold)
-        return predictor.with_thresholds(thresholds)
+        """`from_spec` of a PyTorch model: `vip2clip.create_model`'s arguments (`config`: ModelConfig overrides),
+        the reference images in the folder `reference` (cached in `default_cache_dir()`) and the thresholds
+        (`resolve_thresholds`); `mutual`: score the images of each call together."""
+        model = ModelSpec(checkpoint, clip_weights, None, backbone, image_size, device, precision, config=config)
+        return cls.from_spec(
+            PredictorSpec(
+                model, tiling, reference, None, calibration, image_threshold, pixel_threshold, True, batch_size, mutual
+            )
+        )
 
     @classmethod
     def from_onnx(
@@ -265,21 +276,19 @@ class Predictor:
         tiling: TileConfig | None = None,
         backend: str = "auto",
     ) -> Predictor:
-        """A model exported by `vip2clip.export_onnx`, on ONNX Runtime or OpenVINO (`vip2clip.load_onnx`; no torch
+        """`from_spec` of a model exported by `vip2clip.export_onnx`, on ONNX Runtime or OpenVINO (no torch
         needed); the calibration is checked against the identity recorded in the file."""
-        from vip2clip.inference.onnx_engine import load_onnx
-
-        predictor = cls(load_onnx(path, backend=backend), None, batch_size, tiling=tiling)
-        thresholds = resolve_thresholds(predictor.identity, calibration, image_threshold, pixel_threshold)
-        return predictor.with_thresholds(thresholds)
+        model = ModelSpec(onnx=path, onnx_backend=backend)
+        decisions = {"calibration": calibration, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold}
+        return cls.from_spec(PredictorSpec(model, tiling, batch_size=batch_size, **decisions))
 
     @property
-    def identity(self) -> ModelIdentity:
+    def identity(self) -> PredictorIdentity:
         """The identity of the model (for a model without a checkpoint unless one was given) as this predictor
         uses it: with its tiling and its references' rule and files."""
         if self._identity is None:
             self._identity = getattr(self.model, "identity", None) or ModelIdentity.of(self.model)
-        return replace(
+        return PredictorIdentity(
             self._identity,
             tiling=None if self.tiling is None else self.tiling.to_dict(),
             references=None if self.references is None else self.references.record(),

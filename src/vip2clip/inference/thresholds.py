@@ -1,5 +1,5 @@
-"""Decision thresholds: explicit values, a calibration file's (checked against the model's identity) or the
-uncalibrated default 0.5, and where they came from (`Thresholds.source`, shown to the user)."""
+"""Decision thresholds: where a predictor's image and pixel thresholds come from (explicit values, a calibration
+file checked against the predictor's identity, else the uncalibrated default 0.5)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vip2clip.inference import calibration as calib
-from vip2clip.model.identity import ModelIdentity
+from vip2clip.inference.identity import PredictorIdentity
 
 DEFAULT_THRESHOLD = 0.5
 
@@ -26,7 +26,7 @@ class Thresholds:
 
 
 def resolve_thresholds(
-    identity: ModelIdentity,
+    identity: PredictorIdentity,
     calibration: str | Path | calib.Calibration | None = None,
     image_threshold: float | None = None,
     pixel_threshold: float | None = None,

@@ -5,9 +5,10 @@
 >>> model = ViP2CLIP(checkpoint="run/checkpoint.pt", clip_weights="ViT-L-14-336px.pt")  # doctest: +SKIP
 >>> Engine().test(model, datamodule=MVTecAD(root="mvtec", category="bottle"))  # doctest: +SKIP
 
-The same computation as `vip2clip.Predictor` and `vip2clip test`: the model comes from `vip2clip.create_model`,
-anomalib's PreProcessor resizes and normalises as the release does and its PostProcessor thresholds the
-probabilities (`vip2clip.integrations.anomalib_processing`). Zero-shot by default (anomalib's zero-shot learning
+The same computation as `vip2clip.Predictor` and `vip2clip test`: the model comes from the assembly path they
+take (`vip2clip.inference.assembly.build_model`, which calls `vip2clip.create_model`), anomalib's PreProcessor
+resizes and normalises as the release does and its PostProcessor thresholds the probabilities
+(`vip2clip.integrations.anomalib_processing`). Zero-shot by default (anomalib's zero-shot learning
 type); `shots=k` (few-shot learning type) makes k normal images of the data module's train split, drawn as
 `vip2clip test --shots k --seed s` draws them, the reference memory (`vip2clip.inference.references`), and
 `reference=FOLDER` takes a folder of normal images instead.
@@ -40,7 +41,7 @@ from torchvision.transforms.v2 import Resize  # noqa: E402
 
 from vip2clip.data.images import load_image  # noqa: E402
 from vip2clip.evaluation.scoring import draw_shots  # noqa: E402
-from vip2clip.factory import create_model  # noqa: E402
+from vip2clip.inference.assembly import ModelSpec, build_model  # noqa: E402
 from vip2clip.inference.references import (  # noqa: E402
     ReferenceEngine,
     ReferenceMemory,
@@ -53,7 +54,6 @@ from vip2clip.integrations.anomalib_processing import (  # noqa: E402
     ReleasePreProcessor,
     is_tracing,
 )
-from vip2clip.model.identity import ModelIdentity  # noqa: E402
 from vip2clip.model.vip2clip import ViP2CLIP as ViP2CLIPNetwork  # noqa: E402
 
 __all__ = ["ViP2CLIP"]
@@ -126,7 +126,8 @@ class ViP2CLIP(AnomalibModule):
         if shots and reference is not None:
             raise ValueError("give shots (normal train images of the data module) or reference (a folder), not both")
         options = {name: value for name, value in (("top_k", top_k), ("sigma", sigma)) if value is not None}
-        network = create_model(backbone, clip_weights, checkpoint, image_size, precision=precision, **options)
+        spec = ModelSpec(checkpoint, clip_weights, None, backbone, image_size, precision=precision, config=options)
+        network, identity = build_model(spec)  # the assembly path of the command line and `Predictor`
         size = int(network.config.image_size)
         super().__init__(
             pre_processor=ReleasePreProcessor(size) if pre_processor is True else pre_processor,
@@ -135,7 +136,7 @@ class ViP2CLIP(AnomalibModule):
             visualizer=visualizer,
         )
         self.model = _Scorer(network)
-        self.identity = ModelIdentity.of(network, checkpoint)
+        self.identity = identity
         self.shots, self.seed = shots, seed
         self.reference = None if reference is None else Path(reference)
         self.reference_cache = Path(reference_cache) if reference_cache is not None else default_cache_dir()

@@ -52,9 +52,13 @@ class CheckpointError(ValueError):
 
 @dataclass
 class Checkpoint:
+    """A loaded checkpoint: the model configuration, the trainable state, what the file records about its training
+    (`meta`) and the file it was read from (`path`, None when built in memory)."""
+
     config: ModelConfig
     state: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
 
 
 def save_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], **meta: Any) -> Path:
@@ -83,12 +87,13 @@ def load_checkpoint(path: str | Path, base_config: ModelConfig | None = None) ->
     payload = read_torch_file(path, "checkpoint", CheckpointError)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         try:
-            return Checkpoint(ModelConfig.from_dict(payload["config"]), payload["state_dict"], payload.get("meta", {}))
+            config = ModelConfig.from_dict(payload["config"])
+            return Checkpoint(config, payload["state_dict"], payload.get("meta", {}), path)
         except (KeyError, TypeError, ValueError) as error:
             raise CheckpointError(f"{path}: damaged vip2clip checkpoint ({type(error).__name__}: {error})") from error
     if isinstance(payload, dict) and {"prompt_learner", "Zero_try"} <= set(payload):
         config, state = release_to_state(payload, base_config or ModelConfig())
-        return Checkpoint(config, state, {"source": f"release checkpoint {path}"})
+        return Checkpoint(config, state, {"source": f"release checkpoint {path}"}, path)
     keys = sorted(payload)[:8] if isinstance(payload, dict) else type(payload).__name__
     raise CheckpointError(
         f"{path} is neither a vip2clip checkpoint nor a release checkpoint (dict with 'prompt_learner' and "

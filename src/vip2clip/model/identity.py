@@ -26,9 +26,8 @@ class ModelIdentity:
     image_size, top_k, sigma: the options that change scores without retraining.
     fingerprint / top_k / sigma may be None in records written by older versions: then they are not compared.
     config: the full model configuration; vip2clip_version: the package that wrote the record.
-    tiling / references / mutual: how the predictor used the model (tile size and overlap; the reference images'
-    fusion rule and files; the mutual-scoring rule), None when it did not tile / had no references / scored each
-    image alone (and in records of older versions).
+    How a predictor uses the model (tiling, reference images) is recorded beside it, in
+    `vip2clip.inference.identity.PredictorIdentity`.
     """
 
     backbone: str
@@ -41,9 +40,6 @@ class ModelIdentity:
     sigma: float | None = None
     config: dict[str, Any] | None = None
     vip2clip_version: str | None = None
-    tiling: dict[str, Any] | None = None
-    references: dict[str, Any] | None = None
-    mutual: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, model: ViP2CLIP, checkpoint: str | Path | None = None) -> ModelIdentity:
@@ -76,9 +72,7 @@ class ModelIdentity:
         they describe the same model. `labels` name the two sides (e.g. "calibrated with", "model uses").
 
         Compared: checkpoint hash, backbone, CLIP weights fingerprint, input size, top_k and sigma (the last three
-        only where both records know them), the tiling and the references' fusion rule (not which reference
-        images: other good parts of the same setup give scores on the same scale) and the mutual-scoring rule.
-        Paths, wording and package versions are not compared.
+        only where both records know them). Paths, wording and package versions are not compared.
         """
         mine, theirs = labels
         problems = []
@@ -92,13 +86,6 @@ class ModelIdentity:
             a, b = getattr(self, option), getattr(other, option)
             if None not in (a, b) and a != b:
                 problems.append(f"{name}: {mine} {a}, {theirs} {b}")
-        if self.tiling != other.tiling:
-            problems.append(f"tiling: {mine} {_option(self.tiling)}, {theirs} {_option(other.tiling)}")
-        rules = [None if r is None else r.get("rule") for r in (self.references, other.references)]
-        if rules[0] != rules[1]:
-            problems.append(f"reference images: {mine} {_option(rules[0])}, {theirs} {_option(rules[1])}")
-        if self.mutual != other.mutual:
-            problems.append(f"mutual scoring: {mine} {_option(self.mutual)}, {theirs} {_option(other.mutual)}")
         return problems
 
 
@@ -106,7 +93,3 @@ def _describe(identity: ModelIdentity) -> str:
     if identity.checkpoint_sha256 is None:
         return "no checkpoint"
     return f"{identity.checkpoint} (sha256 {identity.checkpoint_sha256[:12]})"
-
-
-def _option(value: dict[str, Any] | None) -> str:
-    return "none" if value is None else ", ".join(f"{key} {item}" for key, item in value.items())
