@@ -18,6 +18,7 @@ from PIL import Image
 
 import vip2clip
 from vip2clip.cli import main
+from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.inference.onnx_engine import MissingDependencyError
 from vip2clip.inference.predictor import Predictor
 from vip2clip.model.checkpoint import save_checkpoint
@@ -86,7 +87,7 @@ def test_metadata_carries_the_identity_of_the_torch_model(exported: Exported) ->
     assert engine.identity == ModelIdentity.of(exported.model, exported.checkpoint)
     assert engine.config == exported.model.config
     assert engine.identity.mismatches(ModelIdentity.of(exported.model, exported.checkpoint)) == []
-    assert Predictor(engine).identity == engine.identity
+    assert Predictor(engine).identity == PredictorIdentity(engine.identity)
 
 
 def test_openvino_reads_the_same_file(exported: Exported) -> None:
