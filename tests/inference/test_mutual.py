@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vip2clip.inference.assembly import ModelSpec, PredictorSpec
 from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.inference.mutual import (
     MutualRule,
@@ -194,3 +195,11 @@ def test_predict_mutual_on_a_tensor_batch_equals_the_predictor(tiny_model) -> No
         np.testing.assert_allclose(prediction.anomaly_map[i].numpy(), result.anomaly_map, atol=1e-3)
     with pytest.raises(ValueError, match="at least 3 images"):
         vip2clip.predict_mutual(tiny_model, batch[:2])
+
+
+def test_the_assembly_spec_carries_the_rule_and_refuses_it_for_an_onnx_model(tmp_path) -> None:
+    rule = MutualRule(share=0.5)
+    predictor = Predictor.from_checkpoint(None, backbone="tiny", image_size=32, mutual=rule)
+    assert predictor.mutual == rule and predictor.identity.mutual == rule.to_dict()
+    with pytest.raises(ValueError, match="an ONNX export does not output"):
+        PredictorSpec(ModelSpec(onnx=tmp_path / "model.onnx"), mutual=rule)
