@@ -132,3 +132,10 @@ def test_models_lists_presets_and_weights(weights_dir: Path, capsys) -> None:
     out = capsys.readouterr().out
     assert "ablation-utpa" in out and "Table 5 CLIP_UTPA" in out
     assert "release-mvtec" in out and "not downloaded" in out
+
+
+def test_missing_clip_weights_name_the_published_tag() -> None:
+    from vip2clip.inference.assembly import ModelSpec, build_model
+
+    with pytest.raises(ValueError, match=r"--clip-weights openai-vit-l-14-336 \(after `vip2clip download"):
+        build_model(ModelSpec(backbone="ViT-L-14-336", random_init=False))

@@ -131,6 +131,7 @@ def _required_clip_weights(spec: ModelSpec, checkpoint: Checkpoint | None) -> st
         return None
     raise ValueError(
         "no CLIP weights given. Pass --clip-weights PATH (OpenAI's ViT-L-14-336px.pt or a state dict), "
+        "--clip-weights openai-vit-l-14-336 (after `vip2clip download openai-vit-l-14-336`, hash-checked), "
         "--clip-weights openai (open_clip download, needs internet), or --random-init (meaningless scores)"
     )
 
