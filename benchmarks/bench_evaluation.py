@@ -21,7 +21,7 @@ import torch
 from common import append_results, machine_description, markdown_table, peak_rss_mib, reset_peak_rss
 from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
 from vip2clip.evaluation.results import MAP_DTYPES, EvalConfig
-from vip2clip.model.vip2clip import Prediction
+from vip2clip.outputs import ImageBatch
 
 
 @dataclass(frozen=True)
@@ -66,11 +66,11 @@ class StandInModel:
         self.size = size
         self.generator = torch.Generator().manual_seed(0)
 
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def predict(self, images: torch.Tensor) -> ImageBatch:
         batch = images.shape[0]
         coarse = torch.rand(batch, 1, 37, 37, generator=self.generator)
         maps = torch.nn.functional.interpolate(coarse, size=(self.size, self.size), mode="bilinear")[:, 0]
-        return Prediction(torch.rand(batch, generator=self.generator), maps)
+        return ImageBatch(torch.rand(batch, generator=self.generator), maps)
 
 
 def main() -> None:

@@ -50,7 +50,7 @@ from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import load_image
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
-from vip2clip.evaluation.results import ClassOutputs, EvalConfig, mean_metrics
+from vip2clip.evaluation.results import ClassBatch, EvalConfig, mean_metrics
 from vip2clip.evaluation.scoring import choose_shots, class_engine
 from vip2clip.inference.mutual import MutualRule, choose_others, mutual_distances, mutual_maps, predict_mutual
 from vip2clip.inference.mutual_group import score_group
@@ -128,8 +128,13 @@ def sweep_values(model, index, rules: list[MutualRule]) -> list[dict[str, float]
         for k, rule in enumerate(rules):
             prediction = predict_mutual(engine, images, rule)
             maps = prediction.anomaly_map.numpy().astype(np.float16)
-            outputs = ClassOutputs(prediction.pred_score.numpy(), labels, None, None, np.ones(len(items), bool),
-                                   np.arange(len(items)), PixelStats.of(masks, maps))  # fmt: skip
+            outputs = ClassBatch(
+                pred_score=prediction.pred_score.numpy(),
+                gt_label=labels,
+                pixel_rows=np.ones(len(items), bool),
+                positions=np.arange(len(items)),
+                pixel=PixelStats.of(masks, maps),
+            )
             per_rule[k].append(class_metrics(name, outputs))
     return [mean_metrics(results) for results in per_rule]
 

@@ -1,10 +1,10 @@
 """vip2clip: ViP²-CLIP zero-shot anomaly detection on a frozen CLIP.
 
 Public API: `create_model`, `list_models` (presets), `list_pretrained` / `download_pretrained` (published weights),
-`preprocess`, `Predictor`, `ModelConfig`, `export_onnx`, `load_onnx`, `metrics`, `MutualRule` and `predict_mutual`
-(batch zero-shot: the images of a batch score each other), `__version__`. They load lazily, so that commands which
-need neither torch nor open_clip (dataset conversion, validation) start fast, and `load_onnx` + `Predictor` run
-without torch.
+`preprocess`, `Predictor`, `ImageItem` / `ImageBatch` (what scoring returns, per image and per batch),
+`ModelConfig`, `export_onnx`, `load_onnx`, `metrics`, `MutualRule` and `predict_mutual` (batch zero-shot: the
+images of a batch score each other), `__version__`. They load lazily, so that commands which need neither torch
+nor open_clip (dataset conversion, validation) start fast, and `load_onnx` + `Predictor` run without torch.
 
 The package is grouped by pipeline: `model/` (the network), `data/` (datasets, images, converters), `training/`,
 `evaluation/` (with `metrics/` beside it), `inference/` (Predictor, calibration, folder runs), `visualization/`,
@@ -23,6 +23,8 @@ _LAZY_ATTRIBUTES = {
     "create_model": "vip2clip.factory",
     "preprocess": "vip2clip.data.transforms",
     "Predictor": "vip2clip.inference.predictor",
+    "ImageItem": "vip2clip.outputs",
+    "ImageBatch": "vip2clip.outputs",
     "export_onnx": "vip2clip.inference.onnx_export",
     "load_onnx": "vip2clip.inference.onnx_engine",
     "list_models": "vip2clip.model.presets",
@@ -33,6 +35,8 @@ _LAZY_ATTRIBUTES = {
 }
 _LAZY_MODULES = ("metrics",)
 __all__ = [
+    "ImageBatch",
+    "ImageItem",
     "ModelConfig",
     "MutualRule",
     "Predictor",

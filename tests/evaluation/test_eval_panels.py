@@ -16,7 +16,7 @@ from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.evaluation import panels as panels_module
 from vip2clip.evaluation.evaluate import evaluate
 from vip2clip.evaluation.panels import PanelSpool, panel_order
-from vip2clip.evaluation.results import ClassOutputs, EvalConfig
+from vip2clip.evaluation.results import ClassBatch, EvalConfig
 from vip2clip.metrics import UndefinedMetricWarning
 from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyle, layout_panel
 
@@ -78,16 +78,16 @@ def _one_class(tmp_path: Path) -> AnomalyDataset:
     return AnomalyDataset(index, "test", None, 64)
 
 
-def _outputs(dataset: AnomalyDataset, pixel_rows: list[bool]) -> ClassOutputs:
+def _outputs(dataset: AnomalyDataset, pixel_rows: list[bool]) -> ClassBatch:
     """Outputs with a map that is hot (0.8) on the left half and calm (0.1) on the right, for every image."""
     n = len(dataset)
     maps = np.full((n, 64, 64), 0.1, dtype=np.float16)
     maps[:, :, :32] = 0.8
-    return ClassOutputs(
-        scores=np.linspace(0.2, 0.9, n, dtype=np.float32),
-        labels=np.array(dataset.labels),
-        maps=maps,
-        masks=np.zeros((n, 64, 64), dtype=bool),
+    return ClassBatch(
+        pred_score=np.linspace(0.2, 0.9, n, dtype=np.float32),
+        gt_label=np.array(dataset.labels),
+        anomaly_map=maps,
+        gt_mask=np.zeros((n, 64, 64), dtype=bool),
         pixel_rows=np.array(pixel_rows),
         positions=np.arange(n),
     )

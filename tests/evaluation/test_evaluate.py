@@ -22,7 +22,7 @@ from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.data.transforms import preprocess, preprocess_mask
 from vip2clip.evaluation.benchmark import CALIBRATION_NAME, evaluate_dataset
 from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs, evaluate
-from vip2clip.evaluation.results import ClassOutputs, EvalConfig
+from vip2clip.evaluation.results import ClassBatch, EvalConfig
 from vip2clip.inference import calibration as calib
 from vip2clip.metrics import (
     METRIC_KEYS,
@@ -94,10 +94,10 @@ def test_metrics_and_thresholds_match_an_independent_pass(tiny_model, bench: Dat
 def test_maps_are_stored_compactly(tiny_model, bench: DatasetIndex, dtype: str) -> None:
     dataset = AnomalyDataset(bench, classes=[bench.classes()[0]], image_size=SIZE)
     predictions = collect_class_outputs(tiny_model, dataset, EvalConfig(map_dtype=dtype), keep_maps=True)
-    assert predictions.maps.dtype == np.dtype(dtype) and predictions.maps.shape == (6, SIZE, SIZE)
-    assert predictions.masks.dtype == bool and predictions.scores.shape == (6,)
+    assert predictions.anomaly_map.dtype == np.dtype(dtype) and predictions.anomaly_map.shape == (6, SIZE, SIZE)
+    assert predictions.gt_mask.dtype == bool and predictions.pred_score.shape == (6,)
     direct = tiny_model.predict(torch.stack([dataset[i]["image"] for i in range(6)])).anomaly_map.numpy()
-    np.testing.assert_array_equal(predictions.maps, direct.astype(dtype))
+    np.testing.assert_array_equal(predictions.anomaly_map, direct.astype(dtype))
 
 
 def test_shares_of_a_class_merge_into_the_one_process_outputs(tiny_model, bench: DatasetIndex) -> None:
@@ -109,10 +109,10 @@ def test_shares_of_a_class_merge_into_the_one_process_outputs(tiny_model, bench:
     shares = [share_range(len(dataset), rank, 4, unit=2) for rank in range(4)]
     assert [len(share) for share in shares] == [2, 2, 2, 0]
     parts = [collect_class_outputs(tiny_model, dataset, config, rows=share) for share in shares]
-    merged = ClassOutputs.merge(parts)
-    np.testing.assert_array_equal(merged.scores, whole.scores)
+    merged = ClassBatch.merge(parts)
+    np.testing.assert_array_equal(merged.pred_score, whole.pred_score)
     np.testing.assert_array_equal(merged.positions, np.arange(6))
-    assert parts[3].scores.size == 0 and parts[3].pixel is None
+    assert parts[3].pred_score.size == 0 and parts[3].pixel is None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
         expected, got = class_metrics("c", whole), class_metrics("c", merged)

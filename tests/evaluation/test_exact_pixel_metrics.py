@@ -17,7 +17,7 @@ from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
 from vip2clip.evaluation.results import EvalConfig
 from vip2clip.metrics import UndefinedMetricWarning
-from vip2clip.model.vip2clip import Prediction
+from vip2clip.outputs import ImageBatch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "metrics"))
 from test_metrics import naive_aupro_cflow  # the literal loop of the release's metrics.py
@@ -33,12 +33,12 @@ class NearFlatMaps:
         self.generator = torch.Generator().manual_seed(0)
         self.maps: list[np.ndarray] = []
 
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def predict(self, images: torch.Tensor) -> ImageBatch:
         brightness = torch.nn.functional.interpolate(images.mean(1, keepdim=True), size=(SIZE, SIZE))[:, 0]
         noise = torch.randn(brightness.shape, generator=self.generator)
         maps = 0.5 + 1e-4 * (brightness + noise)
         self.maps.append(maps.numpy())
-        return Prediction(maps.mean(dim=(1, 2)), maps)
+        return ImageBatch(maps.mean(dim=(1, 2)), maps)
 
 
 def release_pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:

@@ -30,7 +30,7 @@ from vip2clip.inference.tiling import TileConfig, tile_boxes
 from vip2clip.model import utpa
 from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
-from vip2clip.model.vip2clip import Prediction
+from vip2clip.outputs import ImageBatch
 
 MODEL_ARGS = ["--backbone", "tiny", "--image-size", "64", "--no-progress"]
 
@@ -90,7 +90,7 @@ def test_the_memory_is_cached_on_disk_and_rebuilt_when_a_file_changes(tiny_model
     class Counting:
         config = tiny_model.config
 
-        def predict(self, images: torch.Tensor, return_features: bool = False) -> Prediction:
+        def predict(self, images: torch.Tensor, return_features: bool = False) -> ImageBatch:
             calls.append(images.shape[0])
             return tiny_model.predict(images, return_features=return_features)
 
@@ -158,7 +158,7 @@ def test_an_engine_without_patch_tokens_is_refused(tiny_model) -> None:
     class NoFeatures:  # e.g. an exported graph that outputs scores and maps only
         config = ModelConfig(backbone="tiny", image_size=64)
 
-        def predict(self, images: torch.Tensor) -> Prediction:
+        def predict(self, images: torch.Tensor) -> ImageBatch:
             raise AssertionError("not to be called")
 
     memory = ReferenceMemory(tuple(torch.zeros(4, 8, dtype=torch.float16) for _ in range(4)), ())

@@ -21,7 +21,7 @@ from vip2clip.inference import calibration as calib
 from vip2clip.inference.predictor import Predictor
 from vip2clip.inference.thresholds import Thresholds
 from vip2clip.inference.tiling import StitchedMap, TileConfig, axis_starts, tile_boxes
-from vip2clip.model.vip2clip import Prediction
+from vip2clip.outputs import ImageBatch
 
 MODEL_ARGS = ["--backbone", "tiny", "--no-progress"]
 # Untrained tiny maps are nearly flat: AUPRO may be undefined (NaN) in the tiled `test` runs.
@@ -36,19 +36,19 @@ class ConstantEngine:
         self.value = value
         self.batches: list[int] = []
 
-    def predict(self, images: torch.Tensor) -> Prediction:
+    def predict(self, images: torch.Tensor) -> ImageBatch:
         self.batches.append(images.shape[0])
         size = self.config.image_size
-        return Prediction(torch.full((images.shape[0],), 0.25), torch.full((images.shape[0], size, size), self.value))
+        return ImageBatch(torch.full((images.shape[0],), 0.25), torch.full((images.shape[0], size, size), self.value))
 
 
 class EchoEngine(ConstantEngine):
     """The map of a tile is its own grey level in [0, 1] (the input de-normalised), the score its mean."""
 
-    def predict(self, images: np.ndarray) -> Prediction:
+    def predict(self, images: np.ndarray) -> ImageBatch:
         mean, std = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
         grey = (torch.as_tensor(images) * std + mean).mean(dim=1)  # the Predictor passes float32 numpy arrays
-        return Prediction(grey.flatten(1).mean(dim=1), grey)
+        return ImageBatch(grey.flatten(1).mean(dim=1), grey)
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ import vip2clip
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.training.feature_cache import FeatureCache, cache_key, load_or_build_cache, open_cache
+from vip2clip.training.cache_key import cache_key
+from vip2clip.training.feature_cache import FeatureCache, load_or_build_cache, open_cache
 
 WORKER = Path(__file__).with_name("cache_worker.py")
 SRC = str(Path(vip2clip.__file__).resolve().parents[1])

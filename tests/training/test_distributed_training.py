@@ -13,7 +13,8 @@ import pytest
 import vip2clip
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.training.feature_cache import ARRAY_FILES, MANIFEST, load_or_build_cache
+from vip2clip.training.cache_key import ARRAY_FILES, MANIFEST
+from vip2clip.training.feature_cache import load_or_build_cache
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 

@@ -14,7 +14,8 @@ import vip2clip
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import load_image
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.training.feature_cache import MANIFEST, cache_key, load_or_build_cache, open_cache
+from vip2clip.training.cache_key import MANIFEST, cache_key
+from vip2clip.training.feature_cache import load_or_build_cache, open_cache
 
 SIZE = 64
 

@@ -130,22 +130,15 @@ def _print_groups(groups: list[dict]) -> None:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from vip2clip.inference.folder_run import predict_folder
+    from vip2clip.inference.folder_run import OutputOptions, predict_folder
 
     check_explain(args, {"--tile": args.tile, "--reference": args.reference, "--onnx": args.onnx})
     world = world_of(args)
     predictor = build_predictor(args)
+    options = OutputOptions(args.overlays, args.panels, args.raw_maps)
+    mutual_group = getattr(args, "mutual_group", "folder")
     summary = predict_folder(
-        predictor,
-        args.paths,
-        args.out,
-        args.overwrite,
-        args.overlays,
-        progress_for(args),
-        args.panels,
-        args.raw_maps,
-        world,
-        getattr(args, "mutual_group", "folder"),
+        predictor, args.paths, args.out, args.overwrite, options, progress_for(args), world, mutual_group
     )
     if not world.is_main:  # the same exit code on every rank
         return 0 if summary.complete else 1
@@ -177,7 +170,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from vip2clip.inference.folder_run import calibrate_folder
+    from vip2clip.inference.folder_calibrate import calibrate_folder
 
     predictor, world = build_predictor(args, thresholds=False), world_of(args)
     with warnings.catch_warnings(record=True) as caught:

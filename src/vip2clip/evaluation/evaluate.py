@@ -55,7 +55,7 @@ from vip2clip.evaluation.cached import SplitFeatures
 from vip2clip.evaluation.panels import PanelSpool, panel_order
 from vip2clip.evaluation.results import (
     MAP_DTYPES,
-    ClassOutputs,
+    ClassBatch,
     ClassResult,
     EvalConfig,
     EvaluationResult,
@@ -118,7 +118,7 @@ def collect_class_outputs(
     rows: range | None = None,
     keep_maps: bool | None = None,
     features: SplitFeatures | None = None,
-) -> ClassOutputs:
+) -> ClassBatch:
     """Run the model (or any inference engine) over one class's dataset (only `rows` of it when given: a rank's
     share, whole batches). Maps and masks are kept when `keep_maps` (default: when panels are wanted)."""
     rows = range(len(dataset)) if rows is None else rows
@@ -148,11 +148,11 @@ def collect_class_outputs(
     kept = np.flatnonzero(done)
     compact = kept.size < n  # rows of images that failed to decode are dropped (a copy, rare)
     positions = np.arange(rows.start, rows.stop)[kept]
-    return ClassOutputs(
-        scores=scores[kept],
-        labels=np.array(dataset.labels, dtype=np.int64)[positions],
-        maps=maps[kept] if compact and maps is not None else maps,
-        masks=masks[kept] if compact and masks is not None else masks,
+    return ClassBatch(
+        pred_score=scores[kept],
+        gt_label=np.array(dataset.labels, dtype=np.int64)[positions],
+        anomaly_map=maps[kept] if compact and maps is not None else maps,
+        gt_mask=masks[kept] if compact and masks is not None else masks,
         pixel_rows=(usable & has_masks)[positions],
         positions=positions,
         pixel=pixel.result() if not pixel.empty else None,
@@ -173,10 +173,10 @@ def _refuse_non_finite(scores: np.ndarray, maps: np.ndarray, rows: np.ndarray, d
         )
 
 
-def class_metrics(name: str, outputs: ClassOutputs) -> ClassResult:
+def class_metrics(name: str, outputs: ClassBatch) -> ClassResult:
     """The six metrics of one class with its own F1-optimal thresholds; see the module docstring for which
     metrics are defined."""
-    labels, scores = outputs.labels, outputs.scores
+    labels, scores = outputs.gt_label, outputs.pred_score
     n_anomalous = int(labels.sum())
     n_normal = int(labels.size - n_anomalous)
     both_labels = n_normal > 0 and n_anomalous > 0
@@ -213,7 +213,7 @@ def _say_undefined(name: str, caught: list[warnings.WarningMessage]) -> None:
         logger.warning("class %s: %s: '-' in the tables, left out of the means", name, why)
 
 
-def _skipped(dataset: AnomalyDataset, outputs: ClassOutputs, reported: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def _skipped(dataset: AnomalyDataset, outputs: ClassBatch, reported: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """The files reported skipped (every rank's dataset.skipped), once each, plus images that failed to decode in a
     DataLoader worker (whose record stays there)."""
     listed = list(dict.fromkeys(reported))
@@ -225,9 +225,9 @@ def _skipped(dataset: AnomalyDataset, outputs: ClassOutputs, reported: list[tupl
     return listed
 
 
-def _image_scores(name: str, dataset: AnomalyDataset, outputs: ClassOutputs) -> list[tuple[str, str, int, float]]:
+def _image_scores(name: str, dataset: AnomalyDataset, outputs: ClassBatch) -> list[tuple[str, str, int, float]]:
     """(class, image path as in the index, label, pred_score) per evaluated image, in dataset order."""
-    rows = zip(outputs.positions, outputs.labels, outputs.scores, strict=True)
+    rows = zip(outputs.positions, outputs.gt_label, outputs.pred_score, strict=True)
     return [(name, dataset.samples[int(p)].img_path, int(label), float(score)) for p, label, score in rows]
 
 
@@ -243,16 +243,16 @@ class _Tally:
         self.skipped: list[tuple[str, str]] = []
         self.image_scores: list[tuple[str, str, int, float]] = []
 
-    def add(self, name: str, dataset: AnomalyDataset, merged: ClassOutputs, reported: list[tuple[str, str]]) -> None:
+    def add(self, name: str, dataset: AnomalyDataset, merged: ClassBatch, reported: list[tuple[str, str]]) -> None:
         """One class's merged outputs (every rank's share) and the files every rank skipped."""
         self.skipped += _skipped(dataset, merged, reported)
-        if merged.labels.size == 0:
+        if merged.gt_label.size == 0:
             logger.warning("%s: no readable image; class left out", name)
             return
         self.results.append(class_metrics(name, merged))
         self.histogram.merge(merged.histogram)
-        self.scores.append(merged.scores)
-        self.labels.append(merged.labels)
+        self.scores.append(merged.pred_score)
+        self.labels.append(merged.gt_label)
         self.image_scores += _image_scores(name, dataset, merged)
         logger.info("%s: %s", name, ", ".join(f"{k} {100 * v:.1f}" for k, v in self.results[-1].metrics.items()))
 
@@ -287,15 +287,15 @@ def _evaluate_class(
     world: World,
     features: SplitFeatures | None = None,
     position: int = 0,
-) -> tuple[ClassOutputs, ClassOutputs | None, list[tuple[str, str]]]:
+) -> tuple[ClassBatch, ClassBatch | None, list[tuple[str, str]]]:
     """Score this rank's share of one class (the `position`-th; from the cached `features` when given): (its
     outputs, every rank's outputs merged (rank 0; None on the others), the files every rank skipped)."""
     share = class_share(world, len(dataset), config.batch_size, config.mutual is not None, position)
     outputs = collect_class_outputs(engine, dataset, config, progress, share, features=features)
-    reports = world.gather((replace(outputs, maps=None, masks=None), list(dataset.skipped)))
+    reports = world.gather((replace(outputs, anomaly_map=None, gt_mask=None), list(dataset.skipped)))
     if not world.is_main:
         return outputs, None, []
-    return outputs, ClassOutputs.merge([part for part, _ in reports]), [item for _, items in reports for item in items]
+    return outputs, ClassBatch.merge([part for part, _ in reports]), [item for _, items in reports for item in items]
 
 
 @torch.no_grad()
@@ -350,7 +350,7 @@ def evaluate(
         if merged is not None:
             tally.add(name, dataset, merged, reported)
         if panels is not None:  # chosen over the whole class; each rank spools the ones it holds
-            chosen = merged.positions[panel_order(merged.labels, config.max_panels)].tolist() if merged else None
+            chosen = merged.positions[panel_order(merged.gt_label, config.max_panels)].tolist() if merged else None
             panels.add(dataset, outputs, world.broadcast(chosen))
     result = world.broadcast(tally.result(index, config.split, shots) if world.is_main else None)
     if panels is not None:  # drawn now: they show the decisions at the dataset's thresholds

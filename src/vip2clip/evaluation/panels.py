@@ -23,7 +23,7 @@ import numpy as np
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import load_image
 from vip2clip.data.index import DatasetIndex, Sample
-from vip2clip.evaluation.results import ClassOutputs
+from vip2clip.evaluation.results import ClassBatch
 from vip2clip.inference.explain_run import EXPLAIN_DIR, ExplainItem
 from vip2clip.utils.fileio import atomic_save_image
 from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyle, PanelText, make_panel
@@ -100,13 +100,13 @@ class PanelSpool:
         self.limit = limit
         self._classes: list[_SpooledClass] = []
 
-    def add(self, dataset: AnomalyDataset, outputs: ClassOutputs, chosen: Sequence[int] | None = None) -> None:
+    def add(self, dataset: AnomalyDataset, outputs: ClassBatch, chosen: Sequence[int] | None = None) -> None:
         """Spool up to `limit` images of one evaluated class (see `panel_order`). With the class split over ranks,
         `chosen` holds the dataset positions picked over the whole class, and this rank spools those it holds."""
-        if outputs.maps is None or outputs.maps.size == 0:
+        if outputs.anomaly_map is None or outputs.anomaly_map.size == 0:
             return
         if chosen is None:
-            rows = panel_order(outputs.labels, self.limit)
+            rows = panel_order(outputs.gt_label, self.limit)
         else:
             row_of = {int(position): row for row, position in enumerate(outputs.positions)}
             rows = np.array([row_of[p] for p in chosen if p in row_of], dtype=np.int64)
@@ -119,10 +119,10 @@ class PanelSpool:
                 image_paths=[Path(dataset.index.resolve(s.img_path)) for s in samples],
                 names=[panel_name(s) for s in samples],
                 captions=[panel_caption(s) for s in samples],
-                scores=outputs.scores[rows].copy(),
+                scores=outputs.pred_score[rows].copy(),
                 has_truth=outputs.pixel_rows[rows].copy(),
-                maps=_spool(outputs.maps, rows, self.out_dir),
-                masks=_spool(outputs.masks, rows, self.out_dir),
+                maps=_spool(outputs.anomaly_map, rows, self.out_dir),
+                masks=_spool(outputs.gt_mask, rows, self.out_dir),
             )
         )  # fmt: skip
 

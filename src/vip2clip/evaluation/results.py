@@ -15,6 +15,7 @@ from vip2clip.config import STORAGE_DTYPES
 from vip2clip.inference.mutual_rule import MutualRule
 from vip2clip.inference.tiling import TileConfig
 from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, PixelStats
+from vip2clip.outputs import ImageBatch
 
 MAP_DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
 
@@ -87,20 +88,25 @@ class EvaluationResult:
         return sum(c.n_normal + c.n_anomalous for c in self.classes)
 
 
-@dataclass
-class ClassOutputs:
-    """One class's outputs (or one rank's share of them). scores [N] float32, labels [N] int; pixel_rows [N] bool:
-    the images that count for the pixel metrics; positions [N]: each row's position in the class's AnomalyDataset.
-    pixel: the pixel statistics of `pixel_rows` (None when none of them was scored); `histogram` holds them for
-    the F1-optimal pixel threshold. maps [N, S, S] (map_dtype) and masks [N, S, S] bool only when kept (panels)."""
+@dataclass(kw_only=True)
+class ClassBatch(ImageBatch):
+    """One class's outputs (or one rank's share of them), an `ImageBatch` with the truth: pred_score [N] float32,
+    gt_label [N] int; anomaly_map [N, S, S] (map_dtype) and gt_mask [N, S, S] bool only when kept (panels).
+    pixel_rows [N] bool: the images that count for the pixel metrics; positions [N]: each row's position in the
+    class's AnomalyDataset. pixel: the pixel statistics of `pixel_rows` (None when none of them was scored);
+    `histogram` holds them for the F1-optimal pixel threshold."""
 
-    scores: np.ndarray
-    labels: np.ndarray
-    maps: np.ndarray | None
-    masks: np.ndarray | None
     pixel_rows: np.ndarray
     positions: np.ndarray
     pixel: PixelStats | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.gt_label is None:
+            raise ValueError("a class's outputs need their gt_label")
+        for name in ("pixel_rows", "positions"):
+            if np.shape(getattr(self, name)) != (len(self),):
+                raise ValueError(f"{name} must be [{len(self)}], got shape {np.shape(getattr(self, name))}")
 
     @cached_property
     def histogram(self) -> PixelF1Histogram:
@@ -111,14 +117,12 @@ class ClassOutputs:
         return self.pixel.f1_histogram()
 
     @classmethod
-    def merge(cls, parts: list[ClassOutputs]) -> ClassOutputs:
+    def merge(cls, parts: list[ClassBatch]) -> ClassBatch:
         """The outputs of disjoint shares, `parts` in position order, as one (without maps: they stay where made)."""
         pixel = [part.pixel for part in parts if part.pixel is not None]
         return cls(
-            scores=np.concatenate([part.scores for part in parts]),
-            labels=np.concatenate([part.labels for part in parts]),
-            maps=None,
-            masks=None,
+            pred_score=np.concatenate([part.pred_score for part in parts]),
+            gt_label=np.concatenate([part.gt_label for part in parts]),
             pixel_rows=np.concatenate([part.pixel_rows for part in parts]),
             positions=np.concatenate([part.positions for part in parts]),
             pixel=PixelStats.merge(pixel) if pixel else None,

@@ -135,7 +135,7 @@ def tiled_batches(
     for scored in progress(scored_images, total=len(share), desc=dataset.samples[0].cls_name if dataset else ""):
         try:
             if scored.error is not None:
-                raise scored.error
+                raise BadImageError(dataset.paths(dataset.samples[scored.source])[0], scored.error)
             mask = dataset.mask(scored.source).numpy() > 0.5
         except BadImageError as error:
             if not dataset.skip_bad:

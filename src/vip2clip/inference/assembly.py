@@ -120,14 +120,13 @@ class PredictorSpec:
 
 def _required_clip_weights(spec: ModelSpec, checkpoint: Checkpoint | None) -> str | Path | None:
     """The CLIP weights to load; with random_init=False, ValueError when none were given for a real backbone."""
-    from vip2clip.model.presets import get_preset, is_preset
+    from vip2clip.model.presets import backbone_of
 
     if spec.clip_weights or spec.random_init is not False:
         return spec.clip_weights
-    backbone = spec.backbone or (checkpoint.config.backbone if checkpoint is not None else None)
-    if is_preset(backbone):
-        backbone = get_preset(backbone).backbone
-    if backbone == TINY_BACKBONE:  # the tiny test backbone exists only with random weights
+    if (
+        backbone_of(spec.backbone or (checkpoint.config.backbone if checkpoint is not None else None)) == TINY_BACKBONE
+    ):  # the tiny test backbone exists only with random weights
         return None
     raise ValueError(
         "no CLIP weights given. Pass --clip-weights PATH (OpenAI's ViT-L-14-336px.pt or a state dict), "

@@ -28,7 +28,7 @@ refused unless `overwrite`, which starts a new result set in OUT (the earlier ro
 
 Several ranks (`world`, under torchrun) each score a contiguous share of the images to do (in one-process batches)
 and write their files and their own journal (`predictions.rank<r>.jsonl`, merged by rank 0); rank 0 writes the
-tables, rows as in one process. `calibrate_folder` merges the scores and the streamed pixel quantiles exactly.
+tables, rows as in one process. `calibrate` runs live in `vip2clip.inference.folder_calibrate`.
 """
 
 from __future__ import annotations
@@ -41,12 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from PIL import Image
 
 from vip2clip.data.files import ImageScan, InputImage, no_images_error, scan_images
-from vip2clip.data.images import BadImageError, image_size, load_image
-from vip2clip.inference import calibration as calib
+from vip2clip.data.images import load_image
 from vip2clip.inference.grouping import check_groups, folder_share, group_images, whole_groups
 from vip2clip.inference.journal import (
     assign_keys,
@@ -56,26 +54,29 @@ from vip2clip.inference.journal import (
     remove_stale_outputs,
     start_journal,
 )
-from vip2clip.inference.predictor import (
-    ERROR,
-    ImageResult,
-    Predictor,
-    ScoredImage,
-    non_finite_problem,
-)
+from vip2clip.inference.predictor import Predictor
 from vip2clip.inference.run_outputs import panel_threshold_source, save_outputs, save_panel_output, save_raw_map
-from vip2clip.metrics.threshold import DEFAULT_IMAGE_QUANTILE, DEFAULT_PIXEL_QUANTILE, StreamingQuantile
+from vip2clip.outputs import ERROR, ImageItem
 from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.fileio import atomic_write_json, atomic_write_text, json_line
 from vip2clip.utils.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
 
-_PIXEL_CHUNK = 1 << 20  # map values added to the streaming quantile at once
 CSV_COLUMNS = (
-    "path", "pred_score", "pred_label", "max_pixel_score", "defect_area", "width", "height", "pred_mask", "overlay",
-    "panel", "anomaly_map", "error",
-)  # fmt: skip
+    "path",
+    "pred_score",
+    "pred_label",
+    "max_pixel_score",
+    "defect_area",
+    "width",
+    "height",
+    "pred_mask",
+    "overlay",
+    "panel",
+    "anomaly_map",
+    "error",
+)
 
 
 @dataclass
@@ -104,13 +105,15 @@ class RunSummary:
         return not (self.failed or self.errors or self.scan.unreadable_folders)
 
 
-def _load(image: InputImage) -> Image.Image:
+def load_input(image: InputImage) -> Image.Image:
+    """The decoded RGB image of a found file (BadImageError naming it when it cannot be read)."""
     return load_image(image.path)
 
 
-def _failure(scored: ScoredImage[InputImage]) -> tuple[str, str]:
-    logger.warning("skipping unreadable file %s", scored.error)
-    return str(scored.source.path), scored.error.problem
+def unreadable(scored: ImageItem) -> tuple[str, str]:
+    """(path, problem) of a found file that could not be read, logged."""
+    logger.warning("skipping unreadable file %s: %s", scored.source.path, scored.error)
+    return str(scored.source.path), scored.error
 
 
 def run_settings(
@@ -142,7 +145,7 @@ def run_settings(
 
 
 def _record(
-    image: InputImage, result: ImageResult, mask: str, overlay: str, panel: str = "", raw_map: str = ""
+    image: InputImage, result: ImageItem, mask: str, overlay: str, panel: str = "", raw_map: str = ""
 ) -> dict[str, Any]:
     stat = image.path.stat()
     width, height = result.size
@@ -167,9 +170,9 @@ def _record(
 
 def _error_row(image: InputImage, problem: str) -> dict[str, Any]:
     """The row of an image that could not be judged: pred_label "error", the reason, no numbers or files."""
+    no_files = dict.fromkeys(("pred_mask", "overlay", "panel", "anomaly_map"), "")
     row: dict[str, Any] = dict.fromkeys(CSV_COLUMNS, None)
-    return {**row, "path": str(image.path), "key": image.key, "pred_label": ERROR, "pred_mask": "", "overlay": "",
-            "panel": "", "anomaly_map": "", "error": problem}  # fmt: skip
+    return {**row, **no_files, "path": str(image.path), "key": image.key, "pred_label": ERROR, "error": problem}
 
 
 def write_tables(
@@ -195,163 +198,164 @@ def write_tables(
     atomic_write_json(out_dir / "predictions.json", payload)
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """What a predict run writes beside the tables and masks: heat-map overlays, panels, raw maps (float16 .npy)."""
+
+    overlays: bool = True
+    panels: bool = False
+    raw_maps: bool = False
+
+
+@dataclass
+class _Plan:
+    """What rank 0 decides before scoring: the search, the run's settings, the journal's records (kept, and
+    earlier ones whose files may go) and the images to score (with their output keys)."""
+
+    scan: ImageScan
+    settings: dict[str, Any]
+    records: dict[str, dict[str, Any]]
+    earlier: dict[str, dict[str, Any]]
+    todo: list[InputImage]
+
+
+@dataclass
+class _ShareReport:
+    """What a rank sends rank 0: its journal records, its unreadable files and not-finite outputs (path,
+    problem), its error rows by path and its mutual groups' reports."""
+
+    done: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    not_judged: dict[str, dict[str, Any]] = field(default_factory=dict)
+    groups: list[dict[str, Any]] = field(default_factory=list)
+
+
 def predict_folder(
     predictor: Predictor,
     paths: Sequence[str | Path],
     out_dir: str | Path,
     overwrite: bool = False,
-    overlays: bool = True,
+    options: OutputOptions = OutputOptions(),
     progress: Progress = silent,
-    panels: bool = False,
-    raw_maps: bool = False,
     world: World = LOCAL,
     mutual_group: str = "folder",
 ) -> RunSummary:
     """Predict every image in `paths` (files or folders, recursive) into `out_dir`; see the module docstring.
-    With `predictor.mutual`, the images of each group (`mutual_group.group_images`) score each other.
+    With `predictor.mutual`, the images of each group (`grouping.group_images`) score each other.
 
     Unreadable files and images whose model output is not finite get "error" rows, are listed in the summary
     and never stop the run (`RunSummary.complete` is False then).
     """
     out_dir = Path(out_dir)
-    plan = None
-    if world.is_main:  # one search and one journal check, shared with the other ranks
-        if out_dir.exists() and not out_dir.is_dir():
-            raise ValueError(f"{out_dir} is a file; --out must be a folder (new, or one of an earlier predict run)")
-        scan = scan_images(paths, exclude=out_dir)
-        images = scan.images
-        if not images:
-            raise no_images_error(paths, scan)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        settings = run_settings(predictor, overlays, panels, raw_maps, paths, mutual_group)
-        records, earlier = start_journal(out_dir, settings, overwrite, images)
-        todo = [image for image in images if not is_done(image, records.get(str(image.path)), out_dir)]
-        if predictor.mutual is not None:  # a group is scored whole: the resumed ones again with the rest
-            todo = whole_groups(todo, images, mutual_group)
-            check_groups(group_images(todo, mutual_group))
-        plan = assign_keys(todo, records)
-    todo = world.broadcast(plan)
-    share, stream, groups = folder_share(predictor, todo, _load, world, mutual_group)
-    done, failed, errors, not_judged = [], [], [], {}  # records; (path, problem) x 2; error rows by path
+    plan = _plan(predictor, paths, out_dir, overwrite, options, mutual_group) if world.is_main else None
+    todo = world.broadcast(None if plan is None else plan.todo)  # one search and journal check, shared
+    report = _score_share(predictor, todo, out_dir, options, progress, world, mutual_group)
+    reports = world.gather(report)
+    return world.broadcast(_finish(predictor, plan, reports, out_dir, world) if world.is_main else None)
+
+
+def _plan(
+    predictor: Predictor,
+    paths: Sequence[str | Path],
+    out_dir: Path,
+    overwrite: bool,
+    options: OutputOptions,
+    mutual_group: str,
+) -> _Plan:
+    """Search `paths`, check and rewrite the journal (refusing other settings unless `overwrite`), and choose the
+    images to score: those not done, whole mutual groups."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file; --out must be a folder (new, or one of an earlier predict run)")
+    scan = scan_images(paths, exclude=out_dir)
+    if not scan.images:
+        raise no_images_error(paths, scan)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = run_settings(predictor, options.overlays, options.panels, options.raw_maps, paths, mutual_group)
+    records, earlier = start_journal(out_dir, settings, overwrite, scan.images)
+    todo = [image for image in scan.images if not is_done(image, records.get(str(image.path)), out_dir)]
+    if predictor.mutual is not None:  # a group is scored whole: the resumed ones again with the rest
+        todo = whole_groups(todo, scan.images, mutual_group)
+        check_groups(group_images(todo, mutual_group))
+    return _Plan(scan, settings, records, earlier, assign_keys(todo, records))
+
+
+def _score_share(
+    predictor: Predictor,
+    todo: list[InputImage],
+    out_dir: Path,
+    options: OutputOptions,
+    progress: Progress,
+    world: World,
+    mutual_group: str,
+) -> _ShareReport:
+    """Score this rank's share of `todo`, write each judged image's files, then its journal line (so that a killed
+    run loses at most the image in progress)."""
+    share, stream, groups = folder_share(predictor, todo, load_input, world, mutual_group)
+    report = _ShareReport()
     with journal_file(out_dir, world.rank if world.distributed else None).open("a", encoding="utf-8") as log:
         for scored in progress(stream, total=len(share), desc="predict"):
             if scored.error is not None:
-                failed.append(_failure(scored))
-                not_judged[str(scored.source.path)] = _error_row(scored.source, scored.error.problem)
+                report.failed.append(unreadable(scored))
+                report.not_judged[str(scored.source.path)] = _error_row(scored.source, scored.error)
                 continue
             result = predictor.result(scored)
             if result.error is not None:
-                errors.append((str(scored.source.path), result.error))
-                not_judged[str(scored.source.path)] = _error_row(scored.source, result.error)
+                report.errors.append((str(scored.source.path), result.error))
+                report.not_judged[str(scored.source.path)] = _error_row(scored.source, result.error)
                 continue
-            files = save_outputs(out_dir, scored.source, scored.image, result, overlays)
-            source = panel_threshold_source(predictor.thresholds)
-            files += (save_panel_output(out_dir, scored.source, scored.image, result, source) if panels else "",)
-            files += (save_raw_map(out_dir, scored.source, result) if raw_maps else "",)
-            record = _record(scored.source, result, *files)
-            record.update({"self_reference": True} if scored.reference_digest else {})  # in the journal only
-            done.append(record)
+            record = _write_outputs(predictor, out_dir, scored.source, result, options)
+            report.done.append(record)
             log.write(json_line(record) + "\n")
             log.flush()
-    reports = world.gather((done, failed, errors, not_judged, [group.to_dict() for group in groups]))
-    summary = None
-    if world.is_main:
-        done, failed, errors = ([item for report in reports for item in report[part]] for part in range(3))
-        not_judged = {path: row for report in reports for path, row in report[3].items()}
-        if world.distributed:
-            merge_rank_journals(out_dir, done, world.size)
-        for image in todo:  # an earlier result of a file scored again is outdated now
-            records.pop(str(image.path), None)
-        records.update((record["path"], record) for record in done)
-        rows = sorted([*records.values(), *not_judged.values()], key=lambda row: row["key"])
-        remove_stale_outputs(out_dir, earlier, rows)
-        self_references = sum(bool(row.get("self_reference")) for row in rows)
-        run = world.describe(predictor.model)
-        run.update({"self_references": self_references} if predictor.references is not None else {})
-        if predictor.mutual is not None:  # how many images scored each other, and how alike they look
-            run["mutual_groups"] = [group for report in reports for group in report[4]]
-        write_tables(out_dir, settings, rows, scan, run)
-        summary = RunSummary(
-            found=len(images),
-            predicted=len(todo) - len(failed) - len(errors),
-            skipped=len(images) - len(todo),
-            failed=failed,
-            errors=errors,
-            anomalous=sum(row["pred_label"] == "anomalous" for row in rows),
-            total_rows=len(rows),
-            out_dir=out_dir,
-            scan=scan,
-            self_references=self_references,
-            mutual_groups=run.get("mutual_groups", []),
-        )
-    return world.broadcast(summary)
+    report.groups = [group.to_dict() for group in groups]
+    return report
 
 
-def _map_pixels(predictor: Predictor, path: Path) -> int:
-    """How many map values an image gives: S*S, or its own pixel count when tiled (from its header; 0 when that
-    is unreadable, the image is then reported as unreadable when scored)."""
-    if predictor.tiling is None:
-        return predictor.image_size**2
-    try:
-        width, height = image_size(path)
-    except BadImageError:
-        return 0
-    return width * height
+def _write_outputs(
+    predictor: Predictor, out_dir: Path, image: InputImage, result: ImageItem, options: OutputOptions
+) -> dict[str, Any]:
+    """Write a judged image's mask (and overlay, panel, raw map as asked); its journal record."""
+    files = save_outputs(out_dir, image, result.image, result, options.overlays)
+    source = panel_threshold_source(predictor.thresholds)
+    files += (save_panel_output(out_dir, image, result.image, result, source) if options.panels else "",)
+    files += (save_raw_map(out_dir, image, result) if options.raw_maps else "",)
+    record = _record(image, result, *files)
+    record.update({"self_reference": True} if result.self_reference else {})  # in the journal only
+    return record
 
 
-def calibrate_folder(
-    predictor: Predictor,
-    paths: Sequence[str | Path],
-    image_quantile: float = DEFAULT_IMAGE_QUANTILE,
-    pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
-    progress: Progress = silent,
-    world: World = LOCAL,
-    mutual_group: str = "folder",
-) -> tuple[calib.Calibration, list[tuple[str, str]], ImageScan]:
-    """Normal-quantile calibration (`calib.calibrate_from_normal`) on the defect-free images in `paths`.
-
-    Pixel scores are the maps at the model's input size [S, S] (tiled: the stitched maps at the images' own size,
-    the maps `predict` thresholds), streamed into an exact quantile so that memory stays bounded. Returns the
-    calibration, the unreadable files (skipped) and what the folder search skipped. Raises ValueError naming the
-    files when the model's output for any image is NaN or infinite: thresholds from a broken model would decide
-    nothing.
-    """
-    if not 0.0 < image_quantile <= 1.0:  # before scoring every image, not after
-        raise ValueError(f"image quantile must be in (0, 1], got {image_quantile}")
-    scan = scan_images(paths) if world.is_main else None
-    scan = world.broadcast(scan)  # one search: every rank splits the same list
-    images = scan.images
-    if not images:
-        raise no_images_error(paths, scan)
-    pixels = StreamingQuantile(pixel_quantile, max(1, sum(_map_pixels(predictor, image.path) for image in images)))
-    scores: list[float] = []
-    failed: list[tuple[str, str]] = []
-    broken: list[str] = []
-    if predictor.mutual is not None:  # the normal images of each group score each other, as predict will
-        check_groups(group_images(images, mutual_group))
-    share, stream, _ = folder_share(predictor, images, _load, world, mutual_group)
-    for scored in progress(stream, total=len(share), desc="calibrate"):
-        if scored.error is not None:
-            failed.append(_failure(scored))
-        elif non_finite_problem(scored.pred_score, scored.anomaly_map) is not None:
-            broken.append(str(scored.source.path))
-        elif not broken:  # once one output is broken the run will be refused: stop collecting
-            scores.append(scored.pred_score)
-            for rows in np.array_split(scored.anomaly_map, max(1, scored.anomaly_map.size // _PIXEL_CHUNK)):
-                pixels.add(rows)  # in row blocks: the quantile works in float64
-    reports = world.gather((scores, pixels, failed, broken))
-    calibration = None
-    if world.is_main:
-        scores, failed, broken = ([item for report in reports for item in report[part]] for part in (0, 2, 3))
-        for report in reports[1:]:
-            pixels.merge(report[1])
-        if broken:
-            listed = ", ".join(broken[:5]) + (f" and {len(broken) - 5} more" if len(broken) > 5 else "")
-            raise ValueError(
-                f"the model produced NaN or infinite scores or maps for {len(broken)} of {len(images)} image(s) "
-                f"({listed}); no calibration written: check the checkpoint and CLIP weights"
-            )
-        if not scores:
-            raise ValueError("none of the images could be read: " + "; ".join(f"{p}: {e}" for p, e in failed[:5]))
-        calibration = calib.calibrate_from_normal(scores, pixels, predictor.identity, image_quantile)
-    return world.broadcast((calibration, failed, scan))
+def _finish(predictor: Predictor, plan: _Plan, reports: list[_ShareReport], out_dir: Path, world: World) -> RunSummary:
+    """Rank 0: merge the ranks' journals and records into the tables of every image found, remove outputs of
+    images no longer there, and summarise."""
+    done = [record for report in reports for record in report.done]
+    failed = [item for report in reports for item in report.failed]
+    errors = [item for report in reports for item in report.errors]
+    not_judged = {path: row for report in reports for path, row in report.not_judged.items()}
+    if world.distributed:
+        merge_rank_journals(out_dir, done, world.size)
+    records = dict(plan.records)
+    for image in plan.todo:  # an earlier result of a file scored again is outdated now
+        records.pop(str(image.path), None)
+    records.update((record["path"], record) for record in done)
+    rows = sorted([*records.values(), *not_judged.values()], key=lambda row: row["key"])
+    remove_stale_outputs(out_dir, plan.earlier, rows)
+    self_references = sum(bool(row.get("self_reference")) for row in rows)
+    run = world.describe(predictor.model)
+    run.update({"self_references": self_references} if predictor.references is not None else {})
+    if predictor.mutual is not None:  # how many images scored each other, and how alike they look
+        run["mutual_groups"] = [group for report in reports for group in report.groups]
+    write_tables(out_dir, plan.settings, rows, plan.scan, run)
+    return RunSummary(
+        found=len(plan.scan.images),
+        predicted=len(plan.todo) - len(failed) - len(errors),
+        skipped=len(plan.scan.images) - len(plan.todo),
+        failed=failed,
+        errors=errors,
+        anomalous=sum(row["pred_label"] == "anomalous" for row in rows),
+        total_rows=len(rows),
+        out_dir=out_dir,
+        scan=plan.scan,
+        self_references=self_references,
+        mutual_groups=run.get("mutual_groups", []),
+    )

@@ -14,7 +14,8 @@ from vip2clip.utils.distributed import World
 
 if TYPE_CHECKING:
     from vip2clip.inference.mutual_group import GroupReport
-    from vip2clip.inference.predictor import Predictor, ScoredImage
+    from vip2clip.inference.predictor import Predictor
+    from vip2clip.outputs import ImageItem
 
 
 def group_images(images: Sequence[InputImage], by: str) -> list[tuple[str, list[InputImage]]]:
@@ -49,8 +50,8 @@ def whole_groups(todo: Sequence[InputImage], images: Sequence[InputImage], by: s
 
 def folder_share(
     predictor: Predictor, todo: list[InputImage], load: Callable[[InputImage], Image.Image], world: World, by: str
-) -> tuple[list[InputImage], Iterator[ScoredImage[InputImage]], list[GroupReport]]:
-    """What a rank of a folder run scores: (its images, their ScoredImages, the mutual groups' reports). Without
+) -> tuple[list[InputImage], Iterator[ImageItem], list[GroupReport]]:
+    """What a rank of a folder run scores: (its images, their scored items, the mutual groups' reports). Without
     mutual scoring a share of whole batches; with it whole groups, round-robin over the ranks (a group's images
     must meet each other: one group is never split)."""
     reports: list[GroupReport] = []

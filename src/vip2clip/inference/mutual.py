@@ -34,7 +34,7 @@ import torch
 from vip2clip.inference.mutual_rule import GROUPS, MIN_IMAGES, MutualRule
 from vip2clip.inference.references import SEARCH_BUDGET
 from vip2clip.model import utpa
-from vip2clip.model.prediction import Prediction
+from vip2clip.outputs import ImageBatch
 from vip2clip.utils.progress import Progress, silent
 
 __all__ = [  # the rule lives apart (`mutual_rule`): the command line reads it without torch
@@ -168,8 +168,8 @@ def alike_share(mutual_scores: Sequence[float], ratio: float = 1.5) -> float:
 @torch.no_grad()
 def predict_mutual(
     engine: Any, images: np.ndarray | torch.Tensor, rule: MutualRule | None = None, progress: Progress = silent
-) -> Prediction:
-    """images [B, 3, S, S] (normalised; B >= 3 images of one part) -> Prediction(pred_score [B], anomaly_map
+) -> ImageBatch:
+    """images [B, 3, S, S] (normalised; B >= 3 images of one part) -> ImageBatch(pred_score [B], anomaly_map
     [B, S, S]): the images of the batch score each other under `rule`, fused with `engine`'s zero-shot outputs
     (a `ViP2CLIP`, or anything whose predict takes `return_features`). One forward pass over the whole batch:
     for files, images of any size, tiling or large batches use `Predictor(model, mutual=rule).predict(images)`."""
@@ -183,7 +183,7 @@ def predict_mutual(
     distances = torch.stack(mutual_distances(tokens, others, rule.share, progress=progress))
     sigma = engine.config.sigma if rule.sigma is None else rule.sigma
     scores, maps = mutual_maps(distances, features.grid, tuple(images.shape[-2:]), sigma)
-    return Prediction(
+    return ImageBatch(
         fuse(prediction.pred_score, scores.to(prediction.pred_score.device), rule.weight),
         fuse(prediction.anomaly_map, maps.to(prediction.anomaly_map.device), rule.weight),
     )

@@ -4,7 +4,7 @@ Two passes over the group. Pass 1 runs the predictor's engine (the model, or the
 images) over every model input (each image, or each of its tiles) through `Predictor.score`, the one batching
 path, and keeps per model input its zero-shot score and map (float16, on the CPU) and its patch tokens (float16,
 on the model's device). Then the mutual distances of the whole group, per model input its mutual map and score,
-fused with the zero-shot ones. Pass 2 decodes each image again and yields its `ScoredImage` (tiles stitched like
+fused with the zero-shot ones. Pass 2 decodes each image again and yields its scored `ImageItem` (tiles stitched like
 any tiled prediction): memory holds the group's tokens and model-size maps, never its decoded images.
 
 With tiling, an image's patches are those of all its tiles: a tile is compared with every tile of the other
@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -33,16 +33,24 @@ from vip2clip.inference.mutual import (
     mutual_maps,
     tokens_digest,
 )
-from vip2clip.inference.predictor import ScoredImage
 from vip2clip.inference.references import check_engine
-from vip2clip.inference.tiling import StitchedMap, tile_boxes
-from vip2clip.model.prediction import Prediction
+from vip2clip.inference.tiling import StitchedMap, TileConfig, tile_boxes
+from vip2clip.outputs import ImageBatch, ImageItem
 from vip2clip.utils.progress import Progress, silent
 
-if TYPE_CHECKING:
-    from vip2clip.inference.predictor import Predictor
-
 T = TypeVar("T")
+
+
+class Predictor(Protocol):
+    """What mutual scoring needs of a `vip2clip.Predictor` (named here, so that this module, which the predictor
+    runs, does not import it back): its engine and model, its tiling and rule, and its one batching path."""
+
+    engine: Any
+    model: Any
+    tiling: TileConfig | None
+    mutual: MutualRule | None
+
+    def score(self, inputs: Any, load: Callable[[Any], Image.Image]) -> Iterator[ImageItem]: ...
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,7 @@ class _Recorder:
         self.tokens: list[torch.Tensor] = []  # [L, HW, D] float16 per model input
         self.grid: tuple[int, int] = (0, 0)
 
-    def predict(self, images: np.ndarray | torch.Tensor, **options: Any) -> Prediction:
+    def predict(self, images: np.ndarray | torch.Tensor, **options: Any) -> ImageBatch:
         prediction = self.engine.predict(images, return_features=True, **options)  # options: the references' exclude
         scores, maps = prediction.numpy()
         stacked = torch.stack([t.to(torch.float16) for t in prediction.features.patch_tokens], dim=1)  # [B, L, HW, D]
@@ -98,14 +106,14 @@ class MutualGroup(Generic[T]):
 
     report: GroupReport
     sources: list[T]
-    errors: list[BadImageError | None]
+    errors: list[str | None]
     zero_shot: list[list[tuple[float, np.ndarray]]]
     distances: list[torch.Tensor | None]
     predictor: Predictor
     load: Callable[[T], Image.Image] = to_rgb
     grid: tuple[int, int] = (0, 0)
     mutual_scores: list[float] = field(default_factory=list)  # per readable image: its mutual score
-    reference_digests: list[str | None] = field(default_factory=list)  # per input: a reference image's own digest
+    self_references: list[bool] = field(default_factory=list)  # per input: it is one of the reference images
 
     def mutual(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Input `index`'s mutual scores [T] and maps [T, S, S], one per model input (`mutual.mutual_maps`)."""
@@ -124,29 +132,33 @@ class MutualGroup(Generic[T]):
             for k, (score, zero_map) in enumerate(self.zero_shot[index])
         ]  # fmt: skip
 
-    def scored(self) -> Iterator[ScoredImage[T]]:
-        """One ScoredImage per input, in order, with the fused score and map (stitched when tiled)."""
+    def scored(self) -> Iterator[ImageItem]:
+        """One scored ImageItem per input, in order, with the fused score and map (stitched when tiled)."""
         for index, (source, error) in enumerate(zip(self.sources, self.errors, strict=True)):
             if error is not None:
-                yield ScoredImage(source, error=error)
+                yield ImageItem(source=source, error=error)
                 continue
             try:
                 image = self.load(source)
             except BadImageError as problem:  # unreadable since pass 1
-                yield ScoredImage(source, error=problem)
+                yield ImageItem(source=source, error=problem.problem)
                 continue
             tiling, units = self.predictor.tiling, self.fused(index)
-            own = self.reference_digests[index] if self.reference_digests else None
+            mine = {
+                "source": source,
+                "image": image,
+                "self_reference": bool(self.self_references and self.self_references[index]),
+            }
             if tiling is None:
-                yield ScoredImage(source, image, *units[0], reference_digest=own)
+                yield ImageItem(*units[0], **mine)
                 continue
             stitched = StitchedMap(image.size, tiling)
             if len(stitched.boxes) != len(units):
-                yield ScoredImage(source, error=BadImageError(str(source), "the image changed while it was scored"))
+                yield ImageItem(source=source, error="the image changed while it was scored")
                 continue
             for tile, (score, tile_map) in enumerate(units):
                 stitched.add(tile, tile_map, score)
-            yield ScoredImage(source, image, *stitched.finish(), reference_digest=own)
+            yield ImageItem(*stitched.finish(), **mine)
 
 
 def score_group(
@@ -162,11 +174,11 @@ def score_group(
     recorder = _Recorder(predictor.engine)
     first = copy.copy(predictor)  # the same batching, tiling and references' leave-one-out, recorded
     first.engine, first.mutual = recorder, None
-    sources, errors, counts, digests = [], [], [], []
+    sources, errors, counts, self_references = [], [], [], []
     for scored in progress(first.score(inputs, load), total=len(inputs), desc=f"encode {name}".strip()):
         sources.append(scored.source)
         errors.append(scored.error)
-        digests.append(scored.reference_digest)
+        self_references.append(scored.self_reference)
         tiles = 1 if first.tiling is None else len(tile_boxes(scored.image.size, first.tiling)) if scored.image else 0
         counts.append(0 if scored.error is not None else tiles)
     readable = [i for i, error in enumerate(errors) if error is None]
@@ -191,7 +203,7 @@ def score_group(
     group = MutualGroup(GroupReport(name, len(readable), len(others[0]), 0.0, rule), sources, errors, zero_shot,
                         distances, predictor, load, recorder.grid)  # fmt: skip
     group.mutual_scores = [float(group.mutual(i)[0].max()) for i in readable]
-    group.reference_digests = digests
+    group.self_references = self_references
     group.report = replace(group.report, alike_share=alike_share(group.mutual_scores))
     return group
 
@@ -202,8 +214,8 @@ def score_groups(
     load: Callable[[T], Image.Image],
     reports: list[GroupReport],
     progress: Progress = silent,
-) -> Iterator[ScoredImage[T]]:
-    """Score each group mutually (`score_group`), appending its report to `reports`; the ScoredImages in order."""
+) -> Iterator[ImageItem]:
+    """Score each group mutually (`score_group`), appending its report to `reports`; the scored items in order."""
     for name, members in groups:
         group = score_group(predictor, members, load, name, progress)
         reports.append(group.report)

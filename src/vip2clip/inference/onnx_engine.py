@@ -2,7 +2,7 @@
 
     engine = vip2clip.load_onnx("model.onnx")                        # ONNX Runtime, CPU
     engine = vip2clip.load_onnx("model.onnx", backend="openvino")    # OpenVINO's CPU plugin, same file
-    prediction = engine.predict(images)  # [B, 3, S, S] float32, normalised -> Prediction([B], [B, S, S])
+    prediction = engine.predict(images)  # [B, 3, S, S] float32, normalised -> ImageBatch([B], [B, S, S])
 
 The file holds the whole predict (image encoder, VCA's per-image text path, FGP, top-K score, upsampled and
 smoothed map) and, in its metadata, the model's identity (`ModelIdentity`: checkpoint hash, CLIP weights
@@ -28,7 +28,7 @@ import numpy as np
 
 from vip2clip.config import ModelConfig
 from vip2clip.model.identity import ModelIdentity
-from vip2clip.model.prediction import Prediction
+from vip2clip.outputs import ImageBatch
 from vip2clip.utils.cpu_features import cpu_features
 
 if TYPE_CHECKING:
@@ -168,8 +168,8 @@ class OnnxEngine:
         }[self.precision]
         return f"{runtime} running the {self.file_precision} file {self.path.name} in {kernels}"
 
-    def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
-        """images [B, 3, S, S] (normalised; numpy or torch) -> Prediction(pred_score [B], anomaly_map [B, S, S]).
+    def predict(self, images: np.ndarray | torch.Tensor) -> ImageBatch:
+        """images [B, 3, S, S] (normalised; numpy or torch) -> ImageBatch(pred_score [B], anomaly_map [B, S, S]).
 
         Numpy in, numpy out; a torch tensor in gives torch tensors out (on the CPU), like `ViP2CLIP.predict`.
         """
@@ -185,8 +185,8 @@ class OnnxEngine:
         if is_tensor:
             import torch  # already loaded: the caller passed a tensor
 
-            return Prediction(torch.from_numpy(score), torch.from_numpy(anomaly_map))
-        return Prediction(score, anomaly_map)
+            return ImageBatch(torch.from_numpy(score), torch.from_numpy(anomaly_map))
+        return ImageBatch(score, anomaly_map)
 
 
 def load_onnx(

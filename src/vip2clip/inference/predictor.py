@@ -20,7 +20,7 @@ calibration file or explicit thresholds both default to 0.5, which is uncalibrat
 (`Thresholds.source`; thresholds live in `vip2clip.inference.thresholds`).
 
 Fail closed: an image whose score or map holds NaN or infinity (e.g. a checkpoint with NaN weights) is never
-"normal". Its pred_label is "error" and `ImageResult.error` says why; it has no defect pixels to report.
+"normal". Its pred_label is "error" and `ImageItem.error` says why; it has no defect pixels to report.
 Folder runs (`vip2clip predict`, `vip2clip calibrate`) live in `vip2clip.inference.folder_run`.
 """
 
@@ -30,9 +30,9 @@ import logging
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -46,7 +46,7 @@ from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.inference.thresholds import DEFAULT_THRESHOLD, Thresholds, resolve_thresholds
 from vip2clip.inference.tiling import StitchedMap, TileConfig
 from vip2clip.model.identity import ModelIdentity
-from vip2clip.model.prediction import Prediction
+from vip2clip.outputs import ANOMALOUS, ERROR, NORMAL, ImageBatch, ImageItem
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ANOMALOUS, NORMAL, ERROR = "anomalous", "normal", "error"
 T = TypeVar("T")
 
 
@@ -66,46 +65,9 @@ class InferenceEngine(Protocol):
 
     config: ModelConfig
 
-    def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
-        """images [B, 3, S, S] float32 (normalised) -> Prediction(pred_score [B], anomaly_map [B, S, S])."""
+    def predict(self, images: np.ndarray | torch.Tensor) -> ImageBatch:
+        """images [B, 3, S, S] float32 (normalised) -> ImageBatch(pred_score [B], anomaly_map [B, S, S])."""
         ...
-
-
-@dataclass
-class ImageResult:
-    """One image's outcome. Maps and masks are in the image's original size [H, W].
-
-    pred_score: image anomaly score in [0, 1]; pred_label: "anomalous" if pred_score >= image_threshold else
-    "normal". anomaly_map: float32 [H, W]; pred_mask: bool [H, W], anomaly_map >= pixel_threshold.
-    max_pixel_score: anomaly_map.max(); defect_area: pred_mask.mean() (fraction of the image flagged).
-    error: why the image could not be judged (NaN or infinite score or map values), else None. Such a result has
-    pred_label "error", no defect pixels, and its numbers are NaN: check `error` (or `is_judged`) before acting on
-    `is_anomalous`.
-    """
-
-    pred_score: float
-    pred_label: str
-    anomaly_map: np.ndarray
-    pred_mask: np.ndarray
-    max_pixel_score: float
-    defect_area: float
-    image_threshold: float
-    pixel_threshold: float
-    error: str | None = None
-
-    @property
-    def is_anomalous(self) -> bool:
-        return self.pred_label == ANOMALOUS
-
-    @property
-    def is_judged(self) -> bool:
-        """False when the model's output could not be trusted (pred_label "error")."""
-        return self.error is None
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) of the original image."""
-        return self.anomaly_map.shape[1], self.anomaly_map.shape[0]
 
 
 def non_finite_problem(pred_score: float, anomaly_map: np.ndarray) -> str | None:
@@ -119,57 +81,32 @@ def non_finite_problem(pred_score: float, anomaly_map: np.ndarray) -> str | None
     return f"NaN or infinite model output ({', '.join(parts)}): the checkpoint or CLIP weights are probably broken"
 
 
-def make_result(pred_score: float, anomaly_map: np.ndarray, thresholds: Thresholds) -> ImageResult:
-    """Decisions for one image from its score and its map [H, W] (pure). Non-finite values give an "error"
-    result (fail closed), never a "normal" one."""
+def make_result(
+    pred_score: float, anomaly_map: np.ndarray, thresholds: Thresholds, scored: ImageItem | None = None
+) -> ImageItem:
+    """The decided `ImageItem` of one image from its score and its map [H, W] (pure; `scored`: the scored item
+    whose input and image it keeps). Non-finite values give an "error" item (fail closed), never a "normal" one."""
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
+    scored = scored or ImageItem()
+    kept = {"source": scored.source, "image": scored.image, "self_reference": scored.self_reference}
+    kept.update(image_threshold=thresholds.image, pixel_threshold=thresholds.pixel)
     problem = non_finite_problem(float(pred_score), anomaly_map)
     if problem is not None:
-        return ImageResult(
-            pred_score=math.nan,
-            pred_label=ERROR,
-            anomaly_map=anomaly_map,
-            pred_mask=np.zeros(anomaly_map.shape, dtype=bool),
-            max_pixel_score=math.nan,
-            defect_area=math.nan,
-            image_threshold=thresholds.image,
-            pixel_threshold=thresholds.pixel,
-            error=problem,
-        )
-    pred_mask = anomaly_map >= thresholds.pixel
-    return ImageResult(
-        pred_score=float(pred_score),
-        pred_label=ANOMALOUS if pred_score >= thresholds.image else NORMAL,
-        anomaly_map=anomaly_map,
-        pred_mask=pred_mask,
-        max_pixel_score=float(anomaly_map.max()),
-        defect_area=float(pred_mask.mean()),
-        image_threshold=thresholds.image,
-        pixel_threshold=thresholds.pixel,
-    )
+        no_defects = np.zeros(anomaly_map.shape, dtype=bool)
+        return ImageItem(math.nan, anomaly_map, ERROR, no_defects, error=problem, **kept)
+    label = ANOMALOUS if pred_score >= thresholds.image else NORMAL
+    return ImageItem(float(pred_score), anomaly_map, label, anomaly_map >= thresholds.pixel, **kept)
 
 
 @dataclass
-class ScoredImage(Generic[T]):
-    """One input after `Predictor.score`: the input as given, its decoded RGB image, its score and its map:
-    [S, S] at the model's input size, or [H, W] at the image's own size when tiled. An input that could not be
-    decoded has `error` set (and no image or map)."""
+class _InFlight:
+    """An image whose model inputs (itself, or its tiles) are being scored; `remaining` inputs to go.
+    reference_digest: its pixel digest when it is one of the references (compared with the others only)."""
 
-    source: T
-    image: Image.Image | None = None
-    pred_score: float = float("nan")
-    anomaly_map: np.ndarray | None = None
-    error: BadImageError | None = None
-    reference_digest: str | None = None  # pixel digest of one of the references: compared with the others only
-
-
-@dataclass
-class _InFlight(Generic[T]):
-    """An image whose model inputs (itself, or its tiles) are being scored; `remaining` inputs to go."""
-
-    scored: ScoredImage[T]
+    scored: ImageItem
     stitched: StitchedMap | None = None
     remaining: int = 0
+    reference_digest: str | None = None
 
     def model_input(self, tile: int) -> Image.Image:
         return self.scored.image if self.stitched is None else self.scored.image.crop(self.stitched.boxes[tile])
@@ -301,22 +238,24 @@ class Predictor:
 
     def with_thresholds(self, thresholds: Thresholds) -> Predictor:
         """The same model and options with other thresholds (no reload)."""
-        return Predictor(self.model, thresholds, self.batch_size, self._identity, self.tiling, self.references,
-                         self.mutual)  # fmt: skip
+        return Predictor(
+            self.model, thresholds, self.batch_size, self._identity, self.tiling, self.references, self.mutual
+        )
 
-    def score(self, inputs: Iterable[T], load: Callable[[T], Image.Image] = to_rgb) -> Iterator[ScoredImage[T]]:
+    def score(self, inputs: Iterable[T], load: Callable[[T], Image.Image] = to_rgb) -> Iterator[ImageItem]:
         """Decode `inputs` with `load`, score their model inputs (each image, or each of its tiles) in batches of
-        `batch_size`, yield one ScoredImage per input in order. A BadImageError from `load` is reported on its
-        ScoredImage and never stops the stream. Inputs are decoded only as the batches need them, and tiles are
-        cut and preprocessed batch by batch, so memory holds the images of one batch (and their accumulators).
-        With `mutual`, the inputs are one group scored together (`mutual_group.score_group`) before any is yielded."""
+        `batch_size`, yield one scored `ImageItem` per input in order (`source`: the input). A BadImageError from
+        `load` is reported as the item's `error` and never stops the stream. Inputs are decoded only as the batches
+        need them, and tiles are cut and preprocessed batch by batch, so memory holds the images of one batch (and
+        their accumulators). With `mutual`, the inputs are one group scored together (`mutual_group.score_group`)
+        before any is yielded."""
         if self.mutual is not None:
             from vip2clip.inference.mutual_group import score_group  # imports torch: only in mutual mode
 
             yield from score_group(self, list(inputs), load).scored()
             return
-        queue: deque[_InFlight[T]] = deque()
-        batch: list[tuple[_InFlight[T], int]] = []
+        queue: deque[_InFlight] = deque()
+        batch: list[tuple[_InFlight, int]] = []
         for source in inputs:
             queue.append(self._start(source, load))
             for tile in range(queue[-1].remaining):
@@ -329,38 +268,39 @@ class Predictor:
             self._score_batch(batch)
         yield from _finished(queue)
 
-    def _start(self, source: T, load: Callable[[T], Image.Image]) -> _InFlight[T]:
+    def _start(self, source: T, load: Callable[[T], Image.Image]) -> _InFlight:
         try:
             image = load(source)
             name = getattr(source, "path", None)
             own = None if self.references is None else self.references.own_digest(image, name)
             stitched = None if self.tiling is None else StitchedMap(image.size, self.tiling, name)
         except BadImageError as error:
-            return _InFlight(ScoredImage(source, error=error))
-        scored = ScoredImage(source, image=image, reference_digest=own)  # leave-one-out when `own` is set
-        return _InFlight(scored, stitched, 1 if stitched is None else len(stitched.boxes))
+            return _InFlight(ImageItem(source=source, error=error.problem))
+        scored = ImageItem(source=source, image=image, self_reference=own is not None)  # leave-one-out when `own`
+        return _InFlight(scored, stitched, 1 if stitched is None else len(stitched.boxes), own)
 
-    def _score_batch(self, batch: list[tuple[_InFlight[T], int]]) -> None:
+    def _score_batch(self, batch: list[tuple[_InFlight, int]]) -> None:
         images = np.stack([preprocess_array(item.model_input(tile), self.image_size) for item, tile in batch])
-        exclude = {"exclude": [item.scored.reference_digest for item, _ in batch]} if self.references else {}
+        exclude = {"exclude": [item.reference_digest for item, _ in batch]} if self.references else {}
         scores, maps = self.engine.predict(images, **exclude).numpy()
         for (item, tile), score, anomaly_map in zip(batch, scores, maps, strict=True):
             item.remaining -= 1
             if item.stitched is None:
-                item.scored.pred_score, item.scored.anomaly_map = float(score), anomaly_map
+                item.scored = replace(item.scored, pred_score=float(score), anomaly_map=anomaly_map)
                 continue
             item.stitched.add(tile, anomaly_map, float(score))
             if item.remaining == 0:
-                item.scored.pred_score, item.scored.anomaly_map = item.stitched.finish()
-                item.stitched = None
+                pred_score, stitched_map = item.stitched.finish()
+                item.scored, item.stitched = replace(item.scored, pred_score=pred_score, anomaly_map=stitched_map), None
 
-    def result(self, scored: ScoredImage) -> ImageResult:
+    def result(self, scored: ImageItem) -> ImageItem:
         """The decisions for a scored image, with its map resized to the image's original size."""
         if scored.image is None or scored.anomaly_map is None:
             raise ValueError(f"{scored.source} was not scored: {scored.error}")
-        return make_result(scored.pred_score, resize_map(scored.anomaly_map, scored.image.size), self.thresholds)
+        anomaly_map = resize_map(scored.anomaly_map, scored.image.size)
+        return make_result(scored.pred_score, anomaly_map, self.thresholds, scored)
 
-    def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[ImageResult]:
+    def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[ImageItem]:
         """Predict on one input or a list of inputs (paths, PIL images, arrays); one result per input, in order.
 
         Every input is decoded before any is scored: an unreadable path raises BadImageError (a ValueError naming
@@ -371,7 +311,7 @@ class Predictor:
         return [self.result(scored) for scored in self.score(images, load=lambda image: image)]
 
 
-def _finished(queue: deque[_InFlight[T]]) -> Iterator[ScoredImage[T]]:
+def _finished(queue: deque[_InFlight]) -> Iterator[ImageItem]:
     """Pop and yield the leading images whose inputs are all scored (input order is kept)."""
     while queue and queue[0].remaining == 0:
         yield queue.popleft().scored

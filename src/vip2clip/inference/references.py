@@ -46,7 +46,7 @@ from vip2clip.data.transforms import preprocess
 from vip2clip.inference.tiling import TileConfig, tile_boxes
 from vip2clip.model import utpa
 from vip2clip.model.identity import ModelIdentity
-from vip2clip.model.vip2clip import Prediction
+from vip2clip.outputs import ImageBatch
 from vip2clip.utils.fileio import atomic_save_npy, atomic_write_text
 from vip2clip.utils.hashing import file_sha256, json_digest
 
@@ -303,7 +303,7 @@ def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, budget: int = 
 
 
 class ReferenceEngine:
-    """An inference engine (like `ViP2CLIP`: `config`, `predict(images) -> Prediction`) that fuses the wrapped
+    """An inference engine (like `ViP2CLIP`: `config`, `predict(images) -> ImageBatch`) that fuses the wrapped
     engine's outputs with the reference map and score of `memory` (rule in the module docstring)."""
 
     def __init__(self, engine: Any, memory: ReferenceMemory) -> None:
@@ -317,12 +317,12 @@ class ReferenceEngine:
         images: np.ndarray | torch.Tensor,
         exclude: Sequence[str | None] | None = None,
         return_features: bool = False,
-    ) -> Prediction:
-        """images [B, 3, S, S] -> fused Prediction(pred_score [B], anomaly_map [B, S, S]).
+    ) -> ImageBatch:
+        """images [B, 3, S, S] -> fused ImageBatch(pred_score [B], anomaly_map [B, S, S]).
 
         exclude: per image, the `pixel_digest` of the picture it is (or is a tile of): the references with these
         pixels are left out of its nearest-neighbour search (leave-one-out; module docstring). return_features: the
-        Prediction carries the encoder's outputs (for mutual scoring on top)."""
+        ImageBatch carries the encoder's outputs (for mutual scoring on top)."""
         prediction = self.engine.predict(images, return_features=True)
         features = prediction.features
         if len(features.patch_tokens) != len(self.memory.tokens):
@@ -343,10 +343,10 @@ class ReferenceEngine:
             reference_map = utpa.smooth_map(distance, features.grid, tuple(images.shape[-2:]), sigma)
             reference_score = reference_map.flatten(1).amax(dim=1)
         weight = rule.weight
-        return Prediction(
+        return ImageBatch(
             (1 - weight) * prediction.pred_score + weight * reference_score,
             (1 - weight) * prediction.anomaly_map + weight * reference_map,
-            features if return_features else None,
+            features=features if return_features else None,
         )
 
     def _distance_without(self, patch_tokens: Sequence[torch.Tensor], row: int, digest: str) -> torch.Tensor:

@@ -10,14 +10,15 @@ from PIL import Image
 
 from vip2clip.data.files import InputImage
 from vip2clip.inference.journal import output_name
-from vip2clip.inference.predictor import DEFAULT_THRESHOLD, ImageResult, Thresholds
+from vip2clip.inference.predictor import DEFAULT_THRESHOLD, Thresholds
+from vip2clip.outputs import ImageItem
 from vip2clip.utils.fileio import atomic_save_image, atomic_save_npy
 from vip2clip.visualization.heatmap import heatmap_overlay
 from vip2clip.visualization.panel import PREDICTED_MASK, PanelText, make_panel
 
 
 def save_outputs(
-    out_dir: Path, image: InputImage, rgb: Image.Image, result: ImageResult, overlays: bool
+    out_dir: Path, image: InputImage, rgb: Image.Image, result: ImageItem, overlays: bool
 ) -> tuple[str, str]:
     """Write the mask (and overlay) PNGs of one image; returns their paths relative to `out_dir`.
 
@@ -33,7 +34,7 @@ def save_outputs(
     return mask_name, overlay_name
 
 
-def save_raw_map(out_dir: Path, image: InputImage, result: ImageResult) -> str:
+def save_raw_map(out_dir: Path, image: InputImage, result: ImageItem) -> str:
     """Write maps/KEY.npy (the map at the image's size, float16) atomically; returns its path relative to out_dir."""
     name = f"maps/{output_name(image.key).removesuffix('.png')}.npy"
     atomic_save_npy(result.anomaly_map.astype(np.float16), out_dir / name)
@@ -48,7 +49,7 @@ def panel_threshold_source(thresholds: Thresholds) -> str:
     return "" if uncalibrated else "given"
 
 
-def save_panel_output(out_dir: Path, image: InputImage, rgb: Image.Image, result: ImageResult, source: str) -> str:
+def save_panel_output(out_dir: Path, image: InputImage, rgb: Image.Image, result: ImageItem, source: str) -> str:
     """Write panels/KEY.png for one image (see the module docstring); returns its path relative to `out_dir`."""
     name = f"panels/{output_name(image.key)}"
     text = PanelText(result.pred_score, result.image_threshold, source, result.pixel_threshold, image.key)

@@ -70,3 +70,8 @@ def get_preset(name: str) -> Preset:
         return _table()[name]
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; presets: {', '.join(list_models())}") from None
+
+
+def backbone_of(name: str | None) -> str | None:
+    """The CLIP backbone a name stands for: a preset's backbone, or the name itself (an open_clip name)."""
+    return get_preset(name).backbone if is_preset(name) else name

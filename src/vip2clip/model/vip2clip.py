@@ -20,17 +20,18 @@ from vip2clip.model import utpa
 from vip2clip.model.backbone import FrozenCLIP, ImageFeatures
 from vip2clip.model.explain import Explanation, fgp_attention, make_explanation
 from vip2clip.model.fgp import FineGrainedPerception
-from vip2clip.model.prediction import Prediction
 from vip2clip.model.prompt import VisualConditionedPrompts
 from vip2clip.model.state_check import state_mismatch
+from vip2clip.outputs import ImageBatch
 from vip2clip.utils.cpu_features import cpu_features
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
-class ModelOutput:
-    """Training-time outputs.
+class ForwardOutput:
+    """The forward pass's raw outputs: what the losses read (training) and what `prediction_from_output` turns into
+    an `ImageBatch` (the detection result, `vip2clip.outputs`).
 
     image_logits: [B, 2] (normal, anomalous) logits, already divided by the temperature.
     similarities / probabilities: one [B, HW, 2] tensor per tapped layer.
@@ -135,7 +136,7 @@ class ViP2CLIP(nn.Module):
             features = self.backbone.encode_prompts(flat, eot.repeat(batch), n_positions)
         return features.float().view(batch, states, -1)
 
-    def forward_features(self, features: ImageFeatures) -> ModelOutput:
+    def forward_features(self, features: ImageFeatures) -> ForwardOutput:
         """The trainable part, from (possibly cached) frozen features."""
         cfg = self.config
         text = self.encode_text(features.global_feature)
@@ -149,20 +150,20 @@ class ViP2CLIP(nn.Module):
             logits = utpa.topk_image_logits(similarities, probabilities, cfg.top_k, cfg.temperature)
         else:
             logits = utpa.global_image_logits(features.global_feature, text, cfg.temperature)
-        return ModelOutput(logits, similarities, probabilities, text, features.grid)
+        return ForwardOutput(logits, similarities, probabilities, text, features.grid)
 
-    def forward(self, images: torch.Tensor) -> ModelOutput:
+    def forward(self, images: torch.Tensor) -> ForwardOutput:
         return self.forward_features(self.encode_image(images))
 
-    def prediction_from_output(self, output: ModelOutput, size: tuple[int, int]) -> Prediction:
+    def prediction_from_output(self, output: ForwardOutput, size: tuple[int, int]) -> ImageBatch:
         """Image score and smoothed anomaly map [B, *size] from the outputs."""
         score = output.image_logits.float().softmax(dim=-1)[:, utpa.ANOMALOUS]
         probabilities = [p.float() for p in output.probabilities]
-        return Prediction(score, utpa.smoothed_anomaly_map(probabilities, output.grid, size, self.config.sigma))
+        return ImageBatch(score, utpa.smoothed_anomaly_map(probabilities, output.grid, size, self.config.sigma))
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor | np.ndarray, return_features: bool = False) -> Prediction:
-        """images [B, 3, H, W] (tensor or float32 array), normalised with the OpenAI mean/std -> Prediction of
+    def predict(self, images: torch.Tensor | np.ndarray, return_features: bool = False) -> ImageBatch:
+        """images [B, 3, H, W] (tensor or float32 array), normalised with the OpenAI mean/std -> ImageBatch of
         tensors (no gradients); with `return_features` it carries the encoder's outputs too (one encoder pass
         serves both)."""
         with self._evaluating():
@@ -182,7 +183,7 @@ class ViP2CLIP(nn.Module):
             return make_explanation(prediction.pred_score, prediction.anomaly_map, output.probabilities, attention,
                                     self.feature_layers, output.grid, self.config.sigma)  # fmt: skip
 
-    def _infer(self, images: torch.Tensor | np.ndarray) -> tuple[ImageFeatures, ModelOutput, Prediction]:
+    def _infer(self, images: torch.Tensor | np.ndarray) -> tuple[ImageFeatures, ForwardOutput, ImageBatch]:
         images = torch.as_tensor(images)
         features = self.encode_image(images.to(next(self.parameters()).device))
         output = self.forward_features(features)

@@ -22,6 +22,9 @@ folder that replaces it atomically, so a process still reading the old cache is 
 With several ranks (`World`), each rank hashes and encodes a disjoint share of the images, in the batches a
 one-process build forms, so the arrays are byte-identical to a one-process build; rank 0 writes the manifest
 after every rank has finished and publishes the cache.
+
+This module opens, checks and publishes caches; the key and manifest live in `cache_key`, the build in
+`cache_build`, the shared directory's locks and slots in `cache_store`.
 """
 
 from __future__ import annotations
@@ -29,107 +32,23 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
-import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
 
-from vip2clip.config import STORAGE_DTYPES
-from vip2clip.data.dataset import AnomalyDataset, collate_items
+from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.model.backbone import ImageFeatures
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.training import cache_store
+from vip2clip.training.cache_build import build_cache
+from vip2clip.training.cache_key import ARRAY_FILES, CACHE_FORMAT, CACHE_VERSION, MANIFEST, CacheKey, cache_key
 from vip2clip.utils.distributed import LOCAL, World
-from vip2clip.utils.fileio import atomic_write_text
-from vip2clip.utils.hashing import file_sha256, json_digest
 from vip2clip.utils.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
-
-CACHE_FORMAT = "vip2clip-feature-cache"
-CACHE_VERSION = 3  # 2: files keyed by SHA-256; 3: one slot folder per settings, published by rename
-MANIFEST = "manifest.json"
-ARRAY_FILES = ("patch_tokens.npy", "global_feature.npy", "masks.npy")
-DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
-
-
-@dataclass(frozen=True)
-class CacheKey:
-    """Everything the cached values depend on. `files`: "image sha256:mask sha256" (mask part empty) per row;
-    `paths`: the rows' image (and mask) paths, which name the slot together with the settings."""
-
-    backbone: str
-    fingerprint: str
-    image_size: int
-    feature_layers: tuple[int, ...]
-    precision: str
-    dtype: str
-    files: tuple[str, ...]
-    paths: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["feature_layers"] = list(self.feature_layers)
-        data["files"] = list(self.files)
-        del data["paths"]
-        return data
-
-    @property
-    def slot(self) -> str:
-        """Folder name of this cache in a cache directory: readable settings plus a hash of the settings and the
-        dataset's paths (not of the file contents: a changed image rebuilds the slot instead of adding one)."""
-        settings = {k: v for k, v in self.to_dict().items() if k != "files"}
-        digest = json_digest({"version": CACHE_VERSION, **settings, "paths": list(self.paths)}, 16)
-        return f"{re.sub(r'[^A-Za-z0-9.-]+', '_', self.backbone)}-{self.image_size}px-{self.dtype}-{digest}"
-
-
-def _row_hashes(dataset: AnomalyDataset, rows: range) -> list[str]:
-    hashes = []
-    for row in rows:
-        image_path, mask_path = dataset.paths(dataset.samples[row])
-        hashes.append(f"{file_sha256(image_path)}:{file_sha256(mask_path) if mask_path else ''}")
-    return hashes
-
-
-def cache_key(model: ViP2CLIP, dataset: AnomalyDataset, dtype: str = "float16", world: World = LOCAL) -> CacheKey:
-    """The key of `model`'s features for every sample of `dataset` (hashes every image and mask file; with
-    several ranks each hashes a share)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown cache dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    shares = world.all_gather(_row_hashes(dataset, world.share(len(dataset))))
-    paths = [":".join(p or "" for p in dataset.paths(sample)) for sample in dataset.samples]
-    backbone = model.backbone
-    return CacheKey(
-        backbone=backbone.name,
-        fingerprint=backbone.fingerprint(),
-        image_size=dataset.image_size,
-        feature_layers=tuple(backbone.feature_layers),
-        precision=model.precision,
-        dtype=dtype,
-        files=tuple(row for share in shares for row in share),
-        paths=tuple(paths),
-    )
-
-
-def _manifest_text(
-    key: CacheKey, shapes: dict[str, list[int]], grid: tuple[int, int], failed: list, built_with: dict[str, Any]
-) -> str:
-    manifest = {
-        "format": CACHE_FORMAT,
-        "version": CACHE_VERSION,
-        "key": key.to_dict(),
-        "shapes": shapes,
-        "grid": list(grid),
-        "failed": failed,
-        "built_with": built_with,
-    }
-    return json.dumps(manifest, indent=1) + "\n"
 
 
 class FeatureCache:
@@ -205,114 +124,6 @@ def open_cache(directory: str | Path, key: CacheKey) -> FeatureCache | None:
     return FeatureCache(directory, manifest, arrays)
 
 
-def _row_shapes(n: int, layers: int, grid: tuple[int, int], dim: int, size: int) -> dict[str, list[int]]:
-    return {
-        "patch_tokens.npy": [n, layers, grid[0] * grid[1], dim],
-        "global_feature.npy": [n, dim],
-        "masks.npy": [n, size, (size + 7) // 8],
-    }
-
-
-def _check_free_space(directory: Path, shapes: dict[str, list[int]], itemsize: int) -> int:
-    """Bytes the cache will take; raises OSError with a clear message when the disk cannot hold them."""
-    needed = int(np.prod(shapes["patch_tokens.npy"]) + np.prod(shapes["global_feature.npy"])) * itemsize
-    needed += int(np.prod(shapes["masks.npy"]))
-    free = shutil.disk_usage(directory).free
-    if needed > free:
-        raise OSError(
-            f"feature cache {directory} needs {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB are free; "
-            "use --cache-dir on a larger disk or --no-cache"
-        )
-    return needed
-
-
-def _open_arrays(folder: Path, shapes: dict[str, list[int]], dtype: type, mode: str) -> dict[str, np.memmap]:
-    """The cache's arrays in `folder`: created zero-filled (mode "w+") or opened for writing rows ("r+")."""
-    return {
-        name: np.lib.format.open_memmap(
-            folder / name, mode=mode, dtype=np.uint8 if name == "masks.npy" else dtype, shape=tuple(shape)
-        )
-        for name, shape in shapes.items()
-    }
-
-
-def _encode_into(
-    model: ViP2CLIP,
-    dataset: AnomalyDataset,
-    arrays: dict[str, np.ndarray],
-    rows: range,
-    batch_size: int,
-    workers: int,
-    progress: Progress,
-) -> set[int]:
-    """Encode the decodable images among `rows` of `dataset` (whole batches of a one-process build, so that every
-    image is encoded in the same batch as there) into the row arrays; returns the rows written."""
-    device = next(model.parameters()).device
-    dtype = arrays["patch_tokens.npy"].dtype
-    loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, collate_fn=collate_items, num_workers=workers)
-    written: set[int] = set()
-    for batch in progress(loader, total=len(loader), desc="caching features"):
-        if batch is None:
-            continue
-        indices = batch["index"].numpy()
-        features = model.encode_image(batch["image"].to(device))
-        tokens = torch.stack(features.patch_tokens, dim=1)  # [B, L, HW, D]
-        arrays["patch_tokens.npy"][indices] = tokens.cpu().numpy().astype(dtype)
-        arrays["global_feature.npy"][indices] = features.global_feature.cpu().numpy().astype(dtype)
-        arrays["masks.npy"][indices] = np.packbits(batch["mask"].numpy() > 0.5, axis=-1)
-        written.update(int(row) for row in indices)
-    return written
-
-
-def _failed_rows(dataset: AnomalyDataset, written: set[int], reasons: dict[str, str]) -> list[list]:
-    """[row, path, reason] of the rows that could not be decoded (reasons known where they were loaded)."""
-    failed = []
-    for row in sorted(set(range(len(dataset))) - written):
-        paths = [path for path in dataset.paths(dataset.samples[row]) if path is not None]
-        reason = next((reasons[path] for path in paths if path in reasons), "could not be decoded")
-        failed.append([row, paths[0], reason])
-    return failed
-
-
-def build_cache(
-    model: ViP2CLIP,
-    dataset: AnomalyDataset,
-    folder: str | Path,
-    key: CacheKey,
-    batch_size: int = 8,
-    num_workers: int = 0,
-    progress: Progress = silent,
-    world: World = LOCAL,
-) -> None:
-    """Run the image encoder once over `dataset` and write the cache files into `folder` (a private build folder:
-    `load_or_build_cache` publishes it). Every rank encodes its share; rank 0 creates the arrays and writes the
-    manifest last, after every rank has written its rows."""
-    folder = Path(folder)
-    backbone, size = model.backbone, dataset.image_size
-    grid = (size // backbone.patch_size, size // backbone.patch_size)
-    shapes = _row_shapes(len(dataset), len(backbone.feature_layers), grid, backbone.embed_dim, size)
-    dtype = DTYPES[key.dtype]
-    if world.is_main:
-        needed = _check_free_space(folder, shapes, np.dtype(dtype).itemsize)
-        logger.info("building feature cache in %s (%.1f MiB for %d images)", folder, needed / 2**20, len(dataset))
-        arrays = _open_arrays(folder, shapes, dtype, "w+")
-    world.barrier()  # the files exist
-    if not world.is_main:
-        arrays = _open_arrays(folder, shapes, dtype, "r+")
-    rows = world.share(len(dataset), unit=batch_size)
-    written = _encode_into(model, dataset, arrays, rows, batch_size, num_workers, progress)
-    for array in arrays.values():
-        array.flush()
-    del arrays
-    reports = world.gather((sorted(written), list(dataset.skipped)))  # after every rank has flushed its rows
-    if world.is_main:
-        written = {row for rows_written, _ in reports for row in rows_written}
-        reasons = {path: reason for _, skipped in reports for path, reason in skipped}
-        failed = _failed_rows(dataset, written, reasons)
-        built_with = world.describe(model)
-        atomic_write_text(folder / MANIFEST, _manifest_text(key, shapes, grid, failed, built_with))
-
-
 def _open_shared(directory: Path, key: CacheKey) -> FeatureCache | None:
     with cache_store.slot_lock(directory, key.slot, exclusive=False):
         return open_cache(directory / key.slot, key)
@@ -320,10 +131,13 @@ def _open_shared(directory: Path, key: CacheKey) -> FeatureCache | None:
 
 def _warn_old_layout(directory: Path) -> None:
     if (directory / MANIFEST).is_file() and (directory / ARRAY_FILES[0]).is_file():
+        old_files = ", ".join([*ARRAY_FILES, MANIFEST])
         logger.warning(
             "%s holds a feature cache of an older vip2clip (arrays directly in the folder); it is no longer used: "
-            "delete %s to free the space", directory, ", ".join([*ARRAY_FILES, MANIFEST])
-        )  # fmt: skip
+            "delete %s to free the space",
+            directory,
+            old_files,
+        )
 
 
 def load_or_build_cache(

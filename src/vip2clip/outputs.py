@@ -1,0 +1,169 @@
+"""What scoring produces: one family of validated dataclasses, one image's (`ImageItem`) and a batch's
+(`ImageBatch`), with anomalib's field names (its output dataclasses: `pred_score`, `pred_label`, `anomaly_map`,
+`pred_mask`; `gt_label`, `gt_mask` for the ground truth).
+
+- `ImageBatch`: what every inference engine returns (`ViP2CLIP.predict`, the ONNX engine): scores [B] and maps
+  [B, H, W], torch tensors or numpy arrays; evaluation's `ClassBatch` adds the ground truth and its bookkeeping.
+- `ImageItem`: one image, first as scored (`Predictor.score`: the input, its decoded image, its score and map) and
+  then as decided (`Predictor.predict`: its label, its defect pixels and the thresholds that made them).
+
+Each is checked when it is made (shapes agree, labels are known, masks are boolean), so a wrong output fails where
+it is made, not in a report three modules later. This module imports neither torch nor the rest of the package:
+the ONNX engine and the model both use it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+ANOMALOUS, NORMAL, ERROR = "anomalous", "normal", "error"
+PRED_LABELS = (NORMAL, ANOMALOUS, ERROR)
+
+
+def _shape(values: Any) -> tuple[int, ...]:
+    return tuple(values.shape)
+
+
+def _check_mask(name: str, mask: Any, shape: tuple[int, ...]) -> None:
+    if _shape(mask) != shape:
+        raise ValueError(f"{name} has shape {_shape(mask)}, the anomaly map {shape}")
+    if str(mask.dtype) not in ("bool", "torch.bool"):
+        raise ValueError(f"{name} must be boolean, got {mask.dtype}")
+
+
+@dataclass
+class ImageItem:
+    """One image's outcome. Fields set by scoring: `pred_score` (anomalous probability), `anomaly_map` (float
+    [H, W]: at the model's input size as scored, at the image's own size once decided or when tiled), `source` (the
+    input as given), `image` (its decoded RGB image), `self_reference` (it is one of the predictor's reference
+    images, scored against the others only). Set by the decision (`Predictor.result`): `pred_label` ("normal",
+    "anomalous", or "error"), `pred_mask` (bool [H, W], anomaly_map >= pixel_threshold) and the thresholds.
+
+    error: why the image could not be judged (unreadable, or NaN/infinite model output), else None. Such an item
+    has no map or an unusable one, pred_label "error" once decided and no defect pixels: check `error` (or
+    `is_judged`) before acting on `is_anomalous`.
+
+    Raises:
+        ValueError: a map that is not 2-D, a mask of another shape or not boolean, an unknown label.
+    """
+
+    pred_score: float = math.nan
+    anomaly_map: np.ndarray | None = None
+    pred_label: str | None = None
+    pred_mask: np.ndarray | None = None
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    error: str | None = None
+    source: Any = None
+    image: Image.Image | None = None
+    self_reference: bool = False
+
+    def __post_init__(self) -> None:
+        if self.anomaly_map is not None and np.ndim(self.anomaly_map) != 2:
+            raise ValueError(f"anomaly_map must be [H, W], got shape {_shape(self.anomaly_map)}")
+        if self.pred_mask is not None:
+            if self.anomaly_map is None:
+                raise ValueError("pred_mask without an anomaly_map")
+            _check_mask("pred_mask", self.pred_mask, _shape(self.anomaly_map))
+        if self.pred_label is not None and self.pred_label not in PRED_LABELS:
+            raise ValueError(f"pred_label must be one of {PRED_LABELS}, got {self.pred_label!r}")
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.pred_label == ANOMALOUS
+
+    @property
+    def is_judged(self) -> bool:
+        """False when the image could not be read or the model's output could not be trusted."""
+        return self.error is None
+
+    @property
+    def max_pixel_score(self) -> float:
+        """The map's highest value (NaN for an image not judged)."""
+        return float(self.anomaly_map.max()) if self.is_judged and self.anomaly_map is not None else math.nan
+
+    @property
+    def defect_area(self) -> float:
+        """The fraction of the image flagged as defect pixels (NaN for an image not judged or not decided)."""
+        return float(self.pred_mask.mean()) if self.is_judged and self.pred_mask is not None else math.nan
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of the anomaly map: the original image's once decided."""
+        height, width = _shape(self.anomaly_map)
+        return width, height
+
+
+@dataclass
+class ImageBatch:
+    """A batch's outcome: `pred_score` [B] (anomalous probability), `anomaly_map` [B, H, W] (the layer-averaged,
+    Gaussian-smoothed map; None where a caller keeps no maps), optionally `pred_mask` [B, H, W] bool, `gt_label` [B]
+    (0 normal, 1 anomalous) and `gt_mask` [B, H, W] bool; `features`: the frozen encoder's outputs (patch tokens, for
+    reference images and mutual scoring), only when asked for (torch model).
+
+    torch tensors from the torch model, and from the ONNX engine when given a tensor; numpy arrays from the ONNX
+    engine given numpy arrays and in evaluation. Iterating gives one `ImageItem` per image (numpy, float32).
+
+    Raises:
+        ValueError: a score that is not 1-D, or a map, label or mask whose length or shape disagrees with it.
+    """
+
+    pred_score: torch.Tensor | np.ndarray
+    anomaly_map: torch.Tensor | np.ndarray | None = None
+    pred_mask: torch.Tensor | np.ndarray | None = None
+    gt_label: np.ndarray | None = None
+    gt_mask: np.ndarray | None = None
+    features: Any = None
+
+    def __post_init__(self) -> None:
+        if len(_shape(self.pred_score)) != 1:
+            raise ValueError(f"pred_score must be [B], got shape {_shape(self.pred_score)}")
+        # shape[0], never len(): len() makes an int of a symbolic batch size and would fix it in an ONNX export
+        size = self.pred_score.shape[0]
+        if self.anomaly_map is not None and (len(_shape(self.anomaly_map)) != 3 or self.anomaly_map.shape[0] != size):
+            raise ValueError(f"anomaly_map must be [{size}, H, W], got shape {_shape(self.anomaly_map)}")
+        if self.gt_label is not None and _shape(self.gt_label) != (size,):
+            raise ValueError(f"gt_label must be [{size}], got shape {_shape(self.gt_label)}")
+        for name in ("pred_mask", "gt_mask"):
+            mask = getattr(self, name)
+            if mask is not None:
+                if len(_shape(mask)) != 3 or mask.shape[0] != size:
+                    raise ValueError(f"{name} must be [{size}, H, W], got shape {_shape(mask)}")
+                if self.anomaly_map is not None:
+                    _check_mask(name, mask, _shape(self.anomaly_map))
+
+    def __len__(self) -> int:
+        return _shape(self.pred_score)[0]
+
+    def numpy(self) -> tuple[np.ndarray, np.ndarray]:
+        """(pred_score, anomaly_map) as float32 numpy arrays, from tensors on any device or from arrays."""
+        if self.anomaly_map is None:
+            raise ValueError("this batch holds no anomaly maps")
+        return float32_array(self.pred_score), float32_array(self.anomaly_map)
+
+    def __iter__(self) -> Iterator[ImageItem]:
+        scores, maps = self.numpy()
+        masks = [None] * len(self) if self.pred_mask is None else as_numpy(self.pred_mask)
+        for score, anomaly_map, mask in zip(scores, maps, masks, strict=True):
+            yield ImageItem(float(score), anomaly_map, pred_mask=mask)
+
+
+def as_numpy(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """`values` as a numpy array (its own dtype), from a tensor on any device or from an array."""
+    return values.detach().cpu().numpy() if hasattr(values, "detach") else np.asarray(values)
+
+
+def float32_array(values: torch.Tensor | np.ndarray) -> np.ndarray:
+    """`values` as a float32 numpy array, from a tensor on any device or from an array."""
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=np.float32)
