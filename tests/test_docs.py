@@ -15,6 +15,7 @@ DOCUMENTED = (
     "vip2clip.inference.onnx_engine",
     "vip2clip.model.presets",
     "vip2clip.metrics",
+    "vip2clip.outputs",
 )
 
 
@@ -29,11 +30,15 @@ def test_docstring_examples_run(name: str) -> None:
     ("name", "function"),
     [("vip2clip.factory", "create_model"), ("vip2clip.inference.predictor", "Predictor"),
      ("vip2clip.evaluation.evaluate", "evaluate"), ("vip2clip.inference.onnx_export", "export_onnx"),
-     ("vip2clip.inference.onnx_engine", "load_onnx")],
+     ("vip2clip.inference.onnx_engine", "load_onnx"), ("vip2clip.outputs", "ImageItem"),
+     ("vip2clip.outputs", "ImageBatch")],
 )  # fmt: skip
 def test_public_api_documents_args_returns_raises_example(name: str, function: str) -> None:
-    text = getattr(importlib.import_module(name), function).__doc__
+    documented = getattr(importlib.import_module(name), function)
+    text = documented.__doc__
     sections = (
-        ("Args:", "Raises:", "Example:") if function == "Predictor" else ("Args:", "Returns:", "Raises:", "Example:")
+        ("Args:", "Raises:", "Example:")
+        if isinstance(documented, type)
+        else ("Args:", "Returns:", "Raises:", "Example:")
     )
     assert all(section in text for section in sections)

@@ -42,18 +42,33 @@ def _check_mask(name: str, mask: Any, shape: tuple[int, ...]) -> None:
 
 @dataclass
 class ImageItem:
-    """One image's outcome. Fields set by scoring: `pred_score` (anomalous probability), `anomaly_map` (float
-    [H, W]: at the model's input size as scored, at the image's own size once decided or when tiled), `source` (the
-    input as given), `image` (its decoded RGB image), `self_reference` (it is one of the predictor's reference
-    images, scored against the others only). Set by the decision (`Predictor.result`): `pred_label` ("normal",
-    "anomalous", or "error"), `pred_mask` (bool [H, W], anomaly_map >= pixel_threshold) and the thresholds.
+    """One image's outcome: first as scored (`Predictor.score`), then as decided (`Predictor.predict`).
 
-    error: why the image could not be judged (unreadable, or NaN/infinite model output), else None. Such an item
-    has no map or an unusable one, pred_label "error" once decided and no defect pixels: check `error` (or
-    `is_judged`) before acting on `is_anomalous`.
+    Args:
+        pred_score: the anomalous probability.
+        anomaly_map: float [H, W]: at the model's input size as scored; at the image's own size once decided or
+            when tiled.
+        pred_label: "normal", "anomalous" or "error" (set by the decision).
+        pred_mask: bool [H, W], anomaly_map >= pixel_threshold (set by the decision).
+        image_threshold, pixel_threshold: the thresholds that made the decision.
+        error: why the image could not be judged (unreadable, or NaN/infinite model output), else None. Such an
+            item has no map or an unusable one, pred_label "error" once decided and no defect pixels: check
+            `error` (or `is_judged`) before acting on `is_anomalous`.
+        source: the input as given (a path, an image, a dataset row).
+        image: its decoded RGB image.
+        self_reference: it is one of the predictor's reference images (scored against the others only).
 
     Raises:
         ValueError: a map that is not 2-D, a mask of another shape or not boolean, an unknown label.
+
+    Example:
+        >>> import numpy as np
+        >>> item = ImageItem(0.9, np.full((2, 3), 0.7), "anomalous", np.ones((2, 3), bool))
+        >>> item.is_anomalous, item.size, item.defect_area
+        (True, (3, 2), 1.0)
+        >>> ImageItem(0.9, np.zeros((2, 3)), "defective")
+        Traceback (most recent call last):
+        ValueError: pred_label must be one of ('normal', 'anomalous', 'error'), got 'defective'
     """
 
     pred_score: float = math.nan
@@ -105,16 +120,30 @@ class ImageItem:
 
 @dataclass
 class ImageBatch:
-    """A batch's outcome: `pred_score` [B] (anomalous probability), `anomaly_map` [B, H, W] (the layer-averaged,
-    Gaussian-smoothed map; None where a caller keeps no maps), optionally `pred_mask` [B, H, W] bool, `gt_label` [B]
-    (0 normal, 1 anomalous) and `gt_mask` [B, H, W] bool; `features`: the frozen encoder's outputs (patch tokens, for
-    reference images and mutual scoring), only when asked for (torch model).
+    """A batch's outcome: what every inference engine returns (torch tensors from the torch model, and from the
+    ONNX engine when given a tensor; numpy arrays from the ONNX engine given numpy arrays and in evaluation).
+    Iterating gives one `ImageItem` per image (numpy, float32).
 
-    torch tensors from the torch model, and from the ONNX engine when given a tensor; numpy arrays from the ONNX
-    engine given numpy arrays and in evaluation. Iterating gives one `ImageItem` per image (numpy, float32).
+    Args:
+        pred_score: [B] anomalous probabilities.
+        anomaly_map: [B, H, W] layer-averaged, Gaussian-smoothed maps (None where a caller keeps no maps).
+        pred_mask: [B, H, W] bool, when decided.
+        gt_label: [B] ground-truth labels (0 normal, 1 anomalous), when known.
+        gt_mask: [B, H, W] bool ground-truth masks, when known.
+        features: the frozen encoder's outputs (patch tokens, for reference images and mutual scoring), only
+            when asked for (torch model).
 
     Raises:
         ValueError: a score that is not 1-D, or a map, label or mask whose length or shape disagrees with it.
+
+    Example:
+        >>> import numpy as np
+        >>> batch = ImageBatch(np.array([0.1, 0.8]), np.zeros((2, 4, 4)))
+        >>> len(batch), [round(item.pred_score, 2) for item in batch], batch.numpy()[1].dtype
+        (2, [0.1, 0.8], dtype('float32'))
+        >>> ImageBatch(np.array([0.1, 0.8]), np.zeros((3, 4, 4)))
+        Traceback (most recent call last):
+        ValueError: anomaly_map must be [2, H, W], got shape (3, 4, 4)
     """
 
     pred_score: torch.Tensor | np.ndarray
