@@ -84,12 +84,10 @@ def create_model(
     cfg = base.updated(**overrides) if overrides else base
     if cfg.backbone is None:
         cfg = cfg.updated(backbone=DEFAULT_BACKBONE)
-
     if loaded is not None and image_size is not None and "source" not in loaded.meta and image_size != base.image_size:
-        logger.warning(
-            "checkpoint %s was trained at %d px; running it at %d px changes its scores (thresholds and results "
-            "from %d px do not carry over)", checkpoint, base.image_size, image_size, base.image_size,
-        )  # fmt: skip
+        trained = base.image_size
+        message = "checkpoint %s was trained at %d px; running it at %d px changes its scores (thresholds and results"
+        logger.warning(message + " from %d px do not carry over)", checkpoint, trained, image_size, trained)
     clip, source = load_clip(cfg.backbone, clip_weights, quick_gelu=cfg.quick_gelu)
     if clip_weights is None:
         logger.warning("backbone %s has random weights (%s): scores say nothing about CLIP", cfg.backbone, source)

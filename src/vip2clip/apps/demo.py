@@ -125,20 +125,33 @@ def _generate_data(data_dir: Path, config: DemoConfig) -> tuple[DatasetIndex, Da
     """The training set (textured surfaces) and the zero-shot test set (structured objects, other seed)."""
     common = {"classes": config.classes, "image_size": config.data_size, "n_train_good": 0}
     train_index = generate_benchmark(
-        data_dir / "train_textured", seed=config.seed, style="textured",
-        n_test_good=config.train_good, n_test_defect=config.train_defect, **common,
-    )  # fmt: skip
+        data_dir / "train_textured",
+        seed=config.seed,
+        style="textured",
+        n_test_good=config.train_good,
+        n_test_defect=config.train_defect,
+        **common,
+    )
     test_index = generate_benchmark(
-        data_dir / "test_structured", seed=config.seed + 1, style="structured",
-        n_test_good=config.test_good, n_test_defect=config.test_defect, **common,
-    )  # fmt: skip
+        data_dir / "test_structured",
+        seed=config.seed + 1,
+        style="structured",
+        n_test_good=config.test_good,
+        n_test_defect=config.test_defect,
+        **common,
+    )
     return train_index, test_index
 
 
 def _print_summary(
-    echo: Callable[[str], None], out_dir: Path, result: EvaluationResult, checkpoint: Path, n_panels: int,
-    seconds: float, backbone: str,
-) -> None:  # fmt: skip
+    echo: Callable[[str], None],
+    out_dir: Path,
+    result: EvaluationResult,
+    checkpoint: Path,
+    n_panels: int,
+    seconds: float,
+    backbone: str,
+) -> None:
     echo("")
     echo(class_table_markdown(result, "ViP²-CLIP demo: trained on 'textured', tested zero-shot on 'structured'"))
     echo(f"table:       {out_dir / 'results.md'}  (full precision: results.csv, results.json)")
@@ -152,9 +165,13 @@ def _print_summary(
 
 
 def _run_stages(
-    out_dir: Path, backbone: str, clip_weights: str | Path | None, device: str, config: DemoConfig,
+    out_dir: Path,
+    backbone: str,
+    clip_weights: str | Path | None,
+    device: str,
+    config: DemoConfig,
     echo: Callable[[str], None],
-) -> tuple[EvaluationResult, TrainResult, int, list[str]]:  # fmt: skip
+) -> tuple[EvaluationResult, TrainResult, int, list[str]]:
     """Build the model, generate the data, train, evaluate: (result, training, top_k, notes)."""
     image_size = config.image_size or (128 if backbone == TINY_BACKBONE else None)
     model = create_model(backbone, clip_weights, image_size=image_size, device=device, seed=config.seed)
@@ -170,14 +187,23 @@ def _run_stages(
 
     n_train = len(train_index.samples("test"))
     echo(f"[2/3] training on 'textured' ({n_train} images, {config.epochs} epochs, backbone {backbone}) ...")
-    train_config = TrainConfig(epochs=config.epochs, batch_size=config.batch_size, lr_fgp=config.lr_fgp,
-                               seed=config.seed)  # fmt: skip
+    train_config = TrainConfig(
+        epochs=config.epochs, batch_size=config.batch_size, lr_fgp=config.lr_fgp, seed=config.seed
+    )
     trained = train(model, train_index, out_dir / "train", train_config)
 
     echo("[3/3] zero-shot evaluation on 'structured' ...")
     eval_config = EvalConfig(max_panels=config.panels_per_class)
-    result = evaluate_dataset(model, test_index, out_dir, eval_config, "synthetic 'structured' (zero-shot)",
-                              ModelIdentity.of(model, trained.checkpoint), save_maps=True, notes=notes)  # fmt: skip
+    result = evaluate_dataset(
+        model,
+        test_index,
+        out_dir,
+        eval_config,
+        "synthetic 'structured' (zero-shot)",
+        ModelIdentity.of(model, trained.checkpoint),
+        save_maps=True,
+        notes=notes,
+    )
     return result, trained, top_k, notes
 
 
@@ -213,8 +239,17 @@ def run_offline_demo(
         raise
     seconds = time.perf_counter() - started
     panels = sorted((out_dir / MAPS_DIR).rglob("*.png"))
-    _write_marker(out_dir, {"status": "done", "seconds": round(seconds, 1), **record, "notes": notes,
-                            "top_k": top_k, "training": trained.history})  # fmt: skip
+    _write_marker(
+        out_dir,
+        {
+            "status": "done",
+            "seconds": round(seconds, 1),
+            **record,
+            "notes": notes,
+            "top_k": top_k,
+            "training": trained.history,
+        },
+    )
 
     _print_summary(echo, out_dir, result, trained.checkpoint, len(panels), seconds, backbone)
     return DemoResult(out_dir, result, trained.checkpoint, panels, seconds, notes)

@@ -53,8 +53,10 @@ def _rank_exit_code(args: argparse.Namespace, code: int) -> int:
         return code
     if not args.world.is_main:
         return 0
-    record_error(f"vip2clip {args.command} finished with exit code {code} (not a crash: the results are written; "
-                 "exit code 1 means some inputs could not be judged, see the output above)")  # fmt: skip
+    record_error(
+        f"vip2clip {args.command} finished with exit code {code} (not a crash: the results are written; "
+        "exit code 1 means some inputs could not be judged, see the output above)"
+    )
     return code
 
 
@@ -66,8 +68,10 @@ def _join_world(args: argparse.Namespace):
     if torchrun_env() is None:
         return LOCAL
     if args.command not in DISTRIBUTED_COMMANDS:
-        raise CLIError(f"runs in one process; start it without torchrun ({', '.join(sorted(DISTRIBUTED_COMMANDS))} "
-                       "run under torchrun)")  # fmt: skip
+        raise CLIError(
+            f"runs in one process; start it without torchrun ({', '.join(sorted(DISTRIBUTED_COMMANDS))} "
+            "run under torchrun)"
+        )
     world = init_from_env(args.device)
     args.device = world.device
     if not world.is_main:

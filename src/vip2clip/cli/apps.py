@@ -17,8 +17,12 @@ from vip2clip.cli.common import (
 from vip2clip.cli.predict import add_batch_argument, build_predictor
 
 # The server's packages (the `serve` extra): import name -> distribution name.
-SERVE_PACKAGES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "python_multipart": "python-multipart",
-                  "fastapi_offline": "fastapi-offline"}  # fmt: skip
+SERVE_PACKAGES = {
+    "fastapi": "fastapi",
+    "uvicorn": "uvicorn",
+    "python_multipart": "python-multipart",
+    "fastapi_offline": "fastapi-offline",
+}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -173,21 +173,32 @@ def add_mutual_arguments(parser: argparse.ArgumentParser, grouping: bool = False
     group.add_argument("--mutual", action="store_true", help=f"{what} score each other, fused with the model's maps")
     if grouping:
         group.add_argument(
-            "--mutual-group", choices=GROUPS, default="folder",
+            "--mutual-group",
+            choices=GROUPS,
+            default="folder",
             help="which images score each other: those of one folder (default), or all the images of the run",
-        )  # fmt: skip
+        )
     group.add_argument(
-        "--mutual-others", type=int, default=default.max_others, metavar="M",
+        "--mutual-others",
+        type=int,
+        default=default.max_others,
+        metavar="M",
         help=f"at most M other images per image (a seeded sample beyond; {default.max_others})",
-    )  # fmt: skip
+    )
     group.add_argument(
-        "--mutual-share", type=float, default=default.share, metavar="F",
+        "--mutual-share",
+        type=float,
+        default=default.share,
+        metavar="F",
         help=f"average the smallest share F of the distances to the other images ({default.share})",
-    )  # fmt: skip
+    )
     group.add_argument(
-        "--mutual-weight", type=float, default=default.weight, metavar="W",
+        "--mutual-weight",
+        type=float,
+        default=default.weight,
+        metavar="W",
         help=f"share of the mutual map in the fused map ({default.weight}; 1: mutual only)",
-    )  # fmt: skip
+    )
     group.add_argument("--mutual-seed", type=int, default=default.seed, help="seed of the sample of others (0)")
 
 
@@ -250,8 +261,18 @@ def model_spec_from_args(args: argparse.Namespace, **fixed: Any) -> ModelSpec:
 
 
 # ModelSpec fields that are command-line options of the same name (--checkpoint, --clip-weights, ...).
-_SPEC_OPTIONS = ("checkpoint", "clip_weights", "random_init", "backbone", "image_size", "device", "precision",
-                 "compile", "onnx", "onnx_backend")  # fmt: skip
+_SPEC_OPTIONS = (
+    "checkpoint",
+    "clip_weights",
+    "random_init",
+    "backbone",
+    "image_size",
+    "device",
+    "precision",
+    "compile",
+    "onnx",
+    "onnx_backend",
+)
 
 
 def build_model(args: argparse.Namespace, **fixed: Any) -> tuple[ViP2CLIP, ModelIdentity]:

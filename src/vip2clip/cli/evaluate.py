@@ -90,9 +90,11 @@ def _check_shots(index, config) -> None:
 
 def _add_paper_argument(parser: argparse.ArgumentParser, where: str) -> None:
     parser.add_argument(
-        "--reference", choices=("paper",), default=None,
+        "--reference",
+        choices=("paper",),
+        default=None,
         help=f"add the paper's ViP²-CLIP numbers and our difference to them to the tables: {where}",
-    )  # fmt: skip
+    )
 
 
 def _test_paper(args: argparse.Namespace, name: str):
@@ -149,9 +151,19 @@ def run_test(args: argparse.Namespace) -> int:
     note = overlap.note()
     record = {**training["record"], "zero_shot": overlap.to_dict()}
     result = evaluate_dataset(
-        model, index, out, config, name, identity, args.save_maps, [note] if note else (), progress_for(args),
-        world, paper, record,
-    )  # fmt: skip
+        model,
+        index,
+        out,
+        config,
+        name,
+        identity,
+        args.save_maps,
+        [note] if note else (),
+        progress_for(args),
+        world,
+        paper,
+        record,
+    )
     if not world.is_main:
         return 0
     print(class_table_markdown(result, name))
@@ -171,12 +183,16 @@ def run_test(args: argparse.Namespace) -> int:
     if config.shots:
         print(f"references: {config.shots} normal train image(s) per class (seed {config.seed}); see results.json")
     if config.mutual:
-        print(f"mutual scoring: each class's test images scored each other (at most {config.mutual.max_others} "
-              f"others per image, share {config.mutual.share}, weight {config.mutual.weight})")  # fmt: skip
+        print(
+            f"mutual scoring: each class's test images scored each other (at most {config.mutual.max_others} "
+            f"others per image, share {config.mutual.share}, weight {config.mutual.weight})"
+        )
     without_mask = sum(c.n_without_mask for c in result.classes)
     if without_mask:
-        print(f"{without_mask} anomalous image(s) have no mask: left out of the pixel metrics (n_without_mask in "
-              "results.json)")  # fmt: skip
+        print(
+            f"{without_mask} anomalous image(s) have no mask: left out of the pixel metrics (n_without_mask in "
+            "results.json)"
+        )
     return 0
 
 
@@ -205,21 +221,29 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
         "benchmark", help="train once (or take --checkpoint), evaluate zero-shot on several datasets (Table 1/2)"
     )
     parser.add_argument(
-        "--train", nargs="+", default=None, metavar="NAME=ROOT",
+        "--train",
+        nargs="+",
+        default=None,
+        metavar="NAME=ROOT",
         help="dataset(s) to train on (their test split); several (NAME=ROOT NAME=ROOT, or NAME=ROOT+NAME=ROOT) "
         "form one shuffled training stream",
-    )  # fmt: skip
+    )
     parser.add_argument("--test", nargs="+", required=True, metavar="NAME=ROOT", help="datasets to evaluate")
     parser.add_argument("--out", required=True, help="output folder")
     _add_paper_argument(parser, "per dataset (Tables 1-2) and in each dataset's results per class")
     parser.add_argument(
-        "--allow-overlap", action="store_true",
+        "--allow-overlap",
+        action="store_true",
         help="test on a dataset even when some of its images were training images (marked 'not zero-shot')",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--seeds", nargs="+", type=int, default=None, metavar="SEED",
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=None,
+        metavar="SEED",
         help="train one model per seed (OUT/seed-N/) and report mean and standard deviation per cell",
-    )  # fmt: skip
+    )
     _add_evaluation_arguments(parser, ("--eval-batch-size",))
     add_tiling_arguments(parser)
     add_reference_arguments(parser, shots=True)  # the --shots images are drawn with the training's --seed
@@ -238,10 +262,11 @@ def refuse_overlaps(overlaps: dict, titles: dict[str, str], allow: bool) -> None
     shared = [f"{titles[key]}: {overlap.note()}" for key, overlap in overlaps.items() if overlap.shared]
     if shared and not allow:
         raise CLIError(
-            "refusing to report these as zero-shot results:\n  " + "\n  ".join(shared)
+            "refusing to report these as zero-shot results:\n  "
+            + "\n  ".join(shared)
             + "\nchoose test sets the model was not trained on, or pass --allow-overlap (the results are then "
             "marked 'not zero-shot')"
-        )  # fmt: skip
+        )
     for line in shared:
         logger.warning("%s", line)
     if any(not overlap.known for overlap in overlaps.values()):
@@ -258,10 +283,23 @@ def _train_for_benchmark(args: argparse.Namespace, index, sources, out: Path, se
     if args.seeds and config.cache_dir is None:  # the seeds' runs read one feature cache
         config = replace(config, cache_dir=str(Path(args.out) / "feature_cache"))
     model, _ = build_model(args, seed=config.seed)  # seeded like `vip2clip train`
-    result = train(model, index, out / "train", config, progress=progress_for(args), overwrite=args.overwrite,
-                   world=world, sources=sources)  # fmt: skip
-    record = {"name": "+".join(s["name"] for s in sources), "root": str(index.root), "sources": sources,
-              "config": config.to_dict(), "trained": True}  # fmt: skip
+    result = train(
+        model,
+        index,
+        out / "train",
+        config,
+        progress=progress_for(args),
+        overwrite=args.overwrite,
+        world=world,
+        sources=sources,
+    )
+    record = {
+        "name": "+".join(s["name"] for s in sources),
+        "root": str(index.root),
+        "sources": sources,
+        "config": config.to_dict(),
+        "trained": True,
+    }
     return model, result.checkpoint, record
 
 
@@ -328,9 +366,18 @@ def run_benchmark(args: argparse.Namespace) -> int:
             model, checkpoint, record = _train_for_benchmark(args, index, sources, folder, seed)
             identity = ModelIdentity.of(model, checkpoint)
         runs[seed] = benchmark_datasets(
-            model, indexes, folder, config, identity, record, args.save_maps, progress_for(args), paper, world,
+            model,
+            indexes,
+            folder,
+            config,
+            identity,
+            record,
+            args.save_maps,
+            progress_for(args),
+            paper,
+            world,
             overlaps,
-        )  # fmt: skip
+        )
     if not world.is_main:
         return 0
     if args.seeds:

@@ -13,10 +13,11 @@ from vip2clip.cli.common import progress_for
 
 def add_explain_argument(parser: argparse.ArgumentParser, where: str) -> None:
     parser.add_argument(
-        "--explain", action="store_true",
+        "--explain",
+        action="store_true",
         help=f"also write {where}: per tapped layer the anomaly map (paper Fig. 7) and where the normal and the "
-             "anomalous prompt look (FGP attention, Fig. 3), beside the fused map",
-    )  # fmt: skip
+        "anomalous prompt look (FGP attention, Fig. 3), beside the fused map",
+    )
 
 
 def check_explain(args: argparse.Namespace, conflicting: dict[str, object], save_maps: bool = True) -> None:

@@ -122,8 +122,10 @@ def _print_failures(failed: list[tuple[str, str]], what: str = "unreadable files
 def _print_groups(groups: list[dict]) -> None:
     """One line per mutual group, and a warning for groups whose images mostly do not look alike."""
     for group in groups:
-        print(f"mutual group {group['group']}: {group['images']} images scored each other (each met "
-              f"{group['others_per_image']}); {100 * group['alike_share']:.0f} % of them look alike")  # fmt: skip
+        print(
+            f"mutual group {group['group']}: {group['images']} images scored each other (each met "
+            f"{group['others_per_image']}); {100 * group['alike_share']:.0f} % of them look alike"
+        )
         if group["alike_share"] < 0.5:
             warning = f"warning: most images of {group['group']} do not look alike (mostly defective, or parts mixed?)"
             print(f"{warning}: their mutual scores are not to be trusted; see docs/mutual.md", file=sys.stderr)

@@ -55,8 +55,10 @@ class ImageScan:
                 f"skipped {self.masks_skipped} mask file(s) ({MASK_FOLDER}/ folders and *{MASK_SUFFIX} files are "
                 "masks, not parts; name a file explicitly to score it anyway)"
             )
-        lines += [f"cannot list folder {path}: {reason}; its images are not included" for path, reason in
-                  self.unreadable_folders]  # fmt: skip
+        lines += [
+            f"cannot list folder {path}: {reason}; its images are not included"
+            for path, reason in self.unreadable_folders
+        ]
         lines += [f"not following {path}: {reason}" for path, reason in self.links_not_followed]
         return lines
 

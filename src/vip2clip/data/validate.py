@@ -129,8 +129,9 @@ def _row_problems(index: DatasetIndex) -> Iterator[Finding]:
                 yield Finding("outside the root", where, path, f"the {kind} path leaves the dataset root {index.root}")
         cls_key = where.split("/", 1)[1].rsplit("[", 1)[0]
         if sample.cls_name != cls_key:
-            yield Finding("class mismatch", where, sample.img_path, f"listed under {cls_key!r}, cls_name is "
-                          f"{sample.cls_name!r}")  # fmt: skip
+            yield Finding(
+                "class mismatch", where, sample.img_path, f"listed under {cls_key!r}, cls_name is {sample.cls_name!r}"
+            )
 
 
 def _defect_masks_of_normal_rows(index: DatasetIndex) -> Iterator[Finding]:
@@ -141,8 +142,12 @@ def _defect_masks_of_normal_rows(index: DatasetIndex) -> Iterator[Finding]:
         except BadImageError:
             defect = False  # an unreadable mask of a normal row is not used: nothing contradicts the label
         if defect:
-            yield Finding("defect mask on a normal row", dropped.where, str(mask_path),
-                          f"the row of {dropped.img_path} says anomaly 0 but its mask marks defect pixels")  # fmt: skip
+            yield Finding(
+                "defect mask on a normal row",
+                dropped.where,
+                str(mask_path),
+                f"the row of {dropped.img_path} says anomaly 0 but its mask marks defect pixels",
+            )
 
 
 def index_problems(index: DatasetIndex) -> tuple[list[Finding], list[Finding]]:

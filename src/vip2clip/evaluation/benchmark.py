@@ -135,8 +135,12 @@ def write_calibration(path: Path, identity: PredictorIdentity, result: Evaluatio
         flag = "--threshold" if kind == "image" else "--pixel-threshold"
         logger.warning(
             "%s: no %s threshold, %s; it is null in the file and `vip2clip predict` needs %s for %s decisions",
-            path, kind, _UNDEFINED_REASON[kind], flag, kind,
-        )  # fmt: skip
+            path,
+            kind,
+            _UNDEFINED_REASON[kind],
+            flag,
+            kind,
+        )
     if len(undefined) == len(thresholds):
         logger.warning("%s not written: neither threshold is defined for this data", path)
         return None
@@ -183,14 +187,20 @@ def evaluate_dataset(
     if model.backbone.weights_source.startswith("random"):
         notes = [RANDOM_WEIGHTS_NOTE.format(model.config.backbone), *notes]
     if config.shots:
-        notes = [*notes, f"few-shot: {config.shots} normal train image(s) per class as references (seed "
-                 f"{config.seed}; listed in results.json), not zero-shot."]  # fmt: skip
+        notes = [
+            *notes,
+            f"few-shot: {config.shots} normal train image(s) per class as references (seed "
+            f"{config.seed}; listed in results.json), not zero-shot.",
+        ]
     if config.tiling is not None:
         notes = [*notes, f"tiled: {config.tiling.size}-px tiles, overlap {config.tiling.overlap}."]
     if config.mutual is not None:
         rule = config.mutual
-        notes = [*notes, f"mutual scoring: each class's test images scored each other (at most {rule.max_others} "
-                 f"others per image, share {rule.share}, weight {rule.weight}), not zero-shot."]  # fmt: skip
+        notes = [
+            *notes,
+            f"mutual scoring: each class's test images scored each other (at most {rule.max_others} "
+            f"others per image, share {rule.share}, weight {rule.weight}), not zero-shot.",
+        ]
     context = run_context(model, identity, dataset, config, world)
     if training is not None:
         context["training"] = dict(training)
@@ -235,9 +245,19 @@ def benchmark_datasets(
         note = overlap.note() if overlap else None
         record = {**(training or {}), "zero_shot": overlap.to_dict()} if overlap else training
         result = evaluate_dataset(
-            model, index, out_dir / spec.folder, config, spec.title, identity, save_maps, [note] if note else (),
-            progress, world, paper, record,
-        )  # fmt: skip
+            model,
+            index,
+            out_dir / spec.folder,
+            config,
+            spec.title,
+            identity,
+            save_maps,
+            [note] if note else (),
+            progress,
+            world,
+            paper,
+            record,
+        )
         entries.append(BenchmarkEntry(spec.title, result))
         notes += [f"{spec.title}: {note}"] if note and overlap.known else []
     if any(not overlap.known for overlap in overlaps.values()):

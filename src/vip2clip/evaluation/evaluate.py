@@ -100,8 +100,9 @@ def _predicted_batches(
     if config.tiling is not None or config.mutual is not None:
         yield from tiled_batches(model, dataset, config.tiling, config.batch_size, progress, rows, config.mutual)
         return
-    loader = DataLoader(Subset(dataset, rows), batch_size=config.batch_size, num_workers=config.num_workers,
-                        collate_fn=collate_items)  # fmt: skip
+    loader = DataLoader(
+        Subset(dataset, rows), batch_size=config.batch_size, num_workers=config.num_workers, collate_fn=collate_items
+    )
     for batch in progress(loader, total=len(loader), desc=dataset.samples[0].cls_name if len(dataset) else ""):
         if batch is None:  # every image of the batch was unreadable (skip_bad)
             continue
@@ -183,14 +184,19 @@ def class_metrics(name: str, outputs: ClassBatch) -> ClassResult:
     pixel = outputs.pixel_rows
     without_mask = int((~pixel).sum()) if pixel.any() else 0  # in a class with masks: mask-less anomalous images
     if without_mask:
-        logger.warning("%s: %d anomalous image(s) have no mask; they are left out of the pixel metrics",
-                       name, without_mask)  # fmt: skip
+        logger.warning(
+            "%s: %d anomalous image(s) have no mask; they are left out of the pixel metrics", name, without_mask
+        )
     only = "anomalous" if n_normal == 0 else "normal"
     if not both_labels and not pixel.any():
         logger.warning("%s: only %s images and no masks: every metric is undefined", name, only)
     elif not both_labels:
-        logger.warning("class %s: image_auroc, image_ap and image_f1 are undefined (only %s images, one label): '-' "
-                       "in the tables, left out of the means", name, only)  # fmt: skip
+        logger.warning(
+            "class %s: image_auroc, image_ap and image_f1 are undefined (only %s images, one label): '-' "
+            "in the tables, left out of the means",
+            name,
+            only,
+        )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UndefinedMetricWarning)
         metrics = compute_all(labels, scores) if both_labels else compute_all(None, None)
@@ -265,8 +271,15 @@ class _Tally:
         if 0 < labels.sum() < labels.size:
             image_threshold = best_f1_threshold(labels, np.concatenate(self.scores))[1]
         references = {name: [str(path) for path in paths] for name, paths in shots.items()}
-        return EvaluationResult(self.results, mean_metrics(self.results), image_threshold, self.histogram.best()[1],
-                                self.skipped, references, self.image_scores)  # fmt: skip
+        return EvaluationResult(
+            self.results,
+            mean_metrics(self.results),
+            image_threshold,
+            self.histogram.best()[1],
+            self.skipped,
+            references,
+            self.image_scores,
+        )
 
 
 def _classes_to_evaluate(index: DatasetIndex, config: EvalConfig) -> list[str]:

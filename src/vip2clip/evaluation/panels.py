@@ -124,7 +124,7 @@ class PanelSpool:
                 maps=_spool(outputs.anomaly_map, rows, self.out_dir),
                 masks=_spool(outputs.gt_mask, rows, self.out_dir),
             )
-        )  # fmt: skip
+        )
 
     def write(self, image_threshold: float, pixel_threshold: float, model_size: int) -> int:
         """Draw every spooled image at these thresholds (NaN: undefined); returns the number of PNGs written.

@@ -254,11 +254,13 @@ def _per_class(tables: Sequence[Mapping[str, Any]]) -> tuple[dict[str, dict[str,
 def _study(name: str, data: Mapping[str, Any], blocks: Mapping[str, Sequence[str]]) -> PaperStudy:
     variants = {
         item["key"]: StudyVariant(
-            item["key"], item["printed_name"], item["preset"],
+            item["key"],
+            item["printed_name"],
+            item["preset"],
             {_registry_name(dataset): _block_values(entry, blocks) for dataset, entry in item["values"].items()},
         )
         for item in data["variants"]
-    }  # fmt: skip
+    }
     averages = {block: _fractions(blocks[block], printed) for block, printed in data.get("average", {}).items()}
     training = {target: tuple(sources) for target, sources in data.get("training", {}).items()}
     return PaperStudy(name, data["table"], data["title"], data.get("notes", ""), variants, averages, training)

@@ -122,9 +122,15 @@ def benchmark_table_markdown(
         shown = _block_entries(entries, keys)
         for position, entry in enumerate(shown):
             theirs = paper_values(paper, entry.name, keys) if paper else None
-            rows.append([task if position == 0 else "", entry.name, str(len(entry.result.classes)),
-                         triple(entry.result.mean, keys),
-                         *comparison_cells(paper, entry.result.mean, theirs, keys)])  # fmt: skip
+            rows.append(
+                [
+                    task if position == 0 else "",
+                    entry.name,
+                    str(len(entry.result.classes)),
+                    triple(entry.result.mean, keys),
+                    *comparison_cells(paper, entry.result.mean, theirs, keys),
+                ]
+            )
         if shown:
             average = block_average(shown, keys)
             theirs = paper.block_average([e.name for e in shown], keys) if paper else None
@@ -185,8 +191,13 @@ def _class_paper_json(result: EvaluationResult, paper: PaperNumbers, comparison:
         classes.append({"name": c.name, **source, "values": values, "difference": gaps})
     mean = comparison.mean or {}
     gaps = {k: v for k, v in difference(result.mean, mean, METRIC_KEYS).items() if k in mean}
-    return {**paper.describe(), "dataset": comparison.dataset, "tables": comparison.tables, "classes": classes,
-            "mean": {"source": comparison.mean_source, "values": mean, "difference": gaps}}  # fmt: skip
+    return {
+        **paper.describe(),
+        "dataset": comparison.dataset,
+        "tables": comparison.tables,
+        "classes": classes,
+        "mean": {"source": comparison.mean_source, "values": mean, "difference": gaps},
+    }
 
 
 def csv_number(value: float) -> str:
@@ -212,20 +223,36 @@ def class_table_csv(result: EvaluationResult, comparison: ClassComparison | None
         if comparison is None:
             return []
         theirs, gaps = theirs or {}, difference(ours, theirs, METRIC_KEYS)
-        return [*(csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
-                *(csv_number(gaps[k]) for k in METRIC_KEYS)]  # fmt: skip
+        return [
+            *(csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
+            *(csv_number(gaps[k]) for k in METRIC_KEYS),
+        ]
 
     rows = [
-        [c.name, c.n_normal, c.n_anomalous, *(csv_number(c.metrics[k]) for k in METRIC_KEYS),
-         csv_number(c.image_threshold), csv_number(c.pixel_threshold),
-         *cells(c.metrics, comparison and _class_values(comparison, c.name))]
+        [
+            c.name,
+            c.n_normal,
+            c.n_anomalous,
+            *(csv_number(c.metrics[k]) for k in METRIC_KEYS),
+            csv_number(c.image_threshold),
+            csv_number(c.pixel_threshold),
+            *cells(c.metrics, comparison and _class_values(comparison, c.name)),
+        ]
         for c in result.classes
-    ]  # fmt: skip
+    ]
     n_normal = sum(c.n_normal for c in result.classes)
     n_anomalous = sum(c.n_anomalous for c in result.classes)
-    rows.append(["mean", n_normal, n_anomalous, *(csv_number(result.mean[k]) for k in METRIC_KEYS),
-                 csv_number(result.image_threshold), csv_number(result.pixel_threshold),
-                 *cells(result.mean, comparison and comparison.mean)])  # fmt: skip
+    rows.append(
+        [
+            "mean",
+            n_normal,
+            n_anomalous,
+            *(csv_number(result.mean[k]) for k in METRIC_KEYS),
+            csv_number(result.image_threshold),
+            csv_number(result.pixel_threshold),
+            *cells(result.mean, comparison and comparison.mean),
+        ]
+    )
     return csv_text(header, rows)
 
 
@@ -248,16 +275,27 @@ def benchmark_csv(entries: Sequence[BenchmarkEntry], paper: PaperNumbers | None 
             return []
         theirs = theirs or {}
         gaps = difference(ours, theirs, METRIC_KEYS)
-        return [table, *(csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
-                *(csv_number(gaps[k]) for k in METRIC_KEYS)]  # fmt: skip
+        return [
+            table,
+            *(csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
+            *(csv_number(gaps[k]) for k in METRIC_KEYS),
+        ]
 
     rows = []
     for e in entries:
         row = paper.row_for(e.name) if paper else None
-        rows.append([e.name, len(e.result.classes), *(csv_number(e.result.mean[k]) for k in METRIC_KEYS),
-                     *cells(e.result.mean, row.table if row else "", row.values if row else None)])  # fmt: skip
-    average = {**block_average(_block_entries(entries, IMAGE_KEYS), IMAGE_KEYS),
-               **block_average(_block_entries(entries, PIXEL_KEYS), PIXEL_KEYS)}  # fmt: skip
+        rows.append(
+            [
+                e.name,
+                len(e.result.classes),
+                *(csv_number(e.result.mean[k]) for k in METRIC_KEYS),
+                *cells(e.result.mean, row.table if row else "", row.values if row else None),
+            ]
+        )
+    average = {
+        **block_average(_block_entries(entries, IMAGE_KEYS), IMAGE_KEYS),
+        **block_average(_block_entries(entries, PIXEL_KEYS), PIXEL_KEYS),
+    }
     theirs = _paper_average(paper, entries) if paper else None
     rows.append(["AVERAGE", "", *(csv_number(average[k]) for k in METRIC_KEYS), *cells(average, "", theirs)])
     return csv_text(header, rows)
@@ -303,8 +341,10 @@ def _paper_json(paper: PaperNumbers, entries: Sequence[BenchmarkEntry]) -> dict[
     for task, keys in BLOCKS:
         shown = _block_entries(entries, keys)
         theirs = paper.block_average([e.name for e in shown], keys)
-        average[task] = theirs and {"values": theirs, "difference": difference(block_average(shown, keys), theirs,
-                                                                               keys)}  # fmt: skip
+        average[task] = theirs and {
+            "values": theirs,
+            "difference": difference(block_average(shown, keys), theirs, keys),
+        }
     return {**paper.describe(), "metrics_scale": "fraction", "datasets": datasets, "average": average}
 
 

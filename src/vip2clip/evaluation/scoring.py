@@ -78,8 +78,9 @@ def evaluated_identity(
     references = None
     if shots:
         references = {"rule": FusionRule().to_dict(), "shots": shots, "seed": seed, "source": "normal train images"}
-    return PredictorIdentity(identity, None if tiling is None else tiling.to_dict(), references,
-                             None if mutual is None else mutual.to_dict())  # fmt: skip
+    return PredictorIdentity(
+        identity, None if tiling is None else tiling.to_dict(), references, None if mutual is None else mutual.to_dict()
+    )
 
 
 def class_engine(

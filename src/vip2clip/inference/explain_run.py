@@ -76,8 +76,9 @@ def write_explanations(
         images = torch.stack([preprocess(rgb, model.config.image_size) for _, rgb, _ in loaded])
         explanation = model.explain(images)
         for i, (item, rgb, mask) in enumerate(loaded):
-            text = PanelText(float(explanation.pred_score[i]), decision.image_threshold, decision.source,
-                             caption=item.caption)  # fmt: skip
+            text = PanelText(
+                float(explanation.pred_score[i]), decision.image_threshold, decision.source, caption=item.caption
+            )
             atomic_save_image(make_explanation_panel(rgb, explanation, i, mask, text), out_dir / item.name)
             written += 1
     return written

@@ -38,9 +38,18 @@ from vip2clip.outputs import ImageBatch
 from vip2clip.utils.progress import Progress, silent
 
 __all__ = [  # the rule lives apart (`mutual_rule`): the command line reads it without torch
-    "GROUPS", "MIN_IMAGES", "MutualRule", "alike_share", "choose_others", "fuse", "mutual_distances", "mutual_maps",
-    "predict_mutual", "smallest_share_mean", "tokens_digest",
-]  # fmt: skip
+    "GROUPS",
+    "MIN_IMAGES",
+    "MutualRule",
+    "alike_share",
+    "choose_others",
+    "fuse",
+    "mutual_distances",
+    "mutual_maps",
+    "predict_mutual",
+    "smallest_share_mean",
+    "tokens_digest",
+]
 
 
 def tokens_digest(tokens: torch.Tensor) -> str:

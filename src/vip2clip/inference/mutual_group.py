@@ -66,8 +66,12 @@ class GroupReport:
     rule: MutualRule
 
     def to_dict(self) -> dict[str, Any]:
-        return {"group": self.name, "images": self.n_images, "others_per_image": self.others_per_image,
-                "alike_share": self.alike_share}  # fmt: skip
+        return {
+            "group": self.name,
+            "images": self.n_images,
+            "others_per_image": self.others_per_image,
+            "alike_share": self.alike_share,
+        }
 
 
 class _Recorder:
@@ -127,10 +131,12 @@ class MutualGroup(Generic[T]):
         weight = self.report.rule.weight
         scores, maps = self.mutual(index)
         return [
-            (float(fuse(score, float(scores[k]), weight)),
-             fuse(zero_map.astype(np.float32), maps[k].float().cpu().numpy(), weight))
+            (
+                float(fuse(score, float(scores[k]), weight)),
+                fuse(zero_map.astype(np.float32), maps[k].float().cpu().numpy(), weight),
+            )
             for k, (score, zero_map) in enumerate(self.zero_shot[index])
-        ]  # fmt: skip
+        ]
 
     def scored(self) -> Iterator[ImageItem]:
         """One scored ImageItem per input, in order, with the fused score and map (stitched when tiled)."""
@@ -191,8 +197,10 @@ def score_group(
     bounds = np.cumsum([0, *counts])
     units = [list(range(bounds[i], bounds[i + 1])) for i in range(len(sources))]
     # [L, T_i * HW, D] per image: an untiled image's tokens as recorded (no copy), a tiled one's tiles side by side
-    tokens = [torch.cat([recorder.tokens[u] for u in units[i]], dim=1) if len(units[i]) > 1 else
-              recorder.tokens[units[i][0]] for i in readable]  # fmt: skip
+    tokens = [
+        torch.cat([recorder.tokens[u] for u in units[i]], dim=1) if len(units[i]) > 1 else recorder.tokens[units[i][0]]
+        for i in readable
+    ]
     recorder.tokens.clear()
     others = choose_others([tokens_digest(t) for t in tokens], rule.max_others, rule.seed)
     found = mutual_distances(tokens, others, rule.share, progress=progress)
@@ -200,8 +208,16 @@ def score_group(
     for i, distance in zip(readable, found, strict=True):
         distances[i] = distance
     zero_shot = [[(recorder.scores[u], recorder.maps[u]) for u in mine] for mine in units]
-    group = MutualGroup(GroupReport(name, len(readable), len(others[0]), 0.0, rule), sources, errors, zero_shot,
-                        distances, predictor, load, recorder.grid)  # fmt: skip
+    group = MutualGroup(
+        GroupReport(name, len(readable), len(others[0]), 0.0, rule),
+        sources,
+        errors,
+        zero_shot,
+        distances,
+        predictor,
+        load,
+        recorder.grid,
+    )
     group.mutual_scores = [float(group.mutual(i)[0].max()) for i in readable]
     group.self_references = self_references
     group.report = replace(group.report, alike_share=alike_share(group.mutual_scores))

@@ -64,8 +64,13 @@ class OnnxLoadError(ValueError):
 # How ONNX Runtime and OpenVINO name an external-data file in their load errors, and say a model is no protobuf.
 _EXTERNAL_DATA = re.compile(r'External data path does not exist: "?([^"\n]+)|externally stored data in file \(([^,]+),')
 _EXTERNAL_DATA_SHORT = ("out of bounds or can not be read in full", "External initializer")
-_NOT_A_MODEL = ("Protobuf parsing failed", "No graph was found", "INVALID_PROTOBUF", "can't be parsed",
-                "Unable to read the model")  # fmt: skip
+_NOT_A_MODEL = (
+    "Protobuf parsing failed",
+    "No graph was found",
+    "INVALID_PROTOBUF",
+    "can't be parsed",
+    "Unable to read the model",
+)
 _CONTEXT_LINES = ("Exception from", "Check '", "[ONNXRuntimeError]", "FrontEnd API failed", "Loading input model")
 
 
@@ -277,8 +282,9 @@ def _openvino(path: Path, providers: Sequence[str] | None, bf16: bool) -> Opened
     try:
         compiled = core.compile_model(model, device, hint)
     except Exception as error:  # e.g. a device this machine does not have
-        raise OnnxLoadError(f"{load_problem(path, error)} (OpenVINO device {device}; it offers "
-                            f"{', '.join(core.available_devices)})") from None  # fmt: skip
+        raise OnnxLoadError(
+            f"{load_problem(path, error)} (OpenVINO device {device}; it offers {', '.join(core.available_devices)})"
+        ) from None
     request = compiled.create_infer_request()
     outputs = [compiled.output(name) for name in OUTPUT_NAMES]
 

@@ -200,8 +200,9 @@ def _calibration(quantize: str | None, images: str | Path | Sequence[str | Path]
     if features.known and not features.int8:
         logger.warning(
             "exporting INT8 on a CPU without VNNI (%s): the export works, but INT8 models run slowly on such "
-            "CPUs; deploy it on one with VNNI or AMX", features.model
-        )  # fmt: skip
+            "CPUs; deploy it on one with VNNI or AMX",
+            features.model,
+        )
     from vip2clip.inference.onnx_quantize import load_calibration_images
 
     paths = [images] if isinstance(images, (str, Path)) else list(images)
@@ -229,8 +230,9 @@ def staging_folder(path: Path) -> Path:
     """A new temporary folder beside `path` for the export to be written in; OSError naming `path` (not the
     temporary name) when `path` is a folder or its folder cannot be written."""
     if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a folder; --out is the .onnx file to write (e.g. FOLDER/model.onnx)",
-                                str(path))  # fmt: skip
+        raise IsADirectoryError(
+            errno.EISDIR, "is a folder; --out is the .onnx file to write (e.g. FOLDER/model.onnx)", str(path)
+        )
     existing = next(folder for folder in (path.parent, *path.parent.parents) if folder.exists())
     if not existing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"cannot write the ONNX export there ({existing} is a file)", str(path))

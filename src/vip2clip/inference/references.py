@@ -102,8 +102,10 @@ class ReferenceMemory:
         digest = pixel_digest(image)
         copies = self.count(digest)
         if copies and copies == len(self.pixels):
-            raise BadImageError(name or "image", "it is the only reference image (or every reference is a copy of "
-                                "it): nothing else to compare it with")  # fmt: skip
+            raise BadImageError(
+                name or "image",
+                "it is the only reference image (or every reference is a copy of it): nothing else to compare it with",
+            )
         return digest if copies else None
 
     def keep_rows(self, digest: str) -> torch.Tensor:

@@ -37,8 +37,10 @@ def resolve_thresholds(
     and when it has no threshold of a kind (null: undefined for its data) that is not given explicitly: a
     calibrated file with a gap should not silently fall back to the uncalibrated 0.5.
     """
-    for value, name in ((image_threshold, "image threshold (--threshold)"),
-                        (pixel_threshold, "pixel threshold (--pixel-threshold)")):  # fmt: skip
+    for value, name in (
+        (image_threshold, "image threshold (--threshold)"),
+        (pixel_threshold, "pixel threshold (--pixel-threshold)"),
+    ):
         if value is not None:
             calib.check_threshold(value, name)
     sources = []

@@ -174,8 +174,9 @@ class ViP2CLIP(AnomalibModule):
         # anomalib's Engine.fit runs a verbose validation for zero-/few-shot models (test and predict validate
         # quietly first): say that nothing is trained, and how to train.
         if self.trainer.validate_loop.verbose:
-            logger.warning("anomalib's fit / validate only compute ViP2CLIP's thresholds; nothing is trained. %s",
-                           TRAINING_REFUSED)  # fmt: skip
+            logger.warning(
+                "anomalib's fit / validate only compute ViP2CLIP's thresholds; nothing is trained. %s", TRAINING_REFUSED
+            )
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> Batch:
         """Scores the validation split, from which anomalib's PostProcessor computes its thresholds."""
@@ -246,8 +247,13 @@ class ViP2CLIP(AnomalibModule):
                     logger.warning(
                         "the data module's %s resize images to %s; ViP2CLIP (trained at %d px) resizes them again "
                         "to %d x %d, as `vip2clip test` does: its scores are those at %d px",
-                        name, list(transform.size), size, size, size, size,
-                    )  # fmt: skip
+                        name,
+                        list(transform.size),
+                        size,
+                        size,
+                        size,
+                        size,
+                    )
 
     def to_onnx(self, *args: Any, **kwargs: Any) -> Path:
         if self.model.references is not None:

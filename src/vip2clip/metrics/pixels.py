@@ -234,8 +234,12 @@ class PixelStatsAccumulator:
     def result(self) -> PixelStats:
         if self._dtype is None:
             raise ValueError("nothing to merge")
-        return PixelStats(tuple(self._runs), np.concatenate(self._defect_values),
-                          np.concatenate(self._defect_regions), self._n_regions)  # fmt: skip
+        return PixelStats(
+            tuple(self._runs),
+            np.concatenate(self._defect_values),
+            np.concatenate(self._defect_regions),
+            self._n_regions,
+        )
 
 
 @dataclass(frozen=True)

@@ -180,8 +180,15 @@ class ViP2CLIP(nn.Module):
         with self._evaluating():
             features, output, prediction = self._infer(images)
             attention = fgp_attention(self.fgp, output.text, features)
-            return make_explanation(prediction.pred_score, prediction.anomaly_map, output.probabilities, attention,
-                                    self.feature_layers, output.grid, self.config.sigma)  # fmt: skip
+            return make_explanation(
+                prediction.pred_score,
+                prediction.anomaly_map,
+                output.probabilities,
+                attention,
+                self.feature_layers,
+                output.grid,
+                self.config.sigma,
+            )
 
     def _infer(self, images: torch.Tensor | np.ndarray) -> tuple[ImageFeatures, ForwardOutput, ImageBatch]:
         images = torch.as_tensor(images)

@@ -332,8 +332,14 @@ def train(
         history.append(record)
         if world.is_main:
             _save_epoch(model, optimizer, out_dir, meta, history)
-        logger.info("epoch %d/%d: loss %.4f (%d steps, %.1f s)", epoch, config.epochs, record["total"],
-                    record["steps"], record["seconds"])  # fmt: skip
+        logger.info(
+            "epoch %d/%d: loss %.4f (%d steps, %.1f s)",
+            epoch,
+            config.epochs,
+            record["total"],
+            record["steps"],
+            record["seconds"],
+        )
     model.eval()
     return _finish_training(model, out_dir, meta, history, dataset, cache, world)
 
@@ -357,8 +363,15 @@ def _save_epoch(
     """OUT/last.pt (weights, Adam state, RNG: what resuming needs) and the epoch's log line."""
     resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
     epoch = history[-1]["epoch"]
-    save_checkpoint(out_dir / LAST_CHECKPOINT, model.config, model.trainable_state_dict(), **meta, epoch=epoch,
-                    history=history, **resume_state)  # fmt: skip
+    save_checkpoint(
+        out_dir / LAST_CHECKPOINT,
+        model.config,
+        model.trainable_state_dict(),
+        **meta,
+        epoch=epoch,
+        history=history,
+        **resume_state,
+    )
     with open(out_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
         log.write(json_line(history[-1]) + "\n")
 

@@ -16,8 +16,9 @@ class DownloadError(OSError):
     """The URL could not be fetched (offline, refused, not found, cut off)."""
 
 
-def fetch_url(url: str, destination: str | Path, check: Callable[[Path], None] | None = None,
-              timeout: float = 60.0) -> Path:  # fmt: skip
+def fetch_url(
+    url: str, destination: str | Path, check: Callable[[Path], None] | None = None, timeout: float = 60.0
+) -> Path:
     """Download `url` to `destination` atomically, running `check` on the complete file first.
 
     Raises DownloadError naming the URL and the reason (no network, HTTP status, connection cut off), and whatever

@@ -53,8 +53,13 @@ def _grid(
     row_h = line_h + gap // 2 + tile[1] + gap
     lefts = [margin + c * (tile[0] + gap) for c in range(columns)]
     titles = [[(x, margin + r * row_h, x + tile[0], margin + r * row_h + line_h) for x in lefts] for r in range(rows)]
-    tiles = [[(x, t[1] + line_h + gap // 2, x + tile[0], t[1] + line_h + gap // 2 + tile[1]) for x, t in
-              zip(lefts, row, strict=True)] for row in titles]  # fmt: skip
+    tiles = [
+        [
+            (x, t[1] + line_h + gap // 2, x + tile[0], t[1] + line_h + gap // 2 + tile[1])
+            for x, t in zip(lefts, row, strict=True)
+        ]
+        for row in titles
+    ]
     bar_left = lefts[-1] + tile[0] + 2 * gap
     bar = (bar_left, tiles[0][0][1], bar_left + max(12, font), tiles[0][0][3])
     labels_left = bar_labels_left(bar[2], font)
@@ -69,9 +74,14 @@ def _grid(
 
 def _lines(text: PanelText, attention: bool, style: PanelStyle) -> list[tuple[str, Colour]]:
     lines = [(text.caption, (0, 0, 0))] if text.caption else []
-    lines += [decision_line(text), (f"row 1 (paper Fig. 7): anomaly map of each tapped layer and their mean (the fused "
-              f"map), smoothed alike; colours: anomalous probability, fixed {style.low:.2f}-{style.high:.2f}",
-              NEUTRAL_COLOUR)]  # fmt: skip
+    lines += [
+        decision_line(text),
+        (
+            f"row 1 (paper Fig. 7): anomaly map of each tapped layer and their mean (the fused "
+            f"map), smoothed alike; colours: anomalous probability, fixed {style.low:.2f}-{style.high:.2f}",
+            NEUTRAL_COLOUR,
+        ),
+    ]
     if attention:
         lines.append(
             (
@@ -103,16 +113,22 @@ def make_explanation_panel(
     layers, attention = explanation.layers, explanation.attention
     text = text or PanelText(float(explanation.pred_score[index]))
     row = [(rgb, "input")]
-    row += [(_overlay(rgb, m, style.low, style.high, style), f"layer {n}")
-            for m, n in zip(explanation.smoothed_layer_maps[index], layers, strict=True)]  # fmt: skip
+    row += [
+        (_overlay(rgb, m, style.low, style.high, style), f"layer {n}")
+        for m, n in zip(explanation.smoothed_layer_maps[index], layers, strict=True)
+    ]
     row.append((_overlay(rgb, explanation.anomaly_map[index], style.low, style.high, style), "fused map"))
     if mask is not None:
         row.append((mask_tile(mask, tile), GROUND_TRUTH))
     rows = [row]
     for state, prompt in enumerate(PROMPTS if attention is not None else ()):
         maps = attention[index, :, state]
-        rows.append([(_overlay(rgb, m / max(float(m.max()), 1e-12), 0.0, 1.0, style), f"{prompt} prompt, layer {n}")
-                     for m, n in zip(maps, layers, strict=True)])  # fmt: skip
+        rows.append(
+            [
+                (_overlay(rgb, m / max(float(m.max()), 1e-12), 0.0, 1.0, style), f"{prompt} prompt, layer {n}")
+                for m, n in zip(maps, layers, strict=True)
+            ]
+        )
     lines = _lines(text, attention is not None, style)
     tiles, titles, bar, labels_left, line_boxes, size, font = _grid(tile, len(row), len(rows), len(lines), style)
     panel = Image.new("RGB", size, _BACKGROUND)

@@ -120,8 +120,10 @@ def layout_panel(image_size: tuple[int, int], n_lines: int, style: PanelStyle = 
     labels_left = bar_labels_left(bar[2], font)
     width = labels_left + bar_label_width(font, style) + margin
     lines_top = top + tile_h + gap
-    lines = tuple((margin, lines_top + i * (line_h + 2), width - margin, lines_top + i * (line_h + 2) + line_h)
-                  for i in range(n_lines))  # fmt: skip
+    lines = tuple(
+        (margin, lines_top + i * (line_h + 2), width - margin, lines_top + i * (line_h + 2) + line_h)
+        for i in range(n_lines)
+    )
     height = (lines[-1][3] if lines else top + tile_h) + margin
     return PanelLayout((width, height), font, titles, tiles, bar, labels_left, lines)
 
@@ -196,10 +198,11 @@ def make_panel(
     rgb = rgb.resize(tile, Image.BICUBIC) if rgb.size != tile else rgb
     tiles = [
         rgb,
-        heatmap_overlay(rgb, resize_map(np.asarray(anomaly_map, dtype=np.float32), tile), style.low, style.high,
-                        style.alpha),
+        heatmap_overlay(
+            rgb, resize_map(np.asarray(anomaly_map, dtype=np.float32), tile), style.low, style.high, style.alpha
+        ),
         mask_tile(mask, tile),
-    ]  # fmt: skip
+    ]
     titles = ["input", "anomaly map", mask_title if mask is not None else NO_MASK]
     panel = Image.new("RGB", layout.size, _BACKGROUND)
     for picture, box, title, title_box in zip(tiles, layout.tiles, titles, layout.titles, strict=True):
