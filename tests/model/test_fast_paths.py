@@ -87,7 +87,7 @@ def test_smoothed_map_equals_resize_then_scipy_gaussian(grid, size, sigma):
     generator = torch.Generator().manual_seed(0)
     probabilities = [torch.rand(2, grid[0] * grid[1], 2, generator=generator).softmax(-1) for _ in range(3)]
     actual = utpa.smoothed_anomaly_map(probabilities, grid, size, sigma)
-    mean = torch.stack([p[..., utpa.ANOMALOUS] for p in probabilities]).mean(0).double().numpy()
+    mean = torch.stack([p[..., utpa.ANOMALOUS_STATE] for p in probabilities]).mean(0).double().numpy()
     for index in range(2):
         upsampled = numpy_bilinear(mean[index].reshape(grid), size)
         expected = gaussian_filter(upsampled, sigma=sigma, mode="reflect", truncate=4.0)

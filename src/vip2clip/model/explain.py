@@ -57,7 +57,8 @@ def layer_maps(
 ) -> torch.Tensor:
     """Per layer [B, HW, 2] probabilities -> [B, L, H, W] anomalous maps, upsampled and smoothed with `sigma`
     (0: upsampled only)."""
-    return torch.stack([utpa.smooth_map(p.float()[..., utpa.ANOMALOUS], grid, size, sigma) for p in probabilities], 1)
+    anomalous = [p.float()[..., utpa.ANOMALOUS_STATE] for p in probabilities]
+    return torch.stack([utpa.smooth_map(p, grid, size, sigma) for p in anomalous], 1)
 
 
 def fgp_attention(
@@ -82,7 +83,7 @@ def make_explanation(
     """The Explanation of one forward pass (see the module docstring); size = anomaly_map's [H, W]."""
     size = tuple(anomaly_map.shape[-2:])
     fused = utpa.smooth_map(
-        torch.stack([p.float()[..., utpa.ANOMALOUS] for p in probabilities]).mean(0), grid, size, 0.0
+        torch.stack([p.float()[..., utpa.ANOMALOUS_STATE] for p in probabilities]).mean(0), grid, size, 0.0
     )
     return Explanation(
         pred_score=_array(pred_score),

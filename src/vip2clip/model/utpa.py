@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-ANOMALOUS = 1
+NORMAL_STATE, ANOMALOUS_STATE = 0, 1  # the state axis of logits and probabilities: (normal, anomalous)
 
 
 def patch_similarity(patches: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -34,7 +34,7 @@ def topk_image_logits(
     pooled = []
     for similarity, probability in zip(similarities, probabilities, strict=True):
         k = min(top_k, similarity.shape[1])
-        index = probability[..., ANOMALOUS].topk(k, dim=1).indices  # [B, K]
+        index = probability[..., ANOMALOUS_STATE].topk(k, dim=1).indices  # [B, K]
         pooled.append(similarity.gather(1, index.unsqueeze(-1).expand(-1, -1, similarity.shape[-1])))
     return torch.cat(pooled, dim=1).mean(dim=1) / temperature
 
@@ -65,7 +65,7 @@ def smoothed_anomaly_map(
     layer-mean probability and A = blur @ upsample a [H, h] matrix per axis (cached). At 518 px from a 37x37
     grid that is ~20 MFLOP per image instead of a 65-tap convolution over 518x518 pixels, on the maps' device.
     """
-    mean = torch.stack([p[..., ANOMALOUS] for p in probabilities]).mean(dim=0)  # [B, HW]
+    mean = torch.stack([p[..., ANOMALOUS_STATE] for p in probabilities]).mean(dim=0)  # [B, HW]
     return smooth_map(mean, grid, size, sigma)
 
 

@@ -157,7 +157,7 @@ class ViP2CLIP(nn.Module):
 
     def prediction_from_output(self, output: ForwardOutput, size: tuple[int, int]) -> ImageBatch:
         """Image score and smoothed anomaly map [B, *size] from the outputs."""
-        score = output.image_logits.float().softmax(dim=-1)[:, utpa.ANOMALOUS]
+        score = output.image_logits.float().softmax(dim=-1)[:, utpa.ANOMALOUS_STATE]
         probabilities = [p.float() for p in output.probabilities]
         return ImageBatch(score, utpa.smoothed_anomaly_map(probabilities, output.grid, size, self.config.sigma))
 

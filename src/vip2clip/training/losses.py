@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-NORMAL, ANOMALOUS = 0, 1
+from vip2clip.model.utpa import ANOMALOUS_STATE, NORMAL_STATE
+
 FOCAL_SMOOTH = 1e-5
 DICE_SMOOTH = 1.0
 
@@ -68,7 +69,8 @@ def training_loss(
     """The release's loss: per layer map [B, 2, H, W] (normal, anomalous) vs masks [B, H, W], plus image CE."""
     focal = sum(focal_loss(maps, masks) for maps in probability_maps)
     dice = sum(
-        dice_loss(maps[:, ANOMALOUS], masks) + dice_loss(maps[:, NORMAL], 1.0 - masks) for maps in probability_maps
+        dice_loss(maps[:, ANOMALOUS_STATE], masks) + dice_loss(maps[:, NORMAL_STATE], 1.0 - masks)
+        for maps in probability_maps
     )
     image = image_loss(image_logits, labels)
     return LossParts(total=focal + dice + image, focal=focal, dice=dice, image=image)
