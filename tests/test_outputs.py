@@ -43,6 +43,8 @@ def test_an_item_checks_its_map_mask_and_label() -> None:
     item = ImageItem(0.7, np.full((3, 5), 0.4, np.float32), "anomalous", np.eye(3, 5, dtype=bool), 0.5, 0.3)
     assert item.is_anomalous and item.is_judged and item.size == (5, 3)
     assert item.max_pixel_score == pytest.approx(0.4) and item.defect_area == pytest.approx(3 / 15)
+    assert item == item and item != ImageItem(0.7, item.anomaly_map)  # by identity: arrays have no truth value
+    assert repr(item).startswith("ImageItem(pred_score=0.7, pred_label='anomalous', image_threshold=0.5")
     unread = ImageItem(source="a.png", error="not an image")
     assert not unread.is_judged and math.isnan(unread.pred_score) and math.isnan(unread.defect_area)
     with pytest.raises(ValueError, match=r"anomaly_map must be \[H, W\]"):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -40,7 +40,7 @@ def _check_mask(name: str, mask: Any, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{name} must be boolean, got {mask.dtype}")
 
 
-@dataclass
+@dataclass(eq=False)  # arrays have no single truth value: items compare by identity
 class ImageItem:
     """One image's outcome: first as scored (`Predictor.score`), then as decided (`Predictor.predict`).
 
@@ -72,14 +72,14 @@ class ImageItem:
     """
 
     pred_score: float = math.nan
-    anomaly_map: np.ndarray | None = None
+    anomaly_map: np.ndarray | None = field(default=None, repr=False)  # a printed item shows its numbers, not pixels
     pred_label: str | None = None
-    pred_mask: np.ndarray | None = None
+    pred_mask: np.ndarray | None = field(default=None, repr=False)
     image_threshold: float | None = None
     pixel_threshold: float | None = None
     error: str | None = None
     source: Any = None
-    image: Image.Image | None = None
+    image: Image.Image | None = field(default=None, repr=False)
     self_reference: bool = False
 
     def __post_init__(self) -> None:
@@ -118,7 +118,7 @@ class ImageItem:
         return width, height
 
 
-@dataclass
+@dataclass(eq=False)
 class ImageBatch:
     """A batch's outcome: what every inference engine returns (torch tensors from the torch model, and from the
     ONNX engine when given a tensor; numpy arrays from the ONNX engine given numpy arrays and in evaluation).
@@ -151,7 +151,7 @@ class ImageBatch:
     pred_mask: torch.Tensor | np.ndarray | None = None
     gt_label: np.ndarray | None = None
     gt_mask: np.ndarray | None = None
-    features: Any = None
+    features: Any = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if len(_shape(self.pred_score)) != 1:

@@ -4,12 +4,22 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
 from vip2clip.cli import main
-from vip2clip.utils.distributed import LOCAL, init_from_env, share_range, threads_per_rank, torchrun_env
+from vip2clip.utils.distributed import (
+    LOCAL,
+    init_from_env,
+    share_range,
+    threads_per_rank,
+    torchrun_env,
+    wait_for_exit,
+)
 
 
 @pytest.mark.parametrize(("n", "size", "unit"), list(itertools.product([0, 1, 5, 7, 16, 23], [1, 2, 3, 8], [1, 3, 8])))
@@ -71,3 +81,30 @@ def test_one_process_commands_refuse_torchrun(monkeypatch: pytest.MonkeyPatch, t
     assert main(["synth", "--out", str(tmp_path / "s"), "--classes", "1"]) == 2
     assert "runs in one process; start it without torchrun" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_rank_0_can_wait_for_the_other_ranks_to_exit() -> None:
+    """What lets rank 0 exit 1 (predict's result) only after the other ranks are gone, so that torchrun does not
+    SIGTERM one still shutting down: an exited child not yet reaped (a zombie) counts as exited, a running one is
+    waited for until it exits or the timeout passes."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    while finished.poll() is None:
+        time.sleep(0.01)
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    time.sleep(0.5)  # exited, never waited for: a zombie
+    start = time.monotonic()
+    wait_for_exit([zombie.pid, finished.pid], timeout=10)
+    assert time.monotonic() - start < 1
+    zombie.wait()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.6)"])
+    start = time.monotonic()
+    wait_for_exit([sleeper.pid], timeout=10)
+    assert 0.3 < time.monotonic() - start < 5
+    sleeper.wait()
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    start = time.monotonic()
+    wait_for_exit([stuck.pid], timeout=0.3)
+    assert 0.3 <= time.monotonic() - start < 3
+    stuck.kill()
+    stuck.wait()

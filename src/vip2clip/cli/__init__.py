@@ -91,14 +91,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from vip2clip.utils.distributed import LOCAL, RankFailedError, close, record_error
 
-    args.world, failed, where = LOCAL, True, ""
+    args.world, failed, where, code = LOCAL, True, "", 0
     try:
         args.world = _join_world(args)
         if args.world.distributed:
             where = f" (rank {args.world.rank} of {args.world.size})"
-        code = int(args.func(args) or 0)
-        failed = False  # the command finished: a non-zero code is a result (predict's 1), not a crashed rank
-        return _rank_exit_code(args, code)
+        failed, code = False, _rank_exit_code(args, int(args.func(args) or 0))  # a non-zero code is a result here
+        return code
     except (CLIError, OSError, ValueError) as error:  # user-facing: bad paths, full disks, bad files or options
         message = f"vip2clip {args.command}{where}: error: {_message(error)}"
         print(message, file=sys.stderr)
@@ -114,4 +113,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_error(f"vip2clip {args.command}{where}: {type(error).__name__}: {error}")
         raise
     finally:
-        close(args.world, failed)
+        close(args.world, failed, outlive_peers=code != 0)  # rank 0 exits 1 after the others: not a failed rank

@@ -88,7 +88,7 @@ class EvaluationResult:
         return sum(c.n_normal + c.n_anomalous for c in self.classes)
 
 
-@dataclass(kw_only=True)
+@dataclass(kw_only=True, eq=False)
 class ClassBatch(ImageBatch):
     """One class's outputs (or one rank's share of them), an `ImageBatch` with the truth: pred_score [N] float32,
     gt_label [N] int; anomaly_map [N, S, S] (map_dtype) and gt_mask [N, S, S] bool only when kept (panels).

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -240,9 +241,13 @@ def init_from_env(device: str = "cpu", timeout_s: float = 1800.0) -> World:
     return World(rank, size, local_rank, local_size, device, backend)
 
 
-def close(world: World, failed: bool = False) -> None:
+def close(world: World, failed: bool = False, outlive_peers: bool = False) -> None:
     """Leave the process group: after a barrier when every rank succeeded, at once after a failure (the other
-    ranks may be waiting in a collective; torchrun stops them when this rank exits non-zero)."""
+    ranks may be waiting in a collective; torchrun stops them when this rank exits non-zero).
+
+    outlive_peers (rank 0 about to exit with a result's non-zero code, e.g. predict's 1): also wait until the
+    other ranks on this machine have exited. torchrun sends SIGTERM to every rank still running once one exits
+    non-zero, and reports them as failed: a rank still shutting down its interpreter would be one."""
     global _object_group
     if not world.distributed:
         return
@@ -250,7 +255,33 @@ def close(world: World, failed: bool = False) -> None:
 
     if not dist.is_initialized():
         return
+    peers = None
     if not failed:
+        peers = world.gather((socket.gethostname(), os.getpid()))
         world.barrier()
     dist.destroy_process_group()
     _object_group = None
+    if outlive_peers and peers:
+        wait_for_exit([pid for host, pid in peers[1:] if host == socket.gethostname()])
+
+
+def wait_for_exit(pids: Sequence[int], timeout: float = 30.0) -> None:
+    """Wait until the processes `pids` have exited (zombies count as exited: their parent reaps them), at most
+    `timeout` seconds. Reads /proc; where there is none (not Linux) it returns at once."""
+    if not os.path.isdir("/proc"):
+        return
+    deadline = time.monotonic() + timeout
+    waiting = list(pids)
+    while waiting and time.monotonic() < deadline:
+        waiting = [pid for pid in waiting if _running(pid)]
+        if waiting:
+            time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8") as stat:
+            state = stat.read().rsplit(")", 1)[1].split()[0]  # the name in parentheses may hold spaces
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
