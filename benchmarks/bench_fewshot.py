@@ -16,10 +16,8 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -154,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="batch of the cost table")
     add_common_arguments(parser, repeats=5)
     args = parser.parse_args(argv)
-    device = apply_common_arguments(args)
-    logging.disable(logging.WARNING)
-    warnings.simplefilter("ignore")
+    device = apply_common_arguments(args, quiet=True)
     info = machine_description(device)
     sections = []
     if not args.skip_accuracy:

@@ -22,12 +22,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -289,9 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pairs", type=int, default=256, help="pairs timed in the larger batches (then scaled)")
     add_common_arguments(parser, timing=False)
     args = parser.parse_args(argv)
-    device = apply_common_arguments(args)
-    logging.disable(logging.WARNING)
-    warnings.simplefilter("ignore")
+    device = apply_common_arguments(args, quiet=True)
     info = machine_description(device)
     sections = []
     if not args.skip_accuracy:

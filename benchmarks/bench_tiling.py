@@ -14,11 +14,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -129,9 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-set", type=int, default=12, help="mosaics per set")
     add_common_arguments(parser, timing=False)
     args = parser.parse_args(argv)
-    device = apply_common_arguments(args)
-    logging.disable(logging.WARNING)
-    warnings.simplefilter("ignore")
+    device = apply_common_arguments(args, quiet=True)
     info = machine_description(device)
     with tempfile.TemporaryDirectory() as tmp:
         demo = run_offline_demo(Path(tmp) / "demo", config=DemoConfig(), echo=lambda line: None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import fcntl
+import logging
 import os
 import platform
 import re
@@ -17,6 +18,7 @@ import resource
 import statistics
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -211,8 +213,12 @@ def add_common_arguments(parser: argparse.ArgumentParser, repeats: int = 3, timi
     parser.add_argument("--record", action="store_true", help=f"append the results to {RESULTS_PATH.name}")
 
 
-def apply_common_arguments(args: argparse.Namespace) -> torch.device:
-    """Set the thread count and check the device; returns the device."""
+def apply_common_arguments(args: argparse.Namespace, quiet: bool = False) -> torch.device:
+    """Set the thread count and check the device; returns the device. `quiet`: silence the library's log
+    warnings and Python warnings (benchmarks that train and test many small models)."""
+    if quiet:
+        logging.disable(logging.WARNING)
+        warnings.simplefilter("ignore")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

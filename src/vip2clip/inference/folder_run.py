@@ -116,13 +116,17 @@ def unreadable(scored: ImageItem) -> tuple[str, str]:
     return str(scored.source.path), scored.error
 
 
+@dataclass(frozen=True)
+class OutputOptions:
+    """What a predict run writes beside the tables and masks: heat-map overlays, panels, raw maps (float16 .npy)."""
+
+    overlays: bool = True
+    panels: bool = False
+    raw_maps: bool = False
+
+
 def run_settings(
-    predictor: Predictor,
-    overlays: bool,
-    panels: bool = False,
-    raw_maps: bool = False,
-    inputs: Sequence[str | Path] = (),
-    mutual_group: str = "folder",
+    predictor: Predictor, options: OutputOptions, inputs: Sequence[str | Path] = (), mutual_group: str = "folder"
 ) -> dict[str, Any]:
     """What decides the outputs: the model's identity (with tiling and the references' rule), the thresholds, the
     overlay switch, the inputs (the paths given, absolute and sorted), and the panel and raw-map switches and
@@ -132,10 +136,10 @@ def run_settings(
         "image_threshold": predictor.thresholds.image,
         "pixel_threshold": predictor.thresholds.pixel,
         "thresholds_source": predictor.thresholds.source,
-        "overlays": overlays,
+        "overlays": options.overlays,
         "inputs": sorted({str(Path(path).resolve()) for path in inputs}),
     }
-    switches = {"panels": panels, "raw_maps": raw_maps}
+    switches = {"panels": options.panels, "raw_maps": options.raw_maps}
     settings.update({name: True for name, used in switches.items() if used})  # absent when off: see above
     if predictor.references is not None:
         settings["references_sha256"] = predictor.references.record()["sha256"]
@@ -196,15 +200,6 @@ def write_tables(
     if run is not None:
         payload["run"] = run
     atomic_write_json(out_dir / "predictions.json", payload)
-
-
-@dataclass(frozen=True)
-class OutputOptions:
-    """What a predict run writes beside the tables and masks: heat-map overlays, panels, raw maps (float16 .npy)."""
-
-    overlays: bool = True
-    panels: bool = False
-    raw_maps: bool = False
 
 
 @dataclass
@@ -271,7 +266,7 @@ def _plan(
     if not scan.images:
         raise no_images_error(paths, scan)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = run_settings(predictor, options.overlays, options.panels, options.raw_maps, paths, mutual_group)
+    settings = run_settings(predictor, options, paths, mutual_group)
     records, earlier = start_journal(out_dir, settings, overwrite, scan.images)
     todo = [image for image in scan.images if not is_done(image, records.get(str(image.path)), out_dir)]
     if predictor.mutual is not None:  # a group is scored whole: the resumed ones again with the rest

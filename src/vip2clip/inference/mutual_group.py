@@ -111,13 +111,13 @@ class MutualGroup(Generic[T]):
     report: GroupReport
     sources: list[T]
     errors: list[str | None]
+    self_references: list[bool]  # per input: it is one of the predictor's reference images
     zero_shot: list[list[tuple[float, np.ndarray]]]
     distances: list[torch.Tensor | None]
     predictor: Predictor
     load: Callable[[T], Image.Image] = to_rgb
     grid: tuple[int, int] = (0, 0)
     mutual_scores: list[float] = field(default_factory=list)  # per readable image: its mutual score
-    self_references: list[bool] = field(default_factory=list)  # per input: it is one of the reference images
 
     def mutual(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Input `index`'s mutual scores [T] and maps [T, S, S], one per model input (`mutual.mutual_maps`)."""
@@ -153,7 +153,7 @@ class MutualGroup(Generic[T]):
             mine = {
                 "source": source,
                 "image": image,
-                "self_reference": bool(self.self_references and self.self_references[index]),
+                "self_reference": self.self_references[index],
             }
             if tiling is None:
                 yield ImageItem(*units[0], **mine)
@@ -212,6 +212,7 @@ def score_group(
         GroupReport(name, len(readable), len(others[0]), 0.0, rule),
         sources,
         errors,
+        self_references,
         zero_shot,
         distances,
         predictor,
@@ -219,7 +220,6 @@ def score_group(
         recorder.grid,
     )
     group.mutual_scores = [float(group.mutual(i)[0].max()) for i in readable]
-    group.self_references = self_references
     group.report = replace(group.report, alike_share=alike_share(group.mutual_scores))
     return group
 
