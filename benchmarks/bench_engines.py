@@ -5,7 +5,9 @@ Same random CLIP weights and one random release-format checkpoint for every cand
                          OpenAI's sequence-first nn.MultiheadAttention, Conv1d FGP, per-layer upsampling, SciPy)
   predict                `model.predict` (SDPA attention in both towers)
   predict, MHA blocks    `model.predict` through open_clip's own blocks (batch-first nn.MultiheadAttention)
-  predict, MKL linear    `model.predict` with its linear layers through F.linear (MKL) instead of oneDNN
+  predict, oneDNN linear / predict, MKL linear
+                         `model.predict` with its fp32 linear layers through oneDNN or F.linear (MKL), whatever
+                         `vip2clip.model.linear.fp32_library` chose for this CPU (`predict` runs its choice)
   onnxruntime            `vip2clip.load_onnx(model.onnx).predict` (the whole predict exported to ONNX)
   openvino               the same file on OpenVINO's CPU plugin
 Then a per-stage split of predict and the release (encoder, text, FGP, scoring, smoothing), and the output checks:
@@ -43,8 +45,17 @@ from vip2clip.model import linear as fast_linear
 from vip2clip.model import utpa
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.weights import load_clip
+from vip2clip.utils.cpu_features import cpu_features
 
-CANDIDATES = ("release", "predict", "predict, MHA blocks", "predict, MKL linear", "onnxruntime", "openvino")
+CANDIDATES = (
+    "release",
+    "predict",
+    "predict, MHA blocks",
+    "predict, oneDNN linear",
+    "predict, MKL linear",
+    "onnxruntime",
+    "openvino",
+)
 
 
 def prepare(args: argparse.Namespace):
@@ -68,7 +79,7 @@ def prepare(args: argparse.Namespace):
         vip2clip.export_onnx(model, onnx, checkpoint=release)
         notes.append(f"export_onnx took {time.perf_counter() - start:.0f} s")
     for backend in wanted:
-        engines[backend] = vip2clip.load_onnx(onnx, backend=backend)
+        engines[backend] = vip2clip.load_onnx(onnx, backend=backend, precision="fp32")  # this table is fp32
     return model, baseline, engines, notes
 
 
@@ -80,19 +91,20 @@ def candidates(model, baseline, engines, images: torch.Tensor, skip: list[str]) 
         finally:
             model.backbone.sdpa = True
 
-    def mkl_linear() -> object:
-        works = fast_linear._onednn_works
-        fast_linear._onednn_works = lambda: False  # F.linear everywhere, as without vip2clip.model.linear
+    def with_library(library: str) -> object:
+        chosen = fast_linear.fp32_library
+        fast_linear.fp32_library = lambda: (library, "forced by the benchmark")
         try:
             return model.predict(images)
         finally:
-            fast_linear._onednn_works = works
+            fast_linear.fp32_library = chosen
 
     runs = {
         "release": lambda: baseline.predict(images, model.config.top_k),
         "predict": lambda: model.predict(images),
         "predict, MHA blocks": mha_blocks,
-        "predict, MKL linear": mkl_linear,
+        "predict, oneDNN linear": lambda: with_library("onednn"),
+        "predict, MKL linear": lambda: with_library("mkl"),
         **{name: (lambda engine=engine: engine.predict(images.numpy())) for name, engine in engines.items()},
     }
     return {name: run for name, run in runs.items() if name not in skip}
@@ -218,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         f"Random weights, one random release-format checkpoint; {args.repeats} interleaved rounds (each starting "
         f"one candidate later) after "
         f"{args.warmup} warm-up; medians; speed ratios are medians of the per-round time ratios (>1: faster than "
-        f"the column's reference). onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}. "
+        f"the column's reference). `predict` ran its {fast_linear.fp32_library()[1]} "
+        f"({cpu_features().describe()}). onnxruntime {onnxruntime.__version__}, openvino {openvino.__version__}. "
         f"Load average (1 min) at the end: {os.getloadavg()[0]:.2f}.{''.join(' ' + note for note in notes)}\n"
         f"Command: `python benchmarks/bench_engines.py {' '.join(sys.argv[1:])}`\n\n"
         + markdown_table(headers, rows)

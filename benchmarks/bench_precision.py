@@ -2,15 +2,17 @@
 
 Speed (ViT-L/14@336 random weights, one random release-format checkpoint, the bench_engines setup): per image the
 release's fp32 forward, `predict` fp32 and bf16, the exported file on ONNX Runtime and OpenVINO in fp32, OpenVINO
-in bf16, and each INT8 file given (--int8 NAME=FILE, written by `vip2clip export --int8` or
-`vip2clip.inference.onnx_export.quantize_onnx`) on both runtimes. Each also as achieved GFLOP/s (the encoders'
-matrix-product FLOPs per image over its time) and as a fraction of this CPU's GEMM rate in its precision (ViT-L's
-four block shapes: oneDNN fp32, oneDNN bf16, INT8 through OpenVINO on a one-MatMul QDQ model). Then the outputs
-against `predict` fp32 on the timed image: max score difference, max map difference over the map's range, and the
-Spearman rank correlation of the pixel scores.
+in bf16 as the engine runs it (image encoder bf16, heads fp32: "exact heads") and as it ran before issue 26 (the
+whole graph under one bf16 hint: "whole graph"), and each INT8 file given (--int8 NAME=FILE, written by
+`vip2clip export --int8` or `vip2clip.inference.onnx_export.quantize_onnx`) on both runtimes. Each also as
+achieved GFLOP/s (the encoders' matrix-product FLOPs per image over its time) and as a fraction of this CPU's GEMM
+rate in its precision (ViT-L's four block shapes: oneDNN fp32, oneDNN bf16, INT8 through OpenVINO on a one-MatMul
+QDQ model). Then the outputs against `predict` fp32 on the timed image: max score difference, max map difference
+over the map's range, and the Spearman rank correlation of the pixel scores.
 
     python benchmarks/bench_precision.py --int8 nncf=/tmp/int8-nncf.onnx ort=/tmp/int8-ort.onnx --record
     python benchmarks/bench_precision.py --backbone tiny --size 64 --repeats 2 --skip release   # a dry run
+    python benchmarks/bench_precision.py --onnx /tmp/scale/vitl-fp32.onnx --skip onnxruntime "predict bf16"  # <6 GB
 
 The accuracy on trained weights (the demo's tiny model on the synthetic benchmark) is bench_precision_accuracy.py.
 """
@@ -139,18 +141,44 @@ def candidates(model, baseline, engines: dict, images: torch.Tensor, skip: list[
     return {name: run for name, run in runs.items() if not any(name.startswith(s) for s in skip)}
 
 
+class WholeGraphBf16:
+    """The exported file on OpenVINO under one INFERENCE_PRECISION_HINT=bf16, heads included: what
+    `load_onnx(..., precision="bf16")` ran before issue 26, for comparison."""
+
+    def __init__(self, path: Path) -> None:
+        import openvino as ov
+
+        self.config = vip2clip.load_onnx(path, backend="onnxruntime").config  # for evaluate()
+        core = ov.Core()
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", {"INFERENCE_PRECISION_HINT": "bf16"})
+        self.request = self.compiled.create_infer_request()
+
+    def predict(self, images: np.ndarray | torch.Tensor) -> vip2clip.ImageBatch:
+        """As `OnnxEngine.predict`: numpy in, numpy out; a tensor in, tensors out (evaluate() passes tensors)."""
+        array = images.numpy() if isinstance(images, torch.Tensor) else images
+        result = self.request.infer({"images": np.ascontiguousarray(array, dtype=np.float32)})
+        score, anomaly_map = (np.array(result[self.compiled.output(name)]) for name in ("pred_score", "anomaly_map"))
+        if isinstance(images, torch.Tensor):
+            return vip2clip.ImageBatch(torch.from_numpy(score), torch.from_numpy(anomaly_map))
+        return vip2clip.ImageBatch(score, anomaly_map)
+
+
 def load_engines(fp32: Path, int8: dict[str, Path], skip: list[str]) -> dict:
     wanted = {
-        "onnxruntime fp32": (fp32, "onnxruntime", "auto"),
-        "openvino fp32": (fp32, "openvino", "auto"),
-        "openvino bf16": (fp32, "openvino", "bf16"),
+        "onnxruntime fp32": (fp32, "onnxruntime", "fp32"),
+        "openvino fp32": (fp32, "openvino", "fp32"),
+        "openvino bf16 exact heads": (fp32, "openvino", "bf16"),
+        "openvino bf16 whole graph (before)": (fp32, "openvino", "whole"),
     }
     for name, path in int8.items():
-        wanted[f"onnxruntime int8 ({name})"] = (path, "onnxruntime", "auto")
-        wanted[f"openvino int8 ({name})"] = (path, "openvino", "auto")
+        # "fp32": the INT8 layers and fp32 for the rest ("auto" is int8+bf16 on OpenVINO with native bf16)
+        wanted[f"onnxruntime int8 ({name})"] = (path, "onnxruntime", "fp32")
+        wanted[f"openvino int8 ({name})"] = (path, "openvino", "fp32")
         wanted[f"openvino int8+bf16 ({name})"] = (path, "openvino", "bf16")
     return {
-        name: vip2clip.load_onnx(path, backend=backend, precision=precision)
+        name: WholeGraphBf16(path)
+        if precision == "whole"
+        else vip2clip.load_onnx(path, backend=backend, precision=precision)
         for name, (path, backend, precision) in wanted.items()
         if not any(name.startswith(s) for s in skip)
     }
@@ -181,6 +209,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--int8", nargs="*", default=[], metavar="NAME=FILE", help="INT8 exports of the same model")
     parser.add_argument("--skip", nargs="*", default=[], help="candidate name prefixes to leave out")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/vip2clip_bench_engines"), help="checkpoint, ONNX")
+    parser.add_argument("--onnx", type=Path, help="an fp32 export of the same model (default: exported into --workdir)")
     add_common_arguments(parser, repeats=3)
     return parser.parse_args(argv)
 
@@ -193,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     args.skip = [*args.skip, "onnxruntime", "openvino"]  # bench_engines.prepare: only the export
     model, baseline, _, notes = prepare(args)
     args.skip = args.skip[:-2]
-    onnx = args.workdir / f"{args.backbone}-{args.size}.onnx"
+    onnx = args.onnx or args.workdir / f"{args.backbone}-{args.size}.onnx"
     if not onnx.exists():
         vip2clip.export_onnx(model, onnx, checkpoint=args.workdir / f"release-{args.backbone}.pth")
     int8 = {name: Path(path) for name, path in (item.split("=", 1) for item in args.int8)}

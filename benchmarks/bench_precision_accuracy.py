@@ -1,12 +1,15 @@
 """What bf16 and INT8 cost in accuracy on trained weights: the demo's tiny model on its zero-shot synthetic benchmark.
 
 `vip2clip demo --out DIR` trains the tiny model and writes the benchmark; this evaluates that checkpoint on DIR's
-zero-shot test set with `predict` fp32 and bf16, the fp32 export on ONNX Runtime, OpenVINO in bf16, and INT8
-exports (NNCF and ONNX Runtime quantization, calibrated on normal images of a freshly generated benchmark of the
-same style, not the evaluated ones) on both runtimes. Reports image AUROC, pixel AUROC and AUPRO (points, x100)
-with their differences to fp32, and the Spearman rank correlation of all pixel scores with fp32's.
+zero-shot test set with `predict` fp32 and bf16, the fp32 export on ONNX Runtime, OpenVINO in bf16 as the engine
+runs it (image encoder bf16, heads fp32) and as it ran before issue 26 (the whole graph in bf16), and INT8 exports
+(NNCF and ONNX Runtime quantization, calibrated on normal images of a freshly generated benchmark of the same
+style, not the evaluated ones) on both runtimes, OpenVINO also in bf16 for what is not INT8. Reports image AUROC,
+pixel AUROC and AUPRO (points, x100) with their differences to fp32, and the Spearman rank correlation of all pixel
+scores with fp32's.
 
     python benchmarks/bench_precision_accuracy.py --demo /tmp/demo --record
+    python benchmarks/bench_precision_accuracy.py --demo /tmp/demo --methods   # no INT8 exports (a few minutes less)
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 import vip2clip
+from bench_precision import WholeGraphBf16
 from common import add_common_arguments, apply_common_arguments, machine_description, markdown_table, publish
 from vip2clip.data.images import load_image
 from vip2clip.data.index import read_index
@@ -41,7 +45,8 @@ def engines(model, checkpoint: Path, work: Path, methods: list[str]) -> tuple[di
     goods = sorted(calibration.glob("*/train/good/*.png"))
     found = {
         "onnxruntime fp32": vip2clip.load_onnx(fp32, backend="onnxruntime"),
-        "openvino bf16": vip2clip.load_onnx(fp32, backend="openvino", precision="bf16"),
+        "openvino bf16 exact heads": vip2clip.load_onnx(fp32, backend="openvino", precision="bf16"),
+        "openvino bf16 whole graph (before)": WholeGraphBf16(fp32),
     }
     notes = []
     for method in methods:
@@ -51,6 +56,7 @@ def engines(model, checkpoint: Path, work: Path, methods: list[str]) -> tuple[di
         notes.append(f"INT8 {method}: {len(goods)} calibration images, export {time.perf_counter() - start:.0f} s")
         found[f"onnxruntime int8 ({method})"] = vip2clip.load_onnx(path, backend="onnxruntime")
         found[f"openvino int8 ({method})"] = vip2clip.load_onnx(path, backend="openvino")
+        found[f"openvino int8+bf16 ({method})"] = vip2clip.load_onnx(path, backend="openvino", precision="bf16")
     return found, notes
 
 

@@ -60,7 +60,9 @@ def create_model(
     clip_weights: None (random: scores mean nothing), a file, a published tag (`vip2clip download`), an open_clip tag.
     checkpoint: ours, the release's, or a downloaded published tag; its config is used, `config` overrides it.
     image_size: input side (default 518, or the checkpoint's). seed: initialises the trainable parts.
-    precision: "fp32", "bf16"/"fp16" frozen encoders. config: `ModelConfig` fields (switches, top_k, sigma, ...).
+    precision: "fp32" (the reference), "bf16"/"fp16" frozen encoders, or "auto" (bf16 where the device computes it
+        natively, else fp32; `model.precision_reason` says which and why).
+    config: `ModelConfig` fields (switches, top_k, sigma, ...).
     """
     if is_preset(backbone):
         preset = get_preset(backbone)
@@ -100,14 +102,17 @@ def create_model(
         model = ViP2CLIP(frozen, cfg)
     if loaded is not None:
         model.load_trainable_state_dict(loaded.state)
-    model = model.set_precision(precision).to(device)
+    model = model.to(device).set_precision(precision)  # "auto" decides for the device the model is on
     _log_precision(model)
     return model
 
 
 def _log_precision(model: ViP2CLIP) -> None:
-    """Say where a low-precision model computes what; warn when this CPU emulates bf16 (slower than fp32)."""
+    """Say where a low-precision model computes what (and what auto chose); warn when this CPU emulates bf16
+    (slower than fp32)."""
     if model.precision == "fp32":
+        if model.precision_reason.startswith("auto"):
+            logger.info("precision %s", model.precision_reason)
         return
     features = cpu_features()
     on_cpu = model.backbone.clip.visual.proj.device.type == "cpu"

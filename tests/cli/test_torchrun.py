@@ -124,7 +124,8 @@ def test_predict_and_calibrate_give_the_one_process_files(data, trained, torchru
     assert (two / "predictions.csv").read_text() == (one / "predictions.csv").read_text()
     a, b = (json.loads((folder / "predictions.json").read_text()) for folder in (one, two))
     assert a["predictions"] == b["predictions"] and len(b["predictions"]) == 7
-    assert (a["run"], b["run"]) == ({"world_size": 1, "device": "cpu"}, {"world_size": 2, "device": "cpu"})
+    assert [(run["world_size"], run["device"]) for run in (a["run"], b["run"])] == [(1, "cpu"), (2, "cpu")]
+    assert a["run"]["computation"] == b["run"]["computation"]  # what auto chose, and why, on both
     masks = sorted(p.relative_to(one) for p in (one / "masks").rglob("*.png"))
     assert len(masks) == 7 and all((one / p).read_bytes() == (two / p).read_bytes() for p in masks)
     assert not list(two.glob("predictions.rank*.jsonl"))  # merged into the journal

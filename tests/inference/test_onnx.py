@@ -4,6 +4,7 @@ any batch size, on ONNX Runtime and OpenVINO, behind the Predictor and the CLI's
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -18,12 +19,16 @@ from PIL import Image
 
 import vip2clip
 from vip2clip.cli import main
+from vip2clip.inference import onnx_engine
 from vip2clip.inference.identity import PredictorIdentity
-from vip2clip.inference.onnx_engine import MissingDependencyError
+from vip2clip.inference.onnx_engine import MissingDependencyError, choose_precision
+from vip2clip.inference.openvino_precision import ExactHeads, runtime_precisions, split_encoder
 from vip2clip.inference.predictor import Predictor
 from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.outputs import ImageBatch
+from vip2clip.utils.cpu_features import FEATURES_OFF_VARIABLE, CpuFeatures
 
 SIZE = 64
 MODEL_ARGS = ["--backbone", "tiny", "--image-size", str(SIZE)]
@@ -64,7 +69,7 @@ def assert_same_prediction(actual, expected) -> None:
 
 
 def test_exported_predict_equals_model_predict_for_any_batch(exported: Exported) -> None:
-    engine = vip2clip.load_onnx(exported.onnx)
+    engine = vip2clip.load_onnx(exported.onnx, precision="fp32")  # auto: bf16 on OpenVINO where the CPU has it
     assert not exported.onnx.with_name("model.onnx.data").exists(), "tiny weights belong in one file"
     for batch in (1, 3):  # traced with a batch of 2
         images = random_images(batch, seed=batch)
@@ -91,7 +96,7 @@ def test_metadata_carries_the_identity_of_the_torch_model(exported: Exported) ->
 
 
 def test_openvino_reads_the_same_file(exported: Exported) -> None:
-    engine = vip2clip.load_onnx(exported.onnx, backend="openvino")
+    engine = vip2clip.load_onnx(exported.onnx, backend="openvino", precision="fp32")
     assert engine.identity == vip2clip.load_onnx(exported.onnx).identity
     images = random_images(2, seed=7)
     assert_same_prediction(engine.predict(images.numpy()), exported.model.predict(images))
@@ -104,14 +109,15 @@ def test_external_data(exported: Exported, tmp_path: Path) -> None:
     assert data.stat().st_size > 0.6 * single_file > path.stat().st_size  # small constants stay inline
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]  # no temporary leftovers
     images = random_images(2, seed=3)
-    assert_same_prediction(vip2clip.load_onnx(path).predict(images.numpy()), exported.model.predict(images))
+    engine = vip2clip.load_onnx(path, precision="fp32")
+    assert_same_prediction(engine.predict(images.numpy()), exported.model.predict(images))
 
 
 def test_predictor_on_the_engine_equals_predictor_on_the_model(exported: Exported) -> None:
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((50, 90), (64, 64))]
     on_model = Predictor(exported.model, batch_size=2).predict(images)
-    on_engine = Predictor.from_onnx(exported.onnx, batch_size=2).predict(images)
+    on_engine = Predictor.from_onnx(exported.onnx, batch_size=2, precision="fp32").predict(images)
     for a, b in zip(on_engine, on_model, strict=True):
         assert a.pred_score == pytest.approx(b.pred_score, abs=1e-5)
         np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, atol=1e-4)
@@ -134,6 +140,8 @@ def test_onnx_cli_checks_calibrations_and_refuses_fixed_options(
                 "--checkpoint",
                 str(exported.checkpoint),
                 *MODEL_ARGS,
+                "--precision",
+                "fp32",  # both sides fp32: the thresholds are compared below
                 "--out",
                 str(tmp_path / "torch.json"),
             ]
@@ -144,7 +152,7 @@ def test_onnx_cli_checks_calibrations_and_refuses_fixed_options(
         main(["predict", images, *onnx, "--calibration", str(tmp_path / "torch.json"), "--out", str(tmp_path / "a")])
         == 0
     )
-    assert main(["calibrate", images, *onnx, "--out", str(tmp_path / "onnx.json")]) == 0
+    assert main(["calibrate", images, *onnx, "--precision", "fp32", "--out", str(tmp_path / "onnx.json")]) == 0
     calibrations = [json.loads((tmp_path / name).read_text()) for name in ("torch.json", "onnx.json")]
     assert calibrations[0]["image_threshold"] == pytest.approx(calibrations[1]["image_threshold"], abs=1e-5)
     # Calibrated with another checkpoint: refused.
@@ -211,7 +219,7 @@ TORCH_FREE = textwrap.dedent(
     from vip2clip.inference.predictor import Predictor
 
     onnx, image, out = sys.argv[1:]
-    results = Predictor(load_onnx(onnx)).predict([image])
+    results = Predictor(load_onnx(onnx, precision="fp32")).predict([image])
     assert Predictor.from_onnx(onnx).identity.model.checkpoint_sha256
     assert main(["predict", image, "--onnx", onnx, "--out", out, "--no-progress"]) == 0
     loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "open_clip", "torchvision"))
@@ -258,7 +266,7 @@ def test_export_then_predict_and_calibrate_with_onnx_as_subprocesses(exported: E
     export = run("export", *model_args, "--out", str(tmp_path / "model.onnx"))
     assert "wrote" in export.stdout and "INFO onnx" not in export.stderr
     assert not (tmp_path / "model.onnx.data").exists(), "a stale side file would be read as the weights"
-    onnx = ["--onnx", str(tmp_path / "model.onnx")]
+    onnx = ["--onnx", str(tmp_path / "model.onnx"), "--precision", "fp32"]  # compared with fp32 torch below
     run("calibrate", str(tmp_path / "good"), *onnx, "--out", str(tmp_path / "calibration.json"))
     predict = run("predict", str(tmp_path / "good"), *onnx, "--calibration", str(tmp_path / "calibration.json"),
                   "--out", str(tmp_path / "preds"))  # fmt: skip
@@ -269,3 +277,93 @@ def test_export_then_predict_and_calibrate_with_onnx_as_subprocesses(exported: E
     assert sorted(row["path"] for row in rows) == sorted(expected)
     for row in rows:
         assert row["pred_score"] == pytest.approx(expected[row["path"]].pred_score, abs=1e-5)
+
+
+# OpenVINO bf16 with exact heads (issue 26). bf16 keeps 8 significant bits (relative rounding 2^-9 ~ 2e-3 per
+# operation); fp32 keeps 24 (6e-8). After UTPA's 1/0.07 temperature a bf16 similarity moves a probability by
+# ~1e-2, so heads in bf16 miss assert_same_prediction's fp32 tolerances (1e-5 score, 1e-4 map) by two orders of
+# magnitude, while fp32 heads meet them.
+ZEN4 = CpuFeatures("AMD EPYC (Zen 4)", frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16"}), known=True)
+AMX = CpuFeatures("Intel Xeon", frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8"}), known=True)
+AVX512 = CpuFeatures("Intel Xeon (Skylake)", frozenset({"avx2", "avx512f", "avx512bw"}), known=True)
+AVX2_ONLY = CpuFeatures("AMD EPYC (Zen 2)", frozenset({"avx2", "fma"}), known=True)
+
+
+def openvino_bf16_units() -> bool:
+    """OpenVINO's CPU plugin computes bf16 here (natively, or emulated on AVX-512); without, it runs f32."""
+    return "BF16" in pytest.importorskip("openvino").Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def test_openvino_bf16_runs_the_heads_in_fp32(exported: Exported) -> None:
+    ov = pytest.importorskip("openvino")
+    engine = vip2clip.load_onnx(exported.onnx, backend="openvino", precision="bf16")
+    assert engine.parts is not None and "fp32 heads" in engine.describe()
+    heads = runtime_precisions(engine.parts.heads)
+    assert heads["f32"] > 0 and "bf16" not in heads, heads
+    assert runtime_precisions(engine.parts.heads, lambda layer: layer in ("Softmax", "TopK"))["f32"] > 0
+    products = runtime_precisions(engine.parts.encoder, lambda layer: layer in ("FullyConnected", "MatMul"))
+    if openvino_bf16_units():
+        assert set(products) == {"bf16"}, products
+    # The heads the engine compiled, fed fp32 encoder outputs, reproduce the torch model to fp32 tolerances.
+    core = ov.Core()
+    split = split_encoder(core.read_model(str(exported.onnx)))
+    assert split is not None and split.blocks == 4  # the tiny backbone's vision blocks
+    fp32_parts = ExactHeads(core, split, "CPU", encoder_hint="f32")
+    images = random_images(2, seed=11)
+    expected = exported.model.predict(images)
+    assert_same_prediction(ImageBatch(*fp32_parts(images.numpy())), expected)  # the cut itself changes nothing
+    request = fp32_parts.encoder.create_infer_request()
+    request.infer({0: images.numpy()})
+    encoder_outputs = [np.array(request.get_output_tensor(i).data) for i in range(len(fp32_parts.encoder.outputs))]
+    assert_same_prediction(ImageBatch(*engine.parts.run_heads(images.numpy(), encoder_outputs)), expected)
+    if openvino_bf16_units():  # the encoder really computes in bf16: more than fp32 rounding apart
+        got = engine.predict(images.numpy())
+        assert np.abs(got.anomaly_map - expected.anomaly_map.numpy()).max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    ("features", "expected"), [(ZEN4, "bf16"), (AMX, "bf16"), (AVX512, "fp32"), (AVX2_ONLY, "fp32")]
+)
+def test_auto_is_exact_heads_bf16_only_on_openvino_with_native_bf16(features, expected, monkeypatch) -> None:
+    monkeypatch.setattr(onnx_engine, "cpu_features", lambda: features)
+    precision, why = choose_precision("auto", "openvino", "fp32")
+    assert (precision, why.startswith(f"auto: {expected}")) == (expected, True), why
+    assert ("bf16: native" in why) == features.bf16
+    assert choose_precision("auto", "onnxruntime", "fp32") == (
+        "fp32",
+        "auto: fp32 (ONNX Runtime has no bf16 CPU kernels)",
+    )
+    assert choose_precision("auto", "openvino", "fp32", device="GPU")[0] == "fp32"
+    # An INT8 file: the rest of its encoder in bf16 where fp32 would go bf16 (measured faster, as exact).
+    assert choose_precision("auto", "openvino", "int8")[0] == ("int8+bf16" if expected == "bf16" else "int8")
+    assert choose_precision("auto", "onnxruntime", "int8")[0] == "int8"
+    assert choose_precision("fp32", "openvino", "fp32") == ("fp32", "fp32 as asked (fp32)")
+    assert choose_precision("bf16", "openvino", "int8")[0] == "int8+bf16"
+    assert ("emulated" in choose_precision("bf16", "openvino", "fp32")[1]) == (not features.bf16)
+
+
+def test_auto_engine_records_its_choice(exported: Exported, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("openvino")
+    for features, expected in ((ZEN4, "bf16"), (AVX2_ONLY, "fp32")):
+        monkeypatch.setattr(onnx_engine, "cpu_features", lambda features=features: features)
+        engine = vip2clip.load_onnx(exported.onnx, backend="openvino")
+        assert engine.precision == expected and (engine.parts is not None) == (expected == "bf16")
+        assert engine.precision_reason.startswith(f"auto: {expected}")
+        assert engine.precision_reason in engine.describe()
+    monkeypatch.undo()
+    monkeypatch.setenv(FEATURES_OFF_VARIABLE, "bf16")  # the switch hides native bf16 on any CPU
+    assert vip2clip.load_onnx(exported.onnx, backend="openvino").precision == "fp32"
+    engine = vip2clip.load_onnx(exported.onnx, backend="onnxruntime")
+    assert (engine.precision, engine.parts) == ("fp32", None) and "ONNX Runtime" in engine.precision_reason
+
+
+def test_a_file_whose_encoder_is_not_recognised(exported: Exported, monkeypatch, caplog) -> None:
+    pytest.importorskip("openvino")
+    monkeypatch.setattr(onnx_engine, "cpu_features", lambda: ZEN4)
+    monkeypatch.setattr(onnx_engine, "split_encoder", lambda model: None)  # as for a graph without vision blocks
+    engine = vip2clip.load_onnx(exported.onnx, backend="openvino")
+    assert (engine.precision, engine.parts) == ("fp32", None) and "not recognised" in engine.precision_reason
+    with caplog.at_level(logging.WARNING):
+        engine = vip2clip.load_onnx(exported.onnx, backend="openvino", precision="bf16")
+    assert engine.precision == "bf16" and "bf16 heads too" in engine.describe()
+    assert "heads cannot be kept in fp32" in caplog.text

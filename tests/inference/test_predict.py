@@ -278,7 +278,8 @@ def test_interrupted_run_resumes(checkpoint: Path, tmp_path: Path, capsys: pytes
     assert f"{len(sizes) - done} predicted, {done} already done" in capsys.readouterr().out
     assert len((out / "predictions.csv").read_text().splitlines()) == len(sizes) + 2
     assert not list(out.glob("predictions.rank*.jsonl"))
-    assert json.loads((out / "predictions.json").read_text())["run"] == {"world_size": 1, "device": "cpu"}
+    run = json.loads((out / "predictions.json").read_text())["run"]
+    assert (run["world_size"], run["device"], run["computation"]["engine"]) == (1, "cpu", "torch")
 
 
 def test_predict_refuses_other_settings(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -287,6 +288,12 @@ def test_predict_refuses_other_settings(checkpoint: Path, tmp_path: Path, capsys
     assert _predict(*args) == 0
     assert _predict(*args, "--threshold", "0.9") == 2
     assert "other settings (image_threshold differ)" in capsys.readouterr().err
+    # fp32 and bf16 scores differ: one folder holds one computation (whatever auto chose the first time)
+    first = json.loads((tmp_path / "out" / "predictions.json").read_text())["settings"]["computation"]
+    other = "fp32" if first["precision"] == "bf16" else "bf16"
+    assert _predict(*args, "--precision", other) == 2
+    assert "other settings (computation differ)" in capsys.readouterr().err
+    assert _predict(*args, "--precision", first["precision"]) == 0
     assert _predict(str(tmp_path / "one.png"), "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path)) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     assert _predict(str(tmp_path / "nowhere"), "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")) == 2
@@ -313,8 +320,10 @@ def test_calibrate_cli_then_predict(checkpoint: Path, tmp_path: Path, capsys: py
         64,
     )
 
-    # The same thresholds from the Python side, from the same images.
-    model = vip2clip.create_model("tiny", checkpoint=checkpoint, image_size=64)
+    # The same thresholds from the Python side, from the same images, in the precision the command chose.
+    assert loaded.computation["engine"] == "torch" and loaded.computation["why"].startswith("auto: ")
+    precision = loaded.computation["precision"]
+    model = vip2clip.create_model("tiny", checkpoint=checkpoint, image_size=64, precision=precision)
     readable = [p for p in find_images([tmp_path / "good"]) if p.path.name != "corrupt.png"]
     scored = list(Predictor(model).score(readable, lambda image: load_image(image.path)))
     scores, maps = np.array([s.pred_score for s in scored]), np.stack([s.anomaly_map for s in scored])

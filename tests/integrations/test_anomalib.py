@@ -108,18 +108,22 @@ def runs(tmp_path_factory: pytest.TempPathFactory, trained_tiny_checkpoint) -> R
     records = _Records()
     logging.getLogger("vip2clip").addHandler(records)
     try:
-        model = ViP2CLIP(checkpoint=ckpt)
+        # fp32 as `vip2clip test` computes (the default, auto, is bf16 on CPUs with native bf16)
+        model = ViP2CLIP(checkpoint=ckpt, precision="fp32")
         engine = _engine(root / "engine")
         zero = engine.test(model, datamodule=folder_module, verbose=False)[0]
         predictions = engine.predict(model, datamodule=folder_module)
-        exported = engine.export(model, "openvino", export_root=root / "export")
-        few_model = ViP2CLIP(checkpoint=ckpt, shots=SHOTS, reference_cache=root / "cache_anomalib", visualizer=False)
+        # Exported from a bf16 model: the graph is fp32 all the same (the runtime chooses how to compute it)
+        bf16 = ViP2CLIP(checkpoint=ckpt, precision="bf16", visualizer=False)
+        exported = engine.export(bf16, "openvino", export_root=root / "export")
+        cache = root / "cache_anomalib"
+        few_model = ViP2CLIP(checkpoint=ckpt, shots=SHOTS, reference_cache=cache, visualizer=False, precision="fp32")
         mvtec_module = MVTecAD(root=root / "mvtec", category="texture_0", val_split_mode="same_as_test", **loader)
         few = engine.test(few_model, datamodule=mvtec_module, verbose=False)[0]
         no_mask_module = Folder(name="no_masks", root=folder, normal_dir="train_good", normal_test_dir="good",
                                 abnormal_dir="defect", val_split_mode="same_as_test",
                                 test_augmentations=Resize((64, 64)), **loader)  # fmt: skip
-        bare = ViP2CLIP(checkpoint=ckpt, visualizer=False)
+        bare = ViP2CLIP(checkpoint=ckpt, visualizer=False, precision="fp32")
         no_masks = engine.test(bare, datamodule=no_mask_module, verbose=False)[0]
     finally:
         logging.getLogger("vip2clip").removeHandler(records)
@@ -131,6 +135,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory, trained_tiny_checkpoint) -> R
 
 def _class_metrics(results: dict) -> dict:
     return results["classes"][0]
+
+
+def test_default_precision_is_what_auto_picks_here(runs: Runs) -> None:
+    from vip2clip.integrations.anomalib import ViP2CLIP
+    from vip2clip.model.vip2clip import resolve_precision
+
+    network = ViP2CLIP(checkpoint=runs.ckpt, visualizer=False).model.network
+    assert (network.precision, network.precision_reason) == resolve_precision("auto", "cpu")
 
 
 def test_engine_test_equals_vip2clip_test(runs: Runs) -> None:
@@ -192,6 +204,7 @@ def test_anomalib_cli_runs_the_class_path(runs: Runs, tmp_path: Path) -> None:
     """`anomalib test --model vip2clip.integrations.anomalib.ViP2CLIP ...` as a user types it: the same metrics."""
     command = [str(Path(sys.executable).parent / "anomalib"), "test",
                "--model", "vip2clip.integrations.anomalib.ViP2CLIP", "--model.checkpoint", str(runs.ckpt),
+               "--model.precision", "fp32",
                "--data", "Folder", "--data.name", "synthetic", "--data.root", str(runs.folder),
                "--data.normal_dir", "train_good", "--data.normal_test_dir", "good", "--data.abnormal_dir", "defect",
                "--data.mask_dir", "mask", "--data.val_split_mode", "same_as_test", "--data.num_workers", "0",

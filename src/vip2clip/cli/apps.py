@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="requests admitted at once, uploading, waiting or running (8); more get HTTP 503 with Retry-After",
     )
     limits.add_argument("--body-timeout", type=float, default=60.0, help="seconds an upload may take to arrive (60)")
-    add_model_arguments(serve)
+    add_model_arguments(serve, precision="auto")
     add_inference_arguments(serve)
     add_tiling_arguments(serve)
     add_reference_arguments(serve)

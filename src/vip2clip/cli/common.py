@@ -24,7 +24,17 @@ if TYPE_CHECKING:
     from vip2clip.utils.progress import Progress
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True) -> None:
+# What --precision auto picks, for --help (measured: docs/precision.md).
+PRECISION_HELP = (
+    "the frozen encoders' precision (default {default}). auto: bf16 where the CPU computes it natively (AVX512-BF16 "
+    "or AMX: 2-4x faster than fp32) or the GPU supports it, fp32 elsewhere (emulated bf16 is slower than fp32); "
+    "`vip2clip info` shows the choice. fp32 is the reference the paper's tables are computed in"
+)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True, precision: str = "fp32") -> None:
+    """--backbone, --clip-weights, --random-init, --checkpoint, --image-size, --device, --precision (its default:
+    `precision`, "auto" for the commands that deploy, "fp32" for the ones that measure), --compile."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--backbone",
@@ -55,9 +65,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     group.add_argument(
         "--precision",
-        default="fp32",
-        choices=["fp32", "fp16", "bf16"],
-        help="the frozen encoders' precision (bf16: about 3-4x faster on CPUs with AVX512-BF16/AMX; see `info`)",
+        default=precision,
+        choices=["auto", "fp32", "fp16", "bf16"],
+        help=PRECISION_HELP.format(default=precision),
     )
     group.add_argument(
         "--compile", action="store_true", help="torch.compile the encoder blocks (pays off on a GPU; slow start)"

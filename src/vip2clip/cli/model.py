@@ -15,7 +15,7 @@ from vip2clip.utils.cpu_features import cpu_features
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     info = subparsers.add_parser("info", help="show the model configuration and its trainable parameters")
-    add_model_arguments(info)
+    add_model_arguments(info, precision="auto")
     info.set_defaults(func=run_info)
 
     convert = subparsers.add_parser(
@@ -54,7 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     int8.add_argument(
         "--calibration-images", nargs="+", metavar="PATH", help="normal images (files or folders; 32 or more)"
     )
-    int8.add_argument("--int8-method", choices=["nncf", "onnxruntime"], default="nncf", help="the quantizer")
+    int8.add_argument(
+        "--int8-method",
+        choices=["nncf", "onnxruntime"],
+        default="nncf",
+        help="the quantizer: nncf (OpenVINO's NNCF, the int8 extra) or onnxruntime (ONNX Runtime's quantize_static, "
+        "only the onnx extra); both read the weights from the side file (ViT-L/14 at 518 px in under 10 GB)",
+    )
     int8.add_argument(
         "--max-map-drop",
         type=float,
@@ -62,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="accuracy control: keep the blocks that move the map most in fp32 until the map's rank correlation "
         "with fp32 is at least 1 - this (e.g. 0.01); slower export",
     )
-    add_model_arguments(export)
+    add_model_arguments(export, precision="auto")
     add_inference_arguments(export)
     export.set_defaults(func=run_export)
 
@@ -127,11 +133,12 @@ def run_export(args: argparse.Namespace) -> int:
     from vip2clip.inference.onnx_engine import MissingDependencyError
     from vip2clip.inference.onnx_export import export_onnx
 
-    if args.precision != "fp32" or args.compile:
+    if args.precision not in ("auto", "fp32") or args.compile:
         raise CLIError(
-            "export writes the fp32 graph (or INT8 with --int8): drop --precision/--compile; run an fp32 file in "
-            "bf16 with `--onnx MODEL.onnx --precision bf16`"
+            "export writes the fp32 graph (or INT8 with --int8): drop --precision/--compile; the runtime chooses "
+            "the precision when the file runs (`--onnx MODEL.onnx`, auto: bf16 on CPUs with native bf16)"
         )
+    args.precision = "fp32"  # the graph is traced in fp32 whatever runs it later
     if args.int8 != bool(args.calibration_images):
         raise CLIError("--int8 needs --calibration-images DIR (normal images), and --calibration-images needs --int8")
     if not getattr(args, "verbose", False):

@@ -106,6 +106,7 @@ def run_context(
         "dataset": dict(dataset),
         "model": identity.to_dict(),
         "precision": model.precision,
+        "precision_reason": model.precision_reason,  # what "auto" chose and why, or "as asked"
         "protocol": {
             "split": config.split,
             "map_size": model.config.image_size,

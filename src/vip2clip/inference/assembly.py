@@ -50,10 +50,11 @@ class ModelSpec:
     random_init: True: random CLIP weights on purpose; False: CLIP weights are required unless the backbone is the
         tiny test model (what the command line does); None: as `create_model` (random weights with a warning).
     backbone: a preset of `vip2clip.list_models()` or an open_clip name (default: the checkpoint's, else ViT-L-14-336).
-    image_size, device, precision ("fp32", "fp16", "bf16"), compile (torch.compile the encoder blocks), seed
-    (initialises untrained parts), config (`ModelConfig` overrides: top_k, sigma, ablation switches, ...).
+    image_size, device, precision ("fp32", "fp16", "bf16", or "auto": bf16 where the device computes it natively,
+    else fp32), compile (torch.compile the encoder blocks), seed (initialises untrained parts), config
+    (`ModelConfig` overrides: top_k, sigma, ablation switches, ...).
     onnx / onnx_backend: an exported model instead ("auto", "onnxruntime" or "openvino"); only device and precision
-    "fp32" (the file's own) or "bf16" (OpenVINO's bf16 inference) go with it (the export fixed the rest).
+    ("auto", "fp32" or "bf16": what the runtime computes in, `load_onnx`) go with it (the export fixed the rest).
     """
 
     checkpoint: str | Path | None = None
@@ -184,8 +185,7 @@ def load_engine(spec: ModelSpec) -> tuple[Any, ModelIdentity]:
     offered = import_optional("onnxruntime", "the ONNX engine").get_available_providers() if cuda else ()
     if cuda and "CUDAExecutionProvider" not in offered:
         raise _no_onnx_cuda(spec.device, offered)  # before loading: a large model takes a while
-    precision = "bf16" if spec.precision == "bf16" else "auto"
-    engine = load_onnx(spec.onnx, _onnx_providers(spec.device, backend), backend, precision)
+    engine = load_onnx(spec.onnx, _onnx_providers(spec.device, backend), backend, spec.precision)
     if cuda and "CUDAExecutionProvider" not in engine.providers:
         raise _no_onnx_cuda(spec.device, engine.providers)
     logger.info("%s", engine.describe())

@@ -88,7 +88,9 @@ class Calibration:
         at least one is a number.
     quantile / pixel_quantile: the quantiles used by the "normal-quantile" method (None otherwise).
     identity: the `PredictorIdentity` of what produced the scores (the "model" record of the file). created:
-    ISO-8601 UTC time stamp.
+    ISO-8601 UTC time stamp. computation: the engine and precision that computed the scores and why
+    (`Predictor.computation`; recorded, not compared: bf16 and fp32 scores differ by far less than a threshold's
+    sampling noise; None in files of older versions).
     """
 
     image_threshold: float | None
@@ -99,6 +101,7 @@ class Calibration:
     identity: PredictorIdentity
     quantile: float | None = None
     pixel_quantile: float | None = None
+    computation: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

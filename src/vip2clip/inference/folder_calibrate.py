@@ -7,6 +7,7 @@ each rank scores a share and rank 0 merges the scores and the streamed pixel qua
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,4 +93,5 @@ def calibrate_folder(
         if not scores:
             raise ValueError("none of the images could be read: " + "; ".join(f"{p}: {e}" for p, e in failed[:5]))
         calibration = calib.calibrate_from_normal(scores, pixels, predictor.identity, image_quantile)
+        calibration = dataclasses.replace(calibration, computation=predictor.computation)
     return world.broadcast((calibration, failed, scan))

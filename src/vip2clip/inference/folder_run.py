@@ -138,6 +138,8 @@ def run_settings(
         "thresholds_source": predictor.thresholds.source,
         "overlays": options.overlays,
         "inputs": sorted({str(Path(path).resolve()) for path in inputs}),
+        # fp32 torch, bf16 torch and an INT8 file give other numbers: one folder holds one of them (resume refuses)
+        "computation": {key: value for key, value in predictor.computation.items() if key != "why"},
     }
     switches = {"panels": options.panels, "raw_maps": options.raw_maps}
     settings.update({name: True for name, used in switches.items() if used})  # absent when off: see above
@@ -336,7 +338,7 @@ def _finish(predictor: Predictor, plan: _Plan, reports: list[_ShareReport], out_
     rows = sorted([*records.values(), *not_judged.values()], key=lambda row: row["key"])
     remove_stale_outputs(out_dir, plan.earlier, rows)
     self_references = sum(bool(row.get("self_reference")) for row in rows)
-    run = world.describe(predictor.model)
+    run = world.describe(predictor.model) | {"computation": predictor.computation}
     run.update({"self_references": self_references} if predictor.references is not None else {})
     if predictor.mutual is not None:  # how many images scored each other, and how alike they look
         run["mutual_groups"] = [group for report in reports for group in report.groups]

@@ -10,6 +10,10 @@ fingerprint, image size, top-K, sigma, full config) and the package version: `en
 `engine.identity` come from there, so calibration files are checked against an ONNX model exactly as against
 the torch model it was exported from. This module imports numpy and the chosen runtime only; `Predictor(engine)`
 then runs preprocessing and map resizing on numpy and PIL, so a deployment needs no torch at all.
+
+Precision (`engine.precision`, and `engine.precision_reason` says why): "auto" computes in bf16 where that is
+both fast and exact enough, i.e. OpenVINO on a CPU with native bf16, with only the image encoder in bf16 and the
+heads in fp32 (`vip2clip.inference.openvino_precision`); fp32 elsewhere. An INT8 file keeps its INT8 layers.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -27,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vip2clip.config import ModelConfig
+from vip2clip.inference.openvino_precision import ExactHeads, split_encoder
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.outputs import ImageBatch
-from vip2clip.utils.cpu_features import cpu_features
+from vip2clip.utils.cpu_features import auto_precision, cpu_features
 
 if TYPE_CHECKING:
     import torch
@@ -45,12 +51,17 @@ META_QUANTIZATION = "vip2clip.quantization"  # how it was quantized and calibrat
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("pred_score", "anomaly_map")
 BACKENDS = ("auto", "onnxruntime", "openvino")
-PRECISIONS = ("auto", "fp32", "bf16")  # what the runtime computes in; "auto"/"fp32": as the file (fp32 or INT8)
+PRECISIONS = ("auto", "fp32", "bf16")  # what the runtime computes in; "fp32": as the file (fp32 or INT8)
 # backend="auto": the faster runtime per precision on this project's CPU (benchmarks/RESULTS.md, bench_precision.py);
 # ONNX Runtime when OpenVINO is not installed (it has no bf16 CPU path).
 FASTER_BACKEND = {"fp32": "openvino", "bf16": "openvino"}  # an INT8 file: as fp32
 
 Runner = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+_ALL_BF16_WARNING = (
+    "bf16 on OpenVINO runs FGP, UTPA's softmax and the smoothing in bf16 too here (the file's image encoder was "
+    "not recognised, so the heads cannot be kept in fp32): its maps move more than torch's --precision bf16 "
+    "(docs/precision.md); prefer fp32, torch bf16 or an INT8 export for maps"
+)
 
 
 class MissingDependencyError(ImportError):
@@ -115,6 +126,10 @@ class OnnxEngine:
     identity: the ModelIdentity recorded at export (calibrations are checked against it).
     providers: what the model runs on (ONNX Runtime's execution providers in use, or the OpenVINO device);
     available: what the runtime offers on this machine.
+    precision: what computes: "fp32", "bf16" (OpenVINO: the image encoder in bf16, the heads in fp32), "int8" (an
+    INT8 file: its INT8 layers, the rest fp32) or "int8+bf16"; precision_reason: one line on why (what "auto"
+    chose, or "as asked"), for logs and prediction metadata.
+    parts: on OpenVINO in bf16, the encoder and heads compiled apart (`openvino_precision.ExactHeads`); else None.
     """
 
     def __init__(
@@ -134,11 +149,6 @@ class OnnxEngine:
         self.backend = _choose_backend(backend, precision)
         if precision == "bf16" and cpu_features().known and not cpu_features().bf16:
             logger.warning("bf16 engine: %s; fp32 is faster here", cpu_features().describe_bf16())
-        if precision == "bf16":
-            logger.warning(
-                "bf16 on OpenVINO runs FGP, UTPA's softmax and the smoothing in bf16 too: its maps move more than "
-                "torch's --precision bf16 (docs/precision.md); prefer torch bf16 or an INT8 export for maps"
-            )
         if precision == "bf16" and self.backend == "onnxruntime":
             raise ValueError(
                 "ONNX Runtime has no bf16 CPU kernels: it would run this file in fp32. For bf16 use "
@@ -147,14 +157,14 @@ class OnnxEngine:
         if self.path.stat().st_size == 0:
             raise OnnxLoadError(f"{self.path} is empty (0 bytes): not an ONNX model (copy it again, or export again)")
         open_backend = _onnxruntime if self.backend == "onnxruntime" else _openvino
-        self._run, metadata, self.providers, self.available = open_backend(self.path, providers, precision == "bf16")
+        opened = open_backend(self.path, providers, precision)
+        self._run, self.parts, metadata = opened.run, opened.parts, opened.metadata
+        self.providers, self.available = opened.providers, opened.available
         self.identity, self.config = read_metadata(metadata, self.path)
         self.file_precision = metadata.get(META_PRECISION, "fp32")
         # How an INT8 file was quantized and calibrated (`vip2clip.inference.onnx_quantize.Int8Report`); else None.
         self.quantization = json.loads(metadata[META_QUANTIZATION]) if META_QUANTIZATION in metadata else None
-        self.precision = {("int8", True): "int8+bf16", ("fp32", True): "bf16"}.get(
-            (self.file_precision, precision == "bf16"), self.file_precision
-        )
+        self.precision, self.precision_reason = opened.precision, opened.reason
 
     def __repr__(self) -> str:
         return (
@@ -163,15 +173,18 @@ class OnnxEngine:
         )
 
     def describe(self) -> str:
-        """What runs: the runtime, and the precision of the file and of the computation (for logs)."""
+        """What runs: the runtime, the precision of the file and of the computation, and why (for logs)."""
         runtime = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}[self.backend]
+        heads = "fp32 heads (text path, FGP, UTPA, top-K, smoothing)" if self.parts else "bf16 heads too"
         kernels = {
             "fp32": "fp32",
-            "bf16": "bf16 (OpenVINO's bf16 inference precision)",
+            "bf16": f"bf16 image encoder, {heads}",
             "int8": "INT8 encoder linear layers, the rest fp32",
-            "int8+bf16": "INT8 encoder linear layers, the rest bf16",
+            "int8+bf16": f"INT8 encoder linear layers, the rest of the image encoder bf16, {heads}",
         }[self.precision]
-        return f"{runtime} running the {self.file_precision} file {self.path.name} in {kernels}"
+        return (
+            f"{runtime} running the {self.file_precision} file {self.path.name} in {kernels}; {self.precision_reason}"
+        )
 
     def predict(self, images: np.ndarray | torch.Tensor) -> ImageBatch:
         """images [B, 3, S, S] (normalised; numpy or torch) -> ImageBatch(pred_score [B], anomaly_map [B, S, S]).
@@ -213,8 +226,11 @@ def load_onnx(
         entry names the OpenVINO device instead (default "CPU").
     backend: "auto" (the runtime measured faster for the precision, FASTER_BACKEND, when installed), "onnxruntime"
         or "openvino" (they read the same file; docs/deployment.md says which is faster where).
-    precision: "auto"/"fp32" compute as the file is (fp32, or INT8 layers + fp32); "bf16" computes what is not INT8
-        in bf16 (OpenVINO only; on CPUs with AVX512-BF16 or AMX).
+    precision: "fp32" computes as the file is (fp32, or INT8 layers + fp32); "bf16" computes the image encoder's
+        non-INT8 operations in bf16 and the heads in fp32 (OpenVINO only; fast on CPUs with AVX512-BF16 or AMX);
+        "auto": "bf16" (an INT8 file: "int8+bf16") where OpenVINO runs the file on a CPU with native bf16, else as
+        the file.
+        `engine.precision` and `engine.precision_reason` say what was chosen and why.
     """
     return OnnxEngine(path, providers, backend, precision)
 
@@ -246,10 +262,47 @@ def read_metadata(metadata: dict[str, str], path: Path) -> tuple[ModelIdentity, 
     return identity, config
 
 
-Opened = tuple[Runner, dict[str, str], tuple[str, ...], tuple[str, ...]]  # run, metadata, providers, available
+@dataclass
+class Opened:
+    """A model opened by a runtime: its runner and metadata, where it runs, and in which precision and why."""
+
+    run: Runner
+    metadata: dict[str, str]
+    providers: tuple[str, ...]
+    available: tuple[str, ...]
+    precision: str  # "fp32" | "bf16" | "int8" | "int8+bf16"
+    reason: str
+    parts: ExactHeads | None = None
 
 
-def _onnxruntime(path: Path, providers: Sequence[str] | None, bf16: bool) -> Opened:
+def choose_precision(requested: str, backend: str, file_precision: str, device: str = "CPU") -> tuple[str, str]:
+    """(what computes: "fp32" | "bf16" | "int8" | "int8+bf16", one line on why) for a `load_onnx` precision.
+
+    "bf16" means the image encoder in bf16 and the heads in fp32 (OpenVINO; `openvino_precision`). auto picks it
+    only where it is fast, OpenVINO's CPU plugin on a CPU with native bf16 (`auto_precision`), and fp32 elsewhere.
+    An INT8 file keeps its INT8 layers; under auto the rest of its image encoder runs in bf16 in the same place
+    (measured 1.27x faster than INT8 + fp32 on ViT-L/14 at 518 px, with the same metrics on the demo's trained
+    model: docs/precision.md), elsewhere in fp32 as the file says."""
+    as_file = "INT8 layers, the rest fp32" if file_precision == "int8" else "fp32"
+    if requested == "fp32":
+        return file_precision, f"fp32 as asked ({as_file})"
+    if requested == "bf16":
+        features = cpu_features()
+        slow = f" ({features.describe_bf16()})" if device == "CPU" and features.known and not features.bf16 else ""
+        return ("int8+bf16" if file_precision == "int8" else "bf16"), f"bf16 as asked{slow}"
+    if backend == "onnxruntime":
+        return file_precision, f"auto: {as_file} (ONNX Runtime has no bf16 CPU kernels)"
+    if device != "CPU":
+        return file_precision, f"auto: {as_file} (OpenVINO device {device}: no precision hint, the device's default)"
+    choice, why = auto_precision("cpu", cpu_features())
+    if choice != "bf16":
+        return file_precision, why if file_precision == "fp32" else f"{why}: {as_file}"
+    if file_precision == "int8":
+        return "int8+bf16", f"{why}: INT8 layers, the rest of the image encoder bf16, fp32 heads on OpenVINO"
+    return "bf16", f"{why}: bf16 image encoder, fp32 heads on OpenVINO"
+
+
+def _onnxruntime(path: Path, providers: Sequence[str] | None, precision: str) -> Opened:
     ort = import_optional("onnxruntime", "the ONNX engine")
     try:
         session = ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
@@ -261,10 +314,11 @@ def _onnxruntime(path: Path, providers: Sequence[str] | None, bf16: bool) -> Ope
         return score, anomaly_map
 
     metadata = dict(session.get_modelmeta().custom_metadata_map)
-    return run, metadata, tuple(session.get_providers()), tuple(ort.get_available_providers())
+    computes, reason = choose_precision(precision, "onnxruntime", metadata.get(META_PRECISION, "fp32"))
+    return Opened(run, metadata, tuple(session.get_providers()), tuple(ort.get_available_providers()), computes, reason)
 
 
-def _openvino(path: Path, providers: Sequence[str] | None, bf16: bool) -> Opened:
+def _openvino(path: Path, providers: Sequence[str] | None, precision: str) -> Opened:
     ov = import_optional("openvino", "the OpenVINO backend", extra="openvino")
     core = ov.Core()
     try:
@@ -275,11 +329,21 @@ def _openvino(path: Path, providers: Sequence[str] | None, bf16: bool) -> Opened
     keys = (META_FORMAT, META_IDENTITY, META_VERSION, META_PRECISION, META_QUANTIZATION)
     metadata = {key: model.get_rt_info(["framework", key]).astype(str) for key in keys if _has_rt(model, key)}
     read_metadata(metadata, path)  # not a vip2clip export: say so before compiling it
-    # f32 like ONNX Runtime and torch unless bf16 is asked for: on CPUs with bf16 units the plugin would otherwise
-    # compute in bf16. INT8 (QDQ) layers run in INT8 either way.
     device = providers[0] if providers else "CPU"
-    hint = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"} if device == "CPU" else {}
+    file_precision = metadata.get(META_PRECISION, "fp32")
+    computes, reason = choose_precision(precision, "openvino", file_precision, device)
+    bf16 = computes in ("bf16", "int8+bf16") and device == "CPU"
+    split = split_encoder(model) if bf16 else None
+    if bf16 and split is None:
+        computes, reason = _unsplittable(precision, computes, reason, file_precision)
+        bf16 = computes != file_precision
     try:
+        if split is not None:
+            parts = ExactHeads(core, split, device)
+            return Opened(parts, metadata, (device,), tuple(core.available_devices), computes, reason, parts)
+        # f32 like ONNX Runtime and torch unless bf16 is chosen: on CPUs with bf16 units the plugin would otherwise
+        # compute in bf16. INT8 (QDQ) layers run in INT8 either way.
+        hint = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"} if device == "CPU" else {}
         compiled = core.compile_model(model, device, hint)
     except Exception as error:  # e.g. a device this machine does not have
         raise OnnxLoadError(
@@ -293,7 +357,16 @@ def _openvino(path: Path, providers: Sequence[str] | None, bf16: bool) -> Opened
         score, anomaly_map = (np.array(result[output], dtype=np.float32) for output in outputs)  # copies
         return score, anomaly_map
 
-    return run, metadata, (device,), tuple(core.available_devices)
+    return Opened(run, metadata, (device,), tuple(core.available_devices), computes, reason)
+
+
+def _unsplittable(requested: str, computes: str, reason: str, file_precision: str) -> tuple[str, str]:
+    """(precision, reason) when the file's image encoder was not recognised, so the heads cannot be kept apart:
+    auto runs the file as it is; bf16 asked for runs everywhere in bf16, with a warning."""
+    if requested == "auto":
+        return file_precision, f"{reason}; but the file's image encoder was not recognised: as the file"
+    logger.warning(_ALL_BF16_WARNING)
+    return computes, f"{reason}; bf16 everywhere (the file's image encoder was not recognised)"
 
 
 def _has_rt(model: Any, key: str) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import inspect
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ from vip2clip.inference.onnx_engine import (
     META_QUANTIZATION,
     META_VERSION,
     OUTPUT_NAMES,
+    MissingDependencyError,
     import_optional,
 )
 from vip2clip.model.identity import ModelIdentity
@@ -75,8 +77,8 @@ def export_onnx(
 ) -> Path:
     """Export `model`'s predict to the ONNX file `path` (written atomically).
 
-    Returns: the path written. Raises: MissingDependencyError (onnx/onnxscript, or nncf for INT8, not installed);
-    OSError when the destination cannot be written (said before the slow export).
+    Returns: the path written. Raises: MissingDependencyError (onnx/onnxscript, or for INT8 nncf/onnxruntime, not
+    installed); OSError when the destination cannot be written (both said before the slow export).
 
     Example:
         >>> import vip2clip
@@ -94,7 +96,7 @@ def export_onnx(
         that move the map most in fp32 until the map's rank correlation with fp32 is at least 1 - max_map_drop.
     progress: called with a line per step of the INT8 export.
     Runs in fp32 whatever the model's precision (the runtime chooses its own). Takes about a minute and a few GB
-    of memory for ViT-L/14.
+    of memory for ViT-L/14; INT8 a few minutes more and under 10 GB (benchmarks/RESULTS.md, issue 26).
     """
     import_optional("onnxscript", "ONNX export")
     import_optional("onnx", "ONNX export")
@@ -102,7 +104,7 @@ def export_onnx(
     folder = staging_folder(path)  # before the slow part: a destination that cannot be written is said at once
     size = int(image_size or model.config.image_size)
     try:
-        calibration = _calibration(quantize, calibration_images, size)  # bad calibration input: said at once
+        calibration = _calibration(quantize, calibration_images, size, int8_method)  # bad input: said at once
         program = _program(model, _identity(model, checkpoint, size), size)
         if calibration is None:
             if external_data is None:
@@ -152,14 +154,14 @@ def quantize_onnx(
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """An fp32 file written by `export_onnx` -> its INT8 version at `path` (as `export_onnx(..., quantize="int8")`
-    without exporting again)."""
+    without exporting again, and without a torch model in memory)."""
     onnx = import_optional("onnx", "INT8 export")
     source, path = Path(source), Path(path)
     metadata = {entry.key: entry.value for entry in onnx.load(source, load_external_data=False).metadata_props}
     if metadata.get(META_FORMAT) != FORMAT or metadata.get(META_PRECISION, "fp32") != "fp32":
         raise ValueError(f"{source} is not an fp32 vip2clip export (write one with `vip2clip export`)")
     identity = ModelIdentity.from_dict(json.loads(metadata[META_IDENTITY]))
-    calibration = _calibration("int8", calibration_images, int(identity.image_size))
+    calibration = _calibration("int8", calibration_images, int(identity.image_size), int8_method)
     folder = staging_folder(path)
     try:
         _write_int8(source, calibration, path, None, folder, int8_method, max_map_drop, progress)
@@ -188,14 +190,20 @@ def _write_int8(fp32: Path, calibration, path: Path, external_data, folder: Path
     save_written(write, path, external_data, folder)
 
 
-def _calibration(quantize: str | None, images: str | Path | Sequence[str | Path] | None, size: int):
-    """The calibration images of an INT8 export (checked before the minute of export); None for fp32."""
+def _calibration(
+    quantize: str | None, images: str | Path | Sequence[str | Path] | None, size: int, method: str = "nncf"
+):
+    """The calibration images of an INT8 export with `method`, and its packages, checked before the minutes of
+    export; None for fp32."""
     if quantize is None:
         return None
     if quantize != "int8":
         raise ValueError(f"unknown quantization {quantize!r}; the only one is 'int8'")
     if images is None:
         raise ValueError("an INT8 export needs calibration_images: a folder (or files) of normal images")
+    from vip2clip.inference.onnx_quantize import load_calibration_images
+
+    check_int8_dependencies(method)  # a missing quantizer is said before the minutes of export, not after
     features = cpu_features()
     if features.known and not features.int8:
         logger.warning(
@@ -203,10 +211,37 @@ def _calibration(quantize: str | None, images: str | Path | Sequence[str | Path]
             "CPUs; deploy it on one with VNNI or AMX",
             features.model,
         )
-    from vip2clip.inference.onnx_quantize import load_calibration_images
-
     paths = [images] if isinstance(images, (str, Path)) else list(images)
     return load_calibration_images(paths, size)
+
+
+def check_int8_dependencies(method: str) -> None:
+    """ValueError for an unknown `method`; MissingDependencyError naming what to install, and the method that
+    works without it, when a package `method` needs is missing."""
+    from vip2clip.inference.onnx_quantize import METHODS
+
+    if method not in METHODS:
+        raise ValueError(f"unknown INT8 method {method!r}; choose one of {list(METHODS)}")
+    for name in ("onnx", "onnxruntime"):  # NNCF's ONNX backend calibrates on ONNX Runtime too
+        import_optional(name, f"INT8 export ({method})")
+    if method == "onnxruntime":
+        from onnxruntime import __version__
+        from onnxruntime.quantization import quantize_static
+
+        if "calibration_cache_path" not in inspect.signature(quantize_static).parameters:
+            raise MissingDependencyError(
+                f"--int8-method onnxruntime needs an onnxruntime whose quantize_static takes calibration ranges "
+                f"(calibration_cache_path; this one is {__version__}): pip install -U onnxruntime, or use "
+                "--int8-method nncf"
+            )
+    if method == "nncf":
+        try:
+            import_optional("nncf", "INT8 export with NNCF (--int8-method nncf, the default)", extra="int8")
+        except MissingDependencyError as error:
+            raise MissingDependencyError(
+                f"{error}, or use --int8-method onnxruntime (int8_method='onnxruntime'), which needs only the "
+                "onnx extra"
+            ) from error
 
 
 def _identity(model: ViP2CLIP, checkpoint: str | Path | None, size: int) -> ModelIdentity:

@@ -185,14 +185,15 @@ class Predictor:
         pixel_threshold: float | None = None,
         device: str = "cpu",
         image_size: int | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
         batch_size: int = 8,
         tiling: TileConfig | None = None,
         reference: str | Path | None = None,
         mutual: MutualRule | None = None,
         **config: Any,
     ) -> Predictor:
-        """`from_spec` of a PyTorch model: `vip2clip.create_model`'s arguments (`config`: ModelConfig overrides),
+        """`from_spec` of a PyTorch model: `vip2clip.create_model`'s arguments (`config`: ModelConfig overrides;
+        `precision` defaults to "auto", bf16 where the device computes it natively, as `vip2clip predict` does),
         the reference images in the folder `reference` (cached in `default_cache_dir()`) and the thresholds
         (`resolve_thresholds`); `mutual`: score the images of each call together."""
         model = ModelSpec(checkpoint, clip_weights, None, backbone, image_size, device, precision, config=config)
@@ -212,10 +213,12 @@ class Predictor:
         batch_size: int = 8,
         tiling: TileConfig | None = None,
         backend: str = "auto",
+        precision: str = "auto",
     ) -> Predictor:
         """`from_spec` of a model exported by `vip2clip.export_onnx`, on ONNX Runtime or OpenVINO (no torch
-        needed); the calibration is checked against the identity recorded in the file."""
-        model = ModelSpec(onnx=path, onnx_backend=backend)
+        needed; `precision` as `load_onnx`'s); the calibration is checked against the identity recorded in the
+        file."""
+        model = ModelSpec(onnx=path, onnx_backend=backend, precision=precision)
         decisions = {"calibration": calibration, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold}
         return cls.from_spec(PredictorSpec(model, tiling, batch_size=batch_size, **decisions))
 
@@ -231,6 +234,18 @@ class Predictor:
             references=None if self.references is None else self.references.record(),
             mutual=None if self.mutual is None else self.mutual.to_dict(),
         )
+
+    @property
+    def computation(self) -> dict[str, str]:
+        """What computes the scores: {"engine": "torch" | "onnxruntime" | "openvino", "precision": what the model
+        computes in (what "auto" chose), "why": the reason}. Outputs of another engine or precision are other
+        numbers, so a prediction folder records the first two among its settings."""
+        model = self.model
+        return {
+            "engine": getattr(model, "backend", "torch"),
+            "precision": str(getattr(model, "precision", "fp32")),
+            "why": str(getattr(model, "precision_reason", "") or "as the engine computes"),
+        }
 
     @property
     def image_size(self) -> int:

@@ -96,7 +96,8 @@ class ViP2CLIP(AnomalibModule):
     """ViP²-CLIP in anomalib (module docstring; docs/anomalib.md).
 
     checkpoint, backbone, clip_weights, image_size, precision, top_k, sigma: as `vip2clip.create_model` (a
-        checkpoint brings its own backbone, size and options; clip_weights None means random weights, for tests).
+        checkpoint brings its own backbone, size and options; clip_weights None means random weights, for tests;
+        precision "auto" (default): bf16 on CPUs with native bf16, else fp32, decided when the model is built).
     shots: 0 (zero-shot) or k normal train images of the data module as references, drawn with `seed`.
     reference: a folder of normal images as references instead (few-shot without a train split).
     reference_cache: where reference memories are cached (default ~/.cache/vip2clip/references).
@@ -109,7 +110,7 @@ class ViP2CLIP(AnomalibModule):
         backbone: str | None = None,
         clip_weights: str | Path | None = None,
         image_size: int | None = None,
-        precision: str = "fp32",
+        precision: str = "auto",
         top_k: int | None = None,
         sigma: float | None = None,
         shots: int = 0,

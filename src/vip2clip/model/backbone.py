@@ -137,7 +137,10 @@ class FrozenCLIP(nn.Module):
         mask: open_clip's additive [L, L] mask; causal: it is the causal mask (SDPA's is_causal, no mask tensor).
         """
         batch_first = getattr(transformer, "batch_first", True)
-        dtype = self.compute_dtype if x.device.type == "cpu" else None  # other devices: the caller's autocast
+        # Other devices: the caller's autocast. An exported graph is fp32 whatever the model's precision (its
+        # runtime chooses how to compute it), and the bf16 path's oneDNN ops have no ONNX translation.
+        exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+        dtype = self.compute_dtype if x.device.type == "cpu" and not exporting else None
         tapped = []
         for index, block in enumerate(transformer.resblocks, start=1):
             if self.sdpa and sdpa_unsupported(block) is None:

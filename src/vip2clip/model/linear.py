@@ -1,10 +1,12 @@
-"""`linear`: F.linear for the frozen encoders' inference, through oneDNN on CPUs.
+"""`linear`: F.linear for the frozen encoders' inference, through oneDNN on CPUs where that is faster.
 
-PyTorch's CPU `F.linear` in float32 calls MKL's sgemm, which runs far below the hardware on AMD CPUs: on this
-project's 2-core AMD EPYC (AVX-512), a ViT-L/14 MLP product [1370, 1024] x [1024, 4096] ran at 42 GFLOP/s through
-F.linear and at 74 through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's CPU
-backend uses), which takes the same unpacked weight: no copy is kept, the result equals F.linear to float rounding.
-ONNX Runtime's MLAS ran the same product at 80 GFLOP/s.
+PyTorch's CPU `F.linear` in float32 calls MKL's sgemm, which runs far below the hardware on AMD CPUs with AVX-512:
+on this project's 2-core AMD EPYC Zen 4, a ViT-L/14 MLP product [1370, 1024] x [1024, 4096] ran at 42 GFLOP/s
+through F.linear and at 74 through oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's
+CPU backend uses), which takes the same unpacked weight: no copy is kept, the result equals F.linear to float
+rounding. On an AVX2-only AMD EPYC Zen 3 it is the other way round (oneDNN 102-113 GFLOP/s, MKL 113-121), so the
+library is chosen by capability (`fp32_library`): oneDNN with AVX-512, MKL without; VIP2CLIP_FP32_LINEAR=onednn or
+mkl overrides the choice (to measure both on a new CPU class: benchmarks/bench_engines.py).
 
 Used only where it cannot change what the caller gets: float32 CPU tensors, no autograd (the text encoder trains
 prompts through it), no autocast, and not while torch.export or torch.compile trace (the ONNX exporter has no
@@ -18,6 +20,7 @@ every call, as autocast does, cost a third of the product's time for a ViT-L MLP
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +28,14 @@ from open_clip.transformer import QuickGELU
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
+from vip2clip.utils.cpu_features import cpu_features
+
 # weight -> (its version counter when copied, {(dtype, scale): copy}): low-precision copies of frozen weights.
 _LOW_PRECISION_COPIES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 QUICK_GELU_SCALE = 1.702  # open_clip's QuickGELU: x * sigmoid(1.702 x) = swish(1.702 x) / 1.702
+FP32_LINEAR_VARIABLE = "VIP2CLIP_FP32_LINEAR"
+FP32_LIBRARIES = ("onednn", "mkl")
+LIBRARY_NAMES = {"onednn": "oneDNN", "mkl": "MKL (F.linear)"}
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -116,7 +124,22 @@ def _onednn_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if _cpu_autocast() or torch.compiler.is_compiling():
         return False
-    return _onednn_works()
+    return fp32_library()[0] == "onednn"
+
+
+@functools.cache
+def fp32_library() -> tuple[str, str]:
+    """("onednn" | "mkl", why): the library of the frozen encoders' fp32 CPU products in this process."""
+    forced = os.environ.get(FP32_LINEAR_VARIABLE, "").strip().lower()
+    if forced and forced not in FP32_LIBRARIES:
+        raise ValueError(f"{FP32_LINEAR_VARIABLE}={forced!r}: use one of {', '.join(FP32_LIBRARIES)}")
+    if not _onednn_works():
+        return "mkl", "fp32 products: MKL (F.linear; this torch has no working oneDNN linear)"
+    if forced:
+        return forced, f"fp32 products: {LIBRARY_NAMES[forced]} ({FP32_LINEAR_VARIABLE})"
+    if cpu_features().avx512:
+        return "onednn", "fp32 products: oneDNN (faster than MKL on AVX-512 CPUs)"
+    return "mkl", "fp32 products: MKL (F.linear; faster than oneDNN without AVX-512)"
 
 
 def _cpu_autocast() -> bool:

@@ -20,12 +20,31 @@ from vip2clip.model import utpa
 from vip2clip.model.backbone import FrozenCLIP, ImageFeatures
 from vip2clip.model.explain import Explanation, fgp_attention, make_explanation
 from vip2clip.model.fgp import FineGrainedPerception
+from vip2clip.model.linear import fp32_library
 from vip2clip.model.prompt import VisualConditionedPrompts
 from vip2clip.model.state_check import state_mismatch
 from vip2clip.outputs import ImageBatch
-from vip2clip.utils.cpu_features import cpu_features
+from vip2clip.utils.cpu_features import auto_precision, cpu_features
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_CHOICES = ("auto", *PRECISIONS)  # "auto": `resolve_precision` picks one of PRECISIONS for the device
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> tuple[str, str]:
+    """(the precision to compute the frozen encoders in, why) for `precision` on `device`.
+
+    "auto" is bf16 where the device multiplies bf16 natively (CPUs with AVX512-BF16 or AMX, CUDA GPUs that support
+    bf16) and fp32 elsewhere: emulated bf16 is slower than fp32, so auto is never slower than fp32."""
+    if precision not in PRECISION_CHOICES:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {list(PRECISION_CHOICES)}")
+    device_type = torch.device(device).type
+    if precision != "auto":
+        return precision, f"{precision} as asked"
+    if device_type == "cpu":
+        return auto_precision("cpu")
+    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16", "auto: bf16 (this GPU computes bf16 natively)"
+    return "fp32", f"auto: fp32 (no native bf16 known on {device_type})"
 
 
 @dataclass
@@ -68,16 +87,18 @@ class ViP2CLIP(nn.Module):
         self.prompts.set_sentences(config.state_words, backbone.embed_tokens)
         self.fgp = FineGrainedPerception(dim, config.fgp_heads) if config.use_fgp else None
         self.precision = "fp32"
+        self.precision_reason = "fp32 by default"
 
     def set_precision(self, precision: str) -> ViP2CLIP:
-        """Run the frozen encoders in "bf16"/"fp16"; FGP, UTPA, the softmax and the smoothing stay fp32.
+        """Run the frozen encoders in "bf16"/"fp16"; FGP, UTPA, the softmax and the smoothing stay fp32. "auto":
+        bf16 where the model's device has native bf16, else fp32 (`resolve_precision`; call it after moving the
+        model to its device); `precision` then holds the choice and `precision_reason` why.
 
         bf16 on the CPU runs every SDPA block's linear layers, attention and activation in bf16 (oneDNN's kernels,
         on bf16 copies of the frozen weights made once), residuals and LayerNorms in fp32
         (`FrozenCLIP.compute_dtype`); elsewhere (fp16, CUDA) the encoders run under autocast.
         """
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+        precision, self.precision_reason = resolve_precision(precision, self.backbone.clip.visual.proj.device)
         self.precision = precision
         self.backbone.compute_dtype = torch.bfloat16 if precision == "bf16" else None
         return self
@@ -86,12 +107,18 @@ class ViP2CLIP(nn.Module):
         """Where the model computes in which precision, and whether this CPU has native bf16 (for logs)."""
         device = self.backbone.clip.visual.proj.device.type
         if self.precision == "fp32":
-            return "fp32 everywhere"
+            library = f" ({fp32_library()[1]})" if device == "cpu" else ""
+            return f"fp32 everywhere{library}; {self.precision_reason}"
         if device != "cpu" or self.precision != "bf16":
-            return f"{self.precision} autocast for the frozen encoders on {device}; FGP, UTPA and smoothing in fp32"
+            return (
+                f"{self.precision} autocast for the frozen encoders on {device}; FGP, UTPA and smoothing in fp32; "
+                + self.precision_reason
+            )
+        why = self.precision_reason  # auto's reason names the CPU's bf16 units; else say them here
+        why = why if why.startswith("auto") else f"{why}; {cpu_features().describe_bf16()}"
         return (
             "bf16 encoders on the CPU (linear layers, attention and activations in bf16 through oneDNN; residuals, "
-            f"LayerNorms, FGP, UTPA, softmax and smoothing in fp32); {cpu_features().describe_bf16()}"
+            f"LayerNorms, FGP, UTPA, softmax and smoothing in fp32); {why}"
         )
 
     def compile_encoders(self, **options) -> ViP2CLIP:
