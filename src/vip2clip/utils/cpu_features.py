@@ -15,15 +15,20 @@ from __future__ import annotations
 import functools
 import os
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 BF16_FLAGS = {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX-BF16"}
 INT8_FLAGS = {"avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI", "amx_int8": "AMX-INT8"}
 AVX512_FLAGS = {"avx512f": "AVX-512"}
-# Capability name -> the flags that provide it (what VIP2CLIP_CPU_FEATURES_OFF removes). AVX-512 off removes the
-# AVX-512 extensions too (an AVX2-only CPU has none of them) but not AMX.
-CAPABILITIES = {"bf16": set(BF16_FLAGS), "int8": set(INT8_FLAGS), "avx512": {"avx512"}}
+# Capability name -> whether a flag provides it (what VIP2CLIP_CPU_FEATURES_OFF removes). AVX-512 off removes every
+# AVX-512 extension (an AVX2-only CPU has none of them), not AMX.
+CAPABILITIES: dict[str, Callable[[str], bool]] = {
+    "bf16": BF16_FLAGS.__contains__,
+    "int8": INT8_FLAGS.__contains__,
+    "avx512": lambda flag: flag.startswith("avx512"),
+}
 FEATURES_OFF_VARIABLE = "VIP2CLIP_CPU_FEATURES_OFF"
 
 
@@ -83,10 +88,8 @@ class CpuFeatures:
         if unknown:
             known = ", ".join(CAPABILITIES)
             raise ValueError(f"{FEATURES_OFF_VARIABLE}: unknown capability {', '.join(unknown)}; use any of {known}")
-        hidden = set().union(*(CAPABILITIES[name] for name in capabilities)) if capabilities else set()
-        flags = frozenset(
-            flag for flag in self.flags if flag not in hidden and not ("avx512" in hidden and flag.startswith("avx512"))
-        )
+        hidden = [CAPABILITIES[name] for name in capabilities]
+        flags = frozenset(flag for flag in self.flags if not any(provides(flag) for provides in hidden))
         return CpuFeatures(self.model, flags, self.known, tuple(sorted(set(self.forced_off) | set(capabilities))))
 
 
