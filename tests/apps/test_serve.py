@@ -37,6 +37,7 @@ from vip2clip.data.index import DatasetIndex
 from vip2clip.inference.predictor import Predictor
 from vip2clip.inference.thresholds import Thresholds
 from vip2clip.model.identity import ModelIdentity
+from vip2clip.model.vip2clip import resolve_precision
 from vip2clip.visualization.heatmap import jet
 
 # The README's screenshot is refreshed only when asked (VIP2CLIP_UPDATE_SCREENSHOT=1), so test runs leave the
@@ -144,6 +145,7 @@ def test_page_info_examples_and_colour_bar(url: str) -> None:
     assert status == 200 and info["model"]["random_weights"] and info["model"]["weights"].startswith("random")
     assert info["limits"] == {"max_upload_bytes": 200_000, "max_pixels": 1_000_000, "max_queue": 2, "body_timeout_s": 1}
     assert (info["image_threshold"], info["pixel_threshold"], info["threshold_source"]) == (0.5, 0.5, "test")
+    assert info["model"]["computation"] == {"engine": "torch", "precision": "fp32", "why": "fp32 as asked"}
     status, _, examples = _call(url + "/api/examples")
     assert status == 200 and [e["label"].split()[0] for e in examples] == ["normal", "defect", "defect"]
     assert _from_data_url(examples[0]["thumbnail"]).shape == (64, 64, 3)
@@ -572,8 +574,12 @@ def test_browser_upload_shows_score_overlay_scale_and_errors(
         notice = driver.find_element(By.ID, "random-notice")
         wait.until(lambda d: notice.is_displayed())
         assert "has random weights" in notice.text and "(backbone weights: random init" in notice.text
+        # The page names the precision that `serve`'s default (auto) chose; the reference computes in it too.
+        served_with = _call(served + "/api/info")[2]["model"]["computation"]
+        assert served_with["precision"] == resolve_precision("auto", torch.device("cpu"))[0]
+        assert f"{served_with['precision']} on torch." in driver.find_element(By.ID, "model").text
         # The screenshot should show what a trained model does: upload an unseen defect it finds.
-        model = vip2clip.create_model(checkpoint=trained_tiny_checkpoint.checkpoint)
+        model = vip2clip.create_model(checkpoint=trained_tiny_checkpoint.checkpoint, precision=served_with["precision"])
         reference_predictor = Predictor(model, Thresholds(0.5, 0.5, "test"))
         found, overlap = best_found_defect(reference_predictor, trained_tiny_checkpoint.unseen)
         assert overlap > 0.4, f"the trained model's mask hardly overlaps the defect of {found} (IoU {overlap:.2f})"

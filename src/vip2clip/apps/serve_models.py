@@ -38,6 +38,12 @@ class PredictResponse(BaseModel):
     images: DisplayImages | None = Field(None, description="display PNGs, only with ?images=true")
 
 
+class ComputationInfo(BaseModel):
+    engine: str = Field(description="torch, onnxruntime or openvino")
+    precision: str = Field(description="what the model computes in (what --precision auto chose)")
+    why: str = Field(description="why that precision")
+
+
 class ModelInfo(BaseModel):
     backbone: str
     weights: str = Field(description="where the CLIP backbone's weights come from")
@@ -45,6 +51,7 @@ class ModelInfo(BaseModel):
     checkpoint: str | None = Field(description="file name of the trained checkpoint")
     checkpoint_sha256: str | None
     image_size: int
+    computation: ComputationInfo = Field(description="what computes the scores: other precisions give other numbers")
 
 
 class LimitsInfo(BaseModel):

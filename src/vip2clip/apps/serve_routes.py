@@ -32,6 +32,7 @@ from vip2clip.apps.serve_jobs import (
 )
 from vip2clip.apps.serve_models import (
     PREDICT_BODY,
+    ComputationInfo,
     ExampleInfo,
     ExampleName,
     ImagesFlag,
@@ -155,6 +156,7 @@ class ServeState:
             checkpoint=Path(identity.checkpoint).name if identity.checkpoint else None,
             checkpoint_sha256=identity.checkpoint_sha256,
             image_size=identity.image_size,
+            computation=ComputationInfo(**predictor.computation),
         )
         shown = synthetic_examples() if examples is None else examples
         return cls(predictor, limits, JobQueue(limits.max_queue), {e.name: e for e in shown}, model, colour_bar_png())
