@@ -55,7 +55,7 @@ def prepare(args: argparse.Namespace, workdir: Path):
 
     from vip2clip.integrations.anomalib import ViP2CLIP
 
-    model = vip2clip.create_model(args.backbone, image_size=args.size, seed=0)
+    model = vip2clip.create_model(args.backbone, image_size=args.size, seed=0, random_init=True)
     checkpoint = save_checkpoint(workdir / "checkpoint.pt", model.config, model.trainable_state_dict())
     n_good = args.images // 2
     generate_benchmark(workdir / "data", classes=1, image_size=600, n_train_good=0, n_test_good=n_good,
@@ -66,7 +66,7 @@ def prepare(args: argparse.Namespace, workdir: Path):
         os.link(path, folder / f"{i:03d}.png")
     paths = sorted(folder.iterdir())
     predictor = vip2clip.Predictor(model, batch_size=1)  # the checkpoint's weights: it was saved from this model
-    anomalib_model = ViP2CLIP(checkpoint=checkpoint, visualizer=False)
+    anomalib_model = ViP2CLIP(checkpoint=checkpoint, visualizer=False, random_init=True)
     engine = Engine(default_root_dir=workdir / "engine", accelerator="cpu", devices=1, logger=False,
                     enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     return paths, folder, predictor, anomalib_model, engine

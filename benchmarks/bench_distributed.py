@@ -70,7 +70,7 @@ def main() -> None:
     info = machine_description(args.device)
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        model = vip2clip.create_model(args.backbone, image_size=args.image_size, seed=0)  # random weights
+        model = vip2clip.create_model(args.backbone, image_size=args.image_size, seed=0, random_init=True)
         save_checkpoint(root / "model.pt", model.config, model.trainable_state_dict())
         benches = {}
         for n in args.images:

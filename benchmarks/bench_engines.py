@@ -66,7 +66,8 @@ def prepare(args: argparse.Namespace):
     clip, _ = load_clip(args.backbone, None)  # the seeded random weights of --random-init
     checkpoint = random_release_checkpoint(clip.token_embedding.weight.detach(), seed=1)
     torch.save(checkpoint, release)
-    model = vip2clip.create_model(args.backbone, checkpoint=release, image_size=args.size).eval()
+    model = vip2clip.create_model(args.backbone, checkpoint=release, image_size=args.size, random_init=True)
+    model = model.eval()
     clip = model.backbone.clip
     heads = (clip.visual.transformer.resblocks[0].attn.num_heads, clip.transformer.resblocks[0].attn.num_heads)
     baseline = ReleaseBaseline(clip.state_dict(), checkpoint, model.feature_layers, heads, model.config.sigma)

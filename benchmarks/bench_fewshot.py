@@ -107,7 +107,8 @@ def accuracy_tables(model, root: Path, sets: int, seed: int) -> str:
 
 def cost_table(args: argparse.Namespace, device: torch.device) -> str:
     """Time and peak RSS per image of model.predict vs the 4-shot ReferenceEngine.predict."""
-    model = vip2clip.create_model(args.backbone, image_size=args.size, device=device, seed=0).eval()
+    model = vip2clip.create_model(args.backbone, image_size=args.size, device=device, seed=0, random_init=True)
+    model = model.eval()
     generator = torch.Generator().manual_seed(0)
     references = torch.randn(4, 3, args.size, args.size, generator=generator).to(device)
     tokens = model.encode_image(references).patch_tokens

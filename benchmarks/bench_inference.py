@@ -153,7 +153,7 @@ def precision_difference(model: ViP2CLIP, size: int, batch: int) -> dict[str, fl
 
 
 def build_model(args: argparse.Namespace, device: torch.device) -> ViP2CLIP:
-    model = vip2clip.create_model(args.backbone, image_size=max(args.sizes), device=device, seed=0)
+    model = vip2clip.create_model(args.backbone, image_size=max(args.sizes), device=device, seed=0, random_init=True)
     model.set_precision(args.precision).eval()
     model.backbone.sdpa = args.attention == "sdpa"
     if args.compile:

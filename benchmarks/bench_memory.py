@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = apply_common_arguments(args)
-    model = vip2clip.create_model(args.backbone, image_size=args.size, device=device, seed=0)
+    model = vip2clip.create_model(args.backbone, image_size=args.size, device=device, seed=0, random_init=True)
     model.set_precision(args.precision).eval()
     images = torch.randn(args.batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)).to(device)
     info = machine_description(device)

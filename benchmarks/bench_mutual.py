@@ -236,7 +236,8 @@ def cost_table(args: argparse.Namespace, device: torch.device) -> str:
     sync = synchronizer(device)
     rule = MutualRule(max_others=args.others)
     layers, patches, width = 4, 37 * 37, 768
-    model = vip2clip.create_model("ViT-L-14-336", image_size=518, device=device, seed=0).eval()
+    model = vip2clip.create_model("ViT-L-14-336", image_size=518, device=device, seed=0, random_init=True)
+    model = model.eval()
     time_backbone(model, device, 0, sync)  # warm-up
     rows = []
     for k, n in enumerate(args.batches):

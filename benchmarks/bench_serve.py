@@ -50,7 +50,9 @@ def main() -> None:
     add_common_arguments(parser, timing=False)
     args = parser.parse_args()
     device = apply_common_arguments(args)
-    predictor = Predictor(vip2clip.create_model(args.backbone, image_size=args.image_size, device=device, seed=0))
+    predictor = Predictor(
+        vip2clip.create_model(args.backbone, image_size=args.image_size, device=device, seed=0, random_init=True)
+    )
     data, (width, height) = upload(args.megapixels)
     predict_upload(predictor, upload(0.01)[0], max_pixels=width * height)  # warm-up on a small image
     rows = []

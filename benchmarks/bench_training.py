@@ -30,7 +30,9 @@ VIT_L_CACHE_BYTES = (4 * 37 * 37 * 768 + 768) * 2 + 518 * ((518 + 7) // 8)
 
 def run(args: argparse.Namespace, root: Path, cache: bool) -> tuple[TrainResult, float]:
     """Train once from the same initial weights; returns the result and the total wall-clock seconds."""
-    model = vip2clip.create_model(args.backbone, image_size=args.image_size, seed=0, device=args.device)
+    model = vip2clip.create_model(
+        args.backbone, image_size=args.image_size, seed=0, device=args.device, random_init=True
+    )
     index = vip2clip.data.index.read_index(root / "bench")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, cache=cache)
     started = time.perf_counter()

@@ -10,11 +10,9 @@ transforms, forward, SciPy smoothing, metrics.py and table. Prints both tables a
     python benchmarks/check_release_test.py --release-dir ~/ViP2-CLIP [--image-size 518] [--workdir DIR] [--record]
 
 Shims, installed only in the process that runs the release (today's libraries, no internet):
-- `pkg_resources`, gone with setuptools >= 81 and not installed here: a stand-in module that exposes `packaging`,
-  the one name the release imports from it (for a torch version check).
+- `pkg_resources` and `torch.jit.load`: the stand-ins of `vip2clip.evaluation.release_clone` (`import_release`,
+  `rewinding_jit_load`), shared with `vip2clip study efficiency`.
 - `VIP2CLIP_lib.model_load._download`: returns the random weights file instead of downloading ViT-L-14-336px.pt.
-- `torch.jit.load` rewinds the file when it fails: OpenAI's file is a TorchScript archive, the random weights a
-  plain state dict, for which the release falls back to `torch.load` on the same, already read, file object.
 - `PIL.Image.fromarray(zeros, mode="L")`: the release's empty mask of a normal image is a float64 array of zeros;
   Pillow 12 refuses a mode that does not match the dtype, older versions read it as 8-bit zeros. The shim passes
   such an all-zero array as uint8 zeros (the same image); any other array goes through unchanged.
@@ -32,8 +30,9 @@ import runpy
 import subprocess
 import sys
 import tempfile
-import types
 from pathlib import Path
+
+from vip2clip.evaluation.release_clone import import_release, rewinding_jit_load
 
 RELEASE_KEYS = {  # the release's metric names -> ours
     "pixel-auroc": "pixel_auroc",
@@ -49,30 +48,15 @@ N_CTX, N_DYN = 7, 3  # the random checkpoint's prompt lengths (check_release_equ
 
 
 def install_release_shims(release_dir: Path, clip_weights: Path) -> None:
-    """Make the release importable in this process (a child one) with the shims of the module docstring."""
-    sys.path.insert(0, str(release_dir))
+    """Make the release importable in this process (a child one) with the shims of the module docstring (the
+    caller runs the release inside `rewinding_jit_load()`)."""
+    import_release(release_dir)
     os.chdir(release_dir)
     import numpy as np
-    import packaging.version
     import PIL.Image
-    import torch
-
-    sys.modules.setdefault("pkg_resources", types.ModuleType("pkg_resources"))
-    sys.modules["pkg_resources"].packaging = packaging
     import VIP2CLIP_lib.model_load as model_load
 
     model_load._download = lambda url, cache_dir=None: str(clip_weights)
-    jit_load = torch.jit.load
-
-    def rewinding_jit_load(file, *args, **kwargs):
-        start = file.tell()
-        try:
-            return jit_load(file, *args, **kwargs)
-        except RuntimeError:
-            file.seek(start)
-            raise
-
-    torch.jit.load = rewinding_jit_load
     from_array = PIL.Image.fromarray
 
     def zero_mask_from_array(array, mode=None):
@@ -106,7 +90,8 @@ def run_release(release_dir: Path, clip_weights: Path, record: Path, argv: list[
     release_metrics.image_level_metrics = recorded(release_metrics.image_level_metrics)
     release_metrics.pixel_level_metrics = recorded(release_metrics.pixel_level_metrics)
     sys.argv = ["test.py", *argv]
-    runpy.run_path(str(release_dir / "test.py"), run_name="__main__")
+    with rewinding_jit_load():
+        runpy.run_path(str(release_dir / "test.py"), run_name="__main__")
     record.write_text(json.dumps(values))
 
 

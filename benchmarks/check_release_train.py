@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from check_release_test import N_CTX, N_DYN, install_release_shims, make_inputs
+from vip2clip.evaluation.release_clone import rewinding_jit_load
 
 
 def run_release_train(release_dir: Path, clip_weights: Path, record: Path, argv: list[str]) -> None:
@@ -72,7 +73,8 @@ def run_release_train(release_dir: Path, clip_weights: Path, record: Path, argv:
 
     torch.optim.Adam = FirstStepOnly
     sys.argv = ["train.py", *argv]
-    runpy.run_path(str(release_dir / "train.py"), run_name="__main__")
+    with rewinding_jit_load():
+        runpy.run_path(str(release_dir / "train.py"), run_name="__main__")
 
 
 def release_step(release_dir: Path, workdir: Path, data: Path, clip: Path, size: int, n_images: int) -> dict:

@@ -109,10 +109,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
-    # Known problem (issue 26's note): on an AMD Zen 4 (AVX512-BF16) the pytest process was killed by a kernel
-    # SIGSEGV (SI_KERNEL) in a later test's subprocess wait after test_onnx.py's OpenVINO tests ran in it; not yet
-    # understood. Until it is, those tests run last, where no later test spawns processes after them.
-    items.sort(key=lambda item: item.nodeid.startswith("tests/inference/test_onnx.py"))
 
 
 def pytest_report_header(config) -> list[str]:

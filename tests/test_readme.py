@@ -57,3 +57,26 @@ def test_install_size_and_the_cpu_only_wheels_are_said() -> None:
         pytest.skip("torch here has no CUDA wheels: the stated size is about the default (CUDA) install")
     measured = _installed_size("vip2clip", set())  # the package and its whole closure (its own files are tiny)
     assert float(stated.group(1)) == pytest.approx(measured / 1e9, rel=0.25), measured
+
+
+def _github_anchor(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_first_screen_links_resolve() -> None:
+    """Issue 27: the first screen is the two commands, the CPU-only advice and where to go next; every link of the
+    README to one of its sections or to a file of the repository must lead somewhere."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    lines = text.splitlines()
+    assert lines[3].startswith("python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/vip2clip demo")
+    assert lines[4].startswith(
+        'python3 -m venv .venv && .venv/bin/pip install -e ".[dev]" && .venv/bin/python -m pytest'
+    )
+    first_screen = "\n".join(lines[:40])
+    assert "download.pytorch.org/whl/cpu" in first_screen and "| where to go next |" in first_screen
+    anchors = {_github_anchor(line.lstrip("#")) for line in lines if line.startswith("#")}
+    for target in re.findall(r"\]\(#([^)]+)\)", text):
+        assert target in anchors, f"README links to #{target}, which is no heading"
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+        assert (ROOT / target).exists(), f"README links to {target}, which does not exist"

@@ -4,7 +4,8 @@ Public API: `create_model`, `list_models` (presets), `list_pretrained` / `downlo
 `preprocess`, `Predictor`, `ImageItem` / `ImageBatch` (what scoring returns, per image and per batch),
 `ModelConfig`, `export_onnx`, `load_onnx`, `metrics`, `MutualRule` and `predict_mutual` (batch zero-shot: the
 images of a batch score each other), `__version__`. They load lazily, so that commands which need neither torch
-nor open_clip (dataset conversion, validation) start fast, and `load_onnx` + `Predictor` run without torch.
+nor open_clip (dataset conversion, validation) start fast, and `load_onnx` + `Predictor` run without torch; type
+checkers see them through the stub beside this file (`__init__.pyi`).
 
 The package is grouped by pipeline: `model/` (the network), `data/` (datasets, images, converters), `training/`,
 `evaluation/` (with `metrics/` beside it), `inference/` (Predictor, calibration, folder runs), `visualization/`,
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 _LAZY_ATTRIBUTES = {
     "ModelConfig": "vip2clip.config",
     "create_model": "vip2clip.factory",
-    "preprocess": "vip2clip.data.transforms",
+    "preprocess": "vip2clip.model.preprocessing",
     "Predictor": "vip2clip.inference.predictor",
     "ImageItem": "vip2clip.outputs",
     "ImageBatch": "vip2clip.outputs",

@@ -17,9 +17,11 @@ STORAGE_DTYPES = ("float16", "float32")
 
 DEFAULT_BACKBONE = "ViT-L-14-336"
 TINY_BACKBONE = "tiny"
+TINY_PATCH_SIZE = 16  # its patches (model/weights.py builds it; read here without torch)
 # Largest input side accepted: 4x the paper's 518 px per side. ViT-L/14 at 2048 px already has 21,316 patch tokens
 # per image (attention matrices of gigabytes); larger parts are better tiled than fed whole.
 MAX_IMAGE_SIZE = 2048
+TEXT_PROMPTS = ("learned", "handcrafted")
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class ModelConfig:
     use_utpa: bool = True
     # Text encoder: run only the positions up to the end-of-text token (exact under the causal mask).
     truncate_text: bool = True
+    # "learned": the ViP-VCA prompts above; "handcrafted": CLIP's own prompts, untrained (`model.handcrafted`)
+    text_prompts: str = "learned"
 
     def __post_init__(self) -> None:
         if self.feature_layers is not None:
@@ -73,6 +77,8 @@ class ModelConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.sigma < 0:
             raise ValueError(f"sigma must be >= 0, got {self.sigma}")
+        if self.text_prompts not in TEXT_PROMPTS:
+            raise ValueError(f"text_prompts must be one of {list(TEXT_PROMPTS)}, got {self.text_prompts!r}")
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -255,7 +256,7 @@ def test_retry_after_comes_from_what_holds_the_slots_and_docs_work_offline(predi
     with running(predictor, limits) as address:
         stalled = [_raw(address, _headers(1000) + b"\x89PNG") for _ in range(2)]
         time.sleep(0.5)
-        status, headers, answer = _post(address + "/api/predict", _png(np.zeros((8, 8), np.uint8)))
+        status, headers, answer = _post(address + "/api/predict", _png(np.zeros((16, 16), np.uint8)))
         assert status == 503 and 4 <= int(headers["retry-after"]) <= 6, (headers, answer)  # the uploads' deadline
         for sock in stalled:
             sock.close()
@@ -285,7 +286,7 @@ def test_full_queue_answers_503_and_slow_uploads_time_out(url: str) -> None:
     # Two uploads that stall hold both slots of the queue (max_queue=2) ...
     stalled = [_raw(url, _headers(1000) + b"\x89PNG") for _ in range(2)]
     time.sleep(0.3)
-    status, headers, answer = _post(url + "/api/predict", _png(np.zeros((8, 8), np.uint8)))
+    status, headers, answer = _post(url + "/api/predict", _png(np.zeros((16, 16), np.uint8)))
     assert status == 503 and int(headers["retry-after"]) >= 1 and "the server is busy" in answer["error"]
     # ... until the body timeout (1 s) answers them with 408 and closes their connections.
     for sock in stalled:
@@ -293,7 +294,7 @@ def test_full_queue_answers_503_and_slow_uploads_time_out(url: str) -> None:
         assert status == 408 and "did not arrive within 1 s (4 bytes received)" in answer["error"]
         assert sock.recv(1) == b""
         sock.close()
-    assert _post(url + "/api/predict", _png(np.zeros((8, 8), np.uint8)))[0] == 200
+    assert _post(url + "/api/predict", _png(np.zeros((16, 16), np.uint8)))[0] == 200
     assert _call(url + "/api/info")[2]["queue"]["in_use"] == 0
 
 
@@ -446,6 +447,18 @@ class ServerProcess:
         return "".join(self.log)
 
 
+def test_ctrl_c_stops_the_server_at_once_and_says_so() -> None:
+    server = ServerProcess("--backbone", "tiny", "--image-size", "64")
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGINT)
+    server.process.wait(timeout=60)
+    seconds = time.monotonic() - started
+    log = server.stop()
+    assert "stopping (SIGINT)" in log and "vip2clip serve: stopped" in log, log
+    assert server.process.returncode == 130
+    assert seconds < 2.5, f"{seconds:.1f} s to stop"  # the interpreter's teardown of torch took 3-8 s
+
+
 LOAD_CLIENTS = 20
 LOAD_QUEUE = 4
 RSS_BOUND_MB = 400  # peak above the idle server: one 12 MP job (~150 MB) plus 4 queued uploads, with margin
@@ -500,7 +513,7 @@ def test_load_and_disconnects_get_answers_in_bounded_memory() -> None:
         reset.close()
         _raw(server.url, b"NOT HTTP AT ALL\r\n\r\n").close()
         time.sleep(1.0)
-        assert _post(server.url + "/api/predict", _png(np.zeros((8, 8), np.uint8)))[0] == 200
+        assert _post(server.url + "/api/predict", _png(np.zeros((16, 16), np.uint8)))[0] == 200
         deadline = time.monotonic() + 30
         while (info := _call(server.url + "/api/info")[2])["queue"]["in_use"] and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -10,9 +10,11 @@ import pytest
 from vip2clip.cli import main
 
 
-def test_info_reports_parameters_and_weights(capsys):
+def test_info_reports_parameters_and_weights(capsys, caplog):
     assert main(["info", "--backbone", "tiny"]) == 0
     out = capsys.readouterr().out
+    # The tiny backbone's own default size (a multiple of its 16-px patches), not ViT-L/14's 518 and a warning
+    assert '"image_size": 128' in out and "not a multiple" not in caplog.text
     assert "trainable parameters: 30,369" in out
     assert "backbone weights: random init" in out
     assert "backbone parameters requiring grad: 0" in out

@@ -135,3 +135,28 @@ def test_results_files_compare_each_class(tmp_path: Path) -> None:
     assert data["classes"][1] == {"name": "mine", "tables": {}, "values": {}, "difference": {}}
     plain = write_results(tmp_path / "plain", result, {}, title="VisA")
     assert "Compared with" not in plain["markdown"].read_text() and "reference" not in plain["csv"].read_text()
+
+
+def test_table_8_is_table_1_where_it_prints_the_same_model_and_dagm_is_cut_off() -> None:
+    """Table 8 prints no AVERAGE rows; its ViP²-CLIP cells (AUROC, AP / AUROC, PRO) are the same model's Table 1
+    values, so each re-derives from Table 1. The DAGM cells are cut off in the paper's text (not transcribed)."""
+    table_8 = DATA["full_shot"]
+    assert table_8["table"] == "Table 8" and list(table_8["datasets"]) == ["mvtec", "visa", "mpdd", "btad", "dagm"]
+    for dataset, blocks in table_8["datasets"].items():
+        row = _printed_row(dataset)
+        for block, printed in blocks.items():
+            if dataset == "dagm":
+                assert printed is None
+                continue
+            assert printed == [row[key] for key in table_8["metrics"][block]], (dataset, block)
+    assert "DAGM" in table_8["cut_off"] and "no AVERAGE" in table_8["cut_off"]
+
+
+def test_table_3_is_ours_at_the_papers_size_and_names_its_device() -> None:
+    """Table 3 prints no averages: its trainable parameters re-derive from our count at ViT-L/14@336 (VCA 1,786,752
+    + FGP 2,362,369 = 4,149,121, tests/model/test_model.py), and the loader keeps the device it was measured on."""
+    table_3 = PAPER.efficiency
+    assert table_3["table"] == "Table 3" and table_3["device"] == "NVIDIA L20 GPU (48 GB)"
+    assert table_3["trainable_parameters_m"] == round((1_786_752 + 2_362_369) / 1e6, 2)
+    assert (table_3["inference_ms"], table_3["inference_ms_spread"], table_3["gpu_memory_gb"]) == (48.69, 0.19, 2.21)
+    assert table_3["training_time_h"] == 0.54

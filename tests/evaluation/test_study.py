@@ -42,11 +42,12 @@ def _data_args(study: str, roots: dict[str, Path]) -> list[str]:
 
 
 SUBSETS = {
+    "main": "vip2clip",
     "modules": "utpa+vca+fgp",
     "alignment": "dual",
     "state-words": "normal-abnormal",
     "static-prompts": "static,visual",
-    "top-k": "k1,k50",
+    "top-k": "k1,k10",  # K <= the 16 patches of a 64-px image
     "prompt-length": "m3-j3",
     "medical": "fine-tuned",
 }
@@ -72,12 +73,11 @@ def test_every_study_runs_end_to_end_on_a_variant_subset(name: str, roots, tmp_p
     assert len(rows) == len(data["variants"]) * len(tests) * 6
     if STUDIES[name].figure is not None:
         assert (out / "figure.csv").is_file() and (out / "figure.png").stat().st_size > 1000
-    if name == "top-k":  # a test-time switch: both variants are tested with one trained model per direction
-        assert len(list((out / "models").iterdir())) == 1
-        checkpoints = list((out / "models").rglob("checkpoint.pt"))
-        assert len(checkpoints) == 2  # one per direction
-        k1, k50 = (json.loads(p.read_text())["model"] for p in sorted((out / "runs").rglob("visa/results.json")))
-        assert (k1["top_k"], k50["top_k"]) == (1, 50)
+    if name == "top-k":  # one model trained per K and direction (--top-k-at-test: one per direction)
+        assert sorted(p.name for p in (out / "models").iterdir()) == ["k1", "k10"]
+        assert len(list((out / "models").rglob("checkpoint.pt"))) == 4
+        k1, k10 = (json.loads(p.read_text())["model"] for p in sorted((out / "runs").rglob("visa/results.json")))
+        assert (k1["top_k"], k10["top_k"]) == (1, 10)
 
 
 def test_the_shared_cache_serves_evaluation_with_the_encoders_numbers(roots, tmp_path: Path) -> None:
@@ -122,7 +122,7 @@ def test_bad_study_inputs_are_refused_with_the_valid_choices(roots, tmp_path: Pa
     assert main(["study", "nonsense", "--out", str(tmp_path / "x")]) == 2
     assert "modules, alignment, state-words" in capsys.readouterr().err
     assert main(["study", "modules", "--variants", "vca,nope", "--out", str(tmp_path / "x")]) == 2
-    assert "none, vca, fgp, vca+fgp" in capsys.readouterr().err
+    assert "none, none-trained, vca, fgp, vca+fgp" in capsys.readouterr().err
     assert main(["study", "modules", "--data", f"mvtec={roots['a']}", "--out", str(tmp_path / "x"), *MODEL_ARGS]) == 2
     assert "visa=ROOT" in capsys.readouterr().err
     own = ["study", "modules", "--data", f"mvtec={roots['a']}", f"visa={roots['a']}", "--out", str(tmp_path / "x")]

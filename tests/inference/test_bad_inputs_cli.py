@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import vip2clip
 from vip2clip.cli import main
+from vip2clip.data.images import BadImageError
 
 MODEL_ARGS = ["--backbone", "tiny", "--image-size", "64", "--no-progress", "--random-init"]
 
@@ -251,7 +253,31 @@ def test_help_texts_say_the_checkpoints_defaults_and_every_default(capsys) -> No
     for command in ("predict", "calibrate", "serve", "test"):
         text = _help(capsys, command)
         assert "(default: the checkpoint's backbone; ViT-L-14-336 without a checkpoint)" in text, command
-        assert "(default: the size the checkpoint was trained at; 518 without a checkpoint)" in text, command
+        assert "(default: the size the checkpoint was trained at; without one 518, 128 for the tiny" in text, command
         assert "(default ViT-L-14-336)" not in text and "(default 518)" not in text
         assert "share of a tile its neighbours overlap, with --tile (default 0.25)" in text
     assert "--device DEVICE where the demo trains and predicts: cpu, cuda, cuda:1 (cpu)" in _help(capsys, "demo")
+
+
+def test_images_too_small_or_too_thin_to_judge_get_error_rows(tmp_path: Path, capsys) -> None:
+    """Issue 27: 1x1 and 1x300 images were judged "normal" without a warning (the resize to the model's square
+    input stretches a pixel into a whole image); the explain panel of a 1x300 image was unreadable."""
+    parts = tmp_path / "parts"
+    write_parts(parts, 1)
+    for name, (height, width) in {"dot.png": (1, 1), "line.png": (300, 1), "strip.png": (40, 400)}.items():
+        Image.fromarray(np.full((height, width, 3), 128, np.uint8)).save(parts / name)
+    assert main(["predict", str(parts), "--out", str(tmp_path / "out"), *MODEL_ARGS]) == 1
+    rows = {Path(row["path"]).name: row for row in json.loads((tmp_path / "out/predictions.json").read_text())[
+        "predictions"]}  # fmt: skip
+    assert rows["part_0.png"]["pred_label"] in ("normal", "anomalous")
+    assert "1x1 pixels: a side shorter than one patch of the model (16 pixels)" in rows["dot.png"]["error"]
+    assert "1x300 pixels: a side shorter than one patch" in rows["line.png"]["error"]
+    assert "400x40 pixels: too thin to judge (sides 10.0:1, more than the model's patch grid 4.0:1" in rows[
+        "strip.png"]["error"] and "--tile SIZE near its short side (40)" in rows["strip.png"]["error"]  # fmt: skip
+    assert all(rows[name]["pred_label"] == "error" for name in ("dot.png", "line.png", "strip.png"))
+    assert "line.png" in capsys.readouterr().out
+    # Tiles near its short side judge the strip; the Python API refuses before any work, naming the input.
+    assert main(["predict", str(parts / "strip.png"), "--tile", "40", "--out", str(tmp_path / "t"), *MODEL_ARGS]) == 0
+    predictor = vip2clip.Predictor(vip2clip.create_model("tiny", image_size=64, seed=0))
+    with pytest.raises(BadImageError, match="input 1: 1x300 pixels: a side shorter than one patch"):
+        predictor.predict([np.zeros((40, 48, 3), np.uint8), np.zeros((300, 1, 3), np.uint8)])

@@ -77,7 +77,7 @@ def test_nan_output_is_an_error_never_normal(checkpoints, tmp_path: Path, capsys
         strict_json(line)
     assert not list(out.rglob("*.png"))  # no mask, no overlay: nothing to look at that could pass for a decision
 
-    model_result = Predictor.from_checkpoint(checkpoints["nan"], backbone="tiny").predict(np.zeros((8, 8, 3)))[0]
+    model_result = Predictor.from_checkpoint(checkpoints["nan"], backbone="tiny").predict(np.zeros((32, 32, 3)))[0]
     assert model_result.pred_label == "error" and not model_result.is_judged and not model_result.is_anomalous
 
 

@@ -8,20 +8,22 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from PIL import Image
-from test_onnx import SIZE, random_images, sharpened_tiny_model
+from test_onnx import SIZE, openvino_bf16_units, random_images, sharpened_tiny_model
 
 import vip2clip
 from vip2clip.cli import main
-from vip2clip.inference import onnx_export, onnx_quantize
+from vip2clip.inference import onnx_engine, onnx_export, onnx_quantize
+from vip2clip.inference.calibration_images import MIN_CALIBRATION_IMAGES, load_calibration_images
 from vip2clip.inference.onnx_quantize import (
-    MIN_CALIBRATION_IMAGES,
     _Fp32Source,
     activation_ranges,
     encoder_linear_nodes,
@@ -126,7 +128,7 @@ def test_activation_ranges_are_onnxruntimes_minmax_calibration(int8_export, fp32
     from onnxruntime.quantization import CalibrationDataReader, create_calibrator
 
     _, _, folder = int8_export
-    arrays = onnx_quantize.load_calibration_images([folder / "good"], SIZE).arrays
+    arrays = load_calibration_images([folder / "good"], SIZE).arrays
     graph = onnx.load(fp32_export, load_external_data=False)
     targets = encoder_linear_nodes(graph)
     activations = sorted({node.input[0] for node in graph.graph.node if node.name in targets})
@@ -254,9 +256,10 @@ def test_bf16_engine_says_what_runs_and_onnxruntime_refuses_bf16(int8_export, tm
     model, int8_path, folder = int8_export
     fp32_path = vip2clip.export_onnx(model, tmp_path / "fp32.onnx")
     engine = vip2clip.load_onnx(fp32_path, precision="bf16")
-    assert (engine.backend, engine.precision) == ("openvino", "bf16")
-    assert "running the fp32 file fp32.onnx in bf16" in engine.describe()
-    assert vip2clip.load_onnx(int8_path, precision="bf16").precision == "int8+bf16"
+    bf16 = openvino_bf16_units()  # without, OpenVINO computes in fp32 and the engine says so (issue 27)
+    assert (engine.backend, engine.precision) == ("openvino", "bf16" if bf16 else "fp32")
+    assert ("running the fp32 file fp32.onnx in bf16" in engine.describe()) == bf16
+    assert vip2clip.load_onnx(int8_path, precision="bf16").precision == ("int8+bf16" if bf16 else "int8")
     with pytest.raises(ValueError, match="ONNX Runtime has no bf16 CPU kernels"):
         vip2clip.load_onnx(fp32_path, backend="onnxruntime", precision="bf16")
     out = tmp_path / "preds"
@@ -266,6 +269,69 @@ def test_bf16_engine_says_what_runs_and_onnxruntime_refuses_bf16(int8_export, tm
     assert main([*args, "--precision", "fp16"]) == 2
     if cpu_features().bf16:
         assert main([*args, "--precision", "bf16"]) == 0
+
+
+def test_bf16_that_openvino_does_not_compute_is_reported_as_fp32(int8_export, fp32_export, monkeypatch, caplog):
+    """Issue 27 minor: on a CPU where OpenVINO's plugin has no bf16 it ignores the hint and computes in fp32, while
+    the engine said bf16. What the compiled model runs is what the engine reports."""
+    pytest.importorskip("openvino")
+    _, int8_path, _ = int8_export
+    fp32_path = fp32_export
+    assert vip2clip.load_onnx(fp32_path, precision="bf16").precision == ("bf16" if openvino_bf16_units() else "fp32")
+    # What OpenVINO compiles on an AVX2-only CPU: every operation in f32 (the hint ignored).
+    monkeypatch.setattr(onnx_engine, "runtime_precisions", lambda compiled: Counter({"f32": 10}))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        engine = vip2clip.load_onnx(fp32_path, precision="bf16")
+        int8 = vip2clip.load_onnx(int8_path, precision="bf16")
+    assert engine.precision == "fp32" and "but OpenVINO computes in fp32 on this CPU" in engine.describe()
+    assert "OpenVINO running the fp32 file fp32.onnx in fp32" in engine.describe()
+    assert int8.precision == "int8" and "INT8 layers, the rest fp32" in int8.precision_reason
+    assert caplog.text.count("computes in fp32 on this CPU") == 2
+
+
+def test_the_weights_side_file_gets_the_mode_of_the_other_outputs(tmp_path: Path) -> None:
+    """Issue 27 minor: onnx.save writes the external-data file 0o600 (the INT8 export's .data), the .onnx 0o644."""
+    weight = onnx.numpy_helper.from_array(np.ones((32, 32), dtype=np.float32), "w")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 32])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 32])],
+        [weight],
+    )
+    model, path = onnx.helper.make_model(graph), tmp_path / "m.onnx"
+
+    def write(target: Path, external: bool) -> None:  # as the INT8 export writes its file
+        onnx.save(model, target, save_as_external_data=external, location=target.name + ".data")
+
+    umask = os.umask(0o022)
+    try:
+        onnx_export.save_written(write, path, True, onnx_export.staging_folder(path))
+    finally:
+        os.umask(umask)
+    assert (path.stat().st_mode & 0o777, (tmp_path / "m.onnx.data").stat().st_mode & 0o777) == (0o644, 0o644)
+
+
+def test_copies_of_one_image_count_once_for_calibration(tmp_path: Path, caplog) -> None:
+    """Issue 27 minor: ten copies of one image counted as ten calibration images."""
+    folder = write_images(tmp_path / "good", 1)
+    for index in range(1, 10):  # byte copies, and re-saved copies (other bytes, same pixels)
+        with Image.open(folder / "0.png") as image:
+            image.save(folder / f"copy{index}.png", compress_level=index % 2)
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError) as refused:
+        load_calibration_images([folder], SIZE)
+    assert "has 1 distinct (9 copies of other images left out)" in str(refused.value)
+    assert "9 of 10 images are copies of others (same pixels): calibrating on 1 distinct images" in caplog.text
+    others = write_images(tmp_path / "others", MIN_CALIBRATION_IMAGES - 1, seed=1)
+    images = load_calibration_images([folder, others], SIZE)
+    assert len(images.arrays) == MIN_CALIBRATION_IMAGES and images.copies == 9
+
+
+def test_int8_method_help_shows_its_default(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "--int8-method {nncf,onnxruntime} the quantizer (default nncf)" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.slow

@@ -22,7 +22,10 @@ from vip2clip.inference.mutual import (
 from vip2clip.inference.mutual_group import score_group
 from vip2clip.inference.predictor import Predictor
 from vip2clip.inference.references import ReferenceMemory
+from vip2clip.inference.thresholds import Thresholds
 from vip2clip.inference.tiling import TileConfig
+
+EXPLICIT = Thresholds(0.5, 0.5, "given explicitly")  # mutual scores are never judged against the default 0.5
 
 
 def _tokens(n: int, patches: int = 12, width: int = 16, layers: int = 2, seed: int = 0) -> list[torch.Tensor]:
@@ -94,12 +97,12 @@ def test_smallest_share_mean_and_alike_share() -> None:
 
 def test_identical_normal_images_give_a_flat_map(tiny_model) -> None:
     image = _images(1)[0]
-    group = score_group(Predictor(tiny_model, mutual=MutualRule()), [image] * 4)
+    group = score_group(Predictor(tiny_model, EXPLICIT, mutual=MutualRule()), [image] * 4)
     for i in range(4):
         _scores, maps = group.mutual(i)
         assert float(maps.abs().max()) < 2e-3  # float16 tokens: identical patches at distance ~0 everywhere
     plain = Predictor(tiny_model).predict([image])[0]
-    fused = Predictor(tiny_model, mutual=MutualRule()).predict([image] * 4)
+    fused = Predictor(tiny_model, EXPLICIT, mutual=MutualRule()).predict([image] * 4)
     for result in fused:  # the fused map is the zero-shot map scaled by (1 - weight), plus a flat ~0
         np.testing.assert_allclose(result.anomaly_map, 0.25 * plain.anomaly_map, atol=2e-3)
     assert group.report.n_images == 4 and group.report.others_per_image == 3
@@ -108,7 +111,7 @@ def test_identical_normal_images_give_a_flat_map(tiny_model) -> None:
 def test_batch_order_does_not_change_scores(tiny_model) -> None:
     images = _images(6)
     for rule in (MutualRule(), MutualRule(max_others=2)):  # all others, and a seeded sample of 2 of 5
-        predictor = Predictor(tiny_model, batch_size=4, mutual=rule)
+        predictor = Predictor(tiny_model, EXPLICIT, batch_size=4, mutual=rule)
         forward = predictor.predict(images)
         order = [3, 0, 5, 1, 4, 2]
         shuffled = predictor.predict([images[k] for k in order])
@@ -121,7 +124,7 @@ def test_batch_order_does_not_change_scores(tiny_model) -> None:
 def test_fused_outputs_follow_the_rule_and_are_recorded(tiny_model) -> None:
     images = _images(5)
     rule = MutualRule(share=0.5, weight=0.6)
-    predictor = Predictor(tiny_model, mutual=rule)
+    predictor = Predictor(tiny_model, EXPLICIT, mutual=rule)
     group = score_group(predictor, images)
     plain = Predictor(tiny_model).predict(images)
     for i, result in enumerate(predictor.predict(images)):
@@ -134,7 +137,7 @@ def test_fused_outputs_follow_the_rule_and_are_recorded(tiny_model) -> None:
 
 
 def test_fewer_than_three_images_are_refused_with_the_reason(tiny_model) -> None:
-    predictor = Predictor(tiny_model, mutual=MutualRule())
+    predictor = Predictor(tiny_model, EXPLICIT, mutual=MutualRule())
     with pytest.raises(ValueError, match=r"2 readable image.*at least 3"):
         predictor.predict(_images(2))
 
@@ -147,13 +150,13 @@ def test_an_engine_without_patch_tokens_is_refused(tiny_model) -> None:
             return tiny_model.predict(images)
 
     with pytest.raises(ValueError, match="mutual scoring needs the encoder's patch tokens"):
-        Predictor(ScoresOnly(), mutual=MutualRule()).predict(_images(3))
+        Predictor(ScoresOnly(), EXPLICIT, mutual=MutualRule()).predict(_images(3))
 
 
 def test_tiles_are_compared_with_all_tiles_of_the_other_images(tiny_model) -> None:
     images = [*_images(3, size=96), _images(1, size=128, seed=1)[0]]  # sizes differ: tile grids differ
     tiling = TileConfig(64, 0.25)
-    predictor = Predictor(tiny_model, tiling=tiling, mutual=MutualRule())
+    predictor = Predictor(tiny_model, EXPLICIT, tiling=tiling, mutual=MutualRule())
     results = predictor.predict(images)
     assert [r.anomaly_map.shape for r in results] == [(96, 96)] * 3 + [(128, 128)]
     group = score_group(predictor, images)
@@ -166,13 +169,13 @@ def test_mutual_scoring_on_top_of_reference_images(tiny_model) -> None:
     tokens = tiny_model.encode_image(torch.stack([_preprocess(r) for r in references])).patch_tokens
     memory = ReferenceMemory(tuple(t.reshape(-1, t.shape[-1]).half() for t in tokens), ())
     images = _images(4)
-    both = Predictor(tiny_model, references=memory, mutual=MutualRule()).predict(images)
+    both = Predictor(tiny_model, EXPLICIT, references=memory, mutual=MutualRule()).predict(images)
     with_references = Predictor(tiny_model, references=memory).predict(images)
-    group = score_group(Predictor(tiny_model, references=memory, mutual=MutualRule()), images)
+    group = score_group(Predictor(tiny_model, EXPLICIT, references=memory, mutual=MutualRule()), images)
     for i, result in enumerate(both):  # the mutual map is fused with the references' fused map
         expected = 0.25 * with_references[i].anomaly_map + 0.75 * group.mutual(i)[1][0].numpy()
         np.testing.assert_allclose(result.anomaly_map, expected, atol=1e-3)
-    identity = Predictor(tiny_model, references=memory, mutual=MutualRule()).identity
+    identity = Predictor(tiny_model, EXPLICIT, references=memory, mutual=MutualRule()).identity
     assert identity.references is not None and identity.mutual is not None
     assert PredictorIdentity.from_dict(identity.to_dict()) == identity
 
@@ -189,7 +192,7 @@ def test_predict_mutual_on_a_tensor_batch_equals_the_predictor(tiny_model) -> No
     images = _images(4)
     batch = torch.stack([_preprocess(image) for image in images])
     prediction = vip2clip.predict_mutual(tiny_model, batch, vip2clip.MutualRule())
-    results = Predictor(tiny_model, mutual=vip2clip.MutualRule()).predict(images)
+    results = Predictor(tiny_model, EXPLICIT, mutual=vip2clip.MutualRule()).predict(images)
     for i, result in enumerate(results):  # the Predictor holds zero-shot maps as float16
         assert float(prediction.pred_score[i]) == pytest.approx(result.pred_score, abs=1e-5)
         np.testing.assert_allclose(prediction.anomaly_map[i].numpy(), result.anomaly_map, atol=1e-3)
@@ -199,7 +202,8 @@ def test_predict_mutual_on_a_tensor_batch_equals_the_predictor(tiny_model) -> No
 
 def test_the_assembly_spec_carries_the_rule_and_refuses_it_for_an_onnx_model(tmp_path) -> None:
     rule = MutualRule(share=0.5)
-    predictor = Predictor.from_checkpoint(None, backbone="tiny", image_size=32, mutual=rule)
+    thresholds = {"image_threshold": 0.5, "pixel_threshold": 0.5}  # mutual scores are never judged uncalibrated
+    predictor = Predictor.from_checkpoint(None, backbone="tiny", image_size=32, mutual=rule, **thresholds)
     assert predictor.mutual == rule and predictor.identity.mutual == rule.to_dict()
     with pytest.raises(ValueError, match="an ONNX export does not output"):
         PredictorSpec(ModelSpec(onnx=tmp_path / "model.onnx"), mutual=rule)

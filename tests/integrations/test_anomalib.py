@@ -46,6 +46,8 @@ class Runs:
     few_references: list[str]  # the file names of the few-shot model's references
     predictions: list  # anomalib Engine.predict batches, Folder
     exported: Path  # anomalib's OpenVINO export
+    ours_16bit: dict  # `vip2clip test` on the same images as 16-bit grey PNGs
+    zero_16bit: dict  # anomalib Engine.test metrics on them, Folder
     visualizer_images: list[Path]
     log: list[str]
 
@@ -62,6 +64,17 @@ def _folder_layout(mvtec_class: Path, out: Path) -> Path:
             shutil.copy(image, out / "defect" / f"{kind}_{image.name}")
             mask = mvtec_class / "ground_truth" / kind / f"{image.stem}_mask.png"
             shutil.copy(mask, out / "mask" / f"{kind}_{image.name}")
+    return out
+
+
+def _sixteen_bit_copy(source: Path, out: Path) -> Path:
+    """The MVTec layout at `source` with every image saved as 16-bit grey (I;16, grey level x 257); masks kept."""
+    shutil.copytree(source, out)
+    for path in sorted(out.rglob("*.png")):
+        if "ground_truth" not in path.parts:
+            grey = np.asarray(Image.open(path).convert("L")).astype(np.uint16) * 257
+            Image.fromarray(grey).save(path)
+            assert Image.open(path).mode == "I;16"
     return out
 
 
@@ -102,6 +115,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, trained_tiny_checkpoint) -> R
     ours = _vip2clip_test(root / "mvtec", ckpt, root / "ours")
     ours_few = _vip2clip_test(root / "mvtec", ckpt, root / "ours_few", "--shots", str(SHOTS), "--reference-cache",
                               str(root / "cache_ours"))  # fmt: skip
+    ours_16bit = _vip2clip_test(_sixteen_bit_copy(root / "mvtec", root / "mvtec16_ours"), ckpt, root / "ours16")
     loader = {"train_batch_size": 4, "eval_batch_size": 4, "num_workers": 0}
     folder_module = Folder(name="synthetic", root=folder, normal_dir="train_good", normal_test_dir="good",
                            abnormal_dir="defect", mask_dir="mask", val_split_mode="same_as_test", **loader)  # fmt: skip
@@ -125,12 +139,18 @@ def runs(tmp_path_factory: pytest.TempPathFactory, trained_tiny_checkpoint) -> R
                                 test_augmentations=Resize((64, 64)), **loader)  # fmt: skip
         bare = ViP2CLIP(checkpoint=ckpt, visualizer=False, precision="fp32")
         no_masks = engine.test(bare, datamodule=no_mask_module, verbose=False)[0]
+        # anomalib's own reader clips 16-bit pixels to white (image AUROC 0.5); ViP2CLIP reads them as vip2clip does
+        folder_16bit = _folder_layout(_sixteen_bit_copy(root / "mvtec", root / "mvtec16") / "texture_0", root / "f16")
+        module_16bit = Folder(name="sixteen", root=folder_16bit, normal_dir="train_good", normal_test_dir="good",
+                              abnormal_dir="defect", mask_dir="mask", val_split_mode="same_as_test",
+                              **loader)  # fmt: skip
+        zero_16bit = engine.test(model, datamodule=module_16bit, verbose=False)[0]
     finally:
         logging.getLogger("vip2clip").removeHandler(records)
     images = sorted((root / "engine").rglob("images/**/*.png"))
     few_references = [Path(path).name for path, _ in few_model.model.references.files]
     return Runs(ckpt, root / "mvtec", folder, ours, ours_few, zero, few, no_masks, few_references, predictions,
-                exported, images, records.lines)  # fmt: skip
+                exported, ours_16bit, zero_16bit, images, records.lines)  # fmt: skip
 
 
 def _class_metrics(results: dict) -> dict:
@@ -153,6 +173,30 @@ def test_engine_test_equals_vip2clip_test(runs: Runs) -> None:
     assert abs(runs.zero["pixel_F1Score"] - ours["pixel_f1"]) < 1e-3
     assert 0.5 < ours["pixel_auroc"] < 1  # a model that learned, not a flat one
     assert runs.visualizer_images, "anomalib's visualizer wrote no images"
+
+
+def test_16_bit_images_score_as_in_vip2clip_test(runs: Runs) -> None:
+    ours = _class_metrics(runs.ours_16bit)
+    assert abs(runs.zero_16bit["image_AUROC"] - ours["image_auroc"]) < 1e-3  # 0.5 when read as white
+    assert abs(runs.zero_16bit["pixel_AUROC"] - ours["pixel_auroc"]) < 1e-3
+    assert 0.5 < ours["pixel_auroc"] < 1
+
+
+def test_a_mask_of_another_size_is_refused_as_vip2clip_test_refuses_it(runs: Runs, tmp_path: Path) -> None:
+    from anomalib.data import Folder
+
+    from vip2clip.data.images import BadImageError
+    from vip2clip.integrations.anomalib import ViP2CLIP
+
+    folder = shutil.copytree(runs.folder, tmp_path / "folder")
+    mask = sorted((folder / "mask").glob("*.png"))[0]
+    Image.open(mask).resize((IMAGE_SIZE, IMAGE_SIZE // 2)).save(mask)  # another aspect: it would be stretched
+    module = Folder(name="stretched", root=folder, normal_dir="train_good", normal_test_dir="good",
+                    abnormal_dir="defect", mask_dir="mask", val_split_mode="same_as_test", num_workers=0)  # fmt: skip
+    model = ViP2CLIP(checkpoint=runs.ckpt, visualizer=False, precision="fp32")
+    expected = f"mask is {IMAGE_SIZE}x{IMAGE_SIZE // 2} but its image {folder / 'defect' / mask.name} is"
+    with pytest.raises(BadImageError, match=re.escape(expected)):
+        _engine(tmp_path / "engine").test(model, datamodule=module, verbose=False)
 
 
 def test_few_shot_equals_vip2clip_test_shots(runs: Runs) -> None:
@@ -258,3 +302,20 @@ def test_missing_or_unsupported_anomalib_is_named(monkeypatch: pytest.MonkeyPatc
             check_version(version)
     check_version("2.7.0")
     check_version("2.7.1rc1")
+
+
+def test_export_asks_for_the_opset_it_writes_without_a_failed_conversion(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """anomalib asks torch for opset 14, torch writes 18 and its conversion down to 14 failed with a logged
+    traceback (the export succeeding all the same)."""
+    import onnx
+
+    from vip2clip.integrations.anomalib import ViP2CLIP
+
+    model = ViP2CLIP(backbone="tiny", image_size=64, visualizer=False, precision="fp32")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        path = model.to_onnx(tmp_path)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING or r.exc_info], caplog.text
+    assert onnx.load(path, load_external_data=False).opset_import[0].version == 18

@@ -42,7 +42,7 @@ def test_only_prompts_and_fgp_receive_gradients(tiny_images):
 @pytest.mark.slow
 def test_paper_parameter_count_for_vit_l14():
     """VCA 1,786,752 + FGP 2,362,369 = 4,149,121 (paper Table 3: 4.15 M)."""
-    model = vip2clip.create_model("ViT-L-14-336")
+    model = vip2clip.create_model("ViT-L-14-336", random_init=True)
     assert model.num_trainable_parameters() == 4_149_121
     assert sum(p.numel() for p in model.prompts.parameters()) == 1_786_752
     assert sum(p.numel() for p in model.fgp.parameters()) == 2_362_369

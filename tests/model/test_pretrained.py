@@ -139,3 +139,82 @@ def test_missing_clip_weights_name_the_published_tag() -> None:
 
     with pytest.raises(ValueError, match=r"--clip-weights openai-vit-l-14-336 \(after `vip2clip download"):
         build_model(ModelSpec(backbone="ViT-L-14-336", random_init=False))
+
+
+def test_a_wrong_file_given_with_from_is_named_and_nothing_installed(
+    weights_dir: Path, small_entry: PublishedWeights, tmp_path: Path, capsys
+) -> None:
+    wrong = tmp_path / "wrong.bin"
+    wrong.write_bytes(b"another file")
+    assert main(["download", "demo-test", "--from", str(wrong)]) == 2
+    err = capsys.readouterr().err
+    assert f"{wrong} is not demo-test" in err and "nothing was installed" in err
+    assert ".tmp" not in err and "again" not in err  # neither the temporary file nor a fetch that would not help
+    assert not small_entry.path.exists()
+
+
+class _CutOffHandler(http.server.BaseHTTPRequestHandler):
+    """Announces 1000 bytes and sends 300, then closes the connection."""
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        self.wfile.write(b"x" * 300)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_cut_off_download_says_so_with_the_byte_counts(
+    weights_dir: Path, small_entry: PublishedWeights, capsys
+) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CutOffHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/demo.pt"
+        assert main(["download", "demo-test", "--url", url]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert f"the download of {url} was cut off: 300 of 1,000 bytes arrived" in err, err
+    assert not small_entry.path.exists() and not list(weights_dir.rglob("*.tmp"))
+
+
+def test_a_file_placed_by_hand_is_hash_checked_before_use(
+    weights_dir: Path, small_entry: PublishedWeights, demo_checkpoint: Path, capsys
+) -> None:
+    small_entry.path.parent.mkdir(parents=True)
+    small_entry.path.write_bytes(b"placed by hand")
+    assert main(["models"]) == 0
+    assert "demo-test  (present, not verified yet" in capsys.readouterr().out
+    with pytest.raises(PretrainedError, match=r"is not demo-test.*not installed by `vip2clip download`"):
+        resolve_weights("demo-test", "checkpoint")
+    small_entry.path.write_bytes(demo_checkpoint.read_bytes())  # the right file, placed by hand: checked once
+    assert resolve_weights("demo-test", "checkpoint") == small_entry.path and small_entry.is_verified()
+    assert main(["models"]) == 0
+    assert "demo-test  (downloaded, hash verified)" in capsys.readouterr().out
+
+
+def test_a_failed_open_clip_tag_gives_one_error_without_the_hubs_retry_lines(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    import open_clip
+
+    from vip2clip.model.weights import WeightsError, load_clip
+
+    def offline(*args, **kwargs):  # what open_clip does offline: huggingface_hub retries, then open_clip fails
+        for attempt in range(1, 6):
+            logging.getLogger("huggingface_hub.utils._http").warning("Retrying in %ds [Retry %d/5].", attempt, attempt)
+        logging.getLogger().error("Failed to download weights for tag 'openai'")
+        raise RuntimeError("Failed to download weights for tag 'openai'")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with caplog.at_level(logging.INFO), pytest.raises(WeightsError, match=r"could not load .*openai.*Offline\?"):
+        load_clip("ViT-B-16", "openai")
+    assert not caplog.records, [record.getMessage() for record in caplog.records]
+    logging.getLogger("vip2clip").warning("logging works again")
+    assert caplog.records

@@ -150,3 +150,22 @@ def test_undecodable_image_is_recorded(model, tmp_path: Path) -> None:
     again = AnomalyDataset(index, image_size=SIZE, skip_bad=True)
     build(model, again, tmp_path / "c")  # reopened: the failure is still reported
     assert [path for path, _ in again.skipped] == [str(victim)]
+
+
+def test_the_cache_records_each_images_pixel_digest_also_when_built_by_an_older_vip2clip(
+    model, dataset: AnomalyDataset, tmp_path: Path
+) -> None:
+    """The checkpoint's record of its training images (`data.zero_shot`) comes from the build, which decodes the
+    images anyway; a cache built before the manifest held them is decoded for it instead of rebuilt."""
+    from vip2clip.data.zero_shot import index_digests
+
+    cache = build(model, dataset, tmp_path / "c")
+    expected = index_digests(dataset.index, "test")
+    assert cache.pixels == expected and cache.image_digests(dataset, [2, 0]) == [expected[2], expected[0]]
+    manifest_path = cache.directory / MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["pixels"]
+    manifest_path.write_text(json.dumps(manifest))
+    older = open_cache(cache.directory, cache_key(model, dataset))
+    assert older is not None and older.pixels is None
+    assert older.image_digests(dataset, [2, 0]) == [expected[2], expected[0]]

@@ -122,3 +122,47 @@ def test_two_sources_with_one_name_and_dataset_flag_are_refused(sources, tmp_pat
     assert "NAME=ROOT" in capsys.readouterr().err
     with pytest.raises(ValueError, match="same name"):
         merge_sources([("a", read_index(a)), ("a", read_index(b))])
+
+
+def _train(data: list[str], out: Path, *extra: str) -> int:
+    return main(["train", *(arg for text in data for arg in ("--data", text)), "--out", str(out), *extra, *MODEL_ARGS])
+
+
+@pytest.mark.parametrize(
+    ("form", "advice"),
+    [
+        (lambda a, b: [f"x={a}", f"x={b}"], "both named 'x' (x="),  # said "name them NAME=ROOT", the form used
+        (lambda a, b: [str(a), f"{b.parent / 'other' / a.name}"], "name them NAME=ROOT with a NAME of their own"),
+    ],
+)
+def test_two_sources_of_one_name_get_advice_for_the_form_given(sources, tmp_path: Path, capsys, form, advice) -> None:
+    a, b = sources
+    other = b.parent / "other" / a.name  # another dataset in a folder of the same name
+    if not other.exists():
+        shutil.copytree(b, other)
+    assert _train(form(a, b), tmp_path / "x") == 2
+    error = capsys.readouterr().err
+    assert advice in error
+    if "x=" in advice:
+        assert "give each NAME=ROOT a NAME of its own" in error
+
+
+def test_a_folder_without_meta_json_among_several_sources_gets_advice_that_works(sources, tmp_path, capsys) -> None:
+    """Issue 27 minor: the advice was --dataset, which several --data refuse."""
+    native = tmp_path / "native"
+    shutil.copytree(sources[0] / read_index(sources[0]).classes()[0], native / "part")
+    assert _train([str(native), str(sources[1])], tmp_path / "x") == 2
+    error = capsys.readouterr().err
+    assert "with several --data, name its benchmark as NAME=ROOT" in error and "pass --dataset" not in error
+
+
+def test_skip_bad_skips_a_listed_but_missing_file_of_a_source(sources, tmp_path: Path, capsys) -> None:
+    """Issue 27 minor: merging the sources hashed every listed file first, so a missing one stopped --skip-bad."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sources[1], damaged)
+    missing = read_index(damaged).resolve(read_index(damaged).samples("test")[0].img_path)
+    Path(missing).unlink()
+    assert _train([f"a={sources[0]}", f"b={damaged}"], tmp_path / "refused", "--epochs", "1") == 2
+    assert f"{missing}: no such file" in capsys.readouterr().err
+    assert _train([f"a={sources[0]}", f"b={damaged}"], tmp_path / "run", "--epochs", "1", "--skip-bad") == 0
+    assert f"skipped {missing}: no such file" in capsys.readouterr().out

@@ -163,7 +163,11 @@ def test_cli_bad_inputs(bench: DatasetIndex, tmp_path: Path, capsys) -> None:
     assert main([*args, "--out", str(tmp_path / "a")]) == 2
     assert str(corrupt) in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "b"), "--skip-bad"]) == 0
-    assert f"skipped {corrupt}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"skipped {corrupt}" in out
+    # A summary in words, not a raw JSON line: the numbers of every epoch are in train_log.jsonl (said where)
+    assert "trained 1 epoch(s); epoch 1: loss" in out and str(tmp_path / "b" / "train_log.jsonl") in out
+    assert not any(line.startswith("{") for line in out.splitlines())
     defect = next(s for s in samples if s.anomaly)
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(bench.resolve(defect.mask_path))
     assert main([*args, "--out", str(tmp_path / "c"), "--skip-bad"]) == 0

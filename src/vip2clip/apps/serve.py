@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import signal
 import socket
 
 from fastapi_offline import FastAPIOffline
@@ -129,7 +130,22 @@ def make_server(predictor: Predictor, limits: ServeLimits | None = None, example
     )
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop chatter; warnings stay
-    return uvicorn.Server(config)
+    server = uvicorn.Server(config)
+    server.handle_exit = _saying_stopping(server)  # uvicorn installs it as the SIGINT/SIGTERM handler when it runs
+    return server
+
+
+def _saying_stopping(server):
+    """uvicorn's signal handler, which first says that the server stops (uvicorn's own line is silenced above)."""
+    handle_exit = server.handle_exit
+
+    def stopping(sig: int, frame) -> None:
+        if not server.should_exit:
+            name = signal.Signals(sig).name
+            print(f"stopping ({name}): new connections refused, waiting requests dropped", flush=True)
+        handle_exit(sig, frame)
+
+    return stopping
 
 
 def serve(

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
+import os
+import sys
 
 from vip2clip.cli import CLIError
 from vip2clip.cli.common import (
@@ -99,7 +102,14 @@ def run_serve(args: argparse.Namespace) -> int:
     except BaseException:
         sock.close()
         raise
-    serve(predictor, sock, limits)
+    try:
+        serve(predictor, sock, limits)
+    except KeyboardInterrupt:  # Ctrl+C, once uvicorn has closed the connections
+        # Nothing is left to save, and the interpreter's teardown of torch and the model took 3-8 s: leave now.
+        print("vip2clip serve: stopped", file=sys.stderr, flush=True)
+        logging.shutdown()  # flushes the log handlers
+        sys.stdout.flush()
+        os._exit(130)
     return 0
 
 

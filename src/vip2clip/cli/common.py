@@ -5,8 +5,10 @@ options, tiling, reference images, decision thresholds, progress bars; their map
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vip2clip.cli import CLIError
@@ -33,8 +35,9 @@ PRECISION_HELP = (
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True, precision: str = "fp32") -> None:
-    """--backbone, --clip-weights, --random-init, --checkpoint, --image-size, --device, --precision (its default:
-    `precision`, "auto" for the commands that deploy, "fp32" for the ones that measure), --compile."""
+    """--backbone, --clip-weights, --random-init, --allow-other-clip-weights, --checkpoint, --image-size, --device,
+    --precision (its default: `precision`, "auto" for the commands that deploy, "fp32" for the ones that measure),
+    --compile."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--backbone",
@@ -48,7 +51,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True
         help="CLIP weights: a local OpenAI-format file (state dict or TorchScript .pt), a downloaded published tag "
         "(openai-vit-l-14-336: `vip2clip download`) or an open_clip tag (openai)",
     )
-    group.add_argument("--random-init", action="store_true", help="random backbone weights (tests, timing only)")
+    group.add_argument(
+        "--random-init",
+        action="store_true",
+        help="random CLIP weights on purpose (tests, timing only: scores mean nothing); without it, --clip-weights is "
+        "required (the tiny test backbone excepted)",
+    )
     if checkpoint:
         group.add_argument(
             "--checkpoint",
@@ -56,11 +64,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True
             help="vip2clip or authors' release checkpoint file, or a downloaded published tag (release-mvtec, "
             "release-visa: `vip2clip download`)",
         )
+        group.add_argument(
+            "--allow-other-clip-weights",
+            dest="allow_other_weights",
+            action="store_true",
+            help="run a checkpoint on CLIP weights other than those it was trained with (refused otherwise: the "
+            "checkpoint records their fingerprint)",
+        )
     group.add_argument(
         "--image-size",
         type=int,
         default=None,
-        help="input side in pixels (default: the size the checkpoint was trained at; 518 without a checkpoint)",
+        help="input side in pixels (default: the size the checkpoint was trained at; without one 518, 128 for the tiny "
+        "backbone)",
     )
     group.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     group.add_argument(
@@ -175,7 +191,7 @@ def reference_cache_from_args(args: argparse.Namespace) -> str:
 
 def add_mutual_arguments(parser: argparse.ArgumentParser, grouping: bool = False) -> None:
     """--mutual and its rule (predict, calibrate, test); --mutual-group (predict, calibrate)."""
-    from vip2clip.inference.mutual_rule import GROUPS, MutualRule
+    from vip2clip.inference.mutual_rule import DEFAULT_GROUP, GROUPS, MutualRule
 
     default = MutualRule()
     group = parser.add_argument_group("batch zero-shot: images of a part score each other (docs/mutual.md)")
@@ -185,8 +201,9 @@ def add_mutual_arguments(parser: argparse.ArgumentParser, grouping: bool = False
         group.add_argument(
             "--mutual-group",
             choices=GROUPS,
-            default="folder",
-            help="which images score each other: those of one folder (default), or all the images of the run",
+            default=DEFAULT_GROUP,
+            help="which images score each other: all the images the run is given (all, the default), or those of "
+            "each folder apart (folder: one part or camera view per folder)",
         )
     group.add_argument(
         "--mutual-others",
@@ -242,6 +259,25 @@ def world_of(args: argparse.Namespace) -> World:
     return getattr(args, "world", LOCAL)
 
 
+def holding_out_folder(command: str) -> Callable[[Callable[[argparse.Namespace], int]], Callable]:
+    """Decorator of a command's run(args): one run at a time in args.out (`utils.folder_lock`; rank 0 holds it for
+    its torchrun job); a second run into the same --out is refused (exit 2) naming the folder and the first's pid."""
+
+    def decorate(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(run)
+        def locked(args: argparse.Namespace) -> int:
+            from vip2clip.utils.folder_lock import exclusive_folder
+
+            if not getattr(args, "out", None):
+                return run(args)
+            with exclusive_folder(args.out, f"vip2clip {command}", world_of(args).is_main):
+                return run(args)
+
+        return locked
+
+    return decorate
+
+
 def progress_for(args: argparse.Namespace) -> Progress:
     """tqdm bars on stderr when it is a terminal and --no-progress was not given (rank 0 only); silence otherwise."""
     from vip2clip.utils.progress import silent
@@ -282,6 +318,7 @@ _SPEC_OPTIONS = (
     "compile",
     "onnx",
     "onnx_backend",
+    "allow_other_weights",  # --allow-other-clip-weights
 )
 
 
@@ -317,6 +354,11 @@ def predictor_spec_from_args(args: argparse.Namespace, decide: bool = True) -> P
             "--mutual needs the encoder's patch tokens, which the exported ONNX graph does not output (it gives "
             "scores and maps only); use the PyTorch model (--checkpoint) for mutual scoring"
         )
+    explicit = getattr(args, "threshold", None) is not None and getattr(args, "pixel_threshold", None) is not None
+    if decide and getattr(args, "mutual", False) and not (getattr(args, "calibration", None) or explicit):
+        from vip2clip.inference.thresholds import MUTUAL_UNCALIBRATED  # also refused by the library, after loading
+
+        raise CLIError(MUTUAL_UNCALIBRATED)
     return PredictorSpec(
         model=spec,
         tiling=tiling_from_args(args),

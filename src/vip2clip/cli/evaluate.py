@@ -16,6 +16,7 @@ from vip2clip.cli.common import (
     add_reference_arguments,
     add_tiling_arguments,
     build_model,
+    holding_out_folder,
     mutual_from_args,
     progress_for,
     reference_cache_from_args,
@@ -25,6 +26,7 @@ from vip2clip.cli.common import (
 from vip2clip.cli.explain import add_explain_argument, check_explain, explain_test
 from vip2clip.cli.train import add_train_arguments, train_config_from_args
 from vip2clip.config import STORAGE_DTYPES
+from vip2clip.model.presets import is_untrained
 
 logger = logging.getLogger(__name__)
 
@@ -81,19 +83,21 @@ def _eval_config(args: argparse.Namespace, classes: list[str] | None = None):
 
 
 def _check_shots(index, config) -> None:
-    """--shots larger than a class's normal train images is an error before any model is built or trained."""
-    from vip2clip.evaluation.scoring import choose_shots
+    """--shots or --mutual that a class's images cannot serve is an error before any model is built or trained."""
+    from vip2clip.evaluation.scoring import check_mutual_classes, choose_shots
 
     if config.shots:
         choose_shots(index, list(config.classes or index.classes(config.split)), config.shots, config.seed)
+    if config.mutual is not None:
+        check_mutual_classes(index, config.split, config.classes)
 
 
 def _add_paper_argument(parser: argparse.ArgumentParser, where: str) -> None:
     parser.add_argument(
         "--reference",
-        choices=("paper",),
+        choices=("paper", "paper-clip"),
         default=None,
-        help=f"add the paper's ViP²-CLIP numbers and our difference to them to the tables: {where}",
+        help=f"add the paper's numbers (paper-clip: its CLIP column) and our difference to them to the tables: {where}",
     )
 
 
@@ -131,13 +135,14 @@ def _register_test(subparsers: argparse._SubParsersAction) -> None:
 
 def run_test(args: argparse.Namespace) -> int:
     from vip2clip.data.registry import dataset_info, resolve_index
+    from vip2clip.data.zero_shot import count_test_overlap
     from vip2clip.evaluation.benchmark import evaluate_dataset
     from vip2clip.evaluation.reports import class_paper_markdown, class_table_markdown
 
-    if not args.checkpoint:
-        raise CLIError("--checkpoint is required (a vip2clip or release checkpoint to evaluate)")
+    if not args.checkpoint and not is_untrained(args.backbone):
+        raise CLIError("--checkpoint is required (a vip2clip or release checkpoint), or --backbone clip-zero-shot")
     config = _eval_config(args, args.classes)
-    check_explain(args, {"--tile": args.tile, "--shots": args.shots}, args.save_maps)
+    check_explain(args, {"--tile": args.tile, "--shots": args.shots, "--mutual": args.mutual}, args.save_maps)
     world = world_of(args)
     with world.main_first():  # a native root is converted (and its index written) once
         index = resolve_index(args.data, args.dataset)
@@ -146,8 +151,8 @@ def run_test(args: argparse.Namespace) -> int:
     paper = _test_paper(args, name)
     model, identity = build_model(args)
     out = Path(args.out)
-    training = checkpoint_training(args.checkpoint)
-    overlap = count_test_overlap(training["digests"], index, config)
+    training = checkpoint_training(args.checkpoint, is_untrained(args.backbone))
+    overlap = count_test_overlap(training["digests"], index, config.split, config.classes, config.skip_bad)
     note = overlap.note()
     record = {**training["record"], "zero_shot": overlap.to_dict()}
     result = evaluate_dataset(
@@ -196,24 +201,20 @@ def run_test(args: argparse.Namespace) -> int:
     return 0
 
 
-def checkpoint_training(checkpoint: str | None) -> dict:
-    """What a checkpoint says about its training: {"digests": the SHA-256 set of its training images or None
-    (unknown: older or release format), "record": its sources, for results.json}."""
-    from vip2clip.data.zero_shot import training_digests
+def checkpoint_training(checkpoint: str | None, untrained: bool = False) -> dict:
+    """What a checkpoint says about its training: {"digests": its `TrainedImages` (empty: untrained) or None
+    (unknown: older or release format), "record": its sources, for results.json}. CLIError for a damaged record."""
+    from vip2clip.data.zero_shot import TrainedImages, training_digests
     from vip2clip.model.checkpoint import load_checkpoint
 
     if checkpoint is None:
-        return {"digests": None, "record": {}}
+        return {"digests": TrainedImages(set()) if untrained else None, "record": {}}  # untrained: saw no image
     meta = load_checkpoint(checkpoint).meta
     record = {"checkpoint": str(checkpoint), "sources": meta.get("sources"), "dataset": meta.get("dataset")}
-    return {"digests": training_digests(meta), "record": record}
-
-
-def count_test_overlap(trained: set[str] | None, index, config):
-    """The `Overlap` of the test images `config` selects in `index` with the training digests `trained`."""
-    from vip2clip.data.zero_shot import count_overlap, index_digests
-
-    return count_overlap(index_digests(index, config.split, config.classes), trained)
+    try:
+        return {"digests": training_digests(meta), "record": record}
+    except ValueError as error:
+        raise CLIError(f"{checkpoint}: {error}") from None
 
 
 def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
@@ -234,7 +235,8 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--allow-overlap",
         action="store_true",
-        help="test on a dataset even when some of its images were training images (marked 'not zero-shot')",
+        help="test on a dataset holding training images (marked 'not zero-shot'); images are compared by their "
+        "decoded pixels: copies count, also re-saved ones; re-encoded near-duplicates (PNG -> JPEG) do not",
     )
     parser.add_argument(
         "--seeds",
@@ -267,8 +269,9 @@ def refuse_overlaps(overlaps: dict, titles: dict[str, str], allow: bool) -> None
             + "\nchoose test sets the model was not trained on, or pass --allow-overlap (the results are then "
             "marked 'not zero-shot')"
         )
-    for line in shared:
-        logger.warning("%s", line)
+    for key, overlap in overlaps.items():  # the refused ones allowed, or an older checkpoint's byte comparison
+        if overlap.known and overlap.note():
+            logger.warning("%s: %s", titles[key], overlap.note())
     if any(not overlap.known for overlap in overlaps.values()):
         logger.warning("%s", UNKNOWN_NOTE)
 
@@ -324,21 +327,26 @@ def _benchmark_plan(args: argparse.Namespace, out: Path) -> list[tuple[int, Path
     return plan
 
 
+@holding_out_folder("benchmark")
 def run_benchmark(args: argparse.Namespace) -> int:
     from vip2clip.cli.train import load_training_sources, split_specs
-    from vip2clip.data.zero_shot import index_digests
-    from vip2clip.evaluation.benchmark import benchmark_datasets, load_dataset, parse_dataset_spec
+    from vip2clip.data.zero_shot import TrainedImages, count_test_overlap, index_digests
+    from vip2clip.evaluation.benchmark import benchmark_datasets, check_test_folders, load_dataset, parse_dataset_spec
     from vip2clip.evaluation.paper import load_paper_numbers
     from vip2clip.evaluation.reports import benchmark_table_markdown
     from vip2clip.model.identity import ModelIdentity
 
-    if not args.train and not args.checkpoint:
-        raise CLIError("give --train NAME=ROOT (to train first) or --checkpoint CKPT")
+    untrained = is_untrained(args.backbone)
+    if untrained and (args.train or args.checkpoint or args.seeds):
+        raise CLIError(f"--backbone {args.backbone} is untrained CLIP: give no --train, --checkpoint or --seeds")
+    if not args.train and not args.checkpoint and not untrained:
+        raise CLIError("give --train NAME=ROOT (to train first), --checkpoint CKPT or --backbone clip-zero-shot")
     if args.seeds and args.checkpoint:
         raise CLIError("--seeds trains one model per seed: give --train NAME=ROOT instead of --checkpoint")
     paper = load_paper_numbers(args.reference) if args.reference else None
     train_texts = split_specs(args.train) if args.train else []
     tests = [parse_dataset_spec(text) for text in args.test]
+    check_test_folders(tests)
     config = _eval_config(args)
     out, world = Path(args.out), world_of(args)
     plan = _benchmark_plan(args, out)
@@ -346,19 +354,19 @@ def run_benchmark(args: argparse.Namespace) -> int:
         indexes = [(spec, load_dataset(spec)) for spec in tests]  # all errors in the data before training
     for _, index in indexes:
         _check_shots(index, config)
-    if args.checkpoint:
-        training = checkpoint_training(args.checkpoint)
+    if args.checkpoint or untrained:
+        training = checkpoint_training(args.checkpoint, untrained)
         trained, index, sources = training["digests"], None, None
     else:
         for text in train_texts:
             parse_dataset_spec(text)  # NAME=ROOT, as --test
         index, sources = load_training_sources(train_texts, None, "test", world)
-        trained = set(index_digests(index, "test"))
-    overlaps = {spec.folder: count_test_overlap(trained, test_index, config) for spec, test_index in indexes}
+        trained = TrainedImages(set(index_digests(index, "test", skip_bad=args.skip_bad)))
+    overlaps = {spec.folder: count_test_overlap(trained, idx, "test", None, args.skip_bad) for spec, idx in indexes}
     refuse_overlaps(overlaps, {spec.folder: spec.title for spec in tests}, args.allow_overlap)
     runs = {}
     for seed, folder in plan:
-        if args.checkpoint:
+        if args.checkpoint or untrained:
             model, identity = build_model(args)
             names = "+".join(parse_dataset_spec(text).title for text in train_texts) or None
             record = {"name": names, "trained": False, **training["record"]}

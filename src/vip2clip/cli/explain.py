@@ -29,7 +29,10 @@ def check_explain(args: argparse.Namespace, conflicting: dict[str, object], save
         raise CLIError("--explain goes with --save-maps (it explains the images the panels show)")
     given = [flag for flag, value in conflicting.items() if value]
     if given:
-        raise CLIError(f"--explain shows the plain model's layers and prompts; not with {', '.join(given)}")
+        raise CLIError(
+            f"--explain shows the plain model's layers and prompts; not with {', '.join(given)} (its score and "
+            "decision would contradict the run's; explain in a run without them)"
+        )
 
 
 def explain_test(args: argparse.Namespace, model, index, classes: list[str], image_threshold: float) -> None:

@@ -58,8 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--int8-method",
         choices=["nncf", "onnxruntime"],
         default="nncf",
-        help="the quantizer: nncf (OpenVINO's NNCF, the int8 extra) or onnxruntime (ONNX Runtime's quantize_static, "
-        "only the onnx extra); both read the weights from the side file (ViT-L/14 at 518 px in under 10 GB)",
+        help="the quantizer (default nncf): nncf (OpenVINO's NNCF, the int8 extra) or onnxruntime (ONNX Runtime's "
+        "quantize_static, only the onnx extra); both read the weights from the side file (ViT-L/14 at 518 px in "
+        "under 10 GB)",
     )
     int8.add_argument(
         "--max-map-drop",
@@ -100,7 +101,9 @@ def run_models(args: argparse.Namespace) -> int:
     print(f"published weights (vip2clip download TAG; stored in {weights_dir()}):")
     for tag in list_pretrained():
         entry = get_pretrained(tag)
-        state = "downloaded" if entry.path.is_file() else "not downloaded"
+        state = "not downloaded"
+        if entry.path.is_file():  # a file placed by hand is hash-checked before its first use
+            state = "downloaded, hash verified" if entry.is_verified() else "present, not verified yet: checked on use"
         flag = "--clip-weights" if entry.kind == "clip" else "--checkpoint"
         print(f"  {tag:<26} {flag} {tag}  ({state}) {entry.description}")
     return 0

@@ -23,6 +23,7 @@ from vip2clip.cli.common import (
     add_reference_arguments,
     add_threshold_arguments,
     add_tiling_arguments,
+    holding_out_folder,
     predictor_spec_from_args,
     progress_for,
     world_of,
@@ -131,14 +132,16 @@ def _print_groups(groups: list[dict]) -> None:
             print(f"{warning}: their mutual scores are not to be trusted; see docs/mutual.md", file=sys.stderr)
 
 
+@holding_out_folder("predict")
 def run_predict(args: argparse.Namespace) -> int:
     from vip2clip.inference.folder_run import OutputOptions, predict_folder
 
-    check_explain(args, {"--tile": args.tile, "--reference": args.reference, "--onnx": args.onnx})
+    conflicting = {"--tile": args.tile, "--reference": args.reference, "--onnx": args.onnx, "--mutual": args.mutual}
+    check_explain(args, conflicting)
     world = world_of(args)
     predictor = build_predictor(args)
     options = OutputOptions(args.overlays, args.panels, args.raw_maps)
-    mutual_group = getattr(args, "mutual_group", "folder")
+    mutual_group = args.mutual_group
     summary = predict_folder(
         predictor, args.paths, args.out, args.overwrite, options, progress_for(args), world, mutual_group
     )
@@ -157,7 +160,7 @@ def run_predict(args: argparse.Namespace) -> int:
     )
     judged = summary.total_rows - len(summary.failed) - len(summary.errors)
     print(f"{summary.anomalous} of {judged} judged images are anomalous")
-    _print_failures(summary.failed, 'unreadable files (pred_label "error")')
+    _print_failures(summary.failed, 'files unreadable, or too small or thin to judge (pred_label "error")')
     _print_failures(summary.errors, 'images the model could not judge (pred_label "error")')
     _print_groups(summary.mutual_groups)
     folders = "masks/" + (", overlays/" if args.overlays else "") + (", panels/" if args.panels else "")
@@ -187,7 +190,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
     path = calibration.save(args.out)
     for note in scan.notes():
         print(f"note: {note}")
-    _print_failures(failed, "unreadable files (skipped)")
+    _print_failures(failed, "files unreadable, or too small or thin to judge (skipped)")
     print(
         f"calibrated on {calibration.n_images} normal images: image threshold {calibration.image_threshold:.6g} "
         f"(quantile {args.quantile}), pixel threshold {calibration.pixel_threshold:.6g} "

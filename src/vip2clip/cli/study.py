@@ -8,8 +8,24 @@ from dataclasses import replace
 from pathlib import Path
 
 from vip2clip.cli import CLIError
-from vip2clip.cli.common import add_model_arguments, add_progress_argument, model_spec_from_args, progress_for, world_of
+from vip2clip.cli.common import (
+    add_model_arguments,
+    add_progress_argument,
+    holding_out_folder,
+    model_spec_from_args,
+    progress_for,
+    world_of,
+)
+from vip2clip.cli.efficiency import add_efficiency_arguments, run_efficiency
 from vip2clip.cli.evaluate import add_map_dtype_argument
+from vip2clip.cli.study_checks import (
+    add_study_mode_arguments,
+    check_top_k,
+    chosen_study,
+    report_context,
+    run_settings,
+    warn_unused_data,
+)
 from vip2clip.cli.train import add_train_arguments, split_specs, train_config_from_args
 
 
@@ -49,9 +65,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="SEED",
         help="one model per seed; cells show mean ± std (default: --seed)",
     )
+    add_study_mode_arguments(parser)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--eval-batch-size", type=int, default=8, help="images per test batch (8)")
     add_map_dtype_argument(group)
+    add_efficiency_arguments(parser)
     add_progress_argument(parser)
     add_train_arguments(parser)
     add_model_arguments(parser, checkpoint=False)
@@ -75,12 +93,18 @@ def _datasets(args: argparse.Namespace, study):
         train = tuple(_key(parse_dataset_spec(t)) for t in split_specs(args.train))
         tests = tuple(_key(parse_dataset_spec(t)) for t in args.test)
         study = replace(study, protocol=(Direction(train, tests),))
+    if study.partial_data and args.train is None:  # the datasets not given are listed as missing
+        try:
+            study = study.restricted(specs)
+        except ValueError as error:
+            raise CLIError(f"{error}: pass --data NAME=ROOT for them") from None
     missing = [name for name in study.datasets if name not in specs]
     if missing:
         raise CLIError(
             f"study {study.name} needs the roots of {', '.join(missing)}: pass --data "
             + " ".join(f"{name}=ROOT" for name in missing)
         )
+    warn_unused_data(list(specs), study.datasets)
     with world_of(args).main_first():
         indexes = {name: load_dataset(specs[name]) for name in study.datasets}
     return study, indexes, lambda name: specs[name].title if name in specs else name
@@ -97,20 +121,25 @@ def _key(spec) -> str:
 
 
 def _factory(args: argparse.Namespace):
+    """The study's model builder: every model it builds runs on one frozen CLIP (`SharedBackbones`)."""
+    from vip2clip.factory import SharedBackbones
     from vip2clip.inference.assembly import build_model
+
+    shared = SharedBackbones()
 
     def build(options, seed, checkpoint):
         settings = copy.copy(args)
         settings.checkpoint = str(checkpoint) if checkpoint is not None else None
         spec = model_spec_from_args(settings, seed=seed)
-        return build_model(replace(spec, config={**spec.config, **dict(options)}))[0]
+        return build_model(replace(spec, config={**spec.config, **dict(options)}), shared)[0]
 
     return build
 
 
+@holding_out_folder("study")
 def run(args: argparse.Namespace) -> int:
     from vip2clip.evaluation.results import EvalConfig
-    from vip2clip.evaluation.studies import describe_studies, get_study
+    from vip2clip.evaluation.studies import EFFICIENCY, describe_studies
     from vip2clip.evaluation.study import StudyPlan, run_study, select_seeds
     from vip2clip.evaluation.study_report import write_study
 
@@ -119,18 +148,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.name or not args.out:
         raise CLIError("give a study NAME and --out DIR (or --list)")
-    study = get_study(args.name)
-    variants = study.select([key.strip() for key in args.variants.split(",") if key.strip()] if args.variants else None)
+    if args.name == EFFICIENCY.name:
+        return run_efficiency(args)
+    study, variants = chosen_study(args)
+    check_top_k(args, variants)
     seeds = select_seeds(args.seeds, args.seed)
     study, indexes, titles = _datasets(args, study)
     world = world_of(args)
-    settings = {
-        "backbone": args.backbone,
-        "clip_weights": args.clip_weights,
-        "random_init": args.random_init,
-        "image_size": args.image_size,
-        "precision": args.precision,
-    }
+    settings = run_settings(args)
     plan = StudyPlan(
         study,
         variants,
@@ -149,7 +174,8 @@ def run(args: argparse.Namespace) -> int:
     results = run_study(plan, args.out, _factory(args), args.overwrite, progress_for(args), world)
     if not world.is_main:
         return 0
-    written = write_study(args.out, study, variants, seeds, results, titles)
+    comparison, notes = report_context(settings, study, indexes)
+    written = write_study(args.out, study, variants, seeds, results, titles, comparison=comparison, notes=notes)
     print(Path(written["markdown"]).read_text(encoding="utf-8"))
     print(f"study: {written['markdown']} (+ .csv, .json)")
     if "figure" in written:

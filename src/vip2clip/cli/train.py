@@ -14,6 +14,7 @@ from vip2clip.cli.common import (
     add_model_arguments,
     add_progress_argument,
     build_model,
+    holding_out_folder,
     progress_for,
     world_of,
 )
@@ -109,6 +110,21 @@ def split_specs(texts: Sequence[str]) -> list[str]:
     return [part for text in texts for part in _SPEC_SEPARATOR.split(text)]
 
 
+def _refuse_same_names(loaded: Sequence[tuple[str, Any, str]]) -> None:
+    """CLIError when two training sources (name, index, the --data text) get one name: the advice depends on the
+    form they were given in."""
+    names = [name for name, _, _ in loaded]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if repeated is None:
+        return
+    given = [text for name, _, text in loaded if name == repeated]
+    if all("=" in text and not Path(text).exists() for text in given):
+        advice = "give each NAME=ROOT a NAME of its own"
+    else:
+        advice = "name them NAME=ROOT with a NAME of their own"
+    raise CLIError(f"two training sources are both named {repeated!r} ({', '.join(given)}): {advice}")
+
+
 def load_training_sources(
     texts: Sequence[str], dataset: str | None, split: str, world: World
 ) -> tuple[DatasetIndex, list[dict[str, Any]]]:
@@ -125,8 +141,15 @@ def load_training_sources(
         for text in texts:
             named = "=" in text and not Path(text).exists()
             spec = parse_dataset_spec(text) if named else None
+            if spec is None and len(texts) > 1 and Path(text).is_dir() and not (Path(text) / "meta.json").is_file():
+                raise CLIError(
+                    f"{text}: no meta.json here; with several --data, name its benchmark as NAME=ROOT to convert "
+                    f"it (e.g. --data folder={text}; --dataset works for a single --data only)"
+                )
             index = load_dataset(spec) if spec else resolve_index(text, dataset)
-            loaded.append((spec.title if spec else Path(index.root).name, index))
+            loaded.append((spec.title if spec else Path(index.root).name, index, text))
+    _refuse_same_names(loaded)
+    loaded = [(name, index) for name, index, _ in loaded]
     if len(loaded) == 1:
         name, index = loaded[0]
         return index, [source_counts(name, index, split).to_dict()]
@@ -134,9 +157,9 @@ def load_training_sources(
     return merged.index, merged.describe()
 
 
+@holding_out_folder("train")
 def run(args: argparse.Namespace) -> int:
     from vip2clip.training.loop import earlier_run, train
-    from vip2clip.utils.fileio import json_line
 
     config = train_config_from_args(args)
     world = world_of(args)
@@ -159,6 +182,23 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for path, reason in result.skipped:
         print(f"skipped {path}: {reason}")
-    last = result.history[-1] if result.history else {}
-    print(json_line({"checkpoint": str(result.checkpoint), "epochs": len(result.history), "last_epoch": last}))
+    print(training_summary(result.checkpoint, result.history))
     return 0
+
+
+def training_summary(checkpoint: Path, history: list[dict]) -> str:
+    """What a finished `train` prints: the epochs and last losses in words, where the checkpoint and the
+    machine-readable per-epoch log (train_log.jsonl beside it) are, and how to use the checkpoint."""
+    from vip2clip.training.loop import TRAIN_LOG
+
+    lines = [f"trained {len(history)} epoch(s)"]
+    if history:
+        last = history[-1]
+        parts = ", ".join(f"{name} {last[name]:.4f}" for name in ("focal", "dice", "image") if name in last)
+        lines[0] += f"; epoch {last['epoch']}: loss {last['total']:.4f} ({parts}), {last['steps']} steps"
+    lines += [
+        f"checkpoint: {checkpoint}",
+        f"every epoch's losses (JSON Lines): {Path(checkpoint).parent / TRAIN_LOG}",
+        f"use it: --checkpoint {checkpoint} (with the same --clip-weights) in test, predict and serve",
+    ]
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from vip2clip.data.images import BadImageError, image_size, load_image, load_mask
+from vip2clip.data.images import BadImageError, check_mask_size, image_size, load_image, load_mask, pixel_digest
 from vip2clip.data.index import DatasetIndex, Sample
 from vip2clip.data.transforms import preprocess, preprocess_mask
 
@@ -35,8 +35,9 @@ Item = dict[str, Any]
 class AnomalyDataset(Dataset):
     """Samples of one split (optionally some classes only) as model-ready tensors.
 
-    Item: {"image": float [3, S, S] (normalised), "mask": float [S, S] of 0/1, "label": int (1 = anomalous),
-    "cls_name": str, "path": str (absolute image path), "index": int (position in this dataset)}.
+    Item: {"image": float [3, S, S] (normalised), "pixels": the image's `pixel_digest`, "mask": float [S, S] of 0/1,
+    "label": int (1 = anomalous), "cls_name": str, "path": str (absolute image path), "index": int (position in
+    this dataset)}.
     """
 
     def __init__(
@@ -64,14 +65,9 @@ class AnomalyDataset(Dataset):
         """The first problem visible from the file headers of a sample, or None."""
         image_path, mask_path = self.paths(sample)
         try:
-            size = image_size(image_path)
+            image_size(image_path)
             if mask_path is not None:
-                mask_size = image_size(mask_path)
-                if mask_size != size:
-                    return BadImageError(
-                        mask_path,
-                        f"mask is {mask_size[0]}x{mask_size[1]} but its image {image_path} is {size[0]}x{size[1]}",
-                    )
+                check_mask_size(image_path, mask_path)
         except BadImageError as error:
             return error
         return None
@@ -101,8 +97,10 @@ class AnomalyDataset(Dataset):
         """Decode sample i; raises BadImageError (naming the file) when its pixels cannot be read."""
         sample = self.samples[i]
         image_path, _ = self.paths(sample)
+        image = load_image(image_path)
         return {
-            "image": preprocess(load_image(image_path), self.image_size),
+            "image": preprocess(image, self.image_size),
+            "pixels": pixel_digest(image),  # what a checkpoint records of its training images (`data.zero_shot`)
             "mask": self.mask(i),
             "label": int(sample.anomaly),
             "cls_name": sample.cls_name,
@@ -130,7 +128,7 @@ class AnomalyDataset(Dataset):
 def collate_items(items: Sequence[Item | None]) -> dict[str, Any] | None:
     """DataLoader collate: drop None (skipped) items and stack the rest; None when nothing is left.
 
-    Batch: {"image": [B, 3, S, S], "mask": [B, S, S], "label": long [B], "cls_name": list[str],
+    Batch: {"image": [B, 3, S, S], "pixels": list[str], "mask": [B, S, S], "label": long [B], "cls_name": list[str],
     "path": list[str], "index": long [B]}.
     """
     kept = [item for item in items if item is not None]
@@ -138,6 +136,7 @@ def collate_items(items: Sequence[Item | None]) -> dict[str, Any] | None:
         return None
     return {
         "image": torch.stack([item["image"] for item in kept]),
+        "pixels": [item["pixels"] for item in kept],
         "mask": torch.stack([item["mask"] for item in kept]),
         "label": torch.tensor([item["label"] for item in kept], dtype=torch.long),
         "cls_name": [item["cls_name"] for item in kept],

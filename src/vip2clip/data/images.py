@@ -50,6 +50,7 @@ _JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 _JPEG_SUFFIXES = frozenset({".jpg", ".jpeg", ".jpe", ".jfif"})
 _JPEG_MASK_THRESHOLD = 127  # half of 255
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})
+HIGH_BIT_DEPTH_MODES = _SIXTEEN_BIT_MODES | {"I", "F"}  # scaled to 8 bits here, not clipped (module docstring)
 _SWAPS_SIDES = frozenset({5, 6, 7, 8})  # EXIF orientations that rotate by 90 degrees
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 _ONE_PICTURE_FORMATS = _JPEG_FORMATS  # MPO: the first frame is the picture, the others previews or depth data
@@ -197,7 +198,7 @@ def to_rgb(image: ImageInput, name: str | Path = "image") -> Image.Image:
         return _array_to_rgb(image)
     else:
         raise TypeError(f"expected a path, a PIL image or a numpy array, got {type(image).__name__}")
-    if image.mode in _SIXTEEN_BIT_MODES or image.mode in ("I", "F"):
+    if image.mode in HIGH_BIT_DEPTH_MODES:
         return Image.fromarray(_high_bit_depth_to_uint8(image, name)).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")  # no copy of an RGB image (memory: 40 MP uploads)
 
@@ -237,6 +238,15 @@ def load_mask(path: str | Path) -> np.ndarray:
     if image.format in _JPEG_FORMATS or (image.format is None and path.suffix.lower() in _JPEG_SUFFIXES):
         return np.asarray(image.convert("L")) > _JPEG_MASK_THRESHOLD
     return _mask_values(image) > 0
+
+
+def check_mask_size(image_path: str | Path, mask_path: str | Path) -> None:
+    """BadImageError naming the mask unless it has its image's size (both read from their headers): a mask of
+    another size or aspect would be stretched over the image."""
+    size, mask_size = image_size(image_path), image_size(mask_path)
+    if mask_size != size:
+        problem = f"mask is {mask_size[0]}x{mask_size[1]} but its image {image_path} is {size[0]}x{size[1]}"
+        raise BadImageError(mask_path, problem)
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

@@ -14,6 +14,7 @@ input size and so changes scale differently per source.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import Counter
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from vip2clip.data.images import image_size
+from vip2clip.data.images import BadImageError, image_size
 from vip2clip.data.index import DatasetIndex, Sample
 from vip2clip.utils.hashing import file_sha256
 
@@ -88,8 +89,12 @@ def _common_root(indexes: Sequence[DatasetIndex]) -> Path:
 
 
 def _size_summary(paths: Sequence[str]) -> tuple[str, ...]:
-    """The native sizes of the images, most common first (at most three), read from the headers."""
-    counts = Counter("{}x{}".format(*image_size(path)) for path in paths)
+    """The native sizes of the images, most common first (at most three), read from the headers (of the readable
+    ones: the dataset's check reports the others)."""
+    counts = Counter()
+    for path in paths:
+        with contextlib.suppress(BadImageError):
+            counts["{}x{}".format(*image_size(path))] += 1
     return tuple(size for size, _ in counts.most_common(3))
 
 
@@ -110,11 +115,13 @@ def merge_sources(sources: Sequence[tuple[str, DatasetIndex]], split: str = "tes
         kept, duplicates = [], Counter()
         for sample in samples:
             image = _absolute(index, sample.img_path)
-            digest = file_sha256(image)
+            # a listed but missing file is kept for the dataset's check, which skips it (--skip-bad) or names it
+            digest = file_sha256(image) if Path(image).is_file() else None
             if digest in seen:
                 duplicates[seen[digest]] += 1
                 continue
-            seen[digest] = name
+            if digest is not None:
+                seen[digest] = name
             kept.append(
                 replace(
                     sample,

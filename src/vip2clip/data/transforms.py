@@ -1,42 +1,26 @@
 """Between image space and model space: the release's preprocessing in, and anomaly maps back out.
 
-In: bicubic resize to the model's square input, RGB, OpenAI mean/std; masks bilinear-resized and binarised at 0.5.
+In: images as the model takes them (`resize_image`, `preprocess_array`, `preprocess`: bicubic resize to the model's
+square input, RGB, OpenAI mean/std; they live with the model, `vip2clip.model.preprocessing`, and are re-exported
+here); masks bilinear-resized and binarised at 0.5.
 Out: `resize_map`, the one resizer of anomaly maps (bilinear, half-pixel centres), used by predict, the
 heat-map pictures and the server alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
-from vip2clip.config import OPENAI_MEAN, OPENAI_STD
+from vip2clip.model.preprocessing import preprocess, preprocess_array, resize_image  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import torch
 
-_MEAN = np.asarray(OPENAI_MEAN, dtype=np.float32)
-_STD = np.asarray(OPENAI_STD, dtype=np.float32)
-
-
-def resize_image(image: Image.Image, image_size: int = 518) -> Image.Image:
-    """PIL image (any mode) -> RGB image S x S: the release's resize (PIL bicubic on 8-bit pixels)."""
-    return (image if image.mode == "RGB" else image.convert("RGB")).resize((image_size, image_size), Image.BICUBIC)
-
-
-def preprocess_array(image: Image.Image, image_size: int = 518) -> np.ndarray:
-    """PIL image (any mode) -> normalised float32 array [3, S, S], as the release feeds CLIP (numpy only)."""
-    pixels = np.asarray(resize_image(image, image_size), dtype=np.float32) / 255.0  # [S, S, 3]
-    return np.ascontiguousarray(((pixels - _MEAN) / _STD).transpose(2, 0, 1))
-
-
-def preprocess(image: Image.Image, image_size: int = 518) -> torch.Tensor:
-    """PIL image (any mode) -> normalised float tensor [3, S, S], as the release feeds CLIP."""
-    import torch  # here: the torch-free engines use preprocess_array and resize_map only
-
-    return torch.from_numpy(preprocess_array(image, image_size))
+STRIP_PIXELS = 1 << 17  # pixels per strip of full-size work: temporaries of a few MiB whatever the image size
 
 
 def preprocess_mask(binary_mask: np.ndarray, image_size: int = 518) -> torch.Tensor:
@@ -55,17 +39,38 @@ def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize (align_corners=False) of a map [h, w] to size = (width, height) -> float32 [height, width].
 
     numpy only, with torch's `F.interpolate(mode="bilinear")` index and weight arithmetic (float32 scale and
-    weights), so it gives torch's numbers to float rounding (about 1e-7) without torch.
+    weights), so it gives torch's numbers to float rounding (about 1e-7) without torch. Computed in row strips
+    (`resized_map_strips`), so its memory is the result's (4 bytes per pixel) and a strip's.
     """
     width, height = size
     values = np.asarray(anomaly_map, dtype=np.float32)
     if values.shape == (height, width):
         return values
-    low, high, weight = _linear_taps(values.shape[0], height)
-    weight = weight[:, None]
-    values = values[low] * (1 - weight) + values[high] * weight  # [height, w]
-    low, high, weight = _linear_taps(values.shape[1], width)
-    return values[:, low] * (1 - weight) + values[:, high] * weight
+    resized = np.empty((height, width), dtype=np.float32)
+    for top, strip in resized_map_strips(values, size):
+        resized[top : top + strip.shape[0]] = strip
+    return resized
+
+
+def resized_map_strips(
+    anomaly_map: np.ndarray, size: tuple[int, int], strip_pixels: int = STRIP_PIXELS
+) -> Iterator[tuple[int, np.ndarray]]:
+    """`resize_map(anomaly_map, size)` as (first row, float32 [rows, width]) strips of about `strip_pixels`, top
+    to bottom, with the same numbers (every value is computed from its own taps): a picture drawn strip by strip
+    needs no full-size map. A map already of that size is cut, not copied."""
+    width, height = size
+    values = np.asarray(anomaly_map, dtype=np.float32)
+    rows = max(1, strip_pixels // max(width, 1))
+    if values.shape == (height, width):
+        for top in range(0, height, rows):
+            yield top, values[top : top + rows]
+        return
+    row_low, row_high, row_weight = _linear_taps(values.shape[0], height)
+    column_low, column_high, column_weight = _linear_taps(values.shape[1], width)
+    for top in range(0, height, rows):
+        weight = row_weight[top : top + rows, None]
+        strip = values[row_low[top : top + rows]] * (1 - weight) + values[row_high[top : top + rows]] * weight
+        yield top, strip[:, column_low] * (1 - column_weight) + strip[:, column_high] * column_weight
 
 
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -83,6 +83,18 @@ def parse_dataset_spec(text: str) -> DatasetSpec:
     return DatasetSpec(name.strip(), Path(root.strip()), title)
 
 
+def check_test_folders(specs: Sequence[DatasetSpec]) -> None:
+    """ValueError when two test datasets would write into one OUT/NAME/ folder (checked before any training)."""
+    folders = [spec.folder for spec in specs]
+    repeated = next((folder for folder in folders if folders.count(folder) > 1), None)
+    if repeated is not None:
+        given = ", ".join(f"{spec.name}={spec.root}" for spec in specs if spec.folder == repeated)
+        raise ValueError(
+            f"two test datasets share the output folder {repeated!r} ({given}): give each test dataset its own "
+            "NAME (its results go to OUT/NAME/)"
+        )
+
+
 def load_dataset(spec: DatasetSpec) -> DatasetIndex:
     """The index of a DatasetSpec: ROOT's meta.json, or converted on the fly when NAME is a registry name."""
     if not spec.registered and spec.root.is_dir() and not (spec.root / "meta.json").is_file():
@@ -235,9 +247,7 @@ def benchmark_datasets(
     its results and in benchmark.json, with a note when it is not zero-shot.
     """
     out_dir = Path(out_dir)
-    folders = [spec.folder for spec, _ in tests]
-    if len(set(folders)) != len(folders):
-        raise ValueError(f"two test datasets share an output folder name: {folders}")
+    check_test_folders([spec for spec, _ in tests])
     overlaps = overlaps or {}
     entries, notes = [], []
     for spec, index in tests:

@@ -61,7 +61,14 @@ from vip2clip.evaluation.results import (
     EvaluationResult,
     mean_metrics,
 )
-from vip2clip.evaluation.scoring import Batch, choose_shots, class_engine, class_share, tiled_batches
+from vip2clip.evaluation.scoring import (
+    Batch,
+    check_mutual_classes,
+    choose_shots,
+    class_engine,
+    class_share,
+    tiled_batches,
+)
 from vip2clip.inference.predictor import InferenceEngine
 from vip2clip.metrics import (
     PixelF1Histogram,
@@ -283,12 +290,14 @@ class _Tally:
 
 
 def _classes_to_evaluate(index: DatasetIndex, config: EvalConfig) -> list[str]:
-    """The classes of the split (or config.classes); ValueError for an unknown class or an empty split, before any
-    work."""
+    """The classes of the split (or config.classes); ValueError for an unknown class, an empty split or (mutual
+    scoring) a class of fewer than 3 images, before any work."""
     classes = list(config.classes) if config.classes else index.classes(config.split)
     index.samples(config.split, classes)
     if not classes:
         raise ValueError(f"{index.root}: split {config.split!r} has no images")
+    if config.mutual is not None:
+        check_mutual_classes(index, config.split, classes)
     return classes
 
 

@@ -6,7 +6,10 @@ package, `paper_results.json`, each with the table it came from:
 - Tables 1-2: one row per dataset (`PaperNumbers.row_for`), with the printed AVERAGE rows (`block_average`);
 - Tables 10-21: per class of MVTec AD and VisA, all six metrics (`PaperNumbers.class_row`, `class_mean`);
 - Tables 4, 5, 6 and 9: the studies (`PaperNumbers.study`): each variant with the model preset that makes it
-  (`vip2clip.model.presets`) and its values per dataset.
+  (`vip2clip.model.presets`) and its values per dataset;
+- Tables 1-2 once more as one-row-per-dataset studies (`PaperNumbers.main_tables`, for `vip2clip study main`);
+- Table 3: ViP²-CLIP's efficiency and the device it was measured on (`PaperNumbers.efficiency`, as printed);
+- Table 8: ViP²-CLIP's column of the full-shot comparison (read by the tests only; its DAGM cells are cut off).
 Datasets are matched through the registry (`vip2clip.data.registry.dataset_info`: a name such as "visa", an alias
 or a title such as "VisA"); a dataset or class the paper does not report has no reference ("-" in the tables).
 
@@ -25,7 +28,8 @@ from typing import Any
 from vip2clip.data.registry import dataset_info
 from vip2clip.model.presets import get_preset
 
-REFERENCES = {"paper": "paper_results.json"}
+# "paper-clip": the paper's CLIP column (Table 2, Tables 10-21), for untrained CLIP (the clip-zero-shot preset)
+REFERENCES = {"paper": "paper_results.json", "paper-clip": "clip_results.json"}
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,8 @@ class PaperNumbers:
     classes: dict[str, dict[str, ClassRow]] = field(default_factory=dict)  # dataset -> class -> row
     class_means: dict[str, dict[str, float]] = field(default_factory=dict)  # dataset -> the printed Mean row
     studies: dict[str, PaperStudy] = field(default_factory=dict)
+    efficiency: dict[str, Any] = field(default_factory=dict)  # Table 3, as printed (not fractions)
+    table_titles: dict[str, str] = field(default_factory=dict)
 
     def row_for(self, dataset: str) -> ReferenceRow | None:
         """The reference row of a dataset name, alias or registry title (None: not in the reference)."""
@@ -178,6 +184,17 @@ class PaperNumbers:
             raise ValueError(f"the {self.name} reference has no study {name!r}; its studies: {', '.join(self.studies)}")
         return self.studies[name]
 
+    def main_tables(self, key: str, preset: str = "vip2clip") -> dict[str, PaperStudy]:
+        """Tables 1 and 2 (the training protocol's tables) as studies of one variant `key`: per table its rows
+        and printed AVERAGE rows, so that a study's report lays them out as Table 9 (`study main`)."""
+        tables: dict[str, PaperStudy] = {}
+        for table, title in self.table_titles.items():
+            values = {name: dict(row.values) for name, row in self.rows.items() if row.table == table}
+            averages = {block: self.averages[(table, block)] for block in self.blocks}
+            variant = StudyVariant(key, self.method, preset, values)
+            tables[table] = PaperStudy(key, table, title, "", {key: variant}, averages, {})
+        return tables
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "method": self.method, "source": self.source, "protocol": self.protocol}
 
@@ -222,8 +239,20 @@ def load_paper_numbers(name: str = "paper") -> PaperNumbers:
             averages[(table["table"], block)] = _fractions(keys, table["average"][block])
     classes, class_means = _per_class(data.get("per_class", []))
     studies = {key: _study(key, study, blocks) for key, study in data.get("studies", {}).items()}
+    titles = {table["table"]: table["title"] for table in data["tables"]}
     return PaperNumbers(
-        name, data["method"], data["source"], data["protocol"], blocks, rows, averages, classes, class_means, studies
+        name,
+        data["method"],
+        data["source"],
+        data["protocol"],
+        blocks,
+        rows,
+        averages,
+        classes,
+        class_means,
+        studies,
+        data.get("efficiency", {}),
+        titles,
     )
 
 

@@ -19,7 +19,7 @@ comparable with untiled runs and memory stays that of one class's maps at that s
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,7 +30,7 @@ from vip2clip.data.images import BadImageError, load_image
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.transforms import resize_map
 from vip2clip.inference.identity import PredictorIdentity
-from vip2clip.inference.mutual_rule import MutualRule
+from vip2clip.inference.mutual_rule import MIN_IMAGES, MutualRule
 from vip2clip.inference.predictor import InferenceEngine, Predictor
 from vip2clip.inference.references import FusionRule, ReferenceEngine, memory_from_files
 from vip2clip.inference.tiling import TileConfig
@@ -60,6 +60,20 @@ def choose_shots(index: DatasetIndex, classes: list[str], shots: int, seed: int)
             )
         chosen[name] = sorted(Path(index.resolve(path)).resolve() for path in draw_shots(paths, shots, seed, name))
     return chosen
+
+
+def check_mutual_classes(index: DatasetIndex, split: str, classes: Sequence[str] | None) -> None:
+    """ValueError naming every class (of `classes`, None: all of the split) with fewer than 3 images in `split`
+    (mutual scoring: each class's images score each other), before any work."""
+    counts = {name: len(index.samples(split, [name])) for name in classes or index.classes(split)}
+    small = [f"class {name} ({count})" for name, count in counts.items() if count < MIN_IMAGES]
+    if small:
+        raise ValueError(
+            f"mutual scoring needs at least {MIN_IMAGES} {split} images per class (each class's images score each "
+            f"other; with two, a difference between them could be in either); too few in {index.root}: "
+            f"{', '.join(small)}; add {split} images to those classes, or leave them out (`vip2clip test --classes` "
+            "names the classes to evaluate)"
+        )
 
 
 def draw_shots(paths: list[T], shots: int, seed: int, class_name: str) -> list[T]:
@@ -132,7 +146,7 @@ def tiled_batches(
     share = range(len(dataset)) if share is None else share
     if not share:
         return
-    scored_images = predictor.score(share, load)
+    scored_images = predictor.score(share, load, group=f"class {dataset.samples[0].cls_name}")
     for scored in progress(scored_images, total=len(share), desc=dataset.samples[0].cls_name if dataset else ""):
         try:
             if scored.error is not None:

@@ -13,8 +13,8 @@ their studies show ours only.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vip2clip.model.presets import get_preset
@@ -35,6 +35,11 @@ class Variant:
     @classmethod
     def of_preset(cls, key: str, label: str, preset: str) -> Variant:
         return cls(key, label, dict(get_preset(preset).config), preset=preset)
+
+    @property
+    def trained(self) -> bool:
+        """False for untrained CLIP (hand-written prompts): the study tests it without training."""
+        return self.options.get("text_prompts") != "handcrafted"
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,10 @@ class Study:
     variants: tuple[Variant, ...]
     protocol: tuple[Direction, ...]
     figure: Figure | None = None
-    rows: str = "variants"  # "datasets": one row per test dataset (Table 9's layout, one variant)
+    rows: str = "variants"  # "datasets": one row per test dataset (Table 9's layout, one variant); "tables":
+    # the same, once per table of Tables 1-2 (`PaperNumbers.main_tables`)
+    partial_data: bool = False  # runs on the datasets given; the protocol's others are listed as missing
+    missing: tuple[str, ...] = ()  # the protocol's test sets left out (`restricted`)
 
     @property
     def datasets(self) -> list[str]:
@@ -91,6 +99,22 @@ class Study:
     def variant_keys(self) -> str:
         return ", ".join(variant.key for variant in self.variants)
 
+    def restricted(self, given: Collection[str]) -> Study:
+        """This study with only the directions and tests whose datasets are `given`, and the test sets left out
+        as `missing` (protocol order); ValueError when no direction can run. A direction whose training set is
+        missing leaves out all its tests."""
+        protocol = []
+        for direction in self.protocol:
+            tests = tuple(test for test in direction.tests if test in given)
+            if tests and all(name in given for name in direction.train):
+                protocol.append(Direction(direction.train, tests))
+        if not protocol:
+            needed = "; ".join(f"{'+'.join(d.train)} with one of {', '.join(d.tests)}" for d in self.protocol)
+            raise ValueError(f"study {self.name} runs nothing with these datasets: it needs {needed}")
+        ran = {name for direction in protocol for name in direction.tests}
+        missing = [name for d in self.protocol for name in d.tests if name not in ran]
+        return replace(self, protocol=tuple(protocol), missing=tuple(missing))
+
     def select(self, keys: Sequence[str] | None) -> tuple[Variant, ...]:
         """The variants named in `keys` (all for None), in the study's order; unknown keys list the valid ones."""
         if not keys:
@@ -104,17 +128,30 @@ INDUSTRIAL = (
     Direction(("mvtec",), ("visa", "mpdd", "btad", "ksdd", "dagm", "dtd-synthetic")),
     Direction(("visa",), ("mvtec",)),
 )
+# Tables 1-2: trained on MVTec AD for the 13 other datasets, on VisA for MVTec AD (Sec. 5.1)
+INDUSTRIAL_TESTS = ("visa", "mpdd", "ksdd", "btad", "dagm", "dtd-synthetic")
+MEDICAL_TESTS = ("headct", "brainmri", "br35h", "isic", "colondb", "clinicdb", "kvasir")
+MAIN = (Direction(("mvtec",), (*INDUSTRIAL_TESTS, *MEDICAL_TESTS)), Direction(("visa",), ("mvtec",)))
 MEDICAL = (
     Direction(("mvtec", "colondb"), ("headct", "brainmri", "br35h", "isic", "clinicdb", "endo", "kvasir")),
     Direction(("visa", "clinicdb"), ("colondb",)),
 )
 
 
-def _modules(utpa: bool, vca: bool, fgp: bool) -> Variant:
+def _modules(utpa: bool, vca: bool, fgp: bool) -> tuple[Variant, ...]:
+    """Table 4's row(s) of one module combination. Without any module, the paper's numbers are those of untrained
+    CLIP (they nearly equal the CLIP column of Tables 10-21 and differ from Table 5's CLIP_DUAL, the same options
+    trained): the row `none` is untrained CLIP; `none-trained`, the static prompts trained, follows as our row."""
     parts = [name for name, on in (("utpa", utpa), ("vca", vca), ("fgp", fgp)) if on]
-    key = "+".join(parts) or "none"
-    label = ", ".join(part.upper() for part in parts) or "(none)"
-    return Variant.of_preset(key, label, "vip2clip" if len(parts) == 3 else "ablation-" + ("-".join(parts) or "none"))
+    if not parts:
+        return (
+            Variant.of_preset("none", "(none): untrained CLIP, hand-written prompts", "clip-zero-shot"),
+            Variant.of_preset("none-trained", "(none), trained static prompts (ours; = CLIP_DUAL)", "ablation-none"),
+        )
+    label = ", ".join(part.upper() for part in parts)
+    return (
+        Variant.of_preset("+".join(parts), label, "vip2clip" if len(parts) == 3 else "ablation-" + "-".join(parts)),
+    )
 
 
 def _words(normal: str, anomalous: str) -> Variant:
@@ -124,6 +161,9 @@ def _words(normal: str, anomalous: str) -> Variant:
 
 
 TOP_K = (1, 10, 20, 50, 100, 200)
+# K also shapes training (the image loss pools the top-K patches) and the paper does not say the model was trained
+# once: one training per K by default; `top_k_at_test_time` gives the cheaper sweep of one model trained at K = 50.
+TOP_K_TITLE = "Top-K patches pooled for the image score (one model trained per K)"
 # Fig. 10 plots prompt lengths whose values the text does not print: static tokens M with J = 3, and dynamic
 # tokens J with M = 7 (the default 7 + 3 = 10 in both).
 PROMPT_LENGTHS = ((3, 3), (5, 3), (7, 3), (9, 3), (11, 3), (7, 1), (7, 5))
@@ -132,12 +172,22 @@ STUDIES: dict[str, Study] = {
     study.name: study
     for study in (
         Study(
+            "main",
+            "Tables 1-2",
+            "Zero-shot anomaly detection on the industrial and medical datasets",
+            (Variant.of_preset("vip2clip", "ViP²-CLIP", "vip2clip"),),
+            MAIN,
+            rows="tables",
+            partial_data=True,
+        ),
+        Study(
             "modules",
             "Table 4",
             "Module ablation: the combinations of UTPA, VCA and FGP",
             tuple(
-                _modules(u, v, f)
+                variant
                 for u, v, f in ((0, 0, 0), (0, 1, 0), (0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 1), (1, 1, 1))
+                for variant in _modules(u, v, f)
             ),
             SWAP,
         ),
@@ -166,9 +216,16 @@ STUDIES: dict[str, Study] = {
         Study(
             "static-prompts",
             "Fig. 5",
-            "F1 gain of visual-conditioned over static prompts, seven industrial sets",
+            "F1 gain of visual-conditioned over static prompts, seven industrial sets (both readings of 'static')",
             (
-                Variant.of_preset("static", "static prompts (ViP²-CLIP_re)", "ablation-utpa-fgp"),
+                Variant.of_preset(
+                    "static", "static prompts, FGP kept (reading: 'without visual cues' = no VCA)", "ablation-utpa-fgp"
+                ),
+                Variant.of_preset(
+                    "static-no-fgp",
+                    "static prompts, no FGP (reading: no visual feature enters the prompts: no VCA, no FGP)",
+                    "ablation-utpa",
+                ),
                 Variant.of_preset("visual", "visual-conditioned prompts (ViP²-CLIP)", "vip2clip"),
             ),
             INDUSTRIAL,
@@ -177,8 +234,8 @@ STUDIES: dict[str, Study] = {
         Study(
             "top-k",
             "Fig. 6",
-            "Top-K patches pooled for the image score (a test-time switch: one trained model)",
-            tuple(Variant(f"k{k}", f"K = {k}", {}, {"top_k": k}) for k in TOP_K),
+            TOP_K_TITLE,
+            tuple(Variant(f"k{k}", f"K = {k}", {"top_k": k}) for k in TOP_K),
             SWAP,
             Figure(
                 "sweep",
@@ -221,10 +278,37 @@ STUDIES: dict[str, Study] = {
 }
 
 
+def top_k_at_test_time(study: Study) -> Study:
+    """The Top-K study as a test-time sweep: one model trained at the default K = 50, tested at every K."""
+    variants = tuple(replace(variant, options={}, test_options=dict(variant.options)) for variant in study.variants)
+    title = "Top-K patches pooled for the image score (a test-time sweep of one model trained at K = 50)"
+    return replace(study, title=title, variants=variants)
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """A study that trains nothing (`cli.efficiency`): its name, what it reproduces and what it measures."""
+
+    name: str
+    reproduces: str
+    title: str
+    measures: str
+
+
+EFFICIENCY = Measurement(
+    "efficiency",
+    "Table 3",
+    "Computational efficiency, beside the paper's (NVIDIA L20) and, with --release-dir, the authors' release",
+    "trainable parameters, ms per image (batch 1, --image-size, the paper's 518), peak memory of inference and of one "
+    "training step (GPU memory on CUDA, process RSS on the CPU); no datasets",
+)
+
+
 def get_study(name: str) -> Study:
     """The named study; ValueError listing the studies for an unknown name."""
     if name not in STUDIES:
-        raise ValueError(f"unknown study {name!r}; studies: {', '.join(STUDIES)} (`vip2clip study --list`)")
+        names = ", ".join([*STUDIES, EFFICIENCY.name])
+        raise ValueError(f"unknown study {name!r}; studies: {names} (`vip2clip study --list`)")
     return STUDIES[name]
 
 
@@ -236,4 +320,6 @@ def describe_studies() -> str:
         lines.append(f"{study.name}  ({study.reproduces}) {study.title}")
         lines.append(f"    protocol: {protocol}")
         lines.append(f"    variants: {study.variant_keys()}")
+    lines.append(f"{EFFICIENCY.name}  ({EFFICIENCY.reproduces}) {EFFICIENCY.title}")
+    lines.append(f"    measures: {EFFICIENCY.measures}")
     return "\n".join(lines)

@@ -6,12 +6,13 @@ Layout of a study folder OUT:
     models/KEY/seed-S/TRAIN/          a trained model (`training.loop` folder: checkpoint.pt, train_log.jsonl)
     runs/VARIANT/seed-S/TRAIN/TEST/   a variant's results on a test set (results.json ...), done.json when finished
     study.md, study.csv, study.json, figure.png/.csv   the tables (`evaluation.study_report`)
-Variants that differ only in test-time options (Top-K) share a model folder (KEY "shared-..."); the others have
-their own (KEY = the variant).
+Variants that differ only in test-time options (Top-K with --top-k-at-test) share a model folder (KEY
+"shared-..."); the others have their own (KEY = the variant); untrained CLIP (Table 4's `none`) has none.
 
 Every variant's model is built on the same backbone, weights, image size and layers, so they share the feature
 cache: training reads it (`training.loop`) and so does testing (`EvalConfig.feature_cache`, `evaluation.cached`);
-the image encoder runs once per image of the study, the rest is the small heads.
+the image encoder runs once per image of the study, the rest is the small heads. The command line's model factory
+also builds the frozen CLIP once for all of them (`factory.SharedBackbones`; per process under torchrun).
 
 Resuming: a unit (variant, seed, direction) whose done.json exists is read back, not rerun; a unit whose model
 finished training is only tested; a unit killed during training continues from its last epoch (`resume`). So a
@@ -46,6 +47,7 @@ from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.training.loop import FINAL_CHECKPOINT, LAST_CHECKPOINT, train
 from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.fileio import atomic_write_json
+from vip2clip.utils.folder_lock import LOCK_NAME
 from vip2clip.utils.hashing import json_digest
 from vip2clip.utils.progress import Progress, silent
 
@@ -54,6 +56,7 @@ logger = logging.getLogger(__name__)
 STUDY_FILE = "study_settings.json"
 DONE_FILE = "done.json"
 CACHE_DIR = "feature_cache"
+MAX_SEED = 2**63 - 1
 # (options, seed, checkpoint) -> a model: with a checkpoint its trained weights (options: test-time overrides),
 # without one a fresh model seeded with `seed` for training.
 ModelFactory = Callable[[Mapping[str, Any], "int | None", "Path | None"], ViP2CLIP]
@@ -100,7 +103,7 @@ def claim_folder(out_dir: Path, manifest: Mapping[str, Any], overwrite: bool) ->
     `overwrite` (then the earlier study's models and runs are deleted), and write study_settings.json."""
     path = out_dir / STUDY_FILE
     if path.is_file():
-        earlier, settings = json.loads(path.read_text(encoding="utf-8")), manifest["settings"]
+        earlier, settings = _earlier_manifest(path, overwrite), manifest["settings"]
         if earlier.get("study") != manifest["study"] or earlier.get("settings") != manifest["settings"]:
             if not overwrite:
                 what = (
@@ -111,12 +114,25 @@ def claim_folder(out_dir: Path, manifest: Mapping[str, Any], overwrite: bool) ->
                 raise ValueError(f"{out_dir} holds {what}; pass --overwrite to replace it, or choose another --out")
             for folder in ("models", "runs"):
                 shutil.rmtree(out_dir / folder, ignore_errors=True)
-    elif out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+    elif out_dir.is_dir() and any(p.name != LOCK_NAME for p in out_dir.iterdir()) and not overwrite:
         raise ValueError(
             f"{out_dir} is not empty and holds no study; pass --overwrite to use it, or choose another --out"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, manifest)
+
+
+def _earlier_manifest(path: Path, overwrite: bool) -> dict[str, Any]:
+    """study_settings.json as written by an earlier run; ValueError naming it when it is damaged (with
+    `overwrite`: {} , so the study starts again)."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        problem = "" if isinstance(earlier, dict) else f"holds a {type(earlier).__name__}, not a study's settings"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        earlier, problem = {}, f"is empty or damaged ({error})"
+    if problem and not overwrite:
+        raise ValueError(f"{path} {problem}: pass --overwrite to start the study again, or choose another --out")
+    return earlier if not problem else {}
 
 
 def _changed(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
@@ -193,12 +209,15 @@ def _trained_model(
     build: ModelFactory,
     progress: Progress,
     world: World,
-) -> tuple[ViP2CLIP, Path]:
-    """The unit's model: read back when trained, else trained (continued from its last epoch when killed)."""
+) -> tuple[ViP2CLIP, Path | None]:
+    """The unit's model: read back when trained, else trained (continued from its last epoch when killed);
+    untrained CLIP as it is (no checkpoint)."""
+    if not variant.trained:
+        return build(variant.options, None, None), None
     folder = model_folder(out_dir, variant, seed, direction)
     checkpoint = folder / FINAL_CHECKPOINT
     if not checkpoint.is_file():
-        config = replace(plan.train_config, seed=seed, cache_dir=str(out_dir / CACHE_DIR))
+        config = replace(plan.train_config, seed=seed, cache_dir=str(cache_folder(plan, out_dir)))
         resume = (folder / LAST_CHECKPOINT).is_file()
         model = build(variant.options, seed, None)
         train(
@@ -218,6 +237,43 @@ def _trained_model(
     return build(variant.test_options, None, checkpoint), checkpoint
 
 
+def cache_folder(plan: StudyPlan, out_dir: Path) -> Path:
+    """The study's feature cache: --cache-dir when given (another disk), else OUT/feature_cache."""
+    return Path(plan.train_config.cache_dir) if plan.train_config.cache_dir else out_dir / CACHE_DIR
+
+
+def _unit_record(variant: Variant, direction: Direction) -> dict[str, Any]:
+    """What a unit's done.json must match to be read back: the variant, its options and the direction."""
+    return {
+        "variant": variant.key,
+        "options": dict(variant.options),
+        "test_options": dict(variant.test_options),
+        "train": list(direction.train),
+    }
+
+
+def read_done(path: Path, variant: Variant, direction: Direction) -> dict[str, dict[str, float]] | None:
+    """A finished unit's means, or None when it is not finished: no done.json, or one that is empty, damaged,
+    incomplete or from other options (an older version, an earlier meaning of the key); those are named in a
+    warning and the unit is tested again."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        problem = "" if isinstance(record, dict) else f"holds a {type(record).__name__}, not a unit's record"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        record, problem = None, f"is empty or damaged ({error})"
+    if not problem and any(record.get(key) != value for key, value in _unit_record(variant, direction).items()):
+        problem = "records another variant, options or training set"
+    datasets = record.get("datasets") if not problem else None
+    if not problem and (not isinstance(datasets, dict) or set(datasets) != set(direction.tests)):
+        problem = f"does not hold results for every test set ({', '.join(direction.tests)})"
+    if problem:
+        logger.warning("%s %s: the unit is tested again", path, problem)
+        return None
+    return datasets
+
+
 def run_unit(
     plan: StudyPlan,
     variant: Variant,
@@ -232,15 +288,18 @@ def run_unit(
     """Train (or read back) one variant for one seed and direction, test it; returns {test: mean metrics}."""
     unit = out_dir / "runs" / variant.key / f"seed-{seed}" / direction.name
     done = unit / DONE_FILE
-    if done.is_file():
+    finished = read_done(done, variant, direction)
+    if finished is not None:
         logger.info("%s: finished earlier, read back", unit)
-        return json.loads(done.read_text(encoding="utf-8"))["datasets"]
+        return finished
     model, checkpoint = _trained_model(plan, variant, seed, direction, training, out_dir, build, progress, world)
     identity = ModelIdentity.of(model, checkpoint)
-    config = replace(plan.eval_config, feature_cache=out_dir / CACHE_DIR)
+    config = replace(plan.eval_config, feature_cache=cache_folder(plan, out_dir))
     means = {}
     for test in direction.tests:
         record = {"sources": training.sources, "zero_shot": {"zero_shot": True, "checked": "before the study"}}
+        if not variant.trained:
+            record = {"sources": [], "trained": False, "zero_shot": {"zero_shot": True, "checked": "untrained"}}
         result = evaluate_dataset(
             model,
             plan.datasets[test],
@@ -254,9 +313,7 @@ def run_unit(
         )
         means[test] = dict(result.mean)
     if world.is_main:
-        atomic_write_json(
-            done, {"variant": variant.key, "seed": seed, "train": list(direction.train), "datasets": means}
-        )
+        atomic_write_json(done, {**_unit_record(variant, direction), "seed": seed, "datasets": means})
     world.barrier()
     return means
 
@@ -290,8 +347,12 @@ def run_study(
 
 
 def select_seeds(seeds: Sequence[int] | None, default: int) -> tuple[int, ...]:
-    """The seeds to run (the training default when none are given); ValueError for a repeated seed."""
+    """The seeds to run (the training default when none are given); ValueError for a repeated seed or one that
+    PyTorch's generators cannot take (checked before any model is built)."""
     chosen = tuple(seeds) if seeds else (default,)
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"a seed is listed twice: {list(chosen)}")
+    bad = [seed for seed in chosen if not 0 <= seed <= MAX_SEED]
+    if bad:
+        raise ValueError(f"seed(s) {bad} outside 0..{MAX_SEED} (the range PyTorch's random generators take)")
     return chosen

@@ -1,6 +1,7 @@
 """A figure study's plot (Fig. 5, 6, 10): figure.csv always, figure.png with matplotlib (the `plots` extra).
 
-kind "gain" (Fig. 5): bars per test dataset, the second variant's metric minus the first's, in points (x100).
+kind "gain" (Fig. 5): bars per test dataset, the last variant's metric minus each earlier one's (one series per
+earlier variant: Fig. 5's two readings of "static prompts"), in points (x100).
 kind "sweep" (Fig. 6, 10): one line per series, test dataset and metric against the variants' x values, in percent,
 with the seeds' standard deviation as error bars when there are several. The paper prints no numbers for these
 figures, so the plot holds ours only, and its title says so.
@@ -30,9 +31,9 @@ def figure_points(study: Study, variants: Sequence[Variant], results) -> list[di
     figure = study.figure
     chosen = {variant.key for variant in variants}
     points = []
-    if figure.kind == "gain":
-        base, other = study.variants[0].key, study.variants[1].key
-        if {base, other} <= chosen:
+    if figure.kind == "gain":  # the last variant over each earlier one (Fig. 5: over each reading of "static")
+        other = study.variants[-1].key
+        for base in [variant.key for variant in study.variants[:-1] if {variant.key, other} <= chosen]:
             for test in results[other]:
                 for metric in figure.metrics:
                     gains = [
@@ -72,9 +73,15 @@ def figure_points(study: Study, variants: Sequence[Variant], results) -> list[di
 
 
 def write_figure(
-    out_dir: Path, study: Study, variants: Sequence[Variant], results, titles: Callable[[str], str]
+    out_dir: Path,
+    study: Study,
+    variants: Sequence[Variant],
+    results,
+    titles: Callable[[str], str],
+    not_comparable: str | None = None,
 ) -> dict[str, Path | str]:
-    """figure.csv and (with matplotlib) figure.png; "figure_note" says why a PNG is missing."""
+    """figure.csv and (with matplotlib) figure.png; "figure_note" says why a PNG is missing. `not_comparable`
+    ("not comparable: random CLIP weights", `Comparability.label`) replaces "reproduced" in the title."""
     points = figure_points(study, variants, results)
     header = ("series", "dataset", "metric", "variant", "x", "mean", "std")
     rows = [
@@ -105,7 +112,8 @@ def write_figure(
             _bars(axes, points, study, titles)
         else:
             _lines(axes, points, study, titles)
-        axes.set_title(f"{study.reproduces} reproduced (ours; the paper prints no numbers)\n{study.title}", fontsize=9)
+        what = f"ours, {not_comparable}" if not_comparable else "reproduced (ours; the paper prints no numbers)"
+        axes.set_title(f"{study.reproduces} {what}\n{study.title}", fontsize=9)
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
         figure.tight_layout()
@@ -121,17 +129,18 @@ def write_figure(
 
 def _bars(axes, points: Sequence[Mapping[str, Any]], study: Study, titles) -> None:
     tests = list(dict.fromkeys(p["dataset"] for p in points))
-    metrics = study.figure.metrics
-    width = 0.8 / max(1, len(metrics))
-    for offset, metric in enumerate(metrics):
-        chosen = {p["dataset"]: p for p in points if p["metric"] == metric}
-        xs = [i + (offset - (len(metrics) - 1) / 2) * width for i in range(len(tests))]
+    bars = list(dict.fromkeys((p["series"], p["metric"]) for p in points))  # one bar per series and metric
+    several = len({series for series, _ in bars}) > 1
+    width = 0.8 / max(1, len(bars))
+    for offset, (series, metric) in enumerate(bars):
+        chosen = {p["dataset"]: p for p in points if (p["series"], p["metric"]) == (series, metric)}
+        xs = [i + (offset - (len(bars) - 1) / 2) * width for i in range(len(tests))]
         axes.bar(
             xs,
-            [chosen[t]["mean"] for t in tests],
+            [chosen[t]["mean"] if t in chosen else 0.0 for t in tests],
             width,
-            yerr=[chosen[t]["std"] for t in tests],
-            label=f"{_label(metric)} gain",
+            yerr=[chosen[t]["std"] if t in chosen else 0.0 for t in tests],
+            label=f"{_label(metric)} gain" + (f" ({series})" if several else ""),
         )
     axes.axhline(0, color="black", linewidth=0.8)
     axes.set_xticks(range(len(tests)), [titles(t) for t in tests], rotation=20, fontsize=8)

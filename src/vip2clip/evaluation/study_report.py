@@ -9,15 +9,23 @@ figure study shows ours only and says so.
 
 With several seeds a cell is "mean ± std" (x100, sample standard deviation, `evaluation.seeds`); the difference
 is mean - paper. study.csv and study.json hold every value at full precision, per seed.
+
+What may be compared with the paper is decided in one place, `evaluation.comparability` (`Comparability`, made by
+`compare_run` from the run's settings and test sets): every table here passes its `PaperStudy` through
+`Comparability.paper_of` and prints `markdown_lines`; a run on random weights or the tiny backbone shows no paper
+column and says why; the figure's title carries `label()`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vip2clip.data.registry import dataset_info
+from vip2clip.evaluation.comparability import Comparability
 from vip2clip.evaluation.paper import PaperNumbers, difference, load_paper_numbers
 from vip2clip.evaluation.reports import csv_number, csv_text, difference_triple, markdown_table, triple
 from vip2clip.evaluation.seeds import mean_std, spread_cell
@@ -30,11 +38,39 @@ if TYPE_CHECKING:
     from vip2clip.evaluation.paper import PaperStudy
 
 BLOCKS = (("Pixel", "pixel", PIXEL_KEYS), ("Image", "image", IMAGE_KEYS))  # Tables 4-6 print pixel first
+SAME = Comparability()  # a run whose numbers may all be compared with the paper
 FIGURE_NOTE = "The paper's {} plots numbers its text does not print: this study shows ours only (no paper column)."
 
 
 def _paper(study: Study, reference: PaperNumbers | None) -> PaperStudy | None:
-    return reference.studies.get(study.name) if reference is not None else None
+    if reference is None:
+        return None
+    if study.rows == "tables":  # Tables 1-2 as one study: every dataset's row, for the CSV and the JSON
+        tables = list(reference.main_tables(study.variants[0].key).values())
+        values = {name: row for table in tables for name, row in table.variants[study.variants[0].key].values.items()}
+        variant = replace(next(iter(tables[0].variants.values())), values=values)
+        return replace(tables[0], table=" and ".join(t.table for t in tables), variants={variant.key: variant})
+    return reference.studies.get(study.name)
+
+
+def main_tables_markdown(
+    study: Study, variant: Variant, results, reference: PaperNumbers, titles, comparison: Comparability = SAME
+) -> list[str]:
+    """Tables 1 and 2 (`Study.rows == "tables"`), each in Table 9's layout over the datasets it prints, its paper
+    column as `comparison` allows; test sets of neither (a protocol of your own) follow without a paper column."""
+    lines, printed = [], set()
+    for table in reference.main_tables(variant.key).values():
+        names = set(table.variants[variant.key].values)
+        printed |= names
+        ours = {variant.key: {t: runs for t, runs in results[variant.key].items() if t in names}}
+        lines += [f"## {table.table}: {table.title}", ""]
+        shown = comparison.paper_of(table)
+        lines.append(datasets_table(study, variant, ours, shown, titles) if ours[variant.key] else "(none tested)")
+        lines.append("")
+    others = {variant.key: {t: runs for t, runs in results[variant.key].items() if t not in printed}}
+    if others[variant.key]:
+        lines += ["## Other test sets", "", datasets_table(study, variant, others, None, titles), ""]
+    return lines
 
 
 def _cells(values: Sequence[Mapping[str, float]], keys: Sequence[str]) -> str:
@@ -149,10 +185,22 @@ def _paper_cells(paper, ours: Mapping[str, float], theirs: Mapping[str, float] |
     return [triple(theirs, keys) if theirs else "-", difference_triple(ours, theirs, keys)]
 
 
-def study_markdown(study: Study, variants, seeds, results, reference: PaperNumbers | None, titles) -> str:
-    paper = _paper(study, reference)
+def study_markdown(
+    study: Study,
+    variants,
+    seeds,
+    results,
+    reference: PaperNumbers | None,
+    titles,
+    comparison: Comparability = SAME,
+    notes: Sequence[str] = (),
+) -> str:
+    """study.md: the table(s), the scale and protocol, the paper's source, what is not comparable and why."""
+    paper = comparison.paper_of(_paper(study, reference))
     lines = [f"# {study.reproduces}: {study.title}", ""]
-    if study.rows == "datasets":
+    if study.rows == "tables":
+        lines += main_tables_markdown(study, variants[0], results, reference, titles, comparison)
+    elif study.rows == "datasets":
         lines.append(datasets_table(study, variants[0], results, paper, titles))
     else:
         lines.append(variants_table(study, variants, results, paper, titles))
@@ -170,14 +218,24 @@ def study_markdown(study: Study, variants, seeds, results, reference: PaperNumbe
         )
         + "."
     )
+    if study.missing:
+        names = ", ".join(dataset_info(name).title for name in study.missing)
+        lines.append(f"Missing (no root given, not run): {names}.")
     if paper is not None:
         lines.append(
-            f"Paper: {paper.table} of {reference.source}; differences in points of the printed values."
-            + (f" {paper.notes}." if paper.notes else "")
+            f"Paper: {paper.table} of {paper_title(reference)}; ours - paper in points of the printed values."
+            + (f" {paper.notes[0].upper()}{paper.notes[1:]}." if paper.notes else "")
         )
     elif study.reproduces.startswith("Fig"):
         lines.append(FIGURE_NOTE.format(study.reproduces))
+    lines += comparison.markdown_lines(titles) + [f"Note: {note}." for note in notes]
     return "\n".join(lines) + "\n"
+
+
+def paper_title(reference: PaperNumbers) -> str:
+    """The paper's title and authors, without the list of tables `source` goes on with."""
+    title, _, _ = reference.source.partition("),")
+    return f"“{title})”" if title != reference.source else reference.source
 
 
 def study_rows(study: Study, variants, seeds, results, paper: PaperStudy | None) -> list[list[Any]]:
@@ -239,6 +297,7 @@ def study_json(study: Study, variants, seeds, results, paper: PaperStudy | None,
         "metrics_scale": "fraction",
         "std": "sample standard deviation (n - 1); 0 for one seed",
         "protocol": [{"train": list(d.train), "tests": list(d.tests)} for d in study.protocol],
+        "missing": list(study.missing),
         "paper": (
             {"table": paper.table, "notes": paper.notes, **reference.describe()}
             if paper
@@ -256,12 +315,15 @@ def write_study(
     results,
     titles,
     reference: PaperNumbers | None = None,
+    comparison: Comparability = SAME,
+    notes: Sequence[str] = (),
 ) -> dict[str, Path | str]:
     """study.md, study.csv, study.json and, for a figure study, figure.png and figure.csv in OUT; returns the paths
-    (and "figure_note" when the PNG could not be drawn)."""
+    (and "figure_note" when the PNG could not be drawn). `comparison` says what may be compared with the paper
+    (`evaluation.comparability`; default: everything); `notes` are printed under the table and kept in the JSON."""
     out_dir = Path(out_dir)
     reference = reference or load_paper_numbers("paper")
-    paper = _paper(study, reference)
+    paper = comparison.paper_of(_paper(study, reference))
     header = [
         "study",
         "variant",
@@ -275,15 +337,21 @@ def write_study(
     ]
     written: dict[str, Path | str] = {
         "markdown": atomic_write_text(
-            out_dir / "study.md", study_markdown(study, variants, seeds, results, reference, titles)
+            out_dir / "study.md", study_markdown(study, variants, seeds, results, reference, titles, comparison, notes)
         ),
         "csv": atomic_write_text(
             out_dir / "study.csv", csv_text(header, study_rows(study, variants, seeds, results, paper))
         ),
         "json": atomic_write_json(
-            out_dir / "study.json", study_json(study, variants, seeds, results, paper, reference)
+            out_dir / "study.json",
+            {
+                **study_json(study, variants, seeds, results, paper, reference),
+                **({} if comparison.comparable else {"paper": {"table": None, "note": comparison.label()}}),
+                "comparability": comparison.to_dict(),
+                "notes": list(notes),
+            },
         ),
     }
     if study.figure is not None:
-        written.update(write_figure(out_dir, study, variants, results, titles))
+        written.update(write_figure(out_dir, study, variants, results, titles, comparison.label()))
     return written

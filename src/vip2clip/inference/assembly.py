@@ -21,15 +21,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vip2clip.config import TINY_BACKBONE, ModelConfig
+from vip2clip.config import ModelConfig
 from vip2clip.inference.tiling import TileConfig
 from vip2clip.model.identity import ModelIdentity
+from vip2clip.model.weights_policy import check_weights_choice
 
 if TYPE_CHECKING:
+    from vip2clip.factory import SharedBackbones
     from vip2clip.inference.calibration import Calibration
     from vip2clip.inference.mutual_rule import MutualRule
     from vip2clip.inference.references import ReferenceMemory
-    from vip2clip.model.checkpoint import Checkpoint
     from vip2clip.model.vip2clip import ViP2CLIP
 
 logger = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ class ModelSpec:
     """Where a model comes from.
 
     checkpoint: a vip2clip or release checkpoint (file or downloaded published tag); None: untrained heads.
-    clip_weights: CLIP weights (file, published tag or open_clip tag); None: random (see random_init).
-    random_init: True: random CLIP weights on purpose; False: CLIP weights are required unless the backbone is the
-        tiny test model (what the command line does); None: as `create_model` (random weights with a warning).
+    clip_weights: CLIP weights (file, published tag or open_clip tag); required unless random_init (the tiny test
+        backbone excepted: `vip2clip.model.weights_policy`, the one rule of `create_model`).
+    random_init: random CLIP weights on purpose (timing, tests: scores mean nothing).
+    allow_other_weights: run a checkpoint on CLIP weights other than those it records having been trained with.
     backbone: a preset of `vip2clip.list_models()` or an open_clip name (default: the checkpoint's, else ViT-L-14-336).
     image_size, device, precision ("fp32", "fp16", "bf16", or "auto": bf16 where the device computes it natively,
     else fp32), compile (torch.compile the encoder blocks), seed (initialises untrained parts), config
@@ -59,7 +61,7 @@ class ModelSpec:
 
     checkpoint: str | Path | None = None
     clip_weights: str | Path | None = None
-    random_init: bool | None = None
+    random_init: bool = False
     backbone: str | None = None
     image_size: int | None = None
     device: str = "cpu"
@@ -69,6 +71,7 @@ class ModelSpec:
     config: Mapping[str, Any] = field(default_factory=dict)
     onnx: str | Path | None = None
     onnx_backend: str = "auto"
+    allow_other_weights: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.config) - set(CONFIG_OVERRIDES))
@@ -76,8 +79,7 @@ class ModelSpec:
             raise ValueError(f"unknown model option(s) {unknown}; known: {', '.join(CONFIG_OVERRIDES)}")
         if self.onnx_backend not in ONNX_BACKENDS:
             raise ValueError(f"onnx_backend must be one of {ONNX_BACKENDS}, got {self.onnx_backend!r}")
-        if self.clip_weights and self.random_init:
-            raise ValueError("give either CLIP weights (--clip-weights) or random_init (--random-init), not both")
+        check_weights_choice(self.clip_weights, self.random_init)  # the backbone is known once a checkpoint is read
 
     def fixed_by_export(self) -> list[str]:
         """The fields given that an ONNX export fixed (precision counts when fp16; top_k and sigma among the config
@@ -119,40 +121,26 @@ class PredictorSpec:
             raise ValueError("mutual scoring needs the encoder's patch tokens, which an ONNX export does not output")
 
 
-def _required_clip_weights(spec: ModelSpec, checkpoint: Checkpoint | None) -> str | Path | None:
-    """The CLIP weights to load; with random_init=False, ValueError when none were given for a real backbone."""
-    from vip2clip.model.presets import backbone_of
-
-    if spec.clip_weights or spec.random_init is not False:
-        return spec.clip_weights
-    if (
-        backbone_of(spec.backbone or (checkpoint.config.backbone if checkpoint is not None else None)) == TINY_BACKBONE
-    ):  # the tiny test backbone exists only with random weights
-        return None
-    raise ValueError(
-        "no CLIP weights given. Pass --clip-weights PATH (OpenAI's ViT-L-14-336px.pt or a state dict), "
-        "--clip-weights openai-vit-l-14-336 (after `vip2clip download openai-vit-l-14-336`, hash-checked), "
-        "--clip-weights openai (open_clip download, needs internet), or --random-init (meaningless scores)"
-    )
-
-
-def build_model(spec: ModelSpec) -> tuple[ViP2CLIP, ModelIdentity]:
-    """The PyTorch model of `spec` (not `onnx`) and its identity; the checkpoint is read once."""
+def build_model(spec: ModelSpec, shared: SharedBackbones | None = None) -> tuple[ViP2CLIP, ModelIdentity]:
+    """The PyTorch model of `spec` (not `onnx`) and its identity; the checkpoint is read once. shared: the frozen
+    CLIP comes from it (`create_model`)."""
     from vip2clip.factory import create_model
     from vip2clip.model.checkpoint import load_checkpoint
 
     if spec.onnx is not None:
         raise ValueError(f"{spec.onnx}: an ONNX model is loaded by load_engine, not built")
     checkpoint = load_checkpoint(spec.checkpoint) if spec.checkpoint is not None else None
-    clip_weights = _required_clip_weights(spec, checkpoint)
     model = create_model(
         backbone=spec.backbone,
-        clip_weights=clip_weights,
+        clip_weights=spec.clip_weights,
         checkpoint=checkpoint,
         image_size=spec.image_size,
         device=spec.device,
         seed=spec.seed,
         precision=spec.precision,
+        random_init=spec.random_init,
+        allow_other_weights=spec.allow_other_weights,
+        shared=shared,
         **spec.config,
     )
     model = model.compile_encoders() if spec.compile else model

@@ -18,6 +18,7 @@ from vip2clip.data.images import BadImageError, image_size
 from vip2clip.inference import calibration as calib
 from vip2clip.inference.folder_run import load_input, unreadable
 from vip2clip.inference.grouping import check_groups, folder_share, group_images
+from vip2clip.inference.mutual_rule import DEFAULT_GROUP
 from vip2clip.inference.predictor import Predictor, non_finite_problem
 from vip2clip.metrics.threshold import DEFAULT_IMAGE_QUANTILE, DEFAULT_PIXEL_QUANTILE, StreamingQuantile
 from vip2clip.utils.distributed import LOCAL, World
@@ -45,7 +46,7 @@ def calibrate_folder(
     pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
     progress: Progress = silent,
     world: World = LOCAL,
-    mutual_group: str = "folder",
+    mutual_group: str = DEFAULT_GROUP,
 ) -> tuple[calib.Calibration, list[tuple[str, str]], ImageScan]:
     """Normal-quantile calibration (`calib.calibrate_from_normal`) on the defect-free images in `paths`.
 
@@ -67,7 +68,7 @@ def calibrate_folder(
     failed: list[tuple[str, str]] = []
     broken: list[str] = []
     if predictor.mutual is not None:  # the normal images of each group score each other, as predict will
-        check_groups(group_images(images, mutual_group))
+        check_groups(group_images(images, mutual_group), mutual_group)
     share, stream, _ = folder_share(predictor, images, load_input, world, mutual_group)
     for scored in progress(stream, total=len(share), desc="calibrate"):
         if scored.error is not None:

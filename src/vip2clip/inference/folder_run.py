@@ -6,9 +6,10 @@ Images are found by `vip2clip.data.files.scan_images` (masks skipped, unreadable
 Layout of OUT (predict):
 - `predictions.csv` / `predictions.json`: one row per image found in THIS run, in key order (path, pred_score,
   pred_label, max_pixel_score, defect_area at the pixel threshold, width, height, pred_mask, overlay and panel
-  files, error). pred_label is "normal", "anomalous" or "error": a file that could not be read, or whose score or map
-  is NaN/infinite (fail closed), has an "error" row with the reason and no numbers. The JSON also holds the
-  settings (the model's identity, thresholds, the inputs), the rows that could not be judged ("failed") and what
+  files, error). pred_label is "normal", "anomalous" or "error": a file that could not be read, is too small or thin
+  to judge (`vip2clip.inference.judgeable`), or whose score or map is NaN/infinite (fail closed), has an "error" row
+  with the reason and no numbers. The JSON also holds the settings (the model's identity, thresholds, the inputs,
+  the computation: engine and precision), the rows that could not be judged ("failed") and what
   the folder search skipped ("search"). Written when a run finishes.
 - `masks/KEY.png` (0/255, the image's original size) and `overlays/KEY.png` (heat map blended over the image),
   where KEY is the image's path below the folder given on the command line (its name included), with the
@@ -54,6 +55,7 @@ from vip2clip.inference.journal import (
     remove_stale_outputs,
     start_journal,
 )
+from vip2clip.inference.mutual_rule import DEFAULT_GROUP
 from vip2clip.inference.predictor import Predictor
 from vip2clip.inference.run_outputs import panel_threshold_source, save_outputs, save_panel_output, save_raw_map
 from vip2clip.outputs import ERROR, ImageItem
@@ -111,8 +113,8 @@ def load_input(image: InputImage) -> Image.Image:
 
 
 def unreadable(scored: ImageItem) -> tuple[str, str]:
-    """(path, problem) of a found file that could not be read, logged."""
-    logger.warning("skipping unreadable file %s: %s", scored.source.path, scored.error)
+    """(path, problem) of a found file that could not be read (or is too small or thin to judge), logged."""
+    logger.warning("not judging %s: %s", scored.source.path, scored.error)
     return str(scored.source.path), scored.error
 
 
@@ -126,7 +128,7 @@ class OutputOptions:
 
 
 def run_settings(
-    predictor: Predictor, options: OutputOptions, inputs: Sequence[str | Path] = (), mutual_group: str = "folder"
+    predictor: Predictor, options: OutputOptions, inputs: Sequence[str | Path] = (), mutual_group: str = DEFAULT_GROUP
 ) -> dict[str, Any]:
     """What decides the outputs: the model's identity (with tiling and the references' rule), the thresholds, the
     overlay switch, the inputs (the paths given, absolute and sorted), and the panel and raw-map switches and
@@ -236,7 +238,7 @@ def predict_folder(
     options: OutputOptions = OutputOptions(),
     progress: Progress = silent,
     world: World = LOCAL,
-    mutual_group: str = "folder",
+    mutual_group: str = DEFAULT_GROUP,
 ) -> RunSummary:
     """Predict every image in `paths` (files or folders, recursive) into `out_dir`; see the module docstring.
     With `predictor.mutual`, the images of each group (`grouping.group_images`) score each other.
@@ -267,13 +269,14 @@ def _plan(
     scan = scan_images(paths, exclude=out_dir)
     if not scan.images:
         raise no_images_error(paths, scan)
+    if predictor.mutual is not None:  # refused before anything is written: no journal blocks the corrected run
+        check_groups(group_images(scan.images, mutual_group), mutual_group)
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = run_settings(predictor, options, paths, mutual_group)
     records, earlier = start_journal(out_dir, settings, overwrite, scan.images)
     todo = [image for image in scan.images if not is_done(image, records.get(str(image.path)), out_dir)]
     if predictor.mutual is not None:  # a group is scored whole: the resumed ones again with the rest
         todo = whole_groups(todo, scan.images, mutual_group)
-        check_groups(group_images(todo, mutual_group))
     return _Plan(scan, settings, records, earlier, assign_keys(todo, records))
 
 

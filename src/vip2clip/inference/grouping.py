@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
 
 def group_images(images: Sequence[InputImage], by: str) -> list[tuple[str, list[InputImage]]]:
-    """The groups of a folder run: by "folder", one per folder that holds images (named by its path, in the order
-    of their first image); by "all", one group of every image."""
+    """The groups of a folder run: by "all" (the default), one group of every image the run is given; by "folder",
+    one per folder that holds images (named by its path, in the order of their first image)."""
     if by not in GROUPS:
         raise ValueError(f"mutual group must be one of {GROUPS}, got {by!r}")
     if by == "all":
@@ -31,15 +31,20 @@ def group_images(images: Sequence[InputImage], by: str) -> list[tuple[str, list[
     return list(groups.items())
 
 
-def check_groups(groups: Sequence[tuple[str, Sequence[Any]]]) -> None:
-    """ValueError naming every group of fewer than 3 images (before any work)."""
+def check_groups(groups: Sequence[tuple[str, Sequence[Any]]], by: str) -> None:
+    """ValueError naming every group of fewer than 3 images (before any work); `by`: how they were grouped."""
     small = [f"{name} ({len(members)})" for name, members in groups if len(members) < MIN_IMAGES]
-    if small:
-        raise ValueError(
-            f"mutual scoring needs at least {MIN_IMAGES} images per group (with two, a difference between them "
-            f"could be in either); too few in: {', '.join(small[:10])}{' ...' if len(small) > 10 else ''}; put more "
-            "images of the part in those folders, or score all images together with --mutual-group all"
-        )
+    if not small:
+        return
+    if by == "all":
+        advice = "give the run more images of the part (all the images it is given score each other)"
+    else:
+        advice = "put more images of the part in those folders, or let all the images of the run score each other "
+        advice += "(--mutual-group all)"
+    raise ValueError(
+        f"mutual scoring needs at least {MIN_IMAGES} images per group (with two, a difference between them could be "
+        f"in either); too few in: {', '.join(small[:10])}{' ...' if len(small) > 10 else ''}; {advice}"
+    )
 
 
 def whole_groups(todo: Sequence[InputImage], images: Sequence[InputImage], by: str) -> list[InputImage]:

@@ -3,7 +3,8 @@
 A settings line (the model's identity, thresholds, overlay switch, inputs), then one line per judged image (its
 row plus the file's size and mtime), appended as images finish. `start_journal` decides what an earlier run in
 OUT is worth: the same settings and inputs resume it (records of files no longer found are dropped), anything
-else is refused unless `overwrite` starts a new result set. See `vip2clip.inference.folder_run`.
+else is refused unless `overwrite` starts a new result set (or the earlier run stopped before it judged any image:
+then there is nothing to protect). See `vip2clip.inference.folder_run`.
 """
 
 from __future__ import annotations
@@ -96,11 +97,13 @@ def start_journal(
     images found now. Returns (records kept, earlier records: their files are removed unless reused)."""
     journal = out_dir / JOURNAL
     old_settings, earlier = read_journal(journal)
-    if old_settings is not None and not overwrite and _differences(old_settings, settings):
-        raise _refusal(out_dir, _differences(old_settings, settings))
     leftovers = sorted(out_dir.glob(RANK_JOURNALS))  # of a stopped run under torchrun
     for leftover in leftovers:  # records made under the settings of the journal's first line
         earlier.update(read_journal(leftover)[1])
+    # a run stopped before it judged an image (no record, no tables) holds nothing to protect
+    holds_results = bool(earlier) or (out_dir / "predictions.csv").is_file()
+    if old_settings is not None and holds_results and not overwrite and _differences(old_settings, settings):
+        raise _refusal(out_dir, _differences(old_settings, settings))
     current = {str(image.path) for image in images}
     records = {} if overwrite else {path: record for path, record in earlier.items() if path in current}
     lines = [json_line({"settings": settings})] + [json_line(record) for record in records.values()]

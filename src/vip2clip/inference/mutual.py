@@ -181,7 +181,8 @@ def predict_mutual(
     """images [B, 3, S, S] (normalised; B >= 3 images of one part) -> ImageBatch(pred_score [B], anomaly_map
     [B, S, S]): the images of the batch score each other under `rule`, fused with `engine`'s zero-shot outputs
     (a `ViP2CLIP`, or anything whose predict takes `return_features`). One forward pass over the whole batch:
-    for files, images of any size, tiling or large batches use `Predictor(model, mutual=rule).predict(images)`."""
+    for files, images of any size, tiling or large batches use `Predictor(model, thresholds, mutual=rule)` (with
+    thresholds calibrated for fused scores: `Predictor.predict` decides) or its `score`."""
     rule = rule or MutualRule()
     if len(images) < MIN_IMAGES:
         raise ValueError(f"mutual scoring needs at least {MIN_IMAGES} images in the batch, got {len(images)}")

@@ -190,9 +190,9 @@ def score_group(
     readable = [i for i, error in enumerate(errors) if error is None]
     if len(readable) < MIN_IMAGES:
         raise ValueError(
-            f"mutual scoring of {name or 'the images'}: {len(readable)} readable image(s), at least {MIN_IMAGES} "
-            "are needed (with two, a difference between them could be in either); score more images of the part "
-            "together, or use --mutual-group all"
+            f"mutual scoring of {name or 'the images'}: {len(readable)} readable image(s) of {len(sources)}, at least "
+            f"{MIN_IMAGES} are needed (with two, a difference between them could be in either); score more readable "
+            "images of the part together"
         )
     bounds = np.cumsum([0, *counts])
     units = [list(range(bounds[i], bounds[i + 1])) for i in range(len(sources))]

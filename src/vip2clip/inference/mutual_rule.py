@@ -7,7 +7,9 @@ from dataclasses import dataclass
 from typing import Any
 
 MIN_IMAGES = 3
-GROUPS = ("folder", "all")
+GROUPS = ("all", "folder")
+# The images given on the command line are the batch a user means: one group unless asked per folder.
+DEFAULT_GROUP = "all"
 
 
 @dataclass(frozen=True)

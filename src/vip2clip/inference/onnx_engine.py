@@ -18,6 +18,7 @@ heads in fp32 (`vip2clip.inference.openvino_precision`); fp32 elsewhere. An INT8
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from vip2clip.config import ModelConfig
-from vip2clip.inference.openvino_precision import ExactHeads, split_encoder
+from vip2clip.inference.openvino_precision import ExactHeads, runtime_precisions, split_encoder
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.outputs import ImageBatch
 from vip2clip.utils.cpu_features import auto_precision, cpu_features
@@ -147,8 +148,6 @@ class OnnxEngine:
         if precision not in PRECISIONS:
             raise ValueError(f"unknown engine precision {precision!r}; choose one of {list(PRECISIONS)}")
         self.backend = _choose_backend(backend, precision)
-        if precision == "bf16" and cpu_features().known and not cpu_features().bf16:
-            logger.warning("bf16 engine: %s; fp32 is faster here", cpu_features().describe_bf16())
         if precision == "bf16" and self.backend == "onnxruntime":
             raise ValueError(
                 "ONNX Runtime has no bf16 CPU kernels: it would run this file in fp32. For bf16 use "
@@ -318,9 +317,19 @@ def _onnxruntime(path: Path, providers: Sequence[str] | None, precision: str) ->
     return Opened(run, metadata, tuple(session.get_providers()), tuple(ort.get_available_providers()), computes, reason)
 
 
+@functools.cache
+def openvino_core(ov: ModuleType) -> Any:
+    """The process's one OpenVINO Core, never destroyed. Each Core's CPU plugin gives the calling thread a signal
+    stack of its own (sigaltstack) and, when the Core is destroyed, puts back the one it found: two Cores destroyed
+    in the order they were made leave the thread on an unmapped stack, and the next Python signal handler (CPython
+    runs them on that stack: Ctrl+C, the SIGCHLD handler of torch's DataLoader) kills the process with SIGSEGV
+    (OpenVINO 2026.4; tests/inference/test_onnx.py reproduces it). One Core never hands back a freed stack."""
+    return ov.Core()
+
+
 def _openvino(path: Path, providers: Sequence[str] | None, precision: str) -> Opened:
     ov = import_optional("openvino", "the OpenVINO backend", extra="openvino")
-    core = ov.Core()
+    core = openvino_core(ov)
     try:
         model = core.read_model(str(path))
     except Exception as error:  # OpenVINO raises RuntimeError (and its own classes) with C++ context
@@ -340,11 +349,14 @@ def _openvino(path: Path, providers: Sequence[str] | None, precision: str) -> Op
     try:
         if split is not None:
             parts = ExactHeads(core, split, device)
+            computes, reason = _as_compiled(parts.encoder, computes, reason, file_precision)
             return Opened(parts, metadata, (device,), tuple(core.available_devices), computes, reason, parts)
         # f32 like ONNX Runtime and torch unless bf16 is chosen: on CPUs with bf16 units the plugin would otherwise
         # compute in bf16. INT8 (QDQ) layers run in INT8 either way.
         hint = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"} if device == "CPU" else {}
         compiled = core.compile_model(model, device, hint)
+        if bf16:
+            computes, reason = _as_compiled(compiled, computes, reason, file_precision)
     except Exception as error:  # e.g. a device this machine does not have
         raise OnnxLoadError(
             f"{load_problem(path, error)} (OpenVINO device {device}; it offers {', '.join(core.available_devices)})"
@@ -358,6 +370,17 @@ def _openvino(path: Path, providers: Sequence[str] | None, precision: str) -> Op
         return score, anomaly_map
 
     return Opened(run, metadata, (device,), tuple(core.available_devices), computes, reason)
+
+
+def _as_compiled(compiled: Any, computes: str, reason: str, file_precision: str) -> tuple[str, str]:
+    """(precision, reason) as the compiled model really computes: OpenVINO's CPU plugin ignores a bf16 hint on a
+    CPU without native bf16 and computes in fp32 there, which the log and the metadata must say, not "bf16"."""
+    if runtime_precisions(compiled)["bf16"]:
+        return computes, reason
+    as_file = "INT8 layers, the rest fp32" if file_precision == "int8" else "fp32"
+    why = f"{reason}, but OpenVINO computes in fp32 on this CPU (its CPU plugin has no bf16 here): {as_file}"
+    logger.warning("ONNX engine: %s", why)
+    return file_precision, why
 
 
 def _unsplittable(requested: str, computes: str, reason: str, file_precision: str) -> tuple[str, str]:

@@ -41,6 +41,7 @@ from vip2clip.inference.onnx_engine import (
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.utils.cpu_features import cpu_features
+from vip2clip.utils.fileio import give_default_mode
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +202,7 @@ def _calibration(
         raise ValueError(f"unknown quantization {quantize!r}; the only one is 'int8'")
     if images is None:
         raise ValueError("an INT8 export needs calibration_images: a folder (or files) of normal images")
-    from vip2clip.inference.onnx_quantize import load_calibration_images
+    from vip2clip.inference.calibration_images import load_calibration_images
 
     check_int8_dependencies(method)  # a missing quantizer is said before the minutes of export, not after
     features = cpu_features()
@@ -294,6 +295,7 @@ def save_written(write: Callable[[Path, bool], None], path: Path, external_data:
     try:
         write(folder / path.name, external_data)
         if (folder / data.name).exists():
+            give_default_mode(folder / data.name)  # onnx.save writes it 0o600; the .onnx beside it is 0o644
             os.replace(folder / data.name, data)
         else:
             data.unlink(missing_ok=True)

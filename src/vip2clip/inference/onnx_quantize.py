@@ -41,36 +41,23 @@ import dataclasses
 import logging
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vip2clip.data.files import find_images, no_images_error
-from vip2clip.data.images import BadImageError, load_image
-from vip2clip.data.transforms import preprocess_array
+from vip2clip.inference.calibration_images import CalibrationImages
 from vip2clip.inference.onnx_engine import INPUT_NAME, OUTPUT_NAMES, import_optional
 
 logger = logging.getLogger(__name__)
 
-MIN_CALIBRATION_IMAGES = 8
-RECOMMENDED_CALIBRATION_IMAGES = 32
 METHODS = ("nncf", "onnxruntime")
 # The exporter records each node's torch call; the vision blocks' linear layers name their weights like this.
 _ENCODER_WEIGHT = re.compile(r"p_model_backbone_clip_visual_transformer_resblocks_(\d+)_(\w+?)_(?:weight|bias)\b")
 _QDQ = ("QuantizeLinear", "DequantizeLinear")
 NNCF_SMOOTH_QUANT_ALPHA = -1.0  # SmoothQuant off (NNCF's default for MatMul is 0.95): see the module docstring
 NNCF_BIAS_CORRECTION = False  # NNCF's fast bias correction off: see the module docstring
-
-
-@dataclasses.dataclass
-class CalibrationImages:
-    """Preprocessed normal images [1, 3, S, S] for calibration; what was skipped and why."""
-
-    arrays: list[np.ndarray]
-    source: str
-    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -87,38 +74,6 @@ class Int8Report:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def load_calibration_images(
-    paths: Sequence[str | Path], image_size: int, progress: Callable[[int, int], None] | None = None
-) -> CalibrationImages:
-    """The images of `paths` (files or folders), preprocessed to `image_size`; unreadable ones are skipped and
-    counted. ValueError when fewer than MIN_CALIBRATION_IMAGES remain."""
-    found = find_images(paths)
-    if not found:
-        raise no_images_error(paths)
-    result = CalibrationImages([], ", ".join(map(str, paths)))
-    for index, image in enumerate(found, start=1):
-        try:
-            result.arrays.append(preprocess_array(load_image(image.path), image_size)[None])
-        except BadImageError as error:
-            result.skipped.append((str(image.path), error.problem))
-            logger.warning("calibration: skipping %s", error)
-        if progress is not None:
-            progress(index, len(found))
-    if len(result.arrays) < MIN_CALIBRATION_IMAGES:
-        raise ValueError(
-            f"INT8 calibration needs at least {MIN_CALIBRATION_IMAGES} readable normal images (better "
-            f"{RECOMMENDED_CALIBRATION_IMAGES} or more); {result.source} has {len(result.arrays)}"
-            + (f" ({len(result.skipped)} unreadable skipped)" if result.skipped else "")
-        )
-    if len(result.arrays) < RECOMMENDED_CALIBRATION_IMAGES:
-        logger.warning(
-            "calibrating INT8 on %d images; %d or more give steadier ranges",
-            len(result.arrays),
-            RECOMMENDED_CALIBRATION_IMAGES,
-        )
-    return result
 
 
 def encoder_linear_nodes(model: Any) -> dict[str, int]:

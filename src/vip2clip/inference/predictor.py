@@ -43,7 +43,8 @@ from vip2clip.data.transforms import preprocess_array, resize_map
 from vip2clip.inference import calibration as calib
 from vip2clip.inference.assembly import ModelSpec, PredictorSpec, load_engine, load_reference_memory
 from vip2clip.inference.identity import PredictorIdentity
-from vip2clip.inference.thresholds import DEFAULT_THRESHOLD, Thresholds, resolve_thresholds
+from vip2clip.inference.judgeable import patch_size_of, unjudgeable_problem
+from vip2clip.inference.thresholds import DEFAULT_THRESHOLD, MUTUAL_UNCALIBRATED, Thresholds, resolve_thresholds
 from vip2clip.inference.tiling import StitchedMap, TileConfig
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.outputs import ANOMALOUS, ERROR, NORMAL, ImageBatch, ImageItem
@@ -125,10 +126,11 @@ class Predictor:
         identity: the model's `ModelIdentity` (default: the engine's, else `ModelIdentity.of(model)`).
         tiling: score large images tile by tile (`TileConfig`); None: whole images.
         references: a `ReferenceMemory` of normal images of the part, fused with the model's outputs.
-        mutual: score each call's images against each other (batch zero-shot, `vip2clip.inference.mutual`).
+        mutual: score each call's images against each other (batch zero-shot, `vip2clip.inference.mutual`); its
+            fused scores are judged only against calibrated or explicit thresholds, never the default 0.5.
 
     Raises:
-        ValueError: batch_size below 1.
+        ValueError: batch_size below 1; `predict` / `result` with `mutual` and default thresholds.
 
     Example:
         >>> import numpy as np, vip2clip
@@ -154,11 +156,12 @@ class Predictor:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.batch_size, self.tiling = model, batch_size, tiling
         self.references, self.mutual = references, mutual
-        self.thresholds = thresholds or Thresholds(DEFAULT_THRESHOLD, DEFAULT_THRESHOLD, "default (uncalibrated)")
+        self.thresholds = thresholds or Thresholds(DEFAULT_THRESHOLD, DEFAULT_THRESHOLD, "default (uncalibrated)", True)
         if references is not None:
             from vip2clip.inference.references import ReferenceEngine  # imports torch: only with references
         self.engine = model if references is None else ReferenceEngine(model, references)  # what scores
         self._identity = identity
+        self._patch_size = patch_size_of(model)  # too small or thin images are refused (`check_judgeable`)
 
     @classmethod
     def from_spec(cls, spec: PredictorSpec) -> Predictor:
@@ -190,13 +193,28 @@ class Predictor:
         tiling: TileConfig | None = None,
         reference: str | Path | None = None,
         mutual: MutualRule | None = None,
+        *,
+        random_init: bool = False,
+        allow_other_weights: bool = False,
         **config: Any,
     ) -> Predictor:
         """`from_spec` of a PyTorch model: `vip2clip.create_model`'s arguments (`config`: ModelConfig overrides;
+        `clip_weights` required unless `random_init`, and a checkpoint runs on the CLIP weights it was trained with
+        unless `allow_other_weights`: `vip2clip.model.weights_policy`;
         `precision` defaults to "auto", bf16 where the device computes it natively, as `vip2clip predict` does),
         the reference images in the folder `reference` (cached in `default_cache_dir()`) and the thresholds
         (`resolve_thresholds`); `mutual`: score the images of each call together."""
-        model = ModelSpec(checkpoint, clip_weights, None, backbone, image_size, device, precision, config=config)
+        model = ModelSpec(
+            checkpoint,
+            clip_weights,
+            random_init=random_init,
+            backbone=backbone,
+            image_size=image_size,
+            device=device,
+            precision=precision,
+            config=config,
+            allow_other_weights=allow_other_weights,
+        )
         return cls.from_spec(
             PredictorSpec(
                 model, tiling, reference, None, calibration, image_threshold, pixel_threshold, True, batch_size, mutual
@@ -257,17 +275,19 @@ class Predictor:
             self.model, thresholds, self.batch_size, self._identity, self.tiling, self.references, self.mutual
         )
 
-    def score(self, inputs: Iterable[T], load: Callable[[T], Image.Image] = to_rgb) -> Iterator[ImageItem]:
+    def score(
+        self, inputs: Iterable[T], load: Callable[[T], Image.Image] = to_rgb, group: str = ""
+    ) -> Iterator[ImageItem]:
         """Decode `inputs` with `load`, score their model inputs (each image, or each of its tiles) in batches of
         `batch_size`, yield one scored `ImageItem` per input in order (`source`: the input). A BadImageError from
         `load` is reported as the item's `error` and never stops the stream. Inputs are decoded only as the batches
         need them, and tiles are cut and preprocessed batch by batch, so memory holds the images of one batch (and
-        their accumulators). With `mutual`, the inputs are one group scored together (`mutual_group.score_group`)
-        before any is yielded."""
+        their accumulators). With `mutual`, the inputs are one group (named `group` in errors) scored together
+        (`mutual_group.score_group`) before any is yielded."""
         if self.mutual is not None:
             from vip2clip.inference.mutual_group import score_group  # imports torch: only in mutual mode
 
-            yield from score_group(self, list(inputs), load).scored()
+            yield from score_group(self, list(inputs), load, group).scored()
             return
         queue: deque[_InFlight] = deque()
         batch: list[tuple[_InFlight, int]] = []
@@ -287,6 +307,7 @@ class Predictor:
         try:
             image = load(source)
             name = getattr(source, "path", None)
+            self.check_judgeable(image, name)
             own = None if self.references is None else self.references.own_digest(image, name)
             stitched = None if self.tiling is None else StitchedMap(image.size, self.tiling, name)
         except BadImageError as error:
@@ -312,17 +333,38 @@ class Predictor:
         """The decisions for a scored image, with its map resized to the image's original size."""
         if scored.image is None or scored.anomaly_map is None:
             raise ValueError(f"{scored.source} was not scored: {scored.error}")
+        self._check_decidable()
         anomaly_map = resize_map(scored.anomaly_map, scored.image.size)
         return make_result(scored.pred_score, anomaly_map, self.thresholds, scored)
+
+    def check_judgeable(self, image: Image.Image, name: str | Path | None = None) -> None:
+        """BadImageError naming `name` when the model cannot judge `image` or its tiles: too small or too thin
+        (`judgeable.unjudgeable_problem`)."""
+        tiling = self.tiling
+        unit = image.size if tiling is None else (min(tiling.size, image.width), min(tiling.size, image.height))
+        problem = unjudgeable_problem(unit, self.image_size, self._patch_size)
+        if problem is not None:
+            raise BadImageError(name or "image", problem if tiling is None else f"its tiles: {problem}")
+
+    def _check_decidable(self) -> None:
+        """ValueError when mutual scores would be judged against the uncalibrated default 0.5 (not their scale)."""
+        if self.mutual is not None and self.thresholds.uncalibrated:
+            raise ValueError(MUTUAL_UNCALIBRATED)
 
     def predict(self, inputs: ImageInput | Iterable[ImageInput]) -> list[ImageItem]:
         """Predict on one input or a list of inputs (paths, PIL images, arrays); one result per input, in order.
 
-        Every input is decoded before any is scored: an unreadable path raises BadImageError (a ValueError naming
-        the file) before work starts.
+        Every input is decoded before any is scored: an unreadable path, or an image too small or too thin to judge,
+        raises BadImageError (a ValueError naming the file) before work starts.
         """
+        self._check_decidable()
         single = isinstance(inputs, (str, Path, Image.Image, np.ndarray))
-        images = [to_rgb(item) for item in ([inputs] if single else inputs)]
+        items = [inputs] if single else list(inputs)
+        images = [to_rgb(item) for item in items]
+        for position, (item, image) in enumerate(zip(items, images, strict=True)):
+            self.check_judgeable(
+                image, item if isinstance(item, (str, Path)) else "image" if single else f"input {position}"
+            )
         return [self.result(scored) for scored in self.score(images, load=lambda image: image)]
 
 

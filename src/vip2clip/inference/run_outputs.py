@@ -27,7 +27,7 @@ def save_outputs(
     """
     name = output_name(image.key)
     mask_name, overlay_name = f"masks/{name}", f"overlays/{name}" if overlays else ""
-    mask = Image.fromarray(np.where(result.pred_mask, 255, 0).astype(np.uint8), mode="L")
+    mask = Image.fromarray(np.multiply(result.pred_mask, 255, dtype=np.uint8), mode="L")  # 1 byte per pixel
     atomic_save_image(mask, out_dir / mask_name)
     if overlays:
         atomic_save_image(heatmap_overlay(rgb, result.anomaly_map), out_dir / overlay_name)

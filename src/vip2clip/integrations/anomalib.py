@@ -60,6 +60,8 @@ __all__ = ["ViP2CLIP"]
 
 logger = logging.getLogger(__name__)
 
+EXPORT_OPSET = 18  # the ONNX opset torch's dynamo exporter writes (`vip2clip export` writes it too)
+
 TRAINING_REFUSED = (
     "ViP2CLIP is not trained through anomalib's loop: the release trains its prompts on an auxiliary dataset's test "
     "split (anomalous images with masks; focal + Dice + image cross-entropy, Adam at 1e-3 / 1e-5, batch 8, 10 epochs, "
@@ -96,8 +98,11 @@ class ViP2CLIP(AnomalibModule):
     """ViP²-CLIP in anomalib (module docstring; docs/anomalib.md).
 
     checkpoint, backbone, clip_weights, image_size, precision, top_k, sigma: as `vip2clip.create_model` (a
-        checkpoint brings its own backbone, size and options; clip_weights None means random weights, for tests;
-        precision "auto" (default): bf16 on CPUs with native bf16, else fp32, decided when the model is built).
+        checkpoint brings its own backbone, size and options; precision "auto" (default): bf16 on CPUs with native
+        bf16, else fp32, decided when the model is built).
+    random_init, allow_other_weights: as `vip2clip.create_model`: clip_weights are required unless random_init (the
+        tiny test backbone excepted), and a checkpoint runs on the CLIP weights it was trained with unless
+        allow_other_weights (`vip2clip.model.weights_policy`).
     shots: 0 (zero-shot) or k normal train images of the data module as references, drawn with `seed`.
     reference: a folder of normal images as references instead (few-shot without a train split).
     reference_cache: where reference memories are cached (default ~/.cache/vip2clip/references).
@@ -121,13 +126,24 @@ class ViP2CLIP(AnomalibModule):
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        random_init: bool = False,
+        allow_other_weights: bool = False,
     ) -> None:
         if shots < 0:
             raise ValueError(f"shots must be >= 0, got {shots}")
         if shots and reference is not None:
             raise ValueError("give shots (normal train images of the data module) or reference (a folder), not both")
         options = {name: value for name, value in (("top_k", top_k), ("sigma", sigma)) if value is not None}
-        spec = ModelSpec(checkpoint, clip_weights, None, backbone, image_size, precision=precision, config=options)
+        spec = ModelSpec(
+            checkpoint,
+            clip_weights,
+            random_init=random_init,
+            backbone=backbone,
+            image_size=image_size,
+            precision=precision,
+            config=options,
+            allow_other_weights=allow_other_weights,
+        )
         network, identity = build_model(spec)  # the assembly path of the command line and `Predictor`
         size = int(network.config.image_size)
         super().__init__(
@@ -262,6 +278,9 @@ class ViP2CLIP(AnomalibModule):
                 "a ViP2CLIP with reference images (shots / reference) is not exported: the reference memory needs "
                 "the PyTorch model; export the zero-shot model (shots=0) or use vip2clip's Predictor with --reference"
             )
+        # torch's exporter writes opset 18; anomalib asks for 14, whose conversion fails on this graph with a logged
+        # traceback (the file then keeps opset 18 all the same): ask for what is written.
+        kwargs.setdefault("opset_version", EXPORT_OPSET)
         return super().to_onnx(*args, **kwargs)
 
 

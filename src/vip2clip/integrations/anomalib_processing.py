@@ -17,6 +17,7 @@ default, before any validation). Details and every protocol difference: docs/ano
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from vip2clip.integrations.anomalib_support import require_anomalib
@@ -31,8 +32,10 @@ from anomalib.pre_processing.utils.transform import get_exportable_transform  # 
 from PIL import Image  # noqa: E402
 from torchvision import tv_tensors  # noqa: E402
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize  # noqa: E402
+from torchvision.transforms.v2.functional import to_dtype, to_image  # noqa: E402
 
 from vip2clip.config import OPENAI_MEAN, OPENAI_STD  # noqa: E402
+from vip2clip.data.images import HIGH_BIT_DEPTH_MODES, BadImageError, check_mask_size, load_image  # noqa: E402
 from vip2clip.data.transforms import preprocess_mask, resize_image  # noqa: E402
 from vip2clip.inference.predictor import DEFAULT_THRESHOLD  # noqa: E402
 
@@ -117,14 +120,68 @@ def release_transform(image_size: int) -> Compose:
     return Compose([ReleaseResize(image_size), Normalize(mean=list(OPENAI_MEAN), std=list(OPENAI_STD))])
 
 
+def _file_mode(path: str | Path) -> str:
+    with Image.open(path) as image:  # the header only
+        return image.mode
+
+
+def _augments(trainer: Any) -> bool:
+    """Whether the run's data module augments its images (anomalib applies that when it reads them)."""
+    datamodule = getattr(trainer, "datamodule", None)
+    names = ("augmentations", "train_augmentations", "val_augmentations", "test_augmentations")
+    return any(getattr(datamodule, name, None) is not None for name in names)
+
+
+def read_as_vip2clip(batch: Any, augmented: bool, side: int) -> None:
+    """Before the transform, in place: a mask whose size differs from its image's is refused, as `vip2clip test`
+    refuses it (anomalib would stretch it over the image), and the images that anomalib's `read_image` reads
+    otherwise than vip2clip (16-bit, 32-bit and float files, which its `convert("RGB")` clips to white) are read
+    again with `vip2clip.data.images.load_image`, so that they score as in `vip2clip test`. augmented: whether the
+    data module augments its images, which a re-read image would escape (refused: the message says what to do);
+    side: the model's input size, to which the data module resizes each image it reads (`ReleaseResize`)."""
+    image_paths = list(getattr(batch, "image_path", None) or [])
+    mask_paths = list(getattr(batch, "mask_path", None) or [None] * len(image_paths))
+    labels = getattr(batch, "gt_label", None)
+    for index, (image_path, mask_path) in enumerate(zip(image_paths, mask_paths, strict=True)):
+        if mask_path and labels is not None and bool(labels[index]):  # anomalib reads the masks of defects only
+            check_mask_size(image_path, mask_path)
+        mode = _file_mode(image_path)
+        if mode not in HIGH_BIT_DEPTH_MODES:
+            continue
+        image = to_dtype(to_image(load_image(image_path)), torch.float32, scale=True)  # as anomalib reads 8 bits
+        if tuple(batch.image.shape[-2:]) == (side, side):  # resized when read, as anomalib's data modules do
+            image = release_resize_images(image, side)
+        if augmented or image.shape[-2:] != batch.image.shape[-2:]:
+            raise BadImageError(
+                image_path,
+                f"a {mode} image, which anomalib's reader clips to white; ViP2CLIP reads such images again with "
+                "vip2clip's reader, which does not apply the data module's augmentations: drop them (ViP2CLIP "
+                "resizes every image itself) or convert the images to 8 bits",
+            )
+        batch.image[index] = image.to(batch.image.device, batch.image.dtype)
+
+
 class ReleasePreProcessor(PreProcessor):
-    """anomalib's PreProcessor with the release's resize and normalisation at `image_size` (module docstring)."""
+    """anomalib's PreProcessor with the release's resize and normalisation at `image_size` (module docstring).
+    Before it, images are read as vip2clip reads them where anomalib's reader differs (`read_as_vip2clip`)."""
 
     def __init__(self, image_size: int = 518) -> None:
         super().__init__(transform=release_transform(image_size))
         self.image_size = int(image_size)
         self.register_buffer("mean", torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1), persistent=False)
+
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        read_as_vip2clip(batch, _augments(trainer), self.image_size)
+        super().on_validation_batch_start(trainer, pl_module, batch, batch_idx)
+
+    def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0):
+        read_as_vip2clip(batch, _augments(trainer), self.image_size)
+        super().on_test_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+
+    def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0):
+        read_as_vip2clip(batch, _augments(trainer), self.image_size)
+        super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:
         """Images [B, 3, H, W] in [0, 1] -> normalised [B, 3, S, S] (anomalib's inference and export path)."""

@@ -75,3 +75,8 @@ def get_preset(name: str) -> Preset:
 def backbone_of(name: str | None) -> str | None:
     """The CLIP backbone a name stands for: a preset's backbone, or the name itself (an open_clip name)."""
     return get_preset(name).backbone if is_preset(name) else name
+
+
+def is_untrained(name: str | None) -> bool:
+    """True for a preset that needs no training and no checkpoint (CLIP's hand-written prompts, clip-zero-shot)."""
+    return is_preset(name) and get_preset(name).config.get("text_prompts") == "handcrafted"

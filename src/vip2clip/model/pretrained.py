@@ -9,6 +9,7 @@ $XDG_CACHE_HOME/vip2clip/weights (~/.cache/vip2clip/weights).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from vip2clip.utils.fileio import atomic_copy_stream, atomic_write_json
 from vip2clip.utils.hashing import file_sha256, git_blob_sha1
 
 logger = logging.getLogger(__name__)
@@ -60,15 +62,37 @@ class PublishedWeights:
     def expected_hash(self) -> str:
         return f"sha256 {self.sha256}" if self.sha256 else f"git blob {self.git_blob_sha1}"
 
-    def verify(self, path: str | Path) -> None:
-        """PretrainedError unless the file at `path` has this entry's published hash."""
+    def verify(self, path: str | Path, origin: str | None = None, advice: str | None = None) -> None:
+        """PretrainedError unless the file at `path` has this entry's published hash. origin: what the message calls
+        the file (default: its path; a download's temporary file is no name for the user); advice: what to do."""
         found = file_sha256(path) if self.sha256 else git_blob_sha1(path)
         if found != (self.sha256 or self.git_blob_sha1):
             kind = "sha256" if self.sha256 else "git blob"
             raise PretrainedError(
-                f"{path} is not {self.tag}: its {kind} is {found}, the published file's is "
-                f"{self.sha256 or self.git_blob_sha1} (a partial or different download; fetch {self.url} again)"
+                f"{origin or path} is not {self.tag}: its {kind} is {found}, the published file's is "
+                f"{self.sha256 or self.git_blob_sha1}; {advice or f'fetch it again: `vip2clip download {self.tag}`'}"
             )
+
+    @property
+    def _verified_record(self) -> Path:
+        return self.path.with_name(self.path.name + ".verified.json")
+
+    def is_verified(self) -> bool:
+        """Whether the installed file is the one whose hash was checked (same size and modification time as then)."""
+        try:
+            record = json.loads(self._verified_record.read_text(encoding="utf-8"))
+            stat = self.path.stat()
+        except (OSError, ValueError):
+            return False
+        return record == {"hash": self.expected_hash, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+    def record_verified(self) -> None:
+        """Remember that the installed file passed its hash check (skipped where the folder is read-only: the
+        check then runs at every use)."""
+        stat = self.path.stat()
+        record = {"hash": self.expected_hash, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        with contextlib.suppress(OSError):
+            atomic_write_json(self._verified_record, record)
 
     def how_to_get(self) -> str:
         return (
@@ -118,6 +142,11 @@ def resolve_weights(value: str | Path | None, kind: str) -> str | Path | None:
         )
     if not entry.path.is_file():
         raise PretrainedError(f"{entry.tag} ({entry.description}) is not downloaded yet: {entry.how_to_get()}")
+    if not entry.is_verified():  # placed there by hand, or changed since its download: checked before its first use
+        logger.info("checking the %s hash of %s (once)", entry.expected_hash.split()[0], entry.path)
+        advice = f"it was not installed by `vip2clip download`, or has changed since: {entry.how_to_get()}"
+        entry.verify(entry.path, advice=advice)
+        entry.record_verified()
     return entry.path
 
 
@@ -129,23 +158,33 @@ def download_pretrained(tag: str, source_file: str | Path | None = None, url: st
     Raises PretrainedError for an unknown tag or a file with another hash (nothing is installed), and
     `vip2clip.utils.download.DownloadError` when the URL cannot be fetched (the message says how to do it by hand).
     """
-    from vip2clip.utils.download import DownloadError, fetch_url
-    from vip2clip.utils.fileio import atomic_copy_stream
+    from vip2clip.utils.download import CutOffError, DownloadError, fetch_url
 
     entry = get_pretrained(tag)
     if source_file is None and entry.path.is_file():
         try:
             entry.verify(entry.path)
+            entry.record_verified()
             return entry.path
         except PretrainedError as error:
             logger.warning("%s: fetching it again", error)
     if source_file is not None:
+        advice = f"nothing was installed: it is another file than {entry.url}, or a part of it"
+        check = functools.partial(entry.verify, origin=str(source_file), advice=advice)
         with Path(source_file).open("rb") as stream:
-            return atomic_copy_stream(stream, entry.path, entry.verify)
+            atomic_copy_stream(stream, entry.path, check)
+        entry.record_verified()
+        return entry.path
+    source = url or entry.url
+    advice = "nothing was installed: the server sent another file than the published one"
     try:
-        return fetch_url(url or entry.url, entry.path, entry.verify)
+        fetch_url(source, entry.path, functools.partial(entry.verify, origin=f"the file from {source}", advice=advice))
+    except CutOffError:
+        raise
     except DownloadError as error:
         raise DownloadError(
             f"{error}. Without internet here: fetch {entry.url} on another machine and install it with "
             f"`vip2clip download {tag} --from FILE` (it checks the {entry.expected_hash.split()[0]} hash)"
         ) from error
+    entry.record_verified()
+    return entry.path

@@ -10,21 +10,26 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from vip2clip.config import ModelConfig
-from vip2clip.model import utpa
+from vip2clip.model import preprocessing, utpa
 from vip2clip.model.backbone import FrozenCLIP, ImageFeatures
 from vip2clip.model.explain import Explanation, fgp_attention, make_explanation
 from vip2clip.model.fgp import FineGrainedPerception
+from vip2clip.model.handcrafted import handcrafted_text
 from vip2clip.model.linear import fp32_library
 from vip2clip.model.prompt import VisualConditionedPrompts
 from vip2clip.model.state_check import state_mismatch
 from vip2clip.outputs import ImageBatch
 from vip2clip.utils.cpu_features import auto_precision, cpu_features
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 PRECISION_CHOICES = ("auto", *PRECISIONS)  # "auto": `resolve_precision` picks one of PRECISIONS for the device
@@ -153,7 +158,10 @@ class ViP2CLIP(nn.Module):
         return features if self.precision == "fp32" else features.to(images.device, torch.float32)
 
     def encode_text(self, global_feature: torch.Tensor | None) -> torch.Tensor:
-        """The two prompts' text features [B, 2, D] (or [1, 2, D] for static prompts)."""
+        """The two prompts' text features [B, 2, D] (or [1, 2, D] for static and hand-crafted prompts)."""
+        if self.config.text_prompts == "handcrafted":
+            with self._encoder_autocast():
+                return handcrafted_text(self.backbone, self.config.state_words)
         eot = self.prompts.eot_positions()
         n_positions = self.prompts.text_length if self.config.truncate_text else None
         prompts = self.prompts(global_feature if self.config.use_vca else None, n_positions)  # [B, 2, L, Dt]
@@ -187,6 +195,12 @@ class ViP2CLIP(nn.Module):
         score = output.image_logits.float().softmax(dim=-1)[:, utpa.ANOMALOUS_STATE]
         probabilities = [p.float() for p in output.probabilities]
         return ImageBatch(score, utpa.smoothed_anomaly_map(probabilities, output.grid, size, self.config.sigma))
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image (any mode, any size) -> the normalised float tensor [3, S, S] this model takes, S its input size
+        (`config.image_size`, the checkpoint's): `vip2clip.preprocess(image, image_size=S)`. Stack them for
+        `predict`: `model.predict(torch.stack([model.preprocess(image) for image in images]))`."""
+        return preprocessing.preprocess(image, self.config.image_size)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor | np.ndarray, return_features: bool = False) -> ImageBatch:

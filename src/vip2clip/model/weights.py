@@ -7,14 +7,17 @@ open_clip's own `CLIP` class, so every code path runs on it as on ViT-L/14.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import open_clip
 import torch
 from open_clip.model import CLIP
 
-from vip2clip.config import TINY_BACKBONE
+from vip2clip.config import TINY_BACKBONE, TINY_PATCH_SIZE
 from vip2clip.model.pretrained import CLIP as CLIP_WEIGHTS
 from vip2clip.model.pretrained import resolve_weights
 from vip2clip.model.state_check import state_mismatch
@@ -23,7 +26,7 @@ from vip2clip.utils.fileio import read_torch_file
 # A tiny CLIP built by open_clip's own classes: for tests and the offline demo (random weights, seeded).
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 224, "layers": 4, "width": 64, "head_width": 32, "patch_size": 16},
+    "vision_cfg": {"image_size": 224, "layers": 4, "width": 64, "head_width": 32, "patch_size": TINY_PATCH_SIZE},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 # Random backbones are seeded so that separate processes (train, test, predict) build the same network.
@@ -82,6 +85,11 @@ def load_clip(backbone: str, weights: str | Path | None, quick_gelu: bool = True
     return _frozen(model), source
 
 
+def patch_size(backbone: str) -> int:
+    """The vision tower's patch side in pixels (14 for ViT-L/14), read from the architecture without building it."""
+    return int(_architecture(backbone)["vision_cfg"]["patch_size"])
+
+
 def _architecture(backbone: str) -> dict:
     if backbone == TINY_BACKBONE:
         return {key: dict(value) if isinstance(value, dict) else value for key, value in TINY_CLIP_CONFIG.items()}
@@ -115,13 +123,28 @@ def _load_tagged(backbone: str, tag: str) -> tuple[CLIP, str]:
         )
     quick_gelu = bool(open_clip.get_pretrained_cfg(backbone, tag).get("quick_gelu", False))
     try:
-        model = open_clip.create_model(backbone, pretrained=tag, force_quick_gelu=quick_gelu, require_pretrained=True)
+        with _quiet_logging():
+            model = open_clip.create_model(
+                backbone, pretrained=tag, force_quick_gelu=quick_gelu, require_pretrained=True
+            )
     except Exception as error:  # network, hub or cache failures all end here
         raise WeightsError(
             f"could not load pretrained weights {backbone}:{tag} ({type(error).__name__}: {error}). Offline? "
             "Download OpenAI's ViT-L-14-336px.pt elsewhere and pass its path as --clip-weights / clip_weights."
         ) from error
     return _frozen(model), f"open_clip pretrained {backbone}:{tag}"
+
+
+@contextlib.contextmanager
+def _quiet_logging() -> Iterator[None]:
+    """No log lines while open_clip fetches a pretrained tag: offline, huggingface_hub logs each of its retries (44
+    lines in a minute) and open_clip its failure, and the one error raised after them says it all."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:

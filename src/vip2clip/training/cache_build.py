@@ -61,13 +61,14 @@ def _encode_into(
     batch_size: int,
     workers: int,
     progress: Progress,
-) -> set[int]:
+) -> dict[int, str]:
     """Encode the decodable images among `rows` of `dataset` (whole batches of a one-process build, so that every
-    image is encoded in the same batch as there) into the row arrays; returns the rows written."""
+    image is encoded in the same batch as there) into the row arrays; returns the rows written and their images'
+    pixel digests (`data.zero_shot`: what a checkpoint records, taken here where the images are decoded anyway)."""
     device = next(model.parameters()).device
     dtype = arrays["patch_tokens.npy"].dtype
     loader = DataLoader(Subset(dataset, rows), batch_size=batch_size, collate_fn=collate_items, num_workers=workers)
-    written: set[int] = set()
+    written: dict[int, str] = {}
     for batch in progress(loader, total=len(loader), desc="caching features"):
         if batch is None:
             continue
@@ -77,14 +78,14 @@ def _encode_into(
         arrays["patch_tokens.npy"][indices] = tokens.cpu().numpy().astype(dtype)
         arrays["global_feature.npy"][indices] = features.global_feature.cpu().numpy().astype(dtype)
         arrays["masks.npy"][indices] = np.packbits(batch["mask"].numpy() > 0.5, axis=-1)
-        written.update(int(row) for row in indices)
+        written.update(zip((int(row) for row in indices), batch["pixels"], strict=True))
     return written
 
 
-def _failed_rows(dataset: AnomalyDataset, written: set[int], reasons: dict[str, str]) -> list[list]:
+def _failed_rows(dataset: AnomalyDataset, written: dict[int, str], reasons: dict[str, str]) -> list[list]:
     """[row, path, reason] of the rows that could not be decoded (reasons known where they were loaded)."""
     failed = []
-    for row in sorted(set(range(len(dataset))) - written):
+    for row in sorted(set(range(len(dataset))) - written.keys()):
         paths = [path for path in dataset.paths(dataset.samples[row]) if path is not None]
         reason = next((reasons[path] for path in paths if path in reasons), "could not be decoded")
         failed.append([row, paths[0], reason])
@@ -121,10 +122,11 @@ def build_cache(
     for array in arrays.values():
         array.flush()
     del arrays
-    reports = world.gather((sorted(written), list(dataset.skipped)))  # after every rank has flushed its rows
+    reports = world.gather((written, list(dataset.skipped)))  # after every rank has flushed its rows
     if world.is_main:
-        written = {row for rows_written, _ in reports for row in rows_written}
+        written = {row: pixels for rows_written, _ in reports for row, pixels in rows_written.items()}
         reasons = {path: reason for _, skipped in reports for path, reason in skipped}
         failed = _failed_rows(dataset, written, reasons)
         built_with = world.describe(model)
-        atomic_write_text(folder / MANIFEST, manifest_text(key, shapes, grid, failed, built_with))
+        pixels = [written.get(row, "") for row in range(len(dataset))]
+        atomic_write_text(folder / MANIFEST, manifest_text(key, shapes, grid, failed, built_with, pixels))

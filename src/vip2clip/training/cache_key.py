@@ -83,8 +83,14 @@ def cache_key(model: ViP2CLIP, dataset: AnomalyDataset, dtype: str = "float16", 
 
 
 def manifest_text(
-    key: CacheKey, shapes: dict[str, list[int]], grid: tuple[int, int], failed: list, built_with: dict[str, Any]
+    key: CacheKey,
+    shapes: dict[str, list[int]],
+    grid: tuple[int, int],
+    failed: list,
+    built_with: dict[str, Any],
+    pixels: list[str],
 ) -> str:
+    """The manifest; `pixels`: each row's image `pixel_digest` ("" for a row that could not be decoded)."""
     manifest = {
         "format": CACHE_FORMAT,
         "version": CACHE_VERSION,
@@ -93,5 +99,6 @@ def manifest_text(
         "grid": list(grid),
         "failed": failed,
         "built_with": built_with,
+        "pixels": pixels,
     }
     return json.dumps(manifest, indent=1) + "\n"

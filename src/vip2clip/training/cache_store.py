@@ -31,6 +31,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from vip2clip.utils.fileio import give_default_mode
+
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not on POSIX
@@ -82,9 +84,7 @@ def new_build_folder(directory: Path, slot: str) -> Path:
     """A new folder to build `slot` in (unique name, same file system as the slot), with the permissions of the
     user's umask (mkdtemp's are owner-only), since it becomes the published cache."""
     folder = Path(tempfile.mkdtemp(prefix=f".{slot}.build-", dir=directory))
-    umask = os.umask(0o022)  # reading the umask means setting it; restored at once
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
+    give_default_mode(folder)
     return folder
 
 

@@ -8,8 +8,9 @@ Layout of one cache (a slot folder inside the cache directory, see `vip2clip.tra
     patch_tokens.npy    [N, L, HW, D]   float16 (or float32)
     global_feature.npy  [N, D]          same dtype
     masks.npy           [N, S, ceil(S/8)] uint8, np.packbits of the 0/1 mask along the width
-    manifest.json       the key, shapes, grid, the rows that could not be decoded and how the cache was built
-                        (world_size, device); written last
+    manifest.json       the key, shapes, grid, the rows that could not be decoded, how the cache was built
+                        (world_size, device) and each row's image `pixel_digest` (the checkpoint's record of
+                        its training images, `data.zero_shot`); written last
 Arrays are opened with np.load(mmap_mode="r"), so RAM holds only the rows of the current batch.
 
 The key is the backbone name, `backbone.fingerprint()`, the image size, the feature layers, the encoder precision,
@@ -40,6 +41,7 @@ import numpy as np
 import torch
 
 from vip2clip.data.dataset import AnomalyDataset
+from vip2clip.data.images import load_image, pixel_digest
 from vip2clip.model.backbone import ImageFeatures
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.training import cache_store
@@ -63,6 +65,7 @@ class FeatureCache:
         self.grid = (int(manifest["grid"][0]), int(manifest["grid"][1]))
         self.image_size = int(manifest["key"]["image_size"])
         self.failed: list[tuple[int, str, str]] = [tuple(row) for row in manifest["failed"]]
+        self.pixels: list[str] | None = manifest.get("pixels")  # None: built by an older vip2clip
 
     def __len__(self) -> int:
         return int(self.patch_tokens.shape[0])
@@ -76,6 +79,15 @@ class FeatureCache:
     @property
     def disk_bytes(self) -> int:
         return sum((self.directory / name).stat().st_size for name in (*ARRAY_FILES, MANIFEST))
+
+    def image_digests(self, dataset: AnomalyDataset, rows: Sequence[int], world: World = LOCAL) -> list[str]:
+        """The `pixel_digest`s of the images of `rows` (what a checkpoint records, `data.zero_shot`), as the build
+        took them while decoding; decoded now (each rank a share) only for a cache of an older vip2clip."""
+        if self.pixels is not None:
+            return [self.pixels[row] for row in rows]
+        share = [rows[i] for i in world.share(len(rows))]
+        decoded = world.all_gather([pixel_digest(load_image(dataset.paths(dataset.samples[row])[0])) for row in share])
+        return [digest for part in decoded for digest in part]
 
     def features(self, indices: Sequence[int], device: torch.device | str = "cpu") -> ImageFeatures:
         """ImageFeatures of rows `indices` as float32: patch tokens L x [B, HW, D], global [B, D]."""

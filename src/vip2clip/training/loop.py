@@ -49,12 +49,12 @@ from vip2clip.data.sources import source_counts
 from vip2clip.data.zero_shot import RECORD_KEY, training_record
 from vip2clip.model.backbone import ImageFeatures
 from vip2clip.model.checkpoint import load_checkpoint, save_checkpoint
+from vip2clip.model.handcrafted import NOTHING_TO_TRAIN
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.training.feature_cache import FeatureCache, load_or_build_cache
 from vip2clip.training.losses import LossParts, training_loss
 from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.fileio import atomic_write_text, json_line
-from vip2clip.utils.hashing import file_sha256
 from vip2clip.utils.progress import Progress, silent
 
 logger = logging.getLogger(__name__)
@@ -124,8 +124,9 @@ def _cached_batches(
 
 
 def _encoded_batches(
-    model: ViP2CLIP, dataset: AnomalyDataset, batches: list[list[int]], workers: int, world: World
+    model: ViP2CLIP, dataset: AnomalyDataset, batches: list[list[int]], workers: int, world: World, seen: list[str]
 ) -> Iterator[Batch | None]:
+    """The batches, encoded; the pixel digests of the images decoded are appended to `seen`."""
     device = next(model.parameters()).device
     shares = [local_share(batch, world) for batch in batches]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=shares, collate_fn=collate_items, num_workers=workers)
@@ -133,6 +134,7 @@ def _encoded_batches(
         if batch is None:  # no image of this share (every one failed to decode with skip_bad, or an empty share)
             yield None
             continue
+        seen.extend(batch["pixels"])
         features = model.encode_image(batch["image"].to(device))
         yield features, batch["mask"].to(device), batch["label"].to(device)
 
@@ -256,12 +258,19 @@ def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 def _prepare_batches(
-    model: ViP2CLIP, dataset: AnomalyDataset, out_dir: Path, config: TrainConfig, progress: Progress, world: World
+    model: ViP2CLIP,
+    dataset: AnomalyDataset,
+    out_dir: Path,
+    config: TrainConfig,
+    progress: Progress,
+    world: World,
+    seen: list[str],
 ) -> tuple[list[int], Callable[[list[list[int]]], Iterator[Batch | None]], FeatureCache | None]:
-    """(trainable rows, batches -> iterator of this rank's Batch, the cache or None): from the cache, or encoding."""
+    """(trainable rows, batches -> iterator of this rank's Batch, the cache or None): from the cache, or encoding
+    (then the pixel digests of the images decoded go to `seen`)."""
     if not config.cache:
         rows = list(range(len(dataset)))
-        return rows, lambda b: _encoded_batches(model, dataset, b, config.num_workers, world), None
+        return rows, lambda b: _encoded_batches(model, dataset, b, config.num_workers, world, seen), None
     directory = Path(config.cache_dir) if config.cache_dir else out_dir / CACHE_SUBDIR
     cache = load_or_build_cache(
         model, dataset, directory, config.cache_dtype, config.batch_size, config.num_workers, progress, world
@@ -269,17 +278,6 @@ def _prepare_batches(
     device = next(model.parameters()).device
     labels = dataset.labels
     return cache.valid_indices, lambda b: _cached_batches(cache, labels, b, device, world), cache
-
-
-def _image_digests(dataset: AnomalyDataset, rows: list[int], cache: FeatureCache | None, world: World) -> list[str]:
-    """SHA-256 of the training images `rows`: from the cache's key (hashed when it was keyed), else hashed here
-    (each rank a share)."""
-    if cache is not None:
-        files = cache.manifest["key"]["files"]
-        return [files[row].partition(":")[0] for row in rows]
-    share = [rows[i] for i in world.share(len(rows))]
-    hashed = world.all_gather([file_sha256(dataset.paths(dataset.samples[row])[0]) for row in share])
-    return [digest for part in hashed for digest in part]
 
 
 def train(
@@ -301,6 +299,8 @@ def train(
     SHA-256 of every training image (`data.zero_shot`). Raises ValueError when `out_dir` holds a run and neither
     `resume` nor `overwrite` is given. Under torchrun every rank calls this with its `world` (see the module
     docstring)."""
+    if model.config.text_prompts == "handcrafted":
+        raise ValueError(NOTHING_TO_TRAIN)
     config = config or TrainConfig()
     out_dir = Path(out_dir)
     replaced = earlier_run(out_dir, resume, overwrite)
@@ -313,10 +313,13 @@ def train(
     if not resume:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-    rows, make_batches, cache = _prepare_batches(model, dataset, out_dir, config, progress, world)
+    seen: list[str] = []  # without a cache: the pixel digests of the images an epoch decoded
+    rows, make_batches, cache = _prepare_batches(model, dataset, out_dir, config, progress, world, seen)
     sources = sources or [source_counts(index.root.name, index, split).to_dict()]
     meta = _run_meta(model, index, split, config, world, sources)
-    meta[RECORD_KEY] = training_record(_image_digests(dataset, rows, cache, world), split)
+    digests = cache.image_digests(dataset, rows, world) if cache is not None else None
+    if digests is not None:
+        meta[RECORD_KEY] = training_record(digests, split)
     run = {**world.describe(model), "sources": [f"{s['name']}: {s['images']} images" for s in sources]}
     if world.is_main:  # every rank has checked OUT by now (the cache's collectives came first)
         for path in replaced:  # only now that the data and the cache are ready: a bad dataset keeps the earlier run
@@ -329,6 +332,9 @@ def train(
         steps = progress(make_batches(batches), total=len(batches), desc=f"epoch {epoch}/{config.epochs}")
         record = {"epoch": epoch, **run_epoch(model, optimizer, steps, world), **run}
         _refuse_divergence(record, out_dir)
+        if RECORD_KEY not in meta:  # no cache: every image was decoded in this epoch (each rank its share)
+            meta[RECORD_KEY] = training_record([d for part in world.all_gather(seen) for d in part], split)
+        seen.clear()
         history.append(record)
         if world.is_main:
             _save_epoch(model, optimizer, out_dir, meta, history)

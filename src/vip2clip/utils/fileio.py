@@ -36,6 +36,14 @@ def _create_temp(path: Path) -> tuple[int, str]:
             continue
 
 
+def give_default_mode(path: str | Path) -> None:
+    """Give `path` the mode a new file (0o666) or folder (0o777) gets under the user's umask: for what a library
+    creates owner-only (mkdtemp's folders, onnx's external-data files are 0o600) and becomes a result."""
+    umask = os.umask(0o022)  # reading the umask means setting it; restored at once
+    os.umask(umask)
+    Path(path).chmod((0o777 if Path(path).is_dir() else 0o666) & ~umask)
+
+
 def _write_error(path: Path, cause: OSError) -> OSError:
     """An OSError naming the destination and the system's reason (no "[Errno 28]" prefix), same errno."""
     kept = " (the earlier file is unchanged)" if path.is_file() else ""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from vip2clip.data.transforms import resize_map
+from vip2clip.data.transforms import resized_map_strips
 
 # Control points of a jet-like colormap: dark blue -> blue -> cyan -> yellow -> red -> dark red.
 _JET_POSITIONS = np.array([0.0, 0.11, 0.34, 0.65, 0.89, 1.0])
@@ -72,9 +72,21 @@ def heatmap_overlay(
     """Blend the jet-coloured map over the image. image: [H, W, 3] or PIL; anomaly_map: [h, w], resized to the image.
 
     (low, high): the map values drawn as the coldest and hottest colours (default: the fixed scale, see above).
+    Drawn in row strips (`resized_map_strips`): beside the picture it returns (PIL keeps 4 bytes per pixel), its
+    memory is one strip's, whatever the image size (`predict` writes full-size overlays of 40 MP images).
     """
-    rgb = as_rgb_array(image)
-    height, width = rgb.shape[:2]
-    scaled = resize_map(normalize_map(anomaly_map, low, high), (width, height))
-    blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * jet(scaled).astype(np.float32)
-    return Image.fromarray(np.rint(blended).astype(np.uint8))
+    source = image if isinstance(image, Image.Image) else Image.fromarray(as_rgb_array(image))
+    source = source if source.mode == "RGB" else source.convert("RGB")
+    width, height = source.size
+    values = np.asarray(anomaly_map, dtype=np.float32)
+    full_size = values.shape == (height, width)
+    # The colour scale applies before a resize (clipped values are interpolated): to the small map, or per strip
+    # of a full-size one (no full-size copy).
+    scaled = values if full_size else normalize_map(values, low, high)
+    overlay = Image.new("RGB", (width, height))
+    for top, strip in resized_map_strips(scaled, (width, height)):
+        rgb = np.asarray(source.crop((0, top, width, top + strip.shape[0])))
+        colours = jet(normalize_map(strip, low, high) if full_size else strip)
+        blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colours.astype(np.float32)
+        overlay.paste(Image.fromarray(np.rint(blended).astype(np.uint8)), (0, top))
+    return overlay

@@ -176,7 +176,7 @@ def mask_tile(mask: np.ndarray | None, size: tuple[int, int]) -> Image.Image:
     """A binary mask [H, W] as white on black at `size` (width, height); None: an empty grey tile."""
     if mask is None:
         return Image.new("RGB", size, _EMPTY_TILE)
-    tile = Image.fromarray(np.where(np.asarray(mask) > 0, 255, 0).astype(np.uint8), mode="L")
+    tile = Image.fromarray(np.multiply(np.asarray(mask) > 0, 255, dtype=np.uint8), mode="L")  # 1 byte per pixel
     return tile.resize(size, Image.NEAREST).convert("RGB")
 
 
@@ -191,7 +191,8 @@ def make_panel(
     """A labelled panel (see the module docstring). image: PIL or [H, W, 3]; anomaly_map [h, w] and mask [h', w']
     cover the whole image at any resolution (resized to the tile); mask None: a "no mask" tile.
     text: the caption, score and decision (None: only the scale line)."""
-    rgb = Image.fromarray(as_rgb_array(image))
+    rgb = image if isinstance(image, Image.Image) else Image.fromarray(as_rgb_array(image))
+    rgb = rgb if rgb.mode == "RGB" else rgb.convert("RGB")  # no full-size copy: the tile is a preview
     lines = panel_lines(text, style) if text else [(scale_line(PanelText(0.0), style), NEUTRAL_COLOUR)]
     layout = layout_panel(rgb.size, len(lines), style)
     tile = tile_size(rgb.size, style)
