@@ -33,7 +33,15 @@ from vip2clip.evaluation.reports import markdown_table
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.training.loop import build_optimizer, train_step
 from vip2clip.utils.fileio import atomic_write_json, atomic_write_text
-from vip2clip.utils.measure import current_rss_mib, peak_rss_mib, reset_peak_rss, synchronizer, time_interleaved
+from vip2clip.utils.measure import (
+    Timing,
+    current_rss_mib,
+    paired_ratio,
+    peak_rss_mib,
+    reset_peak_rss,
+    synchronizer,
+    time_interleaved,
+)
 from vip2clip.utils.memory import return_freed_memory
 
 GB = 2**30
@@ -202,7 +210,7 @@ def efficiency_markdown(costs: list[Cost], paper: Mapping[str, Any], settings: M
         rows.append(["the authors' release", "-", NOT_MEASURED, NOT_MEASURED, NOT_MEASURED, NOT_MEASURED, "-"])
     lines = [f"# {paper['table']}: {paper['title']}\n", markdown_table(header, rows) + "\n"]
     if len(costs) == 2:
-        ratio = statistics.median(o / r for o, r in zip(costs[0].milliseconds, costs[1].milliseconds, strict=True))
+        ratio = paired_ratio(*(Timing(cost.name, cost.milliseconds) for cost in costs))
         lines.append(f"ours / release, inference time: {ratio:.2f} (median of the per-repetition ratios).")
     lines += [
         f"Setting: {settings['image_size']} px (the paper's {PAPER_IMAGE_SIZE}), batch 1, backbone "

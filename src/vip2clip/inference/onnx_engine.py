@@ -53,6 +53,7 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("pred_score", "anomaly_map")
 BACKENDS = ("auto", "onnxruntime", "openvino")
 PRECISIONS = ("auto", "fp32", "bf16")  # what the runtime computes in; "fp32": as the file (fp32 or INT8)
+AS_FILE = {"int8": "INT8 layers, the rest fp32"}  # what a file computes in as it is (else "fp32")
 # backend="auto": the faster runtime per precision on this project's CPU (benchmarks/RESULTS.md, bench_precision.py);
 # ONNX Runtime when OpenVINO is not installed (it has no bf16 CPU path).
 FASTER_BACKEND = {"fp32": "openvino", "bf16": "openvino"}  # an INT8 file: as fp32
@@ -282,7 +283,7 @@ def choose_precision(requested: str, backend: str, file_precision: str, device: 
     An INT8 file keeps its INT8 layers; under auto the rest of its image encoder runs in bf16 in the same place
     (measured 1.27x faster than INT8 + fp32 on ViT-L/14 at 518 px, with the same metrics on the demo's trained
     model: docs/precision.md), elsewhere in fp32 as the file says."""
-    as_file = "INT8 layers, the rest fp32" if file_precision == "int8" else "fp32"
+    as_file = AS_FILE.get(file_precision, "fp32")
     if requested == "fp32":
         return file_precision, f"fp32 as asked ({as_file})"
     if requested == "bf16":
@@ -377,7 +378,7 @@ def _as_compiled(compiled: Any, computes: str, reason: str, file_precision: str)
     CPU without native bf16 and computes in fp32 there, which the log and the metadata must say, not "bf16"."""
     if runtime_precisions(compiled)["bf16"]:
         return computes, reason
-    as_file = "INT8 layers, the rest fp32" if file_precision == "int8" else "fp32"
+    as_file = AS_FILE.get(file_precision, "fp32")
     why = f"{reason}, but OpenVINO computes in fp32 on this CPU (its CPU plugin has no bf16 here): {as_file}"
     logger.warning("ONNX engine: %s", why)
     return file_precision, why
