@@ -125,14 +125,20 @@ def claim_folder(out_dir: Path, manifest: Mapping[str, Any], overwrite: bool) ->
 def _earlier_manifest(path: Path, overwrite: bool) -> dict[str, Any]:
     """study_settings.json as written by an earlier run; ValueError naming it when it is damaged (with
     `overwrite`: {} , so the study starts again)."""
-    try:
-        earlier = json.loads(path.read_text(encoding="utf-8"))
-        problem = "" if isinstance(earlier, dict) else f"holds a {type(earlier).__name__}, not a study's settings"
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        earlier, problem = {}, f"is empty or damaged ({error})"
+    earlier, problem = _json_object(path, "a study's settings")
     if problem and not overwrite:
         raise ValueError(f"{path} {problem}: pass --overwrite to start the study again, or choose another --out")
-    return earlier if not problem else {}
+    return earlier
+
+
+def _json_object(path: Path, what: str) -> tuple[dict[str, Any], str]:
+    """(the JSON object written in `path`, "") or ({}, what is wrong with the file: empty, damaged, or not an object,
+    `what` naming what it should hold)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return {}, f"is empty or damaged ({error})"
+    return (data, "") if isinstance(data, dict) else ({}, f"holds a {type(data).__name__}, not {what}")
 
 
 def _changed(before: Mapping[str, Any], now: Mapping[str, Any]) -> str:
@@ -258,11 +264,7 @@ def read_done(path: Path, variant: Variant, direction: Direction) -> dict[str, d
     warning and the unit is tested again."""
     if not path.is_file():
         return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        problem = "" if isinstance(record, dict) else f"holds a {type(record).__name__}, not a unit's record"
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        record, problem = None, f"is empty or damaged ({error})"
+    record, problem = _json_object(path, "a unit's record")
     if not problem and any(record.get(key) != value for key, value in _unit_record(variant, direction).items()):
         problem = "records another variant, options or training set"
     datasets = record.get("datasets") if not problem else None
