@@ -154,14 +154,21 @@ def serve(
     limits: ServeLimits | None = None,
     examples: list[Example] | None = None,
 ) -> None:
-    """Serve on the listening `sock` (see `listen`) until SIGINT/SIGTERM; prints the URL first."""
+    """Serve on the listening `sock` (see `listen`) until SIGINT/SIGTERM; prints the URL once it serves."""
     server = make_server(predictor, limits, examples)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
-    print(
-        f"serving the vip2clip demo on http://{shown}:{port}/ (API docs: /docs, schema: /openapi.json; Ctrl+C stops)",
-        flush=True,
-    )
+    start = server.startup
+
+    async def start_then_announce(sockets: list[socket.socket] | None = None) -> None:
+        # The URL is printed once uvicorn serves and handles SIGINT/SIGTERM (`_saying_stopping`): a Ctrl+C sent on
+        # seeing it always gets "stopping (SIGINT)"; printed before `run`, an early one met Python's default handler.
+        await start(sockets=sockets)
+        if server.started:
+            docs = "API docs: /docs, schema: /openapi.json; Ctrl+C stops"
+            print(f"serving the vip2clip demo on http://{shown}:{port}/ ({docs})", flush=True)
+
+    server.startup = start_then_announce
     try:
         server.run(sockets=[sock])
     finally:
