@@ -56,7 +56,7 @@ def prepare(args: argparse.Namespace, workdir: Path):
     from vip2clip.integrations.anomalib import ViP2CLIP
 
     model = vip2clip.create_model(args.backbone, image_size=args.size, seed=0, random_init=True)
-    checkpoint = save_checkpoint(workdir / "checkpoint.pt", model.config, model.trainable_state_dict())
+    checkpoint = save_checkpoint(workdir / "checkpoint.pt", model.config, state=model.trainable_state_dict())
     n_good = args.images // 2
     generate_benchmark(workdir / "data", classes=1, image_size=600, n_train_good=0, n_test_good=n_good,
                        n_test_defect=args.images - n_good)  # fmt: skip
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             "vip2clip predict": lambda: predictor.predict(paths),
             "anomalib Engine.predict": lambda: engine.predict(model, data_path=folder),
         }
-        timings = time_interleaved(runs, args.repeats, args.warmup, rotate=True)
+        timings = time_interleaved(runs, args.repeats, warmup=args.warmup, rotate=True)
     n = len(paths)
     ours_timing = timings["vip2clip predict"]
     rows = [

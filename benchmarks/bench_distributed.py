@@ -71,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         model = vip2clip.create_model(args.backbone, image_size=args.image_size, seed=0, random_init=True)
-        save_checkpoint(root / "model.pt", model.config, model.trainable_state_dict())
+        save_checkpoint(root / "model.pt", model.config, state=model.trainable_state_dict())
         benches = {}
         for n in args.images:
             half = n // 4  # per class: half normal, half anomalous

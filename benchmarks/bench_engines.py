@@ -29,7 +29,6 @@ import numpy as np
 import torch
 
 import vip2clip
-from check_release_equivalence import random_release_checkpoint
 from common import (
     add_common_arguments,
     apply_common_arguments,
@@ -45,6 +44,7 @@ from vip2clip.model import linear as fast_linear
 from vip2clip.model import utpa
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.weights import load_clip
+from vip2clip.testing.release_checkpoint import random_release_checkpoint
 from vip2clip.utils.cpu_features import cpu_features
 
 CANDIDATES = (
@@ -128,7 +128,7 @@ def stages(model, baseline, images: torch.Tensor) -> dict:
     def ours_scoring() -> object:
         s = [utpa.patch_similarity(p, t) for p, t in zip(features.patch_tokens, layer_texts, strict=True)]
         p = [utpa.state_probabilities(x, cfg.temperature) for x in s]
-        return utpa.topk_image_logits(s, p, cfg.top_k, cfg.temperature).softmax(-1)
+        return utpa.topk_image_logits(s, p, top_k=cfg.top_k, temperature=cfg.temperature).softmax(-1)
 
     def release_scoring() -> object:
         return baseline.score(baseline.similarities(release_layer_texts, patches), cfg.top_k)
@@ -138,7 +138,7 @@ def stages(model, baseline, images: torch.Tensor) -> dict:
         "ours: text": lambda: model.encode_text(features.global_feature),
         "ours: FGP": lambda: [model.fgp(text, p) for p in features.patch_tokens],
         "ours: scoring": ours_scoring,
-        "ours: smoothing": lambda: utpa.smoothed_anomaly_map(probs, features.grid, size, cfg.sigma),
+        "ours: smoothing": lambda: utpa.smoothed_anomaly_map(probs, grid=features.grid, size=size, sigma=cfg.sigma),
         "release: encoder": lambda: baseline.encode_image(images),
         "release: text": lambda: baseline.encode_text(global_feature),
         "release: FGP": lambda: baseline.layer_texts(release_text, patches),
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown_table(("outputs", "max abs. Δ score", "max Δ map", "required"), checks), flush=True)
 
     runs = candidates(model, baseline, engines, images, args.skip)
-    timings = time_interleaved(runs, args.repeats, args.warmup, rotate=True)
+    timings = time_interleaved(runs, args.repeats, warmup=args.warmup, rotate=True)
     release = timings.get("release")
     rows = []
     for name, timing in timings.items():

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from common import append_results, machine_description, markdown_table, peak_rss_mib, reset_peak_rss
-from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
+from vip2clip.evaluation.evaluate import collect_class_outputs
 from vip2clip.evaluation.results import MAP_DTYPES, EvalConfig
+from vip2clip.evaluation.tally import class_metrics
 from vip2clip.outputs import ImageBatch
 
 
@@ -51,6 +52,7 @@ class StandInDataset(torch.utils.data.Dataset):
         label = self.samples[i].anomaly
         return {
             "image": torch.zeros(3, 1, 1),
+            "pixels": "",  # no image file: no pixel digest
             "mask": mask,
             "label": label,
             "cls_name": "large",
@@ -85,7 +87,7 @@ def main() -> None:
     baseline = peak_rss_mib()
     reset_peak_rss()
     started = time.perf_counter()
-    predictions = collect_class_outputs(model, dataset, config, keep_maps=args.keep_maps)
+    predictions = collect_class_outputs(model, dataset, config=config, keep_maps=args.keep_maps)
     predicted = time.perf_counter()
     result = class_metrics("large", predictions)
     finished = time.perf_counter()

@@ -39,11 +39,12 @@ from common import (
 )
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
+from vip2clip.evaluation.class_scoring import choose_shots
+from vip2clip.evaluation.evaluate import collect_class_outputs
 from vip2clip.evaluation.results import EvalConfig, mean_metrics
-from vip2clip.evaluation.scoring import choose_shots
-from vip2clip.inference.references import FusionRule, ReferenceEngine, ReferenceMemory, memory_from_files
+from vip2clip.evaluation.tally import class_metrics
 from vip2clip.model.identity import ModelIdentity
+from vip2clip.scoring.references import FusionRule, ReferenceEngine, ReferenceMemory, memory_from_files
 
 SHOTS = (0, 1, 2, 4, 8)
 WEIGHTS = (0.25, 0.5, 0.75, 1.0)
@@ -55,14 +56,14 @@ def evaluate_with(model, index, shots: int, rule: FusionRule, seed: int) -> dict
     """The mean metrics of `index` (test split) with `shots` references per class under `rule` (0: zero-shot)."""
     identity = ModelIdentity.of(model)
     classes = index.classes("test")
-    chosen = choose_shots(index, classes, shots, seed) if shots else {}
+    chosen = choose_shots(index, classes, shots=shots, seed=seed) if shots else {}
     results = []
     for name in classes:
         engine = model
         if shots:
-            engine = ReferenceEngine(model, memory_from_files(model, identity, chosen[name], rule=rule))
-        dataset = AnomalyDataset(index, "test", [name], model.config.image_size)
-        results.append(class_metrics(name, collect_class_outputs(engine, dataset, EvalConfig())))
+            engine = ReferenceEngine(model, memory_from_files(model, identity, paths=chosen[name], rule=rule))
+        dataset = AnomalyDataset(index, "test", classes=[name], image_size=model.config.image_size)
+        results.append(class_metrics(name, collect_class_outputs(engine, dataset, config=EvalConfig())))
     return mean_metrics(results)
 
 
@@ -112,11 +113,13 @@ def cost_table(args: argparse.Namespace, device: torch.device) -> str:
     generator = torch.Generator().manual_seed(0)
     references = torch.randn(4, 3, args.size, args.size, generator=generator).to(device)
     tokens = model.encode_image(references).patch_tokens
-    memory = ReferenceMemory(tuple(t.reshape(-1, t.shape[-1]).half() for t in tokens), ())
+    memory = ReferenceMemory(tokens=tuple(t.reshape(-1, t.shape[-1]).half() for t in tokens), files=())
     engine = ReferenceEngine(model, memory)
     images = torch.randn(args.batch, 3, args.size, args.size, generator=generator).to(device)
     timings = time_interleaved(
-        {"model": lambda: model.predict(images), "4 shots": lambda: engine.predict(images)}, args.repeats, args.warmup
+        {"model": lambda: model.predict(images), "4 shots": lambda: engine.predict(images)},
+        args.repeats,
+        warmup=args.warmup,
     )
     peaks = {}
     for name, call in (("model", lambda: model.predict(images)), ("4 shots", lambda: engine.predict(images))):

@@ -132,7 +132,7 @@ def measure(model: ViP2CLIP, size: int, batch: int, repeats: int, warmup: int) -
         "text(13)": text_encoder(model, features.global_feature, truncate=True),
         "text(77)": text_encoder(model, features.global_feature, truncate=False),
     }
-    timings = time_interleaved(candidates, repeats, warmup, synchronizer(device))
+    timings = time_interleaved(candidates, repeats, warmup=warmup, sync=synchronizer(device))
     return InferenceRow(size, batch, timings, paired_ratio(timings["predict"], timings["backbone"]))
 
 

@@ -4,7 +4,7 @@
     python benchmarks/bench_metrics.py --naive-steps 20  # time 20 of the 200 thresholds and scale up
 
 The naive side is what the community code does: scikit-learn for AUROC / AP / precision-recall F1 on the flat
-arrays, and the literal 200-threshold AUPRO loop (`naive_aupro_cflow` from tests/metrics/test_metrics.py).
+arrays, and the literal 200-threshold AUPRO loop (`vip2clip.testing.metric_oracles.naive_aupro_cflow`).
 Appends a table row to benchmarks/RESULTS.md with the machine, library versions and date.
 """
 
@@ -14,7 +14,6 @@ import argparse
 import datetime
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -25,10 +24,9 @@ from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from vip2clip import metrics
+from vip2clip.testing.metric_oracles import naive_aupro_cflow
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "metrics"))
-from test_metrics import naive_aupro_cflow  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 HEADER = "# Benchmark results\n\nAppend-only: one table per run of a script in benchmarks/.\n"
@@ -96,7 +94,7 @@ def main() -> None:
     labels, scores, masks, maps = synthetic_class(args.images, args.size)
     print(f"{args.images} maps of {args.size}x{args.size}: {masks.sum()} defect pixels, {masks.size} pixels")
     start = time.perf_counter()
-    fast = metrics.compute_all(labels, scores, masks, maps)
+    fast = metrics.compute_all(labels, scores, masks=masks, maps=maps)
     fast_seconds = time.perf_counter() - start
     start = time.perf_counter()
     exact = metrics.aupro(masks, maps, variant="exact")

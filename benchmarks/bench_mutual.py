@@ -47,14 +47,15 @@ from common import (
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import load_image
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
+from vip2clip.evaluation.class_scoring import choose_shots, class_engine
+from vip2clip.evaluation.evaluate import collect_class_outputs
 from vip2clip.evaluation.results import ClassBatch, EvalConfig, mean_metrics
-from vip2clip.evaluation.scoring import choose_shots, class_engine
-from vip2clip.inference.mutual import MutualRule, choose_others, mutual_distances, mutual_maps, predict_mutual
-from vip2clip.inference.mutual_group import score_group
+from vip2clip.evaluation.tally import class_metrics
 from vip2clip.inference.predictor import Predictor
 from vip2clip.metrics import PixelStats
 from vip2clip.model.identity import ModelIdentity
+from vip2clip.scoring.mutual import MutualRule, choose_others, mutual_distances, mutual_maps, predict_mutual
+from vip2clip.scoring.mutual_group import score_group
 
 RATES = (0.1, 0.3, 0.5)
 WEIGHTS = (0.25, 0.5, 0.75, 1.0)
@@ -66,15 +67,20 @@ MODES = ("zero-shot", "mutual only (w = 1)", "fused (default rule)", "4 referenc
 def evaluate_mode(model, index, mode: str, rule: MutualRule) -> dict[str, float]:
     """The mean metrics of `index`'s test split under `mode` (see MODES)."""
     classes = index.classes("test")
-    shots = choose_shots(index, classes, 4, 111) if mode == "4 references" else {}
-    mutual = {"mutual only (w = 1)": MutualRule(rule.share, rule.max_others, 1.0), "fused (default rule)": rule}
+    shots = choose_shots(index, classes, shots=4, seed=111) if mode == "4 references" else {}
+    mutual = {
+        "mutual only (w = 1)": MutualRule(share=rule.share, max_others=rule.max_others, weight=1.0),
+        "fused (default rule)": rule,
+    }
     config = EvalConfig(mutual=mutual.get(mode))
     identity = ModelIdentity.of(model)
     results = []
     for name in classes:
-        engine = class_engine(model, identity, shots.get(name), None, config.batch_size, None)
-        dataset = AnomalyDataset(index, "test", [name], model.config.image_size)
-        results.append(class_metrics(name, collect_class_outputs(engine, dataset, config)))
+        engine = class_engine(
+            model, identity, files=shots.get(name), tiling=None, batch_size=config.batch_size, cache_dir=None
+        )
+        dataset = AnomalyDataset(index, "test", classes=[name], image_size=model.config.image_size)
+        results.append(class_metrics(name, collect_class_outputs(engine, dataset, config=config)))
     return mean_metrics(results)
 
 
@@ -83,7 +89,8 @@ def alike(model, index) -> float:
     shares = []
     for name in index.classes("test"):
         paths = [index.resolve(s.img_path) for s in index.samples("test", [name])]
-        shares.append(score_group(Predictor(model, mutual=MutualRule()), paths, load_image).report.alike_share)
+        group = score_group(Predictor(model, mutual=MutualRule()), paths, load=load_image)
+        shares.append(group.report.alike_share)
     return float(np.mean(shares))
 
 
@@ -117,14 +124,14 @@ def sweep_values(model, index, rules: list[MutualRule]) -> list[dict[str, float]
     """Per rule, the mean metrics of `index`'s test classes, each class one batch through `predict_mutual`."""
     per_rule: list[list] = [[] for _ in rules]
     for name in index.classes("test"):
-        dataset = AnomalyDataset(index, "test", [name], model.config.image_size)
+        dataset = AnomalyDataset(index, "test", classes=[name], image_size=model.config.image_size)
         items = [dataset[i] for i in range(len(dataset))]
         images = torch.stack([item["image"] for item in items])
         masks = torch.stack([item["mask"] for item in items]).numpy() > 0.5
         labels = np.array([item["label"] for item in items])
         engine = _CachedForward(model)
         for k, rule in enumerate(rules):
-            prediction = predict_mutual(engine, images, rule)
+            prediction = predict_mutual(engine, images, rule=rule)
             maps = prediction.anomaly_map.numpy().astype(np.float16)
             outputs = ClassBatch(
                 pred_score=prediction.pred_score.numpy(),
@@ -190,7 +197,7 @@ def time_step(
     above before (MiB), how it was timed). With `max_pairs`, the step is stopped once the rows started cover that
     many image pairs, and the time is scaled by the pair count (each pair costs one [HW, HW] similarity block)."""
     used = [t[:layers] for t in tokens]
-    others = choose_others([str(i) for i in range(len(used))], rule.max_others, rule.seed)
+    others = choose_others([str(i) for i in range(len(used))], max_others=rule.max_others, seed=rule.seed)
     partners = [sum(j > i for j in mine) for i, mine in enumerate(others)]
     total = sum(partners)
     done = [0]
@@ -207,10 +214,10 @@ def time_step(
     sync()
     start, cpu = time.perf_counter(), time.process_time()
     try:
-        distances = mutual_distances(used, others, rule.share, progress=stop_after)
+        distances = mutual_distances(used, others, share=rule.share, progress=stop_after)
         for distance in distances:
             side = math.isqrt(distance.numel())  # 37 for ViT-L/14 at 518 px
-            mutual_maps(distance.view(1, -1), (side, side), (14 * side, 14 * side), 8.0)
+            mutual_maps(distance.view(1, -1), grid=(side, side), size=(14 * side, 14 * side), sigma=8.0)
         how = "whole step"
     except _Enough:
         how = f"{done[0]} of {total} pairs, scaled"

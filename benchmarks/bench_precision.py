@@ -4,7 +4,7 @@ Speed (ViT-L/14@336 random weights, one random release-format checkpoint, the be
 release's fp32 forward, `predict` fp32 and bf16, the exported file on ONNX Runtime and OpenVINO in fp32, OpenVINO
 in bf16 as the engine runs it (image encoder bf16, heads fp32: "exact heads") and as it ran before issue 26 (the
 whole graph under one bf16 hint: "whole graph"), and each INT8 file given (--int8 NAME=FILE, written by
-`vip2clip export --int8` or `vip2clip.inference.onnx_export.quantize_onnx`) on both runtimes. Each also as
+`vip2clip export --int8` or `vip2clip.onnx.export.quantize_onnx`) on both runtimes. Each also as
 achieved GFLOP/s (the encoders' matrix-product FLOPs per image over its time) and as a fraction of this CPU's GEMM
 rate in its precision (ViT-L's four block shapes: oneDNN fp32, oneDNN bf16, INT8 through OpenVINO on a one-MatMul
 QDQ model). Then the outputs against `predict` fp32 on the timed image: max score difference, max map difference
@@ -88,6 +88,7 @@ def _rate(runs, tokens: int, shapes, repeats: int) -> float:
 def _int8_rate(tokens: int, shapes, repeats: int) -> float:
     """INT8 GEMM rate through OpenVINO: one QDQ MatMul per shape (activations u8 per tensor, weights s8)."""
     import openvino as ov
+
     from onnx import TensorProto, helper, numpy_helper
 
     core, runs = ov.Core(), []
@@ -239,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = output_rows(reference, {k: tuple(np.asarray(v) for v in o) for k, o in outputs.items()})
     print(markdown_table(("outputs vs predict fp32", "max Δ score", "max Δ map / range", "Spearman"), checks))
 
-    timings = time_interleaved(runs, args.repeats, args.warmup, rotate=True)
+    timings = time_interleaved(runs, args.repeats, warmup=args.warmup, rotate=True)
     flops = encoder_flops(model, args.size)
     rates = gemm_rates(model, args.size, repeats=3)
     release = timings.get("release fp32")

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     reference_maps = all_maps(candidates["predict fp32"], index, model.config.image_size)
     results, rows = {}, []
     for name, engine in candidates.items():
-        results[name] = evaluate(engine, index, EvalConfig(batch_size=8)).mean
+        results[name] = evaluate(engine, index, config=EvalConfig(batch_size=8)).mean
         rho = spearmanr(all_maps(engine, index, model.config.image_size), reference_maps).statistic
         cells = []
         for key in METRICS:

@@ -24,10 +24,10 @@ from pathlib import Path
 from common import add_common_arguments, apply_common_arguments, machine_description, markdown_table, publish
 from vip2clip.apps.demo import DemoConfig, _generate_data
 from vip2clip.cli import main as cli_main
-from vip2clip.evaluation import study as study_module
-from vip2clip.evaluation.studies import get_study
 from vip2clip.inference import assembly
 from vip2clip.model.vip2clip import ViP2CLIP
+from vip2clip.paper import study as study_module
+from vip2clip.paper.studies import get_study
 
 FULL = "utpa+vca+fgp"
 
@@ -87,7 +87,7 @@ def _model_args(args: argparse.Namespace) -> list[str]:
         "--no-progress",
         "--epochs",
         str(args.epochs),
-        "--batch-size",
+        "--train-batch-size",
         "8",
     ]
 

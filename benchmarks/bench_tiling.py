@@ -37,8 +37,8 @@ from vip2clip.apps.demo import DemoConfig, run_offline_demo
 from vip2clip.data.images import load_mask
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.inference.predictor import Predictor
-from vip2clip.inference.tiling import TileConfig
 from vip2clip.metrics import image_auroc, pixel_auroc
+from vip2clip.scoring.tiling import TileConfig
 
 TOP_SHARE = 2 / 64  # the demo model's top-K (2) of its 8 x 8 patch grid
 

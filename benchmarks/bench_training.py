@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, root: Path, cache: bool) -> tuple[TrainResult,
     index = vip2clip.data.index.read_index(root / "bench")
     config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, cache=cache)
     started = time.perf_counter()
-    result = train(model, index, root / ("cached" if cache else "uncached"), config)
+    result = train(model, index, out_dir=root / ("cached" if cache else "uncached"), config=config)
     return result, time.perf_counter() - started
 
 

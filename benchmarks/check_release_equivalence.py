@@ -9,7 +9,6 @@ Usage: python benchmarks/check_release_equivalence.py [--images 2] [--workdir DI
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,44 +17,10 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.model import CLIP
-from open_clip.tokenizer import tokenize
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "model"))
-from release_reference import release_predict
 
 import vip2clip
-
-N_CTX, N_DYN = 7, 3
-
-
-def random_release_checkpoint(token_embedding: torch.Tensor, seed: int) -> dict:
-    """A random checkpoint in the release's format for a CLIP of `token_embedding`'s width (768 for ViT-L/14)."""
-    generator = torch.Generator().manual_seed(seed)
-    width = token_embedding.shape[1]
-    hidden = width // 2
-
-    def rand(*shape: int, std: float = 0.05) -> torch.Tensor:
-        return std * torch.randn(*shape, generator=generator)
-
-    tokens = tokenize([" ".join(["X"] * N_CTX + ["damaged"] + ["X"] * N_DYN)])
-    embedded = token_embedding[tokens]
-    prompt = {"ctx_pos": rand(N_CTX, width), "ctx_neg": rand(N_CTX, width), "cls_ctx": rand(N_DYN, width)}
-    prompt["cls_prompter.bias"] = rand(1, width)
-    for head in range(N_DYN):
-        prompt[f"cls_prompter.fc.{head}.0.weight"] = rand(hidden, width)
-        prompt[f"cls_prompter.fc.{head}.0.bias"] = rand(hidden)
-        prompt[f"cls_prompter.fc.{head}.2.weight"] = rand(width, hidden)
-        prompt[f"cls_prompter.fc.{head}.2.bias"] = rand(width)
-    for tag in ("pos", "neg"):  # the release's quirk: both from the anomalous sentence
-        prompt[f"token_prefix_{tag}"] = embedded[:, :1].clone()
-        prompt[f"token_middle_{tag}"] = embedded[:, 1 + N_CTX : 2 + N_CTX].clone()
-        prompt[f"token_suffix_{tag}"] = embedded[:, 2 + N_CTX + N_DYN :].clone()
-        prompt[f"tokenized_prompts_{tag}"] = tokens.clone()
-    fgp = {"prompt_temp_l1": torch.tensor([0.07])}
-    for name in ("q_proj_pre", "k_proj_pre_1", "v_proj_pre_1", "proj_post_t"):
-        fgp[f"{name}.weight"] = rand(width, width, 1)
-        fgp[f"{name}.bias"] = rand(width)
-    return {"prompt_learner": prompt, "Zero_try": fgp}
+from vip2clip.testing.release_checkpoint import random_release_checkpoint
+from vip2clip.testing.release_reference import release_predict
 
 
 def main() -> None:
@@ -76,7 +41,9 @@ def main() -> None:
     ours = model.predict(images)
     print(f"vip2clip predict: {time.perf_counter() - start:.1f} s (model build included)")
     start = time.perf_counter()
-    scores, maps = release_predict(clip_state, checkpoint, images, (6, 12, 18, 24), vision_heads=16, text_heads=12)
+    scores, maps = release_predict(
+        clip_state, checkpoint, images=images, layers=(6, 12, 18, 24), vision_heads=16, text_heads=12
+    )
     print(f"release re-implementation (float64): {time.perf_counter() - start:.1f} s")
     score_diff = np.abs(ours.pred_score.numpy() - scores).max()
     map_rel = (np.abs(ours.anomaly_map.numpy() - maps) / np.abs(maps)).max()

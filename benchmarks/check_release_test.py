@@ -10,7 +10,7 @@ transforms, forward, SciPy smoothing, metrics.py and table. Prints both tables a
     python benchmarks/check_release_test.py --release-dir ~/ViP2-CLIP [--image-size 518] [--workdir DIR] [--record]
 
 Shims, installed only in the process that runs the release (today's libraries, no internet):
-- `pkg_resources` and `torch.jit.load`: the stand-ins of `vip2clip.evaluation.release_clone` (`import_release`,
+- `pkg_resources` and `torch.jit.load`: the stand-ins of `vip2clip.paper.release_clone` (`import_release`,
   `rewinding_jit_load`), shared with `vip2clip study efficiency`.
 - `VIP2CLIP_lib.model_load._download`: returns the random weights file instead of downloading ViT-L-14-336px.pt.
 - `PIL.Image.fromarray(zeros, mode="L")`: the release's empty mask of a normal image is a float64 array of zeros;
@@ -32,7 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vip2clip.evaluation.release_clone import import_release, rewinding_jit_load
+from vip2clip.paper.release_clone import import_release, rewinding_jit_load
 
 RELEASE_KEYS = {  # the release's metric names -> ours
     "pixel-auroc": "pixel_auroc",
@@ -44,7 +44,7 @@ RELEASE_KEYS = {  # the release's metric names -> ours
 }
 COLUMNS = list(RELEASE_KEYS.values())
 CLASSES = ["01", "02", "03"]  # BTAD's, a class list the release's dataset.py knows
-N_CTX, N_DYN = 7, 3  # the random checkpoint's prompt lengths (check_release_equivalence.random_release_checkpoint)
+N_CTX, N_DYN = 7, 3  # the random checkpoint's prompt lengths (vip2clip.testing.release_checkpoint)
 
 
 def install_release_shims(release_dir: Path, clip_weights: Path) -> None:
@@ -101,8 +101,8 @@ def make_inputs(workdir: Path) -> tuple[Path, Path, Path]:
     import torch
     from open_clip.model import CLIP
 
-    from check_release_equivalence import random_release_checkpoint
     from vip2clip.data.synthetic import generate_benchmark
+    from vip2clip.testing.release_checkpoint import random_release_checkpoint
 
     data, clip_path, checkpoint_path = workdir / "data", workdir / "clip.pt", workdir / "release.pth"
     if not (data / "meta.json").exists():
@@ -161,7 +161,7 @@ def metrics_on_release_maps(workdir: Path, release: dict) -> float:
     largest = 0.0
     for cls, values in release.items():
         saved = np.load(workdir / f"release_maps_{cls}.npz")
-        ours = compute_all(None, None, saved["masks"] > 0.5, saved["maps"])
+        ours = compute_all(None, None, masks=saved["masks"] > 0.5, maps=saved["maps"])
         largest = max(largest, *(abs(ours[key] - values[key]) * 100 for key in PIXEL_KEYS))
     return largest
 
@@ -186,7 +186,7 @@ def metrics_only(release_dir: Path) -> str:
         theirs = {key: release_metrics.pixel_level_metrics(results, "c", metric)
                   for metric, key in RELEASE_KEYS.items() if metric.startswith("pixel")}  # fmt: skip
         theirs["pixel_f1"] = theirs["pixel_f1"][0]
-        ours = compute_all(None, None, masks, maps)
+        ours = compute_all(None, None, masks=masks, maps=maps)
         rows.append(f"| synthetic, spread {spread:g} | {max(abs(ours[k] - v) * 100 for k, v in theirs.items()):.2e} |")
     return "\n".join(rows)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from check_release_test import N_CTX, N_DYN, install_release_shims, make_inputs
-from vip2clip.evaluation.release_clone import rewinding_jit_load
+from vip2clip.paper.release_clone import rewinding_jit_load
 
 
 def run_release_train(release_dir: Path, clip_weights: Path, record: Path, argv: list[str]) -> None:
@@ -101,7 +101,7 @@ def our_step(workdir: Path, data: Path, clip: Path, size: int, release: dict) ->
     torch.save(release["weights"], weights)
     model = vip2clip.create_model("ViT-L-14-336", clip_weights=clip, checkpoint=weights, image_size=size)
     index = read_index(data / "meta.json")
-    dataset = AnomalyDataset(index, "test", None, size)
+    dataset = AnomalyDataset(index, "test", classes=None, image_size=size)
     position = {sample.img_path: i for i, sample in enumerate(dataset.samples)}
     items = [dataset[position[path]] for path in release["images"]]
     images = torch.stack([item["image"] for item in items])
@@ -110,7 +110,7 @@ def our_step(workdir: Path, data: Path, clip: Path, size: int, release: dict) ->
     with torch.no_grad():
         features = model.encode_image(images)
     output = model.forward_features(features)
-    parts = training_loss(output.probability_maps((size, size)), masks, output.image_logits, labels)
+    parts = training_loss(output.probability_maps((size, size)), masks, image_logits=output.image_logits, labels=labels)
     parts.total.backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     state = {key: grads.get(key, torch.zeros_like(value)) for key, value in model.trainable_state_dict().items()}

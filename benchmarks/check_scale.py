@@ -193,10 +193,9 @@ def prepare(args: argparse.Namespace, work: Path) -> None:
     import torch
     from PIL import Image
 
-    sys.path.insert(0, str(HERE))
-    from check_release_equivalence import random_release_checkpoint
     from vip2clip.data.synthetic import generate_benchmark
     from vip2clip.model.weights import load_clip
+    from vip2clip.testing.release_checkpoint import random_release_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "release.pth").is_file():

@@ -50,7 +50,7 @@ def synthetic_class(spread: float, seed: int = 0, n: int = 24, size: int = 256) 
 def _pixel(masks: np.ndarray, maps: np.ndarray) -> dict[str, float]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        values = compute_all(None, None, masks, maps)
+        values = compute_all(None, None, masks=masks, maps=maps)
     return {key: values[key] for key in PIXEL_KEYS}
 
 

@@ -3,24 +3,27 @@
 OpenAI's CLIP code (which the release runs): sequence-first tensors [L, N, W] and `nn.MultiheadAttention` without
 `batch_first` (so PyTorch's F.multi_head_attention_forward, not the batch-first fast path open_clip's blocks hit),
 LayerNorm, QuickGELU, float32. The text encoder runs all 77 positions. Then the release's heads, from
-tests/model/release_reference.py: prompt assembly, the Conv1d FGP over every patch, per-layer bilinear upsampling
+vip2clip/testing/release_reference.py: prompt assembly, the Conv1d FGP over every patch, per-layer bilinear upsampling
 of the probability maps and SciPy's gaussian_filter per image. Weights: the same OpenAI-layout state dict the
 model under test loads (tensors shared, not copied). For benchmarks only; the package never imports it.
 """
 
 from __future__ import annotations
 
-import sys
 from collections import OrderedDict
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "model"))
-from release_reference import fgp_forward, release_map, release_prompts, release_score, release_similarities
+from vip2clip.testing.release_reference import (
+    fgp_forward,
+    release_map,
+    release_prompts,
+    release_score,
+    release_similarities,
+)
 
 
 class QuickGELU(nn.Module):
@@ -136,7 +139,7 @@ class ReleaseBaseline(nn.Module):
 
     def layer_texts(self, text: torch.Tensor, patches: list[torch.Tensor]) -> list[torch.Tensor]:
         """FGP: the Conv1d projections over every patch, per tapped layer -> [B, 2, D] each."""
-        return [fgp_forward(self.fgp, text, layer_patches) for layer_patches in patches]
+        return [fgp_forward(self.fgp, text, patches=layer_patches) for layer_patches in patches]
 
     @staticmethod
     def similarities(layer_texts: list[torch.Tensor], patches: list[torch.Tensor]) -> list:
@@ -145,11 +148,11 @@ class ReleaseBaseline(nn.Module):
 
     @staticmethod
     def score(similarities: list, top_k: int) -> torch.Tensor:
-        return release_score(similarities, top_k)
+        return release_score(similarities, top_k=top_k)
 
     def smooth(self, similarities: list, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
         """Per-layer upsampling, layer mean, SciPy Gaussian -> [B, H, W]."""
-        return release_map(similarities, grid, size, self.sigma)
+        return release_map(similarities, grid=grid, size=size, sigma=self.sigma)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, top_k: int = 50) -> tuple[np.ndarray, np.ndarray]:

@@ -54,7 +54,7 @@ def trained_tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Trained
     unseen = generate_benchmark(root / "unseen", seed=2, n_train_good=20, n_test_good=8, n_test_defect=8, **sizes)
     model = vip2clip.create_model("tiny", image_size=TRAINED_SIZE, seed=0, top_k=8)
     config = TrainConfig(epochs=12, batch_size=8, lr_prompt=1e-2, lr_fgp=1e-3)  # faster than the release's
-    result = train(model, train_index, root / "run", config)
+    result = train(model, train_index, out_dir=root / "run", config=config)
     return TrainedTiny(result.checkpoint, unseen)
 
 

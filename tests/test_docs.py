@@ -11,8 +11,8 @@ DOCUMENTED = (
     "vip2clip.factory",
     "vip2clip.inference.predictor",
     "vip2clip.evaluation.evaluate",
-    "vip2clip.inference.onnx_export",
-    "vip2clip.inference.onnx_engine",
+    "vip2clip.onnx.export",
+    "vip2clip.onnx.engine",
     "vip2clip.model.presets",
     "vip2clip.metrics",
     "vip2clip.outputs",
@@ -29,8 +29,8 @@ def test_docstring_examples_run(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "function"),
     [("vip2clip.factory", "create_model"), ("vip2clip.inference.predictor", "Predictor"),
-     ("vip2clip.evaluation.evaluate", "evaluate"), ("vip2clip.inference.onnx_export", "export_onnx"),
-     ("vip2clip.inference.onnx_engine", "load_onnx"), ("vip2clip.outputs", "ImageItem"),
+     ("vip2clip.evaluation.evaluate", "evaluate"), ("vip2clip.onnx.export", "export_onnx"),
+     ("vip2clip.onnx.engine", "load_onnx"), ("vip2clip.outputs", "ImageItem"),
      ("vip2clip.outputs", "ImageBatch")],
 )  # fmt: skip
 def test_public_api_documents_args_returns_raises_example(name: str, function: str) -> None:

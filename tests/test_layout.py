@@ -18,12 +18,28 @@ MAX_LINES = 400
 MAX_FUNCTION_LINES = 70
 # Functions still over the limit (to split; nothing may join this list).
 KNOWN_LONG_FUNCTIONS: dict[str, set[str]] = {}
-# What each layer may import from the package (besides itself): the model and the metrics sit at the bottom.
-ALLOWED = {
-    "model": {"vip2clip", "vip2clip.config", "vip2clip.outputs", "vip2clip.utils"},
-    "metrics": set(),
-    "utils": set(),
-}
+# The architecture: the package's floors, bottom first. A module may import the package's modules on lower floors
+# and its own package only, never a sibling on its floor or anything above; the root `vip2clip` (lazy exports) only
+# for `__version__`. A new package or top-level module takes its place here. `vip2clip.testing` (the oracles) stands
+# apart: it imports nothing of the package and nothing imports it.
+FLOORS: tuple[tuple[str, ...], ...] = (
+    ("outputs", "metrics", "utils"),  # result types; metrics as pure functions; files, hashing, CPU, progress
+    ("config",),  # the model's settings
+    ("model",),  # backbone wrapper, prompt learner, FGP, UTPA, checkpoints, weights: no files but its own
+    ("data",),  # datasets, images, converters, transforms
+    ("visualization",),  # heat maps and panels
+    ("factory",),  # one assembly path for the model
+    ("features", "onnx"),  # the frozen-feature cache; ONNX export, engines and INT8
+    ("scoring",),  # beyond one image: tiling, reference images, mutual scoring
+    ("inference",),  # Predictor: engine, thresholds, calibration, identity
+    ("runs", "training"),  # folder runs (predict, calibrate, explain); the training loop and losses
+    ("evaluation",),  # the evaluator: metrics per class and dataset, reports, the paper's printed numbers
+    ("paper",),  # the paper's harness: studies, seeds, figures, efficiency
+    ("integrations", "apps"),  # anomalib; demo and serve
+    ("cli",),  # the command line
+    ("__main__",),
+)
+FLOOR_OF = {name: level for level, names in enumerate(FLOORS) for name in names}
 
 
 def _package_of(path: Path) -> str:
@@ -163,16 +179,39 @@ def test_library_code_leaves_terminals_and_argv_to_the_cli(path: Path) -> None:
     assert "isatty" not in source and "sys.argv" not in source
 
 
-@pytest.mark.parametrize("path", [p for p in MODULES if _package_of(p) in ALLOWED], ids=lambda p: p.name)
-def test_lower_layers_do_not_import_upper_ones(path: Path) -> None:
-    layer = _package_of(path)
-    allowed = ALLOWED[layer] | {f"vip2clip.{layer}"}
+def _part(module: str) -> str:
+    """vip2clip.inference.predictor -> inference; vip2clip.config -> config; vip2clip -> ''."""
+    return module.split(".")[1] if "." in module else ""
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_go_down_the_floors_only(path: Path) -> None:
+    part = _part(_module_name(path))
+    if part in ("", "testing"):
+        return
+    assert part in FLOOR_OF, f"{path}: vip2clip.{part} has no floor in FLOORS: give it its place"
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "vip2clip" and node.level == 0:
+            assert [a.name for a in node.names] == ["__version__"], f"{path}: from the root only __version__"
     for name in _imports(path):
-        if name == "vip2clip" or name.startswith("vip2clip."):
-            # "vip2clip" itself (the version) is allowed, not everything under it
-            assert any(name == a or (a != "vip2clip" and name.startswith(a + ".")) for a in allowed), (
-                f"{path} imports {name}"
-            )
+        if not name.startswith("vip2clip.") or _part(name) == part:
+            continue
+        target = _part(name)
+        assert target != "testing", f"{path} imports the test oracles ({name})"
+        assert FLOOR_OF.get(target, len(FLOORS)) < FLOOR_OF[part], (
+            f"{path} imports {name}: vip2clip.{target} is not below vip2clip.{part} (tests/test_layout.py FLOORS)"
+        )
+
+
+def test_every_package_has_a_floor() -> None:
+    parts = {_part(_module_name(path)) for path in MODULES} - {"", "testing"}
+    assert parts == set(FLOOR_OF)
+
+
+def test_the_oracles_import_nothing_of_the_package() -> None:
+    for path in sorted((PACKAGE / "testing").glob("*.py")):
+        assert not {name for name in _imports(path) if name.startswith("vip2clip")}, path
 
 
 def test_no_import_cycles() -> None:
@@ -206,3 +245,110 @@ def test_public_entry_points() -> None:
     assert callable(vip2clip.metrics.compute_all) and callable(vip2clip.metrics.aupro)
     with pytest.raises(AttributeError):
         vip2clip.does_not_exist  # noqa: B018
+
+
+# Keyword-only parameters: a function takes at most two positional parameters (besides self/cls) when it is public
+# (dunder methods included) or has more than four parameters; the rest come after `*`, so that a call names its
+# options and a new option does not shift the others. Exempt: signatures that a framework calls positionally,
+# listed here with the framework ("module path::qualified name": why).
+MAX_POSITIONAL = 2
+DICTATED_SIGNATURES: dict[str, str] = {
+    "integrations/anomalib_processing.py::ReleasePreProcessor.on_validation_batch_start": "Lightning Callback hook",
+    "integrations/anomalib_processing.py::ReleasePreProcessor.on_test_batch_start": "Lightning Callback hook",
+    "integrations/anomalib_processing.py::ReleasePreProcessor.on_predict_batch_start": "Lightning Callback hook",
+    "cli/train.py::_OldTrainingBatchFlag.__call__": "argparse.Action.__call__ (argparse calls it positionally)",
+}
+
+
+def _signature_problems(source: str, where: str) -> list[str]:
+    """The functions of `source` (module path `where`, the key of DICTATED_SIGNATURES) that break the rule."""
+    tree = ast.parse(source)
+    problems = []
+
+    def visit(node: ast.AST, owner: str, in_class: bool, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, f"{owner}{child.name}.", True, in_function)
+            elif isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef):
+                name = f"{owner}{child.name}"
+                positional = [a.arg for a in child.args.posonlyargs + child.args.args]
+                if in_class and positional and positional[0] in ("self", "cls"):
+                    positional = positional[1:]
+                total = len(positional) + len(child.args.kwonlyargs)
+                dunder = child.name.startswith("__") and child.name.endswith("__")
+                public = (not child.name.startswith("_") or dunder) and not in_function
+                key = f"{where}::{name}"
+                if (public or total > 4) and len(positional) > MAX_POSITIONAL and key not in DICTATED_SIGNATURES:
+                    problems.append(f"{name} ({len(positional)} positional: {', '.join(positional)})")
+                visit(child, f"{name}.", False, True)
+
+    visit(tree, "", False, False)
+    return problems
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_options_are_keyword_only(path: Path) -> None:
+    problems = _signature_problems(path.read_text(encoding="utf-8"), path.relative_to(PACKAGE).as_posix())
+    assert not problems, f"{path}: put the parameters after the first {MAX_POSITIONAL} behind `*`: {problems}"
+
+
+def _dataclass_problems(source: str) -> list[str]:
+    problems = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ClassDef):
+            continue
+        fields = [item for item in node.body if isinstance(item, ast.AnnAssign)]
+        marker = [i for i, item in enumerate(fields) if ast.unparse(item.annotation).endswith("KW_ONLY")]
+        positional = marker[0] if marker else len(fields)
+        for decorator in node.decorator_list:
+            text = ast.unparse(decorator)
+            is_dataclass = text.startswith(("dataclass", "dataclasses.dataclass"))
+            if is_dataclass and "kw_only" not in text and len(fields) > 4 and positional > MAX_POSITIONAL:
+                problems.append(f"{node.name} ({len(fields)} fields)")
+    return problems
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_records_of_more_than_four_fields_are_built_by_name(path: Path) -> None:
+    """A dataclass with more than four fields is `kw_only=True`, or keeps at most two positional fields before a
+    `_: KW_ONLY` marker: `Spec(a, None, True, ...)` cannot be read."""
+    problems = _dataclass_problems(path.read_text(encoding="utf-8"))
+    assert not problems, f"{path}: make these @dataclass(kw_only=True): {problems}"
+
+
+def test_the_signature_rules_find_long_positional_signatures() -> None:
+    source = """
+def public(a, b, c): ...
+def fine(a, b, *, c, d, e): ...
+def _private(a, b, c, d): ...
+def _long(a, b, c, d, e): ...
+class K:
+    def method(self, a, b): ...
+    def __init__(self, a, b, c): ...
+@dataclass(frozen=True)
+class R:
+    a: int
+    b: int
+    c: int
+    d: int
+    e: int
+@dataclass(frozen=True)
+class Marked:
+    a: int
+    b: int
+    _: KW_ONLY
+    c: int
+    d: int
+    e: int
+@dataclass(frozen=True)
+class Late:
+    a: int
+    b: int
+    c: int
+    _: KW_ONLY
+    d: int
+    e: int
+"""
+    found = [problem.split(" ")[0] for problem in _signature_problems(source, "x.py")]
+    assert found == ["public", "_long", "K.__init__"]
+    assert _dataclass_problems(source) == ["R (5 fields)", "Late (6 fields)"]

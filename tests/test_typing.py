@@ -55,7 +55,7 @@ def test_mypy_sees_the_signatures_of_the_top_level(tmp_path: Path) -> None:
     assert result.returncode == 1, result.stdout + result.stderr  # the two mistakes of the script, nothing else
     assert lines[-1] == "Found 2 errors in 1 file (checked 1 source file)"
     create_model, preprocess, from_checkpoint = [line for line in lines if "Revealed type" in line]
-    assert "def (backbone: str | None =, clip_weights: str | pathlib.Path | None =" in create_model
+    assert "def (backbone: str | None =, *, clip_weights: str | pathlib.Path | None =" in create_model
     assert "random_init: bool =" in create_model and create_model.endswith('-> vip2clip.model.vip2clip.ViP2CLIP"')
     assert "def (image:" in preprocess
     assert from_checkpoint.endswith('-> vip2clip.inference.predictor.Predictor"')

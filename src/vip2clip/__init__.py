@@ -7,9 +7,10 @@ images of a batch score each other), `__version__`. They load lazily, so that co
 nor open_clip (dataset conversion, validation) start fast, and `load_onnx` + `Predictor` run without torch; type
 checkers see them through the stub beside this file (`__init__.pyi`).
 
-The package is grouped by pipeline: `model/` (the network), `data/` (datasets, images, converters), `training/`,
-`evaluation/` (with `metrics/` beside it), `inference/` (Predictor, calibration, folder runs), `visualization/`,
-`apps/` (server, demo) and `cli/`.
+The package is a stack of floors (written down in tests/test_layout.py, mapped in docs/development.md):
+`model/`, `data/`, `features/` (the frozen-feature cache), `onnx/`, `scoring/` (tiling, references, mutual),
+`inference/` (Predictor), `runs/` (folder runs), `training/`, `evaluation/`, `paper/` (the paper's studies),
+`integrations/`, `apps/` and `cli/`; `testing/` holds the oracles the tests check against.
 """
 
 from __future__ import annotations
@@ -26,13 +27,13 @@ _LAZY_ATTRIBUTES = {
     "Predictor": "vip2clip.inference.predictor",
     "ImageItem": "vip2clip.outputs",
     "ImageBatch": "vip2clip.outputs",
-    "export_onnx": "vip2clip.inference.onnx_export",
-    "load_onnx": "vip2clip.inference.onnx_engine",
+    "export_onnx": "vip2clip.onnx.export",
+    "load_onnx": "vip2clip.onnx.engine",
     "list_models": "vip2clip.model.presets",
     "list_pretrained": "vip2clip.model.pretrained",
     "download_pretrained": "vip2clip.model.pretrained",
-    "MutualRule": "vip2clip.inference.mutual_rule",
-    "predict_mutual": "vip2clip.inference.mutual",
+    "MutualRule": "vip2clip.scoring.mutual_rule",
+    "predict_mutual": "vip2clip.scoring.mutual",
 }
 _LAZY_MODULES = ("metrics",)
 __all__ = [

@@ -24,7 +24,7 @@ MAX_IMAGE_SIZE = 2048
 TEXT_PROMPTS = ("learned", "handcrafted")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """ViP²-CLIP hyper-parameters (paper Sec. 4 and App. B.1; release defaults where the paper is silent).
 
@@ -103,7 +103,7 @@ class ModelConfig:
         return replace(self, **changes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """Training hyper-parameters; the defaults are the release's."""
 

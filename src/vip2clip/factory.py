@@ -34,7 +34,7 @@ class SharedBackbones:
         self._built: dict[tuple[str, str | None, bool, str], tuple[CLIP, str]] = {}
 
     def clip(
-        self, backbone: str, weights: str | Path | None, quick_gelu: bool, device: str | torch.device
+        self, backbone: str, weights: str | Path | None, *, quick_gelu: bool, device: str | torch.device
     ) -> tuple[CLIP, str]:
         """(the CLIP on `device`, where its weights came from), as `load_clip` returns them."""
         key = (backbone, None if weights is None else str(weights), quick_gelu, str(torch.device(device)))
@@ -65,13 +65,13 @@ def _check_patch_multiple(cfg: ModelConfig, patch: int, explicit: bool) -> None:
 
 def create_model(
     backbone: str | None = None,
+    *,
     clip_weights: str | Path | None = None,
     checkpoint: str | Path | Checkpoint | None = None,
     image_size: int | None = None,
     device: str | torch.device = "cpu",
     seed: int | None = None,
     precision: str = "fp32",
-    *,
     random_init: bool = False,
     allow_other_weights: bool = False,
     shared: SharedBackbones | None = None,
@@ -103,16 +103,22 @@ def create_model(
     config: `ModelConfig` fields (switches, top_k, sigma, ...).
     """
     cfg, loaded = _resolve_config(backbone, checkpoint, image_size, config)
-    check_weights_choice(clip_weights, random_init, cfg.backbone)
+    check_weights_choice(clip_weights, random_init=random_init, backbone=cfg.backbone)
     if shared is not None:
-        clip, source = shared.clip(cfg.backbone, clip_weights, cfg.quick_gelu, device)
+        clip, source = shared.clip(cfg.backbone, clip_weights, quick_gelu=cfg.quick_gelu, device=device)
     else:
         clip, source = load_clip(cfg.backbone, clip_weights, quick_gelu=cfg.quick_gelu)
     if clip_weights is None:
         logger.warning("backbone %s has random weights (%s): scores say nothing about CLIP", cfg.backbone, source)
-    frozen = FrozenCLIP(clip, cfg.feature_layers, cfg.pos_embed_interpolation, cfg.backbone, source)
+    frozen = FrozenCLIP(
+        clip,
+        feature_layers=cfg.feature_layers,
+        pos_embed_interpolation=cfg.pos_embed_interpolation,
+        name=cfg.backbone,
+        weights_source=source,
+    )
     if loaded is not None:
-        check_trained_weights(loaded, frozen.fingerprint(), source, allow_other_weights)
+        check_trained_weights(loaded, frozen.fingerprint(), source=source, allow_other_weights=allow_other_weights)
     _check_patch_multiple(cfg, frozen.patch_size, explicit=image_size is not None)
     cfg = cfg.updated(feature_layers=frozen.feature_layers)
     with torch.random.fork_rng(devices=[]):

@@ -1,6 +1,7 @@
 """What scoring produces: one family of validated dataclasses, one image's (`ImageItem`) and a batch's
-(`ImageBatch`), with anomalib's field names (its output dataclasses: `pred_score`, `pred_label`, `anomaly_map`,
-`pred_mask`; `gt_label`, `gt_mask` for the ground truth).
+(`ImageBatch`), with anomalib's field names and types (its output dataclasses: `pred_score`, `pred_label` a boolean,
+`anomaly_map`, `pred_mask`; `gt_label`, `gt_mask` for the ground truth). Files and the server's JSON say the decision
+in words ("normal", "anomalous", "error": `ImageItem.verdict`).
 
 - `ImageBatch`: what every inference engine returns (`ViP2CLIP.predict`, the ONNX engine): scores [B] and maps
   [B, H, W], torch tensors or numpy arrays; evaluation's `ClassBatch` adds the ground truth and its bookkeeping.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,8 +26,7 @@ if TYPE_CHECKING:
     import torch
     from PIL import Image
 
-ANOMALOUS, NORMAL, ERROR = "anomalous", "normal", "error"
-PRED_LABELS = (NORMAL, ANOMALOUS, ERROR)
+ANOMALOUS, NORMAL, ERROR = "anomalous", "normal", "error"  # the verdict's words in files and JSON
 
 
 def _shape(values: Any) -> tuple[int, ...]:
@@ -48,32 +48,37 @@ class ImageItem:
         pred_score: the anomalous probability.
         anomaly_map: float [H, W]: at the model's input size as scored; at the image's own size once decided or
             when tiled.
-        pred_label: "normal", "anomalous" or "error" (set by the decision).
+        pred_label: anomalib's type: True anomalous, False normal (set by the decision); None while not decided and
+            for an image that could not be judged (`error` says why). `verdict` gives the word files use.
         pred_mask: bool [H, W], anomaly_map >= pixel_threshold (set by the decision).
         image_threshold, pixel_threshold: the thresholds that made the decision.
         error: why the image could not be judged (unreadable, or NaN/infinite model output), else None. Such an
-            item has no map or an unusable one, pred_label "error" once decided and no defect pixels: check
-            `error` (or `is_judged`) before acting on `is_anomalous`.
+            item has no map or an unusable one, pred_label None (verdict "error") and no defect pixels: a falsy
+            pred_label is "normal" only when `error` is None (`is_judged`).
         source: the input as given (a path, an image, a dataset row).
         image: its decoded RGB image.
         self_reference: it is one of the predictor's reference images (scored against the others only).
 
     Raises:
-        ValueError: a map that is not 2-D, a mask of another shape or not boolean, an unknown label.
+        ValueError: a map that is not 2-D, a mask of another shape or not boolean, a pred_label that is not a boolean
+            (or None), a pred_label on an item with an error.
 
     Example:
         >>> import numpy as np
-        >>> item = ImageItem(0.9, np.full((2, 3), 0.7), "anomalous", np.ones((2, 3), bool))
-        >>> item.is_anomalous, item.size, item.defect_area
-        (True, (3, 2), 1.0)
-        >>> ImageItem(0.9, np.zeros((2, 3)), "defective")
+        >>> item = ImageItem(
+        ...     pred_score=0.9, anomaly_map=np.full((2, 3), 0.7), pred_label=True, pred_mask=np.ones((2, 3), bool)
+        ... )
+        >>> item.pred_label, item.verdict, item.size, item.defect_area
+        (True, 'anomalous', (3, 2), 1.0)
+        >>> ImageItem(pred_score=0.9, anomaly_map=np.zeros((2, 3)), pred_label="anomalous")
         Traceback (most recent call last):
-        ValueError: pred_label must be one of ('normal', 'anomalous', 'error'), got 'defective'
+        ValueError: pred_label must be True (anomalous), False (normal) or None, got 'anomalous' (the word is `verdict`)
     """
 
     pred_score: float = math.nan
     anomaly_map: np.ndarray | None = field(default=None, repr=False)  # a printed item shows its numbers, not pixels
-    pred_label: str | None = None
+    _: KW_ONLY  # the decision and the rest are named
+    pred_label: bool | None = None
     pred_mask: np.ndarray | None = field(default=None, repr=False)
     image_threshold: float | None = None
     pixel_threshold: float | None = None
@@ -89,12 +94,30 @@ class ImageItem:
             if self.anomaly_map is None:
                 raise ValueError("pred_mask without an anomaly_map")
             _check_mask("pred_mask", self.pred_mask, _shape(self.anomaly_map))
-        if self.pred_label is not None and self.pred_label not in PRED_LABELS:
-            raise ValueError(f"pred_label must be one of {PRED_LABELS}, got {self.pred_label!r}")
+        if isinstance(self.pred_label, np.bool_):  # a numpy comparison's result: the same decision
+            self.pred_label = bool(self.pred_label)
+        if self.pred_label is not None and not isinstance(self.pred_label, bool):  # 1 or "anomalous": refused
+            raise ValueError(
+                f"pred_label must be True (anomalous), False (normal) or None, got {self.pred_label!r} "
+                "(the word is `verdict`)"
+            )
+        if self.error is not None and self.pred_label is not None:
+            raise ValueError(f"an image that could not be judged has no pred_label (error: {self.error})")
+
+    @property
+    def verdict(self) -> str | None:
+        """The decision as files and the server's JSON write it: "anomalous", "normal", or "error" for an image that
+        could not be judged; None while not decided."""
+        if self.error is not None:
+            return ERROR
+        if self.pred_label is None:
+            return None
+        return ANOMALOUS if self.pred_label else NORMAL
 
     @property
     def is_anomalous(self) -> bool:
-        return self.pred_label == ANOMALOUS
+        """True when decided anomalous (`bool(pred_label)`: an image not judged or not decided is not)."""
+        return self.pred_label is True
 
     @property
     def is_judged(self) -> bool:
@@ -148,6 +171,7 @@ class ImageBatch:
 
     pred_score: torch.Tensor | np.ndarray
     anomaly_map: torch.Tensor | np.ndarray | None = None
+    _: KW_ONLY  # masks, truth and features are named
     pred_mask: torch.Tensor | np.ndarray | None = None
     gt_label: np.ndarray | None = None
     gt_mask: np.ndarray | None = None

@@ -111,7 +111,8 @@ def _headers(length: int | str, content_type: str = "image/png") -> bytes:
 @contextlib.contextmanager
 def running(predictor: Predictor, limits: ServeLimits = LIMITS, examples=None) -> Iterator[str]:
     """The real uvicorn server of `vip2clip serve` in a thread, on a free loopback port; its URL."""
-    server = make_server(predictor, limits, synthetic_examples(size=64) if examples is None else examples)
+    examples = synthetic_examples(size=64) if examples is None else examples
+    server = make_server(predictor, limits=limits, examples=examples)
     sock = listen("127.0.0.1", 0)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -182,7 +183,7 @@ def test_predict_raw_and_multipart_match_the_predictor(url: str, predictor: Pred
     PredictResponse.model_validate(result)
     assert (result["width"], result["height"]) == (70, 50)
     assert result["pred_score"] == pytest.approx(reference.pred_score, abs=1e-6)
-    assert result["pred_label"] == reference.pred_label
+    assert result["pred_label"] == reference.verdict == ("anomalous" if reference.pred_label else "normal")
     assert result["max_pixel_score"] == pytest.approx(reference.max_pixel_score, abs=1e-6)
     assert result["defect_area"] == pytest.approx(reference.defect_area)
     assert (result["image_threshold"], result["pixel_threshold"], result["threshold_source"]) == (0.5, 0.5, "test")
@@ -605,7 +606,7 @@ def test_browser_upload_shows_score_overlay_scale_and_errors(
         assert driver.find_element(By.ID, "overlay").get_attribute("src").startswith("data:image/png;base64,")
         reference = reference_predictor.predict(image)[0]
         assert score == pytest.approx(reference.pred_score, abs=1e-4)
-        assert driver.find_element(By.ID, "decision").text == reference.pred_label
+        assert driver.find_element(By.ID, "decision").text == reference.verdict
         area = driver.find_element(By.ID, "area").text
         assert float(area.rstrip(" %")) == pytest.approx(100 * reference.defect_area, abs=2.0)
         bar = driver.find_element(By.ID, "colour-bar")
@@ -650,7 +651,7 @@ def test_a_long_calibration_line_keeps_the_mask_in_view_at_1280_px(tiny_model, t
     below the fold of a 1280-px window; an all-white mask merged into the page. Item 10: /docs was blank offline."""
     from vip2clip.model.checkpoint import save_checkpoint
 
-    checkpoint = save_checkpoint(tmp_path / "c.pt", tiny_model.config, tiny_model.trainable_state_dict())
+    checkpoint = save_checkpoint(tmp_path / "c.pt", tiny_model.config, state=tiny_model.trainable_state_dict())
     good, deep = tmp_path / "good", tmp_path / "a_rather_long_folder_name_for_the_production_line_7" / "station_B"
     good.mkdir()
     for seed in range(2):

@@ -49,7 +49,7 @@ def test_backbone_comes_from_the_checkpoint(capsys, tmp_path):
     from vip2clip.model.checkpoint import save_checkpoint
 
     model = vip2clip.create_model("tiny", image_size=64, seed=0, n_context=5)
-    path = save_checkpoint(tmp_path / "tiny.pt", model.config, model.trainable_state_dict())
+    path = save_checkpoint(tmp_path / "tiny.pt", model.config, state=model.trainable_state_dict())
     assert main(["info", "--checkpoint", str(path)]) == 0
     out = capsys.readouterr().out
     assert "backbone: tiny" in out and '"n_context": 5' in out
@@ -95,7 +95,7 @@ def _not_checkpoints(folder, tiny_model):
 
     from vip2clip.model.checkpoint import save_checkpoint
 
-    good = save_checkpoint(folder / "good.pt", tiny_model.config, tiny_model.trainable_state_dict()).read_bytes()
+    good = save_checkpoint(folder / "good.pt", tiny_model.config, state=tiny_model.trainable_state_dict()).read_bytes()
     files = {
         "empty.pt": (b"", "is not a {} file (it is empty)"),
         "results.json": (json.dumps({"image_auroc": 0.9}).encode(), "is not a {} file (it holds JSON)"),
@@ -128,6 +128,6 @@ def test_image_sizes_that_cannot_work_are_refused_before_building(capsys, tmp_pa
     assert "image size 65 is not a multiple of the tiny backbone's patch size 16" in err and "use 64 or 80" in err
     assert main(["info", "--backbone", "tiny", "--image-size", "20000"]) == 2  # `predict` took 24 GB of RAM with it
     assert "image_size 20000 is larger than 2048" in capsys.readouterr().err
-    path = save_checkpoint(tmp_path / "at64.pt", tiny_model.config, tiny_model.trainable_state_dict())
+    path = save_checkpoint(tmp_path / "at64.pt", tiny_model.config, state=tiny_model.trainable_state_dict())
     assert main(["info", "--checkpoint", str(path), "--image-size", "96"]) == 0
     assert f"checkpoint {path} was trained at 64 px; running it at 96 px changes its scores" in caplog.text

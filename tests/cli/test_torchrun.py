@@ -19,7 +19,7 @@ from vip2clip.model.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::vip2clip.metrics.UndefinedMetricWarning")]
 TINY = ["--backbone", "tiny", "--no-progress"]
-TRAIN = ["--image-size", "64", "--top-k", "4", "--batch-size", "3", *TINY]
+TRAIN = ["--image-size", "64", "--top-k", "4", "--train-batch-size", "3", *TINY]
 
 
 @pytest.fixture(scope="module")

@@ -41,7 +41,7 @@ def totals(out: str) -> tuple[int, int, int]:
 
 
 def S(img: str, mask: str, cls: str, specie: str, anomaly: int) -> Sample:
-    return Sample(img, mask, cls, specie, anomaly)
+    return Sample(img_path=img, mask_path=mask, cls_name=cls, specie_name=specie, anomaly=anomaly)
 
 
 def test_registry_lists_all_benchmarks() -> None:

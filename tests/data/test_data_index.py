@@ -16,10 +16,16 @@ from vip2clip.data.index import (
     write_index,
 )
 
-GOOD = Sample("bottle/test/good/000.png", "", "bottle", "good", 0)
-BROKEN = Sample("bottle/test/broken/000.png", "bottle/ground_truth/broken/000_mask.png", "bottle", "broken", 1)
-TRAIN = Sample("bottle/train/good/000.png", "", "bottle", "good", 0)
-CABLE = Sample("cable/test/good/000.png", "", "cable", "good", 0)
+GOOD = Sample(img_path="bottle/test/good/000.png", mask_path="", cls_name="bottle", specie_name="good", anomaly=0)
+BROKEN = Sample(
+    img_path="bottle/test/broken/000.png",
+    mask_path="bottle/ground_truth/broken/000_mask.png",
+    cls_name="bottle",
+    specie_name="broken",
+    anomaly=1,
+)
+TRAIN = Sample(img_path="bottle/train/good/000.png", mask_path="", cls_name="bottle", specie_name="good", anomaly=0)
+CABLE = Sample(img_path="cable/test/good/000.png", mask_path="", cls_name="cable", specie_name="good", anomaly=0)
 
 
 def _touch(root: Path, *relative: str) -> None:
@@ -76,9 +82,12 @@ def test_reader_accepts_the_quirks_of_other_writers(tmp_path: Path) -> None:
     index = read_index(tmp_path / "meta.json")
     assert set(index.splits) == {"train", "test"}
     first, second, third = index.samples("TEST")
-    assert first == Sample(absolute_image, "skin/a_seg.png", "skin", "", 1)
-    assert second == Sample("skin/b.jpg", "", "skin", "good", 0)
-    assert third == Sample("skin/b.jpg", "", "skin", "", 0)  # cls_name falls back to the class key
+    assert first == Sample(
+        img_path=absolute_image, mask_path="skin/a_seg.png", cls_name="skin", specie_name="", anomaly=1
+    )
+    assert second == Sample(img_path="skin/b.jpg", mask_path="", cls_name="skin", specie_name="good", anomaly=0)
+    # cls_name falls back to the class key
+    assert third == Sample(img_path="skin/b.jpg", mask_path="", cls_name="skin", specie_name="", anomaly=0)
     assert index.resolve(first.img_path) == tmp_path / "skin" / "a.jpg"
     assert index.resolve(first.mask_path) == tmp_path / "skin" / "a_seg.png"
     # The clean writer turns the absolute path into a root-relative one.
@@ -160,4 +169,6 @@ def test_not_utf8(tmp_path: Path) -> None:
 def test_normal_sample_never_keeps_a_mask(tmp_path: Path) -> None:
     raw = {"test": {"a": [{"img_path": "x.png", "mask_path": "x_mask.png", "anomaly": 0}]}}
     (tmp_path / "meta.json").write_text(json.dumps(raw))
-    assert read_index(tmp_path).samples() == [Sample("x.png", "", "a", "", 0)]
+    assert read_index(tmp_path).samples() == [
+        Sample(img_path="x.png", mask_path="", cls_name="a", specie_name="", anomaly=0)
+    ]

@@ -114,7 +114,9 @@ def test_unusual_modes_become_rgb(tmp_path: Path, kind: str) -> None:
     pixels = np.random.default_rng(0).integers(0, 256, size=(40, 40, 4), dtype=np.uint8)
     arrays = {"rgba": pixels, "gray": pixels[..., 0], "sixteen": pixels[..., 0].astype(np.uint16) * 257}
     Image.fromarray(arrays[kind]).save(tmp_path / "x.png")
-    index = build_index(tmp_path, {"test": [Sample("x.png", "", "c", "good", 0)]})
+    index = build_index(
+        tmp_path, {"test": [Sample(img_path="x.png", mask_path="", cls_name="c", specie_name="good", anomaly=0)]}
+    )
     item = AnomalyDataset(index, image_size=SIZE)[0]
     rgb = pixels[..., :3] if kind == "rgba" else np.repeat(pixels[..., :1], 3, axis=2)
     torch.testing.assert_close(item["image"], preprocess(Image.fromarray(rgb), SIZE))

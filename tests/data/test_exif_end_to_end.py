@@ -34,7 +34,7 @@ def _rotated_and_upright(folder: Path, stem: str, suffix: str = ".jpg") -> tuple
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
     return save_checkpoint(
-        tmp_path_factory.mktemp("exif") / "c.pt", tiny_model.config, tiny_model.trainable_state_dict()
+        tmp_path_factory.mktemp("exif") / "c.pt", tiny_model.config, state=tiny_model.trainable_state_dict()
     )
 
 

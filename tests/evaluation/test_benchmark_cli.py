@@ -32,7 +32,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     generate_benchmark(test_root, seed=2, style="structured", n_test_good=2, n_test_defect=3, **sizes)
     out = base / "out"
     argv = ["benchmark", "--train", f"textured={train_root}", "--test", f"synth-objects={test_root}",
-            "--out", str(out), "--epochs", "1", "--batch-size", "4", "--eval-batch-size", "3", "--no-progress",
+            "--out", str(out), "--epochs", "1", "--train-batch-size", "4", "--eval-batch-size", "3", "--no-progress",
             *MODEL_ARGS]  # fmt: skip
     assert main(argv) == 0
     return {"out": out, "test_root": test_root, "train_root": train_root, "checkpoint": out / "train/checkpoint.pt"}

@@ -10,7 +10,7 @@ from importlib import resources
 
 import pytest
 
-from vip2clip.evaluation.paper import load_paper_numbers
+from vip2clip.evaluation.paper_numbers import load_paper_numbers
 
 CLIP = json.loads(resources.files("vip2clip.evaluation").joinpath("clip_results.json").read_text("utf-8"))
 PAPER = json.loads(resources.files("vip2clip.evaluation").joinpath("paper_results.json").read_text("utf-8"))

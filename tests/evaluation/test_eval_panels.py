@@ -27,9 +27,9 @@ def drawn(monkeypatch) -> list[dict]:
     calls: list[dict] = []
     make, save = panels_module.make_panel, panels_module.atomic_save_image
 
-    def recording_make(image, anomaly_map, mask, mask_title, text, style):
+    def recording_make(image, anomaly_map, *, mask, mask_title, text, style):
         calls.append({"mask": mask, "mask_title": mask_title, "text": text, "style": style})
-        return make(image, anomaly_map, mask, mask_title, text, style)
+        return make(image, anomaly_map, mask=mask, mask_title=mask_title, text=text, style=style)
 
     def recording_save(image, path):
         calls[-1]["path"] = Path(path)
@@ -56,7 +56,7 @@ def test_panels_show_the_dataset_thresholds(tiny_model, tmp_path: Path, drawn: l
     maps = tmp_path / "maps"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)  # an untrained model may give flat maps
-        result = evaluate(tiny_model, bench, EvalConfig(batch_size=3, panels_dir=maps, max_panels=3))
+        result = evaluate(tiny_model, bench, config=EvalConfig(batch_size=3, panels_dir=maps, max_panels=3))
     written = sorted(p.relative_to(maps).as_posix() for p in maps.rglob("*.png"))
     assert len(written) == 6 and {name.split("/")[0] for name in written} == {"texture_0", "texture_1"}
     assert sorted(c["path"].relative_to(maps).as_posix() for c in drawn) == written
@@ -68,14 +68,14 @@ def test_panels_show_the_dataset_thresholds(tiny_model, tmp_path: Path, drawn: l
         assert call["text"].threshold_source == "F1-optimal" and call["mask_title"] == GROUND_TRUTH
     assert [("anomalous" in c["text"].caption) for c in drawn[:3]] == [True, False, True]  # alternating
     size = Image.open(drawn[0]["path"]).size
-    assert size == layout_panel((48, 48), 3, PanelStyle(max_side=256)).size  # 64-px maps drawn on 256-px tiles
+    assert size == layout_panel((48, 48), 3, style=PanelStyle(max_side=256)).size  # 64-px maps drawn on 256-px tiles
     assert not _hidden_files(maps)  # the spooled maps went with the run
 
 
 def _one_class(tmp_path: Path) -> AnomalyDataset:
     index = generate_benchmark(tmp_path / "data", classes=1, seed=5, image_size=48, n_train_good=0, n_test_good=1,
                                n_test_defect=1)  # fmt: skip
-    return AnomalyDataset(index, "test", None, 64)
+    return AnomalyDataset(index, "test", classes=None, image_size=64)
 
 
 def _outputs(dataset: AnomalyDataset, pixel_rows: list[bool]) -> ClassBatch:
@@ -97,10 +97,10 @@ def test_without_ground_truth_the_third_tile_is_the_predicted_mask(tmp_path: Pat
     dataset = _one_class(tmp_path)
     spool = PanelSpool(tmp_path / "maps")
     spool.add(dataset, _outputs(dataset, [False] * len(dataset)))  # like HeadCT: no masks at all
-    assert spool.write(0.5, 0.5, 64) == 2
+    assert spool.write(0.5, 0.5, model_size=64) == 2
     assert all(c["mask_title"] == PREDICTED_MASK for c in drawn)
     panel = Image.open(drawn[0]["path"]).convert("RGB")
-    layout = layout_panel((48, 48), 3, drawn[0]["style"])  # the synthetic images are 48 px
+    layout = layout_panel((48, 48), 3, style=drawn[0]["style"])  # the synthetic images are 48 px
     tile = np.asarray(panel.crop(layout.tiles[2]))
     half = tile.shape[1] // 2
     assert (tile[:, : half - 2] == 255).all() and (tile[:, half + 2 :] == 0).all()  # map >= 0.5 on the left only
@@ -111,6 +111,6 @@ def test_without_any_pixel_threshold_the_third_tile_is_empty(tmp_path: Path, dra
     dataset = _one_class(tmp_path)
     spool = PanelSpool(tmp_path / "maps", limit=1)
     spool.add(dataset, _outputs(dataset, [False] * len(dataset)))
-    assert spool.write(0.5, math.nan, 64) == 1
+    assert spool.write(0.5, math.nan, model_size=64) == 1
     assert drawn[0]["mask"] is None and drawn[0]["text"].pixel_threshold is None
     assert drawn[0]["text"].image_threshold == 0.5

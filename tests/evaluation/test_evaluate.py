@@ -21,8 +21,9 @@ from vip2clip.data.index import DatasetIndex, Sample, build_index, write_index
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.data.transforms import preprocess, preprocess_mask
 from vip2clip.evaluation.benchmark import CALIBRATION_NAME, evaluate_dataset
-from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs, evaluate
+from vip2clip.evaluation.evaluate import collect_class_outputs, evaluate
 from vip2clip.evaluation.results import ClassBatch, EvalConfig
+from vip2clip.evaluation.tally import class_metrics
 from vip2clip.inference import calibration as calib
 from vip2clip.metrics import (
     METRIC_KEYS,
@@ -48,7 +49,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> DatasetIndex:
 
 
 def _reference_outputs(model, index: DatasetIndex, name: str) -> tuple[np.ndarray, ...]:
-    """Labels, scores, bool masks and float32 maps of one class (compute_all's order), without evaluate.py.
+    """Labels, scores, bool masks and float32 maps of one class (compute_all's arguments), without evaluate.py.
 
     One batch holds the whole class, as in the evaluation below: an untrained model's scores differ by ~1e-6,
     so even the rounding differences of another batch size could reorder them.
@@ -69,9 +70,12 @@ def _reference_outputs(model, index: DatasetIndex, name: str) -> tuple[np.ndarra
 def test_metrics_and_thresholds_match_an_independent_pass(tiny_model, bench: DatasetIndex) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)  # an untrained model may give flat maps
-        result = evaluate(tiny_model, bench, EvalConfig(batch_size=6))
+        result = evaluate(tiny_model, bench, config=EvalConfig(batch_size=6))
         references = {name: _reference_outputs(tiny_model, bench, name) for name in bench.classes()}
-        expected = {name: compute_all(*ref) for name, ref in references.items()}
+        expected = {
+            name: compute_all(labels, scores, masks=masks, maps=maps)
+            for name, (labels, scores, masks, maps) in references.items()
+        }
     assert [c.name for c in result.classes] == bench.classes()
     for cls in result.classes:
         labels, scores, masks, maps = references[cls.name]
@@ -93,7 +97,7 @@ def test_metrics_and_thresholds_match_an_independent_pass(tiny_model, bench: Dat
 @pytest.mark.parametrize("dtype", ["float16", "float32"])
 def test_maps_are_stored_compactly(tiny_model, bench: DatasetIndex, dtype: str) -> None:
     dataset = AnomalyDataset(bench, classes=[bench.classes()[0]], image_size=SIZE)
-    predictions = collect_class_outputs(tiny_model, dataset, EvalConfig(map_dtype=dtype), keep_maps=True)
+    predictions = collect_class_outputs(tiny_model, dataset, config=EvalConfig(map_dtype=dtype), keep_maps=True)
     assert predictions.anomaly_map.dtype == np.dtype(dtype) and predictions.anomaly_map.shape == (6, SIZE, SIZE)
     assert predictions.gt_mask.dtype == bool and predictions.pred_score.shape == (6,)
     direct = tiny_model.predict(torch.stack([dataset[i]["image"] for i in range(6)])).anomaly_map.numpy()
@@ -105,10 +109,10 @@ def test_shares_of_a_class_merge_into_the_one_process_outputs(tiny_model, bench:
     them empty, merged in order, give the one-process metrics, thresholds and scores exactly."""
     dataset = AnomalyDataset(bench, classes=[bench.classes()[0]], image_size=SIZE)
     config = EvalConfig(batch_size=2)
-    whole = collect_class_outputs(tiny_model, dataset, config)
-    shares = [share_range(len(dataset), rank, 4, unit=2) for rank in range(4)]
+    whole = collect_class_outputs(tiny_model, dataset, config=config)
+    shares = [share_range(len(dataset), rank=rank, size=4, unit=2) for rank in range(4)]
     assert [len(share) for share in shares] == [2, 2, 2, 0]
-    parts = [collect_class_outputs(tiny_model, dataset, config, rows=share) for share in shares]
+    parts = [collect_class_outputs(tiny_model, dataset, config=config, rows=share) for share in shares]
     merged = ClassBatch.merge(parts)
     np.testing.assert_array_equal(merged.pred_score, whole.pred_score)
     np.testing.assert_array_equal(merged.positions, np.arange(6))
@@ -156,7 +160,16 @@ def _mixed_index(bench: DatasetIndex) -> DatasetIndex:
     other = bench.samples("test", [bench.classes()[1]])
 
     def renamed(samples: list[Sample], name: str, drop_masks: bool = False) -> list[Sample]:
-        return [Sample(s.img_path, "" if drop_masks else s.mask_path, name, s.specie_name, s.anomaly) for s in samples]
+        return [
+            Sample(
+                img_path=s.img_path,
+                mask_path="" if drop_masks else s.mask_path,
+                cls_name=name,
+                specie_name=s.specie_name,
+                anomaly=s.anomaly,
+            )
+            for s in samples
+        ]
 
     samples = (
         renamed(full, "full")
@@ -171,7 +184,7 @@ def _mixed_index(bench: DatasetIndex) -> DatasetIndex:
 def test_undefined_metrics_are_nan_by_kind_of_class(tiny_model, bench: DatasetIndex) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        result = evaluate(tiny_model, _mixed_index(bench), EvalConfig())
+        result = evaluate(tiny_model, _mixed_index(bench), config=EvalConfig())
     by_name = {c.name: c for c in result.classes}
     assert all(math.isnan(v) for v in by_name["normal_only"].metrics.values())
     image_keys, pixel_keys = METRIC_KEYS[:3], METRIC_KEYS[3:]
@@ -193,7 +206,9 @@ def test_calibration_file_has_null_for_the_undefined_threshold(tiny_model, bench
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UndefinedMetricWarning)
             identity = ModelIdentity.of(tiny_model)
-            result = evaluate_dataset(tiny_model, mixed, out, EvalConfig(classes=(name,)), name, identity)
+            result = evaluate_dataset(
+                tiny_model, mixed, out_dir=out, config=EvalConfig(classes=(name,)), name=name, identity=identity
+            )
         if kinds == (None, None):  # one label and no defect pixels: nothing to decide with, so no file
             assert not (out / CALIBRATION_NAME).exists()
             continue
@@ -219,17 +234,17 @@ def test_unreadable_images_stop_or_are_skipped(tiny_model, tmp_path: Path, worke
     _truncate(index.root / broken.img_path)
     if workers == 0:  # a worker re-raises BadImageError as RuntimeError (its __init__ takes two arguments)
         with pytest.raises(BadImageError, match=Path(broken.img_path).name):
-            evaluate(tiny_model, index, EvalConfig())
+            evaluate(tiny_model, index, config=EvalConfig())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        result = evaluate(tiny_model, index, EvalConfig(batch_size=2, num_workers=workers, skip_bad=True))
+        result = evaluate(tiny_model, index, config=EvalConfig(batch_size=2, num_workers=workers, skip_bad=True))
     assert [Path(p).name for p, _ in result.skipped] == [Path(broken.img_path).name]
     assert (result.classes[0].n_normal, result.classes[0].n_anomalous) == (2, 3)
 
 
 def test_unknown_class_and_bad_options_are_errors(tiny_model, bench: DatasetIndex) -> None:
     with pytest.raises(ValueError, match="unknown class"):
-        evaluate(tiny_model, bench, EvalConfig(classes=("nope",)))
+        evaluate(tiny_model, bench, config=EvalConfig(classes=("nope",)))
     with pytest.raises(ValueError, match="map_dtype"):
         EvalConfig(map_dtype="int8")
 
@@ -237,7 +252,7 @@ def test_unknown_class_and_bad_options_are_errors(tiny_model, bench: DatasetInde
 def _checkpoint(model, path: Path, nan: bool = False) -> Path:
     state = {k: torch.full_like(v, math.nan) if nan and v.is_floating_point() else v
              for k, v in model.trainable_state_dict().items()}  # fmt: skip
-    return save_checkpoint(path, model.config, state)
+    return save_checkpoint(path, model.config, state=state)
 
 
 @pytest.mark.filterwarnings("ignore", category=UndefinedMetricWarning)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
@@ -14,13 +13,12 @@ from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.evaluation.evaluate import class_metrics, collect_class_outputs
+from vip2clip.evaluation.evaluate import collect_class_outputs
 from vip2clip.evaluation.results import EvalConfig
+from vip2clip.evaluation.tally import class_metrics
 from vip2clip.metrics import UndefinedMetricWarning
 from vip2clip.outputs import ImageBatch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "metrics"))
-from test_metrics import naive_aupro_cflow  # the literal loop of the release's metrics.py
+from vip2clip.testing.metric_oracles import naive_aupro_cflow  # the literal loop of the release's metrics.py
 
 SIZE = 64
 
@@ -55,11 +53,11 @@ def release_pixel_metrics(masks: np.ndarray, maps: np.ndarray) -> dict[str, floa
 def test_near_flat_maps_give_the_release_pixel_metrics_by_default(tmp_path: Path) -> None:
     index = generate_benchmark(tmp_path, classes=1, seed=5, image_size=48, n_train_good=0, n_test_good=3,
                                n_test_defect=5)  # fmt: skip
-    dataset = AnomalyDataset(index, "test", index.classes(), SIZE)
+    dataset = AnomalyDataset(index, "test", classes=index.classes(), image_size=SIZE)
     engine = NearFlatMaps()
     with warnings.catch_warnings():
         warnings.simplefilter("error", UndefinedMetricWarning)  # every pixel metric must be defined
-        result = class_metrics("c", collect_class_outputs(engine, dataset, EvalConfig(batch_size=3)))
+        result = class_metrics("c", collect_class_outputs(engine, dataset, config=EvalConfig(batch_size=3)))
     maps = np.concatenate(engine.maps)
     assert maps.dtype == np.float32 and np.ptp(maps) < 2e-3  # near-flat: a few float16 steps wide
     masks = np.stack([dataset[i]["mask"].numpy() > 0.5 for i in range(len(dataset))])

@@ -9,7 +9,7 @@ import pytest
 
 from vip2clip.cli import main
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.evaluation.scoring import choose_shots
+from vip2clip.evaluation.class_scoring import choose_shots
 
 MODEL_ARGS = ["--backbone", "tiny", "--no-progress"]
 
@@ -26,12 +26,12 @@ def test_shots_are_seeded_per_class(unseen: Path) -> None:
     from vip2clip.data.index import read_index
 
     index = read_index(unseen)
-    both = choose_shots(index, ["object_0", "object_1"], 3, seed=5)
-    assert choose_shots(index, ["object_1"], 3, seed=5)["object_1"] == both["object_1"]  # independent of others
+    both = choose_shots(index, ["object_0", "object_1"], shots=3, seed=5)
+    assert choose_shots(index, ["object_1"], shots=3, seed=5)["object_1"] == both["object_1"]  # independent of others
     assert all(len(set(paths)) == 3 and all("/train/good/" in str(p) for p in paths) for paths in both.values())
-    assert len({tuple(choose_shots(index, ["object_0"], 3, seed)["object_0"]) for seed in range(10)}) > 5
+    assert len({tuple(choose_shots(index, ["object_0"], shots=3, seed=seed)["object_0"]) for seed in range(10)}) > 5
     with pytest.raises(ValueError, match=r"class 'object_0' has 8 normal train image\(s\); --shots 9 needs 9"):
-        choose_shots(index, ["object_0"], 9, seed=5)
+        choose_shots(index, ["object_0"], shots=9, seed=5)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vip2clip.data.registry import DATASETS
-from vip2clip.evaluation.paper import load_paper_numbers
+from vip2clip.evaluation.paper_numbers import load_paper_numbers
 from vip2clip.evaluation.reports import BenchmarkEntry, benchmark_table_markdown, write_benchmark
 from vip2clip.evaluation.results import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
@@ -21,8 +21,8 @@ PAPER = load_paper_numbers("paper")
 
 
 def _result(values: tuple[float, ...]) -> EvaluationResult:
-    classes = [ClassResult("c", 3, 3, dict(zip(METRIC_KEYS, values, strict=True)))]
-    return EvaluationResult(classes, mean_metrics(classes), 0.5, 0.5)
+    classes = [ClassResult(name="c", n_normal=3, n_anomalous=3, metrics=dict(zip(METRIC_KEYS, values, strict=True)))]
+    return EvaluationResult(classes=classes, mean=mean_metrics(classes), image_threshold=0.5, pixel_threshold=0.5)
 
 
 def _rows(markdown: str) -> list[list[str]]:
@@ -102,7 +102,7 @@ def test_reference_average_over_the_same_datasets() -> None:
 
 
 def test_reference_in_the_csv_and_json(tmp_path: Path) -> None:
-    files = write_benchmark(tmp_path, ENTRIES, {"training": {"name": "MVTec AD"}}, paper=PAPER)
+    files = write_benchmark(tmp_path, ENTRIES, context={"training": {"name": "MVTec AD"}}, paper=PAPER)
     with files["csv"].open(newline="") as stream:
         rows = {row["dataset"]: row for row in csv.DictReader(stream)}
     assert rows["VisA"]["reference_table"] == "Table 1" and float(rows["VisA"]["reference_image_auroc"]) == 0.885

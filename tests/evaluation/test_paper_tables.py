@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vip2clip.config import ModelConfig
-from vip2clip.evaluation.paper import load_paper_numbers
+from vip2clip.evaluation.paper_numbers import load_paper_numbers
 from vip2clip.evaluation.reports import write_results
 from vip2clip.evaluation.results import ClassResult, EvaluationResult, mean_metrics
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
@@ -111,13 +111,15 @@ def test_compare_classes_means() -> None:
 
 
 def _result(names: list[str], value: float) -> EvaluationResult:
-    classes = [ClassResult(name, 3, 3, dict.fromkeys(METRIC_KEYS, value)) for name in names]
-    return EvaluationResult(classes, mean_metrics(classes), 0.5, 0.5)
+    classes = [
+        ClassResult(name=name, n_normal=3, n_anomalous=3, metrics=dict.fromkeys(METRIC_KEYS, value)) for name in names
+    ]
+    return EvaluationResult(classes=classes, mean=mean_metrics(classes), image_threshold=0.5, pixel_threshold=0.5)
 
 
 def test_results_files_compare_each_class(tmp_path: Path) -> None:
     result = _result(["candle", "mine"], 0.9)
-    files = write_results(tmp_path, result, {}, title="VisA", paper=PAPER, dataset="visa")
+    files = write_results(tmp_path, result, context={}, title="VisA", paper=PAPER, dataset="visa")
     markdown = files["markdown"].read_text(encoding="utf-8")
     section = markdown.split("### Compared with the paper")[1]
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
@@ -133,7 +135,7 @@ def test_results_files_compare_each_class(tmp_path: Path) -> None:
     data = json.loads(files["json"].read_text(encoding="utf-8"))["reference"]
     assert data["dataset"] == "visa" and data["classes"][0]["tables"]["image_ap"] == "Table 14"
     assert data["classes"][1] == {"name": "mine", "tables": {}, "values": {}, "difference": {}}
-    plain = write_results(tmp_path / "plain", result, {}, title="VisA")
+    plain = write_results(tmp_path / "plain", result, context={}, title="VisA")
     assert "Compared with" not in plain["markdown"].read_text() and "reference" not in plain["csv"].read_text()
 
 

@@ -25,9 +25,25 @@ NAN = math.nan
 
 
 def _result(rows: dict[str, tuple[float, ...]], thresholds: tuple[float, float] = (0.61, 0.43)) -> EvaluationResult:
-    classes = [ClassResult(name, 4, 6, dict(zip(METRIC_KEYS, values, strict=True)), 0.5, 0.4)
-               for name, values in rows.items()]  # fmt: skip
-    return EvaluationResult(classes, mean_metrics(classes), *thresholds, skipped=[("/x/bad.png", "truncated")])
+    classes = [
+        ClassResult(
+            name=name,
+            n_normal=4,
+            n_anomalous=6,
+            metrics=dict(zip(METRIC_KEYS, values, strict=True)),
+            image_threshold=0.5,
+            pixel_threshold=0.4,
+        )
+        for name, values in rows.items()
+    ]
+    image_threshold, pixel_threshold = thresholds
+    return EvaluationResult(
+        classes=classes,
+        mean=mean_metrics(classes),
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+        skipped=[("/x/bad.png", "truncated")],
+    )
 
 
 FULL = _result(
@@ -97,7 +113,7 @@ def _strict_json(path: Path) -> dict:
 
 def test_result_files_parse_with_full_precision(tmp_path: Path) -> None:
     context = {"checkpoint": tmp_path / "c.pt", "config": {"top_k": 50}}
-    files = write_results(tmp_path, FULL, context, title="x", notes=["synthetic data"])
+    files = write_results(tmp_path, FULL, context=context, title="x", notes=["synthetic data"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "results.json", "results.md"]
     with files["csv"].open(newline="") as stream:
         rows = list(csv.DictReader(stream))
@@ -114,7 +130,7 @@ def test_result_files_parse_with_full_precision(tmp_path: Path) -> None:
 
 def test_benchmark_files(tmp_path: Path) -> None:
     entries = [BenchmarkEntry("MVTec AD", FULL), BenchmarkEntry("HeadCT", IMAGE_ONLY)]
-    files = write_benchmark(tmp_path, entries, {"training": {"name": "VisA"}})
+    files = write_benchmark(tmp_path, entries, context={"training": {"name": "VisA"}})
     data = _strict_json(files["json"])
     assert [d["name"] for d in data["datasets"]] == ["MVTec AD", "HeadCT"]
     assert data["average"]["Pixel-level (AUROC, PRO, F1)"]["pixel_auroc"] == FULL.mean["pixel_auroc"]

@@ -20,7 +20,7 @@ def test_undefined_metrics_are_one_sentence_each(tiny_model, tmp_path: Path, cap
                                n_test_defect=2)  # fmt: skip
     for sample in index.samples("test"):  # every pixel a defect: the pixel metrics are undefined by construction
         Image.fromarray(np.full((32, 32), 255, np.uint8)).save(index.resolve(sample.mask_path))
-    checkpoint = save_checkpoint(tmp_path / "c.pt", tiny_model.config, tiny_model.trainable_state_dict())
+    checkpoint = save_checkpoint(tmp_path / "c.pt", tiny_model.config, state=tiny_model.trainable_state_dict())
     argv = ["test", "--data", str(index.root), "--checkpoint", str(checkpoint), "--backbone", "tiny",
             "--image-size", "32", "--no-progress", "--out", str(tmp_path / "out")]  # fmt: skip
     with warnings.catch_warnings(record=True) as escaped, caplog.at_level(logging.WARNING):

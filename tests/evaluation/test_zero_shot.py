@@ -29,7 +29,7 @@ from vip2clip.model.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::vip2clip.metrics.UndefinedMetricWarning")
 MODEL_ARGS = ["--backbone", "tiny", "--image-size", "64", "--top-k", "4", "--no-progress"]
-TRAIN_ARGS = ["--epochs", "1", "--batch-size", "4"]
+TRAIN_ARGS = ["--epochs", "1", "--train-batch-size", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_test_reports_training_images_among_the_test_images(data, tmp_path: Path
 def test_an_old_checkpoint_says_overlap_unknown(data, tmp_path: Path, capsys) -> None:
     checkpoint = load_checkpoint(data["checkpoint"])
     del checkpoint.meta["training_images"]
-    old = save_checkpoint(tmp_path / "old.pt", checkpoint.config, checkpoint.state, **checkpoint.meta)
+    old = save_checkpoint(tmp_path / "old.pt", checkpoint.config, state=checkpoint.state, **checkpoint.meta)
     assert (
         main(
             ["test", "--data", str(data["b"]), "--checkpoint", str(old), "--out", str(tmp_path / "t"), "--no-progress"]
@@ -234,7 +234,7 @@ def test_training_without_the_cache_records_the_same_pixel_digests(data, tmp_pat
 def _with_record(data, path: Path, **changes) -> Path:
     checkpoint = load_checkpoint(data["checkpoint"])
     checkpoint.meta["training_images"].update(changes)
-    return save_checkpoint(path, checkpoint.config, checkpoint.state, **checkpoint.meta)
+    return save_checkpoint(path, checkpoint.config, state=checkpoint.state, **checkpoint.meta)
 
 
 def test_an_older_checkpoint_with_file_digests_finds_byte_copies_only(data, tmp_path: Path, capsys) -> None:

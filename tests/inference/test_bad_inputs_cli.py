@@ -166,11 +166,11 @@ def test_tile_size_and_count_are_bounded_and_overlap_needs_tile(tmp_path: Path, 
         assert message in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
     from vip2clip.data.images import BadImageError
-    from vip2clip.inference.tiling import MAX_TILES, TileConfig, tile_boxes
+    from vip2clip.scoring.tiling import MAX_TILES, TileConfig, tile_boxes
 
     with pytest.raises(BadImageError, match=r"big.png: 20000x20000 pixels would need 609,961 tiles of 32 px \(overlap "
                        r"0.2\); the limit is 4,096 tiles"):  # fmt: skip
-        tile_boxes((20000, 20000), TileConfig(32, 0.2), "big.png")  # refused before any list is built
+        tile_boxes((20000, 20000), TileConfig(32, 0.2), name="big.png")  # refused before any list is built
     assert len(tile_boxes((2048, 2048), TileConfig(32, 0.0))) == MAX_TILES  # 64 x 64: at the limit, allowed
     # An image over the limit is an error row (the others are judged), never a run that takes days.
     Image.fromarray(np.zeros((2100, 2100, 3), np.uint8)).save(parts / "huge.png")
@@ -200,7 +200,7 @@ def test_export_errors_name_the_destination_not_a_temporary_file(tmp_path: Path,
         assert f"vip2clip export: error: {out}: {problem}" in err and ".m.onnx." not in err, err
     # A write that fails part-way (a file size limit, as a disk that fills up): the destination named, the free
     # space said, the earlier file kept, no temporary folder left.
-    from vip2clip.inference.onnx_export import save_program, staging_folder
+    from vip2clip.onnx.export import save_program, staging_folder
 
     program = torch.onnx.export(torch.nn.Linear(512, 512).eval(), (torch.randn(2, 512),), dynamo=True, verbose=False)
     target = tmp_path / "models" / "m.onnx"
@@ -211,7 +211,7 @@ def test_export_errors_name_the_destination_not_a_temporary_file(tmp_path: Path,
     resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
     try:
         with pytest.raises(OSError, match=r"cannot write the ONNX export \(.*MiB free there\)") as raised:
-            save_program(program, target, True, folder)
+            save_program(program, target, external_data=True, folder=folder)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert raised.value.filename == str(target) and str(folder) not in str(raised.value)

@@ -23,7 +23,7 @@ from vip2clip.utils.hashing import file_sha256
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
     path = tmp_path_factory.mktemp("calib") / "checkpoint.pt"
-    return save_checkpoint(path, tiny_model.config, tiny_model.trainable_state_dict())
+    return save_checkpoint(path, tiny_model.config, state=tiny_model.trainable_state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +67,20 @@ def test_streaming_quantile_with_ties_and_bad_input() -> None:
 
 def test_normal_quantile_rule_matches_pooled_numpy() -> None:
     scores, maps = _normal_data(25)
-    image_threshold, pixel_threshold = metrics.normal_quantile_thresholds(scores, maps, 0.95, 0.999)
+    image_threshold, pixel_threshold = metrics.normal_quantile_thresholds(
+        scores, maps, image_quantile=0.95, pixel_quantile=0.999
+    )
     assert image_threshold == pytest.approx(np.quantile(scores, 0.95))
     pooled = np.concatenate([m.ravel() for m in maps]).astype(np.float64)
     assert pixel_threshold == pytest.approx(np.quantile(pooled, 0.999))
     # A stacked array and a pre-fed stream give the same answer.
-    assert metrics.normal_quantile_thresholds(scores, np.stack(maps), 0.95, 0.999)[1] == pytest.approx(pixel_threshold)
+    assert metrics.normal_quantile_thresholds(scores, np.stack(maps), image_quantile=0.95, pixel_quantile=0.999)[
+        1
+    ] == pytest.approx(pixel_threshold)
     stream = metrics.StreamingQuantile(0.999, pooled.size)
     for m in maps:
         stream.add(m)
-    assert metrics.normal_quantile_thresholds(scores, stream, 0.95)[1] == pytest.approx(pixel_threshold)
+    assert metrics.normal_quantile_thresholds(scores, stream, image_quantile=0.95)[1] == pytest.approx(pixel_threshold)
     # About 5 % of the normal images and 0.1 % of their pixels land above the thresholds (within one sample).
     assert np.mean(scores > image_threshold) <= 0.05 + 1 / scores.size
     assert np.mean(pooled > pixel_threshold) <= 0.001 + 1 / pooled.size
@@ -97,7 +101,7 @@ def test_calibrate_from_normal_records_rule_and_model(tiny_model, checkpoint: Pa
     scores, maps = _normal_data(20)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 20 images is enough: no warning
-        result = calib.calibrate_from_normal(scores, maps, identity, image_quantile=0.9)
+        result = calib.calibrate_from_normal(scores, maps, identity=identity, image_quantile=0.9)
     assert result.method == calib.METHOD_NORMAL
     assert (result.quantile, result.pixel_quantile, result.n_images) == (0.9, 0.999, 20)
     assert result.image_threshold == pytest.approx(np.quantile(scores, 0.9))
@@ -110,7 +114,7 @@ def test_calibrate_from_normal_records_rule_and_model(tiny_model, checkpoint: Pa
 def test_few_normal_images_warn(tiny_model) -> None:
     scores, maps = _normal_data(5)
     with pytest.warns(UserWarning, match="only 5 normal images"):
-        calib.calibrate_from_normal(scores, maps, PredictorIdentity(ModelIdentity.of(tiny_model)))
+        calib.calibrate_from_normal(scores, maps, identity=PredictorIdentity(ModelIdentity.of(tiny_model)))
 
 
 def test_save_load_round_trip(identity, tmp_path: Path) -> None:
@@ -198,7 +202,7 @@ def test_check_compatible(tiny_model, checkpoint: Path, identity, tmp_path: Path
     calibration.check_compatible(PredictorIdentity(ModelIdentity.of(tiny_model, copy)))  # same bytes elsewhere: fine
 
     other_model = vip2clip.create_model("tiny", image_size=tiny_model.config.image_size, seed=5, top_k=4)
-    other = save_checkpoint(tmp_path / "other.pt", other_model.config, other_model.trainable_state_dict())
+    other = save_checkpoint(tmp_path / "other.pt", other_model.config, state=other_model.trainable_state_dict())
     with pytest.raises(ValueError, match=r"checkpoint: calibrated with .*checkpoint\.pt"):
         calibration.check_compatible(PredictorIdentity(ModelIdentity.of(other_model, other)))
     with pytest.raises(ValueError, match="model uses no checkpoint"):

@@ -31,8 +31,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> dict[st
     broken = {key: torch.full_like(value, math.nan) if value.is_floating_point() else value
               for key, value in state.items()}  # fmt: skip
     return {
-        "ok": save_checkpoint(folder / "ok.pt", tiny_model.config, state),
-        "nan": save_checkpoint(folder / "nan.pt", tiny_model.config, broken),
+        "ok": save_checkpoint(folder / "ok.pt", tiny_model.config, state=state),
+        "nan": save_checkpoint(folder / "nan.pt", tiny_model.config, state=broken),
     }
 
 
@@ -78,16 +78,16 @@ def test_nan_output_is_an_error_never_normal(checkpoints, tmp_path: Path, capsys
     assert not list(out.rglob("*.png"))  # no mask, no overlay: nothing to look at that could pass for a decision
 
     model_result = Predictor.from_checkpoint(checkpoints["nan"], backbone="tiny").predict(np.zeros((32, 32, 3)))[0]
-    assert model_result.pred_label == "error" and not model_result.is_judged and not model_result.is_anomalous
+    assert model_result.pred_label is None and not model_result.is_judged and model_result.verdict == "error"
 
 
 def test_a_partly_nan_map_is_an_error() -> None:
     anomaly_map = np.full((4, 5), 0.2, dtype=np.float32)
     anomaly_map[1, 2] = np.inf
-    result = make_result(0.1, anomaly_map, Thresholds(0.5, 0.5, "t"))
-    assert result.pred_label == "error" and "1 of 20 map values" in result.error
+    result = make_result(0.1, anomaly_map, thresholds=Thresholds(0.5, 0.5, "t"))
+    assert result.pred_label is None and "1 of 20 map values" in result.error
     assert not result.pred_mask.any() and math.isnan(result.defect_area)
-    assert make_result(0.1, np.zeros((2, 2)), Thresholds(0.5, 0.5, "t")).pred_label == "normal"
+    assert make_result(0.1, np.zeros((2, 2)), thresholds=Thresholds(0.5, 0.5, "t")).pred_label is False
 
 
 def test_calibrate_refuses_nan_scores_naming_the_files(checkpoints, tmp_path: Path, capsys) -> None:

@@ -21,12 +21,12 @@ from vip2clip.data.images import BadImageError, load_image
 from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.inference import calibration as calib
 from vip2clip.inference.identity import PredictorIdentity
-from vip2clip.inference.journal import output_name
 from vip2clip.inference.predictor import Predictor
-from vip2clip.inference.run_outputs import panel_threshold_source
 from vip2clip.inference.thresholds import Thresholds, resolve_thresholds
 from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.identity import ModelIdentity
+from vip2clip.runs.journal import output_name
+from vip2clip.runs.run_outputs import panel_threshold_source
 from vip2clip.visualization.panel import layout_panel
 
 MODEL_ARGS = ["--backbone", "tiny", "--image-size", "64"]
@@ -35,7 +35,7 @@ MODEL_ARGS = ["--backbone", "tiny", "--image-size", "64"]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
     path = tmp_path_factory.mktemp("predict") / "checkpoint.pt"
-    return save_checkpoint(path, tiny_model.config, tiny_model.trainable_state_dict())
+    return save_checkpoint(path, tiny_model.config, state=tiny_model.trainable_state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_maps_are_in_original_size_and_match_model(predictor: Predictor, tiny_mo
         np.testing.assert_array_equal(result.pred_mask, result.anomaly_map >= 0.5)
         assert result.defect_area == pytest.approx(result.pred_mask.mean())
         assert result.max_pixel_score == pytest.approx(result.anomaly_map.max())
-        assert result.pred_label == ("anomalous" if result.pred_score >= 0.5 else "normal")
+        assert result.pred_label is (result.pred_score >= 0.5)
 
 
 def test_single_input_grey_rgba_and_batching(predictor: Predictor) -> None:
@@ -105,9 +105,9 @@ def test_single_input_grey_rgba_and_batching(predictor: Predictor) -> None:
 def test_thresholds_decide(tiny_model) -> None:
     image = _rgb(32, 32, 3)
     everything = Predictor(tiny_model, Thresholds(0.0, 0.0, "t")).predict(image)[0]
-    assert everything.pred_label == "anomalous" and everything.pred_mask.all() and everything.defect_area == 1.0
+    assert everything.pred_label is True and everything.pred_mask.all() and everything.defect_area == 1.0
     nothing = Predictor(tiny_model, Thresholds(1.0, 1.0, "t")).predict(image)[0]
-    assert nothing.pred_label == "normal" and not nothing.pred_mask.any() and nothing.defect_area == 0.0
+    assert nothing.pred_label is False and not nothing.pred_mask.any() and nothing.defect_area == 0.0
     middle = float(np.median(everything.anomaly_map))
     half = Predictor(tiny_model, Thresholds(0.5, middle, "t")).predict(image)[0]
     assert 0.3 < half.defect_area < 0.7

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 import vip2clip
-from vip2clip.inference.folder_run import OutputOptions, predict_folder
+from vip2clip.runs.folder_run import OutputOptions, predict_folder
 from vip2clip.inference.predictor import Predictor, Thresholds
-from vip2clip.inference.tiling import TileConfig
+from vip2clip.scoring.tiling import TileConfig
 
 root, width, height = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 rows = np.linspace(0, 255, height, dtype=np.float32)[:, None]
@@ -35,11 +35,11 @@ status = Path("/proc/self/status")
 peaks = {}
 for name, tiling in (("whole", None), ("tiled", TileConfig(1024))):
     predictor = Predictor(model, Thresholds(0.5, 0.5, "test"), tiling=tiling)
-    predict_folder(predictor, [root / "small.png"], root / f"warm_{name}", options=options)  # first-call work
+    predict_folder(predictor, [root / "small.png"], out_dir=root / f"warm_{name}", options=options)  # first-call work
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
     before = int(re.search(r"VmRSS:\s+(\d+)", status.read_text()).group(1))
-    predict_folder(predictor, [root / "large.png"], root / f"out_{name}", options=options)
+    predict_folder(predictor, [root / "large.png"], out_dir=root / f"out_{name}", options=options)
     peaks[name] = (int(re.search(r"VmHWM:\s+(\d+)", status.read_text()).group(1)) - before) * 1024
 print(json.dumps(peaks))
 """

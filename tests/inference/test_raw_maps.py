@@ -20,7 +20,7 @@ MODEL_ARGS = ["--backbone", "tiny", "--image-size", "64", "--no-progress"]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
     path = tmp_path_factory.mktemp("raw_maps") / "checkpoint.pt"
-    return save_checkpoint(path, tiny_model.config, tiny_model.trainable_state_dict())
+    return save_checkpoint(path, tiny_model.config, state=tiny_model.trainable_state_dict())
 
 
 def test_raw_maps_are_written_listed_and_resumed(checkpoint: Path, tmp_path: Path, capsys) -> None:

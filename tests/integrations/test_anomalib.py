@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -41,7 +42,7 @@ class Runs:
     ours: dict  # `vip2clip test` results.json, zero-shot
     ours_few: dict  # `vip2clip test --shots 2`
     zero: dict  # anomalib Engine.test metrics, Folder, zero-shot
-    few: dict  # anomalib Engine.test metrics, MVTecAD, shots=2
+    few: dict  # anomalib Engine.test metrics, MVTecAD, k_shot=2
     no_masks: dict  # anomalib Engine.test metrics, Folder without masks
     few_references: list[str]  # the file names of the few-shot model's references
     predictions: list  # anomalib Engine.predict batches, Folder
@@ -131,7 +132,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, trained_tiny_checkpoint) -> R
         bf16 = ViP2CLIP(checkpoint=ckpt, precision="bf16", visualizer=False)
         exported = engine.export(bf16, "openvino", export_root=root / "export")
         cache = root / "cache_anomalib"
-        few_model = ViP2CLIP(checkpoint=ckpt, shots=SHOTS, reference_cache=cache, visualizer=False, precision="fp32")
+        few_model = ViP2CLIP(checkpoint=ckpt, k_shot=SHOTS, reference_cache=cache, visualizer=False, precision="fp32")
         mvtec_module = MVTecAD(root=root / "mvtec", category="texture_0", val_split_mode="same_as_test", **loader)
         few = engine.test(few_model, datamodule=mvtec_module, verbose=False)[0]
         no_mask_module = Folder(name="no_masks", root=folder, normal_dir="train_good", normal_test_dir="good",
@@ -289,8 +290,51 @@ def test_training_is_refused_with_the_vip2clip_command(caplog: pytest.LogCapture
     with caplog.at_level(logging.WARNING, logger="vip2clip"):
         model.on_validation_start()
     assert "nothing is trained" in caplog.text and "vip2clip train --data" in caplog.text
-    with pytest.raises(ValueError, match="not both"):
-        ViP2CLIP(backbone="tiny", image_size=64, shots=2, reference="refs")
+
+
+def test_few_shot_parameters_have_anomalibs_winclip_names(tmp_path: Path) -> None:
+    import inspect
+
+    from anomalib import LearningType
+    from anomalib.models import WinClip
+
+    from vip2clip.integrations.anomalib import ViP2CLIP
+
+    winclip, ours = inspect.signature(WinClip).parameters, inspect.signature(ViP2CLIP).parameters
+    assert {"k_shot", "few_shot_source"} <= set(winclip) & set(ours)
+    assert ours["k_shot"].default == winclip["k_shot"].default == 0
+    tiny = {"backbone": "tiny", "image_size": 64, "visualizer": False}
+    for name in ("part_a.png", "part_b.png", "part_c.png"):
+        Image.new("RGB", (16, 16)).save(tmp_path / name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # anomalib's names: no warning
+        drawn = ViP2CLIP(k_shot=2, few_shot_source=tmp_path, **tiny)
+        every = ViP2CLIP(few_shot_source=str(tmp_path), **tiny)
+    assert drawn.learning_type == every.learning_type == LearningType.FEW_SHOT
+    assert ViP2CLIP(k_shot=0, **tiny).learning_type == LearningType.ZERO_SHOT
+    assert len(drawn._source_shots()) == 2 and drawn._source_shots() == drawn._source_shots()  # seeded
+    assert sorted(path.name for path in every._source_shots()) == ["part_a.png", "part_b.png", "part_c.png"]
+    with pytest.raises(ValueError, match=r"k_shot=4, but few_shot_source .* holds 3 normal image"):
+        ViP2CLIP(k_shot=4, few_shot_source=tmp_path, **tiny)._source_shots()
+
+
+def test_the_old_few_shot_names_still_work_with_a_warning_and_never_beside_the_new() -> None:
+    from anomalib import LearningType
+
+    from vip2clip.integrations.anomalib import ViP2CLIP
+
+    tiny = {"backbone": "tiny", "image_size": 64, "visualizer": False}
+    with pytest.warns(FutureWarning, match="ViP2CLIP's shots= is now k_shot="):
+        assert ViP2CLIP(shots=2, **tiny).k_shot == 2
+    with pytest.warns(FutureWarning, match="ViP2CLIP's reference= is now few_shot_source="):
+        old = ViP2CLIP(reference="refs", **tiny)
+    assert old.few_shot_source == Path("refs") and old.k_shot == 0 and old.learning_type == LearningType.FEW_SHOT
+    with pytest.raises(ValueError, match=r"give k_shot \(anomalib's name\) or shots \(its old name\), not both"):
+        ViP2CLIP(k_shot=2, shots=2, **tiny)
+    with pytest.raises(ValueError, match=r"give few_shot_source \(anomalib's name\) or reference .*, not both"):
+        ViP2CLIP(few_shot_source="a", reference="b", **tiny)
+    with pytest.raises(ValueError, match="k_shot must be >= 0, got -1"):
+        ViP2CLIP(k_shot=-1, **tiny)
 
 
 def test_missing_or_unsupported_anomalib_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

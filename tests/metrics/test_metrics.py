@@ -1,84 +1,22 @@
 """Tests of vip2clip.metrics against scikit-learn, brute-force sweeps, slow literal loops and hand-computed cases.
 
-The naive references below are deliberately threshold-by-threshold; `benchmarks/bench_metrics.py` imports
-`naive_aupro_cflow` from here as the "naive loop" it measures against.
+The naive references (`vip2clip.testing.metric_oracles`) are deliberately threshold-by-threshold;
+`benchmarks/bench_metrics.py` measures against the same loop.
 """
 
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import numpy as np
 import pytest
 from scipy import ndimage
-from skimage import measure
-from sklearn.metrics import auc, average_precision_score, f1_score, roc_auc_score
+from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
 from vip2clip import metrics
+from vip2clip.testing.metric_oracles import brute_force_max_f1, naive_aupro_cflow, naive_aupro_exact
 
 # ------------------------------------------------------------------------------------------ naive references
-
-
-def naive_aupro_cflow(masks: np.ndarray, maps: np.ndarray, max_step: int = 200, expect_fpr: float = 0.3) -> float:
-    """The community loop (release / AnomalyCLIP procedure), one threshold at a time."""
-    min_th, max_th = maps.min(), maps.max()
-    delta = (max_th - min_th) / max_step
-    normal = ~masks
-    pros, fprs = [], []
-    for th in np.arange(min_th, max_th, delta):
-        binary = np.zeros_like(maps, dtype=bool)
-        binary[maps <= th] = False
-        binary[maps > th] = True
-        overlaps = []
-        for predicted, mask in zip(binary, masks, strict=True):
-            for region in measure.regionprops(measure.label(mask)):
-                overlaps.append(predicted[region.coords[:, 0], region.coords[:, 1]].sum() / region.area)
-        pros.append(np.mean(overlaps))
-        fprs.append(np.logical_and(normal, binary).sum() / normal.sum())
-    pros, fprs = np.array(pros), np.array(fprs)
-    keep = fprs < expect_fpr
-    kept = fprs[keep]
-    return float(auc((kept - kept.min()) / (kept.max() - kept.min()), pros[keep]))
-
-
-def naive_aupro_exact(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
-    """MVTec's AUPRO: PRO and FPR at every distinct threshold, cut at `limit` segment by segment."""
-    regions = [
-        (index, labels == k)
-        for index, mask in enumerate(masks)
-        for labels in [measure.label(mask, connectivity=2)]
-        for k in range(1, labels.max() + 1)
-    ]
-    normal_values = maps[~masks]
-    points = [(0.0, 0.0)]
-    for t in np.unique(maps)[::-1]:
-        pro = np.mean([np.mean(maps[index][region] >= t) for index, region in regions])
-        points.append((np.mean(normal_values >= t), pro))
-    points.append((1.0, 1.0))
-    area = 0.0
-    for (x0, y0), (x1, y1) in itertools.pairwise(points):
-        if x0 >= limit:
-            break
-        if x1 > limit:
-            x1, y1 = limit, y0 + (y1 - y0) * (limit - x0) / (x1 - x0)
-        area += (x1 - x0) * (y0 + y1) / 2
-    return area / limit
-
-
-def brute_force_max_f1(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Max F1 = 2tp / (2tp + fp + fn) of "score >= t" over every score t, one threshold at a time."""
-    labels, scores = np.ravel(labels).astype(bool), np.ravel(scores)
-    best = 0.0
-    for t in np.unique(scores):
-        predicted = scores >= t
-        tp = np.sum(predicted & labels)
-        if tp:
-            best = max(best, 2 * tp / (2 * tp + np.sum(predicted & ~labels) + np.sum(~predicted & labels)))
-    return best
-
-
-# ----------------------------------------------------------------------------------------------- test data
 
 
 def make_class(
@@ -210,7 +148,7 @@ def test_aupro_cflow_float16_maps_follow_the_loop_on_them() -> None:
 @pytest.mark.parametrize(("seed", "levels", "limit"), [(0, None, 0.3), (1, 5, 0.3), (2, None, 0.05), (3, None, 1.0)])
 def test_aupro_exact_matches_the_naive_curve(seed: int, levels: int | None, limit: float) -> None:
     masks, maps = make_class(seed, levels=levels)
-    expected = naive_aupro_exact(masks, maps, limit)
+    expected = naive_aupro_exact(masks, maps, limit=limit)
     assert metrics.aupro(masks, maps, variant="exact", fpr_limit=limit) == pytest.approx(expected, abs=1e-4)
 
 
@@ -258,7 +196,7 @@ def test_perfect_map_scores_one(normals_at_min: bool) -> None:
     maps = np.where(masks, rng.uniform(0.6, 1.0, masks.shape), normal)
     for variant in metrics.AUPRO_VARIANTS:
         assert metrics.aupro(masks, maps, variant=variant) == pytest.approx(1.0)
-    assert metrics.compute_all(None, None, masks, maps) == pytest.approx(
+    assert metrics.compute_all(None, None, masks=masks, maps=maps) == pytest.approx(
         {"image_auroc": np.nan, "image_ap": np.nan, "image_f1": np.nan} | dict.fromkeys(metrics.PIXEL_KEYS, 1.0),
         nan_ok=True,
     )
@@ -281,7 +219,7 @@ def test_class_without_defects_gives_nan_and_warnings() -> None:
     with pytest.warns(metrics.UndefinedMetricWarning, match="pixel_aupro is undefined"):
         assert np.isnan(metrics.aupro(masks, maps, variant="exact"))
     with pytest.warns(metrics.UndefinedMetricWarning) as record:
-        result = metrics.compute_all(np.zeros(len(masks), dtype=int), np.zeros(len(masks)), masks, maps)
+        result = metrics.compute_all(np.zeros(len(masks), dtype=int), np.zeros(len(masks)), masks=masks, maps=maps)
     assert all(np.isnan(value) for value in result.values())
     warned = " ".join(str(w.message) for w in record)
     assert all(key in warned for key in metrics.METRIC_KEYS)
@@ -313,7 +251,7 @@ def test_compute_all_matches_the_single_metrics() -> None:
     scores = maps.max(axis=(1, 2))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        result = metrics.compute_all(labels, scores, masks, maps.astype(np.float16))
+        result = metrics.compute_all(labels, scores, masks=masks, maps=maps.astype(np.float16))
     assert tuple(result) == metrics.METRIC_KEYS
     assert all(isinstance(value, float) and 0.0 <= value <= 1.0 for value in result.values())
     half = maps.astype(np.float16)
@@ -340,7 +278,7 @@ def test_compute_all_image_only_and_pixel_only() -> None:
 
     masks, maps = make_class(11)
     with pytest.warns(metrics.UndefinedMetricWarning) as record:
-        pixel_only = metrics.compute_all(np.ones(len(masks), dtype=int), maps.max(axis=(1, 2)), masks, maps)
+        pixel_only = metrics.compute_all(np.ones(len(masks), dtype=int), maps.max(axis=(1, 2)), masks=masks, maps=maps)
     assert sorted(str(w.message).split()[0] for w in record) == sorted(metrics.IMAGE_KEYS)
     assert all(np.isnan(pixel_only[key]) for key in metrics.IMAGE_KEYS)
     assert pixel_only["pixel_auroc"] == pytest.approx(roc_auc_score(masks.ravel(), maps.ravel()))
@@ -351,7 +289,7 @@ def test_compute_all_rejects_mismatched_arguments() -> None:
     with pytest.raises(ValueError, match="together"):
         metrics.compute_all([0, 1], None)
     with pytest.raises(ValueError, match="3 image labels but 5 masks"):
-        metrics.compute_all([0, 1, 1], [0.1, 0.2, 0.3], masks, maps)
+        metrics.compute_all([0, 1, 1], [0.1, 0.2, 0.3], masks=masks, maps=maps)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -371,7 +309,7 @@ def test_pixel_stats_of_parts_merge_into_the_whole(dtype) -> None:
     for strict in (False, True):
         expected_counts = [np.sum(maps[~masks] < t if strict else maps[~masks] <= t) for t in thresholds]
         np.testing.assert_array_equal(merged.normal_at_or_below(thresholds, strict), expected_counts)
-    expected = metrics.compute_all(None, None, masks, maps)
+    expected = metrics.compute_all(None, None, masks=masks, maps=maps)
     assert metrics.pixel_metrics(merged) == {key: expected[key] for key in metrics.PIXEL_KEYS}  # bit for bit
     with pytest.raises(ValueError, match="dtypes"):
         metrics.PixelStats.merge([whole, metrics.PixelStats.of(masks, maps.astype(np.float64))])
@@ -406,7 +344,7 @@ def test_accumulated_batches_keep_few_bounded_runs(monkeypatch) -> None:
     sizes = [run.values.size for run in merged.normal]
     assert max(sizes) <= 300 and len(sizes) <= 8 and sum(sizes) == int((~masks).sum())
     assert all(np.all(np.diff(run.values) >= 0) for run in merged.normal)
-    expected = metrics.compute_all(None, None, masks, maps)
+    expected = metrics.compute_all(None, None, masks=masks, maps=maps)
     assert metrics.pixel_metrics(merged) == {key: expected[key] for key in metrics.PIXEL_KEYS}
     with pytest.raises(ValueError, match="nothing to merge"):
         metrics.PixelStatsAccumulator().result()

@@ -72,8 +72,8 @@ def test_positional_grid_resize_keeps_class_position():
 
 
 def test_positional_cache_is_reused(tiny_clip):
-    first = tiny_clip.positional_embedding((5, 5), torch.device("cpu"), torch.float32)
-    assert tiny_clip.positional_embedding((5, 5), torch.device("cpu"), torch.float32) is first
+    first = tiny_clip.positional_embedding((5, 5), device=torch.device("cpu"), dtype=torch.float32)
+    assert tiny_clip.positional_embedding((5, 5), device=torch.device("cpu"), dtype=torch.float32) is first
 
 
 def _prompt_embeddings(tiny_clip, texts):

@@ -35,7 +35,9 @@ def assert_same_predictions(a, b, images):
 
 
 def test_our_format_round_trip(tmp_path, trained_like, tiny_images):
-    path = save_checkpoint(tmp_path / "ckpt.pt", trained_like.config, trained_like.trainable_state_dict(), epoch=3)
+    path = save_checkpoint(
+        tmp_path / "ckpt.pt", trained_like.config, state=trained_like.trainable_state_dict(), epoch=3
+    )
     loaded = load_checkpoint(path)
     assert loaded.config == trained_like.config and loaded.meta["epoch"] == 3
     restored = vip2clip.create_model(checkpoint=path)
@@ -46,14 +48,14 @@ def test_our_format_round_trip(tmp_path, trained_like, tiny_images):
 
 def test_ablation_config_travels_in_the_checkpoint(tmp_path):
     model = vip2clip.create_model("tiny", seed=0, use_vca=False, use_fgp=False, n_context=5, **KWARGS)
-    path = save_checkpoint(tmp_path / "ablated.pt", model.config, model.trainable_state_dict())
+    path = save_checkpoint(tmp_path / "ablated.pt", model.config, state=model.trainable_state_dict())
     restored = vip2clip.create_model(checkpoint=path)
     assert (restored.config.use_vca, restored.config.use_fgp, restored.config.n_context) == (False, False, 5)
     assert restored.num_trainable_parameters() == model.num_trainable_parameters()
 
 
 def test_release_round_trip_both_directions(tmp_path, trained_like, tiny_images):
-    ours = save_checkpoint(tmp_path / "ours.pt", trained_like.config, trained_like.trainable_state_dict())
+    ours = save_checkpoint(tmp_path / "ours.pt", trained_like.config, state=trained_like.trainable_state_dict())
     release = convert_checkpoint(ours, tmp_path / "release.pth", to="release")
     payload = torch.load(release, weights_only=True)
     assert set(payload) == {"prompt_learner", "Zero_try"}
@@ -110,6 +112,6 @@ def test_unreadable_and_foreign_files(tmp_path):
 
 def test_checkpoint_backbone_mismatch_is_an_error(tmp_path):
     model = vip2clip.create_model("tiny", seed=0, **KWARGS)
-    path = save_checkpoint(tmp_path / "tiny.pt", model.config, model.trainable_state_dict())
+    path = save_checkpoint(tmp_path / "tiny.pt", model.config, state=model.trainable_state_dict())
     with pytest.raises(ValueError, match="trained on backbone 'tiny'"):
         vip2clip.create_model("ViT-B-16", checkpoint=path)

@@ -116,10 +116,10 @@ def test_low_precision_copies_follow_weight_changes():
     weight, bias = torch.randn(8, 16), torch.randn(8)
     x = torch.randn(3, 16).bfloat16()
     with torch.no_grad():
-        before = fast.linear(x, weight, bias)
+        before = fast.linear(x, weight, bias=bias)
         assert fast.low_precision_copy(weight, torch.bfloat16) is fast.low_precision_copy(weight, torch.bfloat16)
         weight.mul_(-1)  # an in-place change must not leave a stale bf16 copy behind
-        after = fast.linear(x, weight, bias)
+        after = fast.linear(x, weight, bias=bias)
     expected = F.linear(x.float(), weight, bias)
     assert (after.float() - expected).abs().max() <= BF16_TOLERANCE * expected.abs().max()
     assert not torch.allclose(before, after)
@@ -130,9 +130,9 @@ def test_bf16_encoders_run_bf16_products_outside_autocast(tiny_images, monkeypat
     seen = []
     original = fast.linear
 
-    def spy(x, weight, bias=None):
+    def spy(x, weight, *, bias=None):
         seen.append((x.dtype, torch.is_autocast_enabled("cpu")))
-        return original(x, weight, bias)
+        return original(x, weight, bias=bias)
 
     monkeypatch.setattr("vip2clip.model.backbone.linear", spy)
     prediction = model.predict(tiny_images)

@@ -86,7 +86,7 @@ def numpy_bilinear(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def test_smoothed_map_equals_resize_then_scipy_gaussian(grid, size, sigma):
     generator = torch.Generator().manual_seed(0)
     probabilities = [torch.rand(2, grid[0] * grid[1], 2, generator=generator).softmax(-1) for _ in range(3)]
-    actual = utpa.smoothed_anomaly_map(probabilities, grid, size, sigma)
+    actual = utpa.smoothed_anomaly_map(probabilities, grid=grid, size=size, sigma=sigma)
     mean = torch.stack([p[..., utpa.ANOMALOUS_STATE] for p in probabilities]).mean(0).double().numpy()
     for index in range(2):
         upsampled = numpy_bilinear(mean[index].reshape(grid), size)
@@ -96,7 +96,7 @@ def test_smoothed_map_equals_resize_then_scipy_gaussian(grid, size, sigma):
 
 def test_smoothed_map_without_smoothing_is_the_upsampled_mean():
     probabilities = [torch.rand(1, 16, 2).softmax(-1) for _ in range(2)]
-    actual = utpa.smoothed_anomaly_map(probabilities, (4, 4), (32, 32), sigma=0.0)
+    actual = utpa.smoothed_anomaly_map(probabilities, grid=(4, 4), size=(32, 32), sigma=0.0)
     per_layer = [
         F.interpolate(p.transpose(1, 2).reshape(1, 2, 4, 4), size=(32, 32), mode="bilinear", align_corners=False)[:, 1]
         for p in probabilities

@@ -55,7 +55,7 @@ def test_no_learnable_weight_enters_the_scores(tiny_images) -> None:
 def test_training_untrained_clip_is_refused(tmp_path: Path) -> None:
     generate_benchmark(tmp_path / "data", seed=1, classes=1, image_size=32, n_test_good=1, n_test_defect=1)
     with pytest.raises(ValueError, match="nothing to train"):
-        train(_model(), vip2clip.data.index.read_index(tmp_path / "data"), tmp_path / "run")
+        train(_model(), vip2clip.data.index.read_index(tmp_path / "data"), out_dir=tmp_path / "run")
     assert presets.get_preset("clip-zero-shot").config == UNTRAINED
     with pytest.raises(ValueError, match="text_prompts must be one of"):
         _model(text_prompts="typed")

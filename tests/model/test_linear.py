@@ -45,7 +45,7 @@ def test_equals_f_linear(x_shape, transposed, onednn):
     with torch.no_grad():
         assert fast._onednn_applies(x, weight), "the fast path should be taken here"
         for b in (bias, None):
-            expected, got = F.linear(x, weight, b), fast.linear(x, weight, b)
+            expected, got = F.linear(x, weight, b), fast.linear(x, weight, bias=b)
             error = (got - expected).abs()
             assert (error <= rounding_bound(x, weight, b)).all(), f"greatest difference {error.max():.2e}"
             # The bound is far above what either library's rounding gives, yet far below a wrong product's error.
@@ -91,13 +91,13 @@ def test_autograd_autocast_and_other_dtypes_use_f_linear(onednn):
     x = torch.randn(2, 8, 16, requires_grad=True)
     weight, bias = torch.randn(4, 16), torch.randn(4)
     assert not fast._onednn_applies(x, weight)
-    fast.linear(x, weight, bias).sum().backward()  # prompts are trained through the text encoder
+    fast.linear(x, weight, bias=bias).sum().backward()  # prompts are trained through the text encoder
     torch.testing.assert_close(x.grad, weight.sum(0).expand(2, 8, 16))
     with torch.no_grad():
         assert fast._onednn_applies(x, weight)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not fast._onednn_applies(x, weight)
-            assert fast.linear(x, weight, bias).dtype == torch.bfloat16
+            assert fast.linear(x, weight, bias=bias).dtype == torch.bfloat16
         assert not fast._onednn_applies(x.double(), weight.double())
 
 

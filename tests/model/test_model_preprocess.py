@@ -28,7 +28,7 @@ def test_model_preprocess_equals_the_explicit_call(tiny_model) -> None:
 
 def test_a_loaded_checkpoint_brings_its_input_size(tmp_path: Path) -> None:
     at_48 = vip2clip.create_model("tiny", image_size=48, seed=0)
-    path = save_checkpoint(tmp_path / "at48.pt", at_48.config, at_48.trainable_state_dict())
+    path = save_checkpoint(tmp_path / "at48.pt", at_48.config, state=at_48.trainable_state_dict())
     loaded = vip2clip.create_model(checkpoint=path)
     assert torch.equal(loaded.preprocess(_image()), vip2clip.preprocess(_image(), image_size=48))
     batch = torch.stack([loaded.preprocess(_image())] * 2)

@@ -28,11 +28,20 @@ def test_unknown_preset_lists_the_names() -> None:
     with pytest.raises(ValueError, match="ablation-utpa"):
         get_preset("ablation-utp")
     with pytest.raises(ValueError, match="unknown model options"):
-        Preset("bad", "tiny", None, {"use_vcaa": False}, (), "")
+        Preset(name="bad", backbone="tiny", image_size=None, config={"use_vcaa": False}, paper=(), description="")
 
 
 def test_create_model_applies_a_preset_and_explicit_options_win(monkeypatch: pytest.MonkeyPatch) -> None:
-    table = {"tiny-static": Preset("tiny-static", "tiny", 64, {"use_vca": False, "top_k": 3}, (), "test")}
+    table = {
+        "tiny-static": Preset(
+            name="tiny-static",
+            backbone="tiny",
+            image_size=64,
+            config={"use_vca": False, "top_k": 3},
+            paper=(),
+            description="test",
+        )
+    }
     monkeypatch.setattr(presets, "_table", lambda: table)
     model = vip2clip.create_model("tiny-static")
     assert (model.config.backbone, model.config.image_size, model.config.use_vca, model.config.top_k) == (

@@ -7,10 +7,10 @@ import pytest
 import torch
 from open_clip.model import CLIP
 from open_clip.tokenizer import tokenize
-from release_reference import release_predict
 
 import vip2clip
 from vip2clip.model.weights import TINY_CLIP_CONFIG
+from vip2clip.testing.release_reference import release_predict
 
 D = TINY_CLIP_CONFIG["embed_dim"]
 
@@ -83,7 +83,7 @@ def test_predict_matches_independent_release_implementation(release_files, image
     ours = model.predict(images)
     layers = model.feature_layers
     ref_scores, ref_maps = release_predict(
-        clip_state, checkpoint, images, layers, vision_heads=2, text_heads=2, top_k=10, sigma=8.0
+        clip_state, checkpoint, images=images, layers=layers, vision_heads=2, text_heads=2, top_k=10, sigma=8.0
     )
     assert ours.pred_score.shape == (2,) and ours.anomaly_map.shape == (2, image_size, image_size)
     assert ref_maps.std() > 1e-3, "the reference maps are flat: the test would not see errors"

@@ -39,7 +39,7 @@ def random_blocks(width: int, heads: int, count: int, seed: int, **options) -> l
 def through_blocks(blocks, x, mask=None, sdpa=True):
     with torch.no_grad():
         for block in blocks:
-            x = block_forward(block, x, mask, causal=mask is not None) if sdpa else block(x, attn_mask=mask)
+            x = block_forward(block, x, mask=mask, causal=mask is not None) if sdpa else block(x, attn_mask=mask)
     return x
 
 
@@ -60,9 +60,9 @@ def test_tiny_blocks_equal_open_clip(tiny_clip):
         with torch.no_grad():
             expected = block(text, attn_mask=causal(13))
             torch.testing.assert_close(
-                block_forward(block, text, causal(13), causal=True), expected, atol=ATOL, rtol=RTOL
+                block_forward(block, text, mask=causal(13), causal=True), expected, atol=ATOL, rtol=RTOL
             )
-            torch.testing.assert_close(block_forward(block, text, causal(13)), expected, atol=ATOL, rtol=RTOL)
+            torch.testing.assert_close(block_forward(block, text, mask=causal(13)), expected, atol=ATOL, rtol=RTOL)
 
 
 def test_vit_l_width_vision_blocks_at_518_px_equal_open_clip():
@@ -125,7 +125,7 @@ def test_unsupported_blocks_fall_back_to_open_clip_and_say_which(caplog):
         visual = clip.visual
         x = visual.conv1(images).flatten(2).transpose(1, 2)
         x = torch.cat([visual.class_embedding.expand(1, 1, -1), x], 1)
-        x = visual.ln_pre(x + frozen.positional_embedding((4, 4), x.device, x.dtype))
+        x = visual.ln_pre(x + frozen.positional_embedding((4, 4), device=x.device, dtype=x.dtype))
         for block in visual.transformer.resblocks:
             x = block(x)
     torch.testing.assert_close(fast.global_feature, torch.nn.functional.normalize(x[:, 0] @ visual.proj, dim=-1))

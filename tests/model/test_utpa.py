@@ -25,4 +25,4 @@ def test_topk_pools_the_most_anomalous_patches_of_each_layer():
 def test_global_image_logits():
     feature = F.normalize(torch.randn(3, 8), dim=-1)
     text = F.normalize(torch.randn(1, 2, 8), dim=-1)
-    torch.testing.assert_close(utpa.global_image_logits(feature, text, 0.07), feature @ text[0].T / 0.07)
+    torch.testing.assert_close(utpa.global_image_logits(feature, text, temperature=0.07), feature @ text[0].T / 0.07)

@@ -22,7 +22,7 @@ NO_WEIGHTS = NO_CLIP_WEIGHTS.format(backbone="ViT-B-16")
 @pytest.fixture
 def real_backbone_checkpoint(tmp_path: Path) -> Path:
     """A checkpoint of a backbone with published weights (its state is never reached: the weights come first)."""
-    return save_checkpoint(tmp_path / "vit-b.pt", ModelConfig(backbone="ViT-B-16", image_size=224), {})
+    return save_checkpoint(tmp_path / "vit-b.pt", ModelConfig(backbone="ViT-B-16", image_size=224), state={})
 
 
 @pytest.fixture
@@ -95,7 +95,7 @@ def test_other_clip_weights_run_when_allowed(demo_checkpoint: Path, other_weight
 
 
 def test_a_checkpoint_without_a_fingerprint_loads_with_a_warning(tiny_model, tmp_path: Path, caplog) -> None:
-    old = save_checkpoint(tmp_path / "old.pt", tiny_model.config, tiny_model.trainable_state_dict())
+    old = save_checkpoint(tmp_path / "old.pt", tiny_model.config, state=tiny_model.trainable_state_dict())
     with caplog.at_level(logging.WARNING, logger="vip2clip.model.weights_policy"):
         vip2clip.create_model(checkpoint=old)
     assert "records no fingerprint of the CLIP weights" in caplog.text

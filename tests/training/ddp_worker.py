@@ -20,9 +20,10 @@ import vip2clip
 from vip2clip.config import TrainConfig
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.index import read_index
+from vip2clip.features.feature_cache import load_or_build_cache
 from vip2clip.training import loop
-from vip2clip.training.feature_cache import load_or_build_cache
 from vip2clip.utils.distributed import LOCAL, close, init_from_env
+from vip2clip.utils.run_context import RunContext
 
 BATCH = 3
 
@@ -36,7 +37,7 @@ def gradients(model) -> torch.Tensor:
 def mean_loss_gradient(model, cache, labels, rows) -> torch.Tensor:
     """The gradient of the mean loss over `rows`, computed in this process alone."""
     model.zero_grad(set_to_none=True)
-    batch = next(loop._cached_batches(cache, labels, [rows], "cpu", LOCAL))
+    batch = next(loop._cached_batches(cache, labels, batches=[rows], device="cpu", world=LOCAL))
     loop._batch_loss(model, batch).total.backward()
     return gradients(model)
 
@@ -47,12 +48,12 @@ def main() -> None:
     model = vip2clip.create_model("tiny", image_size=64, seed=111, top_k=4)
     reference = copy.deepcopy(model)
     dataset = AnomalyDataset(read_index(bench), image_size=64)
-    cache = load_or_build_cache(model, dataset, cache_dir, batch_size=BATCH, world=world)
+    cache = load_or_build_cache(model, dataset, directory=cache_dir, batch_size=BATCH, run=RunContext(world=world))
     optimizer = loop.build_optimizer(model, TrainConfig(lr_prompt=0.0, lr_fgp=0.0))
     steps = []
     for rows in loop.epoch_batches(cache.valid_indices, BATCH, seed=111, epoch=1):
-        local = next(loop._cached_batches(cache, dataset.labels, [rows], "cpu", world))
-        losses = loop.train_step(model, optimizer, local, world)
+        local = next(loop._cached_batches(cache, dataset.labels, batches=[rows], device="cpu", world=world))
+        losses = loop.train_step(model, optimizer, batch=local, world=world)
         shares = world.all_gather(len(loop.local_share(rows, world)))
         if world.is_main:
             ours = gradients(model)
@@ -66,7 +67,7 @@ def main() -> None:
                 "naive_difference": float((naive.mean(0) - one_process).abs().max()) / scale,
                 "loss": losses["total"],
                 "one_process_loss": float(loop._batch_loss(reference, next(loop._cached_batches(
-                    cache, dataset.labels, [rows], "cpu", LOCAL))).total),
+                    cache, dataset.labels, batches=[rows], device="cpu", world=LOCAL))).total),
             })  # fmt: skip
     if world.is_main:
         with open(result, "w", encoding="utf-8") as stream:

@@ -13,8 +13,8 @@ import pytest
 import vip2clip
 from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.synthetic import generate_benchmark
-from vip2clip.training.cache_key import ARRAY_FILES, MANIFEST
-from vip2clip.training.feature_cache import load_or_build_cache
+from vip2clip.features.cache_key import ARRAY_FILES, MANIFEST
+from vip2clip.features.feature_cache import load_or_build_cache
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -27,7 +27,9 @@ def test_two_ranks_build_the_same_cache_and_weight_gradients_by_images(tmp_path:
     result = json.loads((tmp_path / "result.json").read_text())
     model = vip2clip.create_model("tiny", image_size=64, seed=111, top_k=4)
     with rank_threads(2):
-        one = load_or_build_cache(model, AnomalyDataset(bench, image_size=64), tmp_path / "cache1", batch_size=3)
+        one = load_or_build_cache(
+            model, AnomalyDataset(bench, image_size=64), directory=tmp_path / "cache1", batch_size=3
+        )
     two = Path(result["slot"])
     assert two.name == one.directory.name and two.parent == tmp_path / "cache2"
     for name in ARRAY_FILES:

@@ -92,7 +92,7 @@ def test_training_loss_sums_layers_and_terms() -> None:
     masks = random_case(3)[1]
     logits = torch.tensor([[0.3, 0.1], [1.0, -2.0], [0.0, 0.0]], dtype=torch.float64)
     labels = torch.tensor([0, 1, 1])
-    parts = training_loss(layers, masks, logits, labels)
+    parts = training_loss(layers, masks, image_logits=logits, labels=labels)
     focal = sum(naive_focal(p, masks) for p in layers)
     dice = sum(naive_dice(p[:, 1], masks) + naive_dice(p[:, 0], 1 - masks) for p in layers)
     assert parts.focal.item() == pytest.approx(focal, rel=1e-10)
@@ -104,6 +104,8 @@ def test_training_loss_sums_layers_and_terms() -> None:
 def test_gradients_flow_to_probabilities() -> None:
     logits = torch.randn(2, 2, 4, 4, requires_grad=True)
     masks = (torch.rand(2, 4, 4) > 0.5).float()
-    parts = training_loss([logits.softmax(dim=1)], masks, torch.zeros(2, 2, requires_grad=True), torch.tensor([0, 1]))
+    parts = training_loss(
+        [logits.softmax(dim=1)], masks, image_logits=torch.zeros(2, 2, requires_grad=True), labels=torch.tensor([0, 1])
+    )
     parts.total.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0

@@ -18,7 +18,7 @@ from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.model.checkpoint import load_checkpoint
 
 MODEL_ARGS = ["--backbone", "tiny", "--image-size", "64", "--top-k", "4", "--no-progress"]
-TRAIN_ARGS = ["--epochs", "2", "--batch-size", "3"]
+TRAIN_ARGS = ["--epochs", "2", "--train-batch-size", "3"]
 
 
 @pytest.fixture(scope="module")

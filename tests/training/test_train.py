@@ -54,7 +54,7 @@ def test_config_defaults_are_the_release_ones() -> None:
 
 def test_train_and_benchmark_read_the_same_training_options() -> None:
     parser = build_parser()
-    options = ["--epochs", "3", "--batch-size", "5", "--lr-prompt", "0.01", "--lr-fgp", "0.002", "--seed", "7",
+    options = ["--epochs", "3", "--train-batch-size", "5", "--lr-prompt", "0.01", "--lr-fgp", "0.002", "--seed", "7",
                "--no-cache", "--cache-dtype", "float32", "--skip-bad", "--num-workers", "2"]  # fmt: skip
     train_args = parser.parse_args(["train", "--data", "d", "--out", "o", *options])
     bench_args = parser.parse_args(["benchmark", "--test", "a=b", "--out", "o", "--eval-batch-size", "9", *options])
@@ -75,7 +75,11 @@ def test_optimizer_groups_and_epoch_order() -> None:
     assert len(build_optimizer(tiny_model(use_fgp=False), TrainConfig()).param_groups) == 1
     first = epoch_batches(list(range(10)), 4, seed=111, epoch=1)
     assert [len(b) for b in first] == [4, 4, 2] and sorted(itertools.chain(*first)) == list(range(10))
-    assert first == epoch_batches(list(range(10)), 4, seed=111, epoch=1) != epoch_batches(list(range(10)), 4, 111, 2)
+    assert (
+        first
+        == epoch_batches(list(range(10)), 4, seed=111, epoch=1)
+        != epoch_batches(list(range(10)), 4, seed=111, epoch=2)
+    )
 
 
 def test_cache_removes_the_encoder_after_the_first_pass(bench: DatasetIndex, tmp_path: Path) -> None:
@@ -86,7 +90,7 @@ def test_cache_removes_the_encoder_after_the_first_pass(bench: DatasetIndex, tmp
     calls_per_step = []
     forward = model.forward_features
     model.forward_features = lambda features: calls_per_step.append(sum(encoded)) or forward(features)
-    result = train(model, bench, tmp_path / "out", TrainConfig(epochs=2, **FAST))
+    result = train(model, bench, out_dir=tmp_path / "out", config=TrainConfig(epochs=2, **FAST))
     assert [r["steps"] for r in result.history] == [2, 2] and len(calls_per_step) == 4
     assert len(set(calls_per_step)) == 1  # no encoder call during any training step of either epoch
     assert sum(encoded) == len(AnomalyDataset(bench, image_size=SIZE))  # one pass over the images
@@ -94,14 +98,14 @@ def test_cache_removes_the_encoder_after_the_first_pass(bench: DatasetIndex, tmp
     # Without the cache every step encodes its batch.
     encoded.clear()
     calls_per_step.clear()
-    train(model, bench, tmp_path / "nocache", TrainConfig(epochs=1, cache=False, **FAST))
+    train(model, bench, out_dir=tmp_path / "nocache", config=TrainConfig(epochs=1, cache=False, **FAST))
     assert calls_per_step == [4, 6]  # batches of 4 and 2 images
 
 
 def test_cached_and_uncached_training_agree(bench: DatasetIndex, tmp_path: Path) -> None:
     cached, uncached = tiny_model(), tiny_model()
-    train(cached, bench, tmp_path / "a", TrainConfig(epochs=2, **FAST))
-    train(uncached, bench, tmp_path / "b", TrainConfig(epochs=2, cache=False, **FAST))
+    train(cached, bench, out_dir=tmp_path / "a", config=TrainConfig(epochs=2, **FAST))
+    train(uncached, bench, out_dir=tmp_path / "b", config=TrainConfig(epochs=2, cache=False, **FAST))
     images = torch.stack([AnomalyDataset(bench, image_size=SIZE)[i]["image"] for i in range(6)])
     a, b = cached.predict(images), uncached.predict(images)
     torch.testing.assert_close(a.anomaly_map, b.anomaly_map, atol=5e-3, rtol=0)
@@ -112,24 +116,24 @@ def test_cached_and_uncached_training_agree(bench: DatasetIndex, tmp_path: Path)
 def test_resume_after_a_crash_equals_an_uninterrupted_run(bench: DatasetIndex, tmp_path: Path, monkeypatch) -> None:
     config = TrainConfig(epochs=3, **FAST)
     reference = tiny_model()
-    train(reference, bench, tmp_path / "ref", config)
+    train(reference, bench, out_dir=tmp_path / "ref", config=config)
 
     step = train_module.train_step
     calls = []
 
-    def crashing(*args):
+    def crashing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 4:  # second step of epoch 2
             raise RuntimeError("simulated crash")
-        return step(*args)
+        return step(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "train_step", crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_model(), bench, tmp_path / "run", config)
+        train(tiny_model(), bench, out_dir=tmp_path / "run", config=config)
     assert load_checkpoint(tmp_path / "run" / "last.pt").meta["epoch"] == 1
     monkeypatch.setattr(train_module, "train_step", step)
     resumed = tiny_model()
-    result = train(resumed, bench, tmp_path / "run", config, resume=True)
+    result = train(resumed, bench, out_dir=tmp_path / "run", config=config, resume=True)
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
     assert same_weights(resumed, reference)
     final = load_checkpoint(result.checkpoint)
@@ -138,12 +142,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(bench: DatasetIndex, t
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
     with pytest.raises(ValueError, match="different training settings"):
-        train(tiny_model(), bench, tmp_path / "run", TrainConfig(epochs=4, batch_size=2), resume=True)
+        train(tiny_model(), bench, out_dir=tmp_path / "run", config=TrainConfig(epochs=4, batch_size=2), resume=True)
 
 
 def test_final_checkpoint_loads_with_create_model(bench: DatasetIndex, tmp_path: Path) -> None:
     model = tiny_model(use_vca=False)
-    result = train(model, bench, tmp_path / "out", TrainConfig(epochs=1, **FAST))
+    result = train(model, bench, out_dir=tmp_path / "out", config=TrainConfig(epochs=1, **FAST))
     loaded = vip2clip.create_model(checkpoint=result.checkpoint)
     assert loaded.config == model.config and same_weights(loaded, model)
     assert "optimizer" not in load_checkpoint(result.checkpoint).meta  # only last.pt carries the resume state
@@ -151,7 +155,7 @@ def test_final_checkpoint_loads_with_create_model(bench: DatasetIndex, tmp_path:
 
 def tiny_train_cli(data: Path, epochs: int, *extra: str) -> list[str]:
     """`vip2clip train` arguments for the tiny backbone at the tests' image size, batch 4, no progress bars."""
-    tiny = ["--backbone", "tiny", "--image-size", str(SIZE), "--top-k", "4", "--batch-size", "4", "--no-progress"]
+    tiny = ["--backbone", "tiny", "--image-size", str(SIZE), "--top-k", "4", "--train-batch-size", "4", "--no-progress"]
     return ["train", "--data", str(data), "--epochs", str(epochs), *tiny, *extra]
 
 
@@ -188,7 +192,7 @@ def test_unusual_images_and_a_class_without_anomalies_train(tmp_path: Path) -> N
         image.save(path)
     second = index.classes()[1]
     index.splits["test"][second] = [s for s in index.splits["test"][second] if not s.anomaly]  # normal images only
-    result = train(tiny_model(), index, tmp_path / "out", TrainConfig(epochs=1, **FAST))
+    result = train(tiny_model(), index, out_dir=tmp_path / "out", config=TrainConfig(epochs=1, **FAST))
     assert result.skipped == [] and result.history[0]["steps"] == 2 and np.isfinite(result.history[0]["total"])
 
 
@@ -211,7 +215,7 @@ def test_killed_cli_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
     final = load_checkpoint(out / "checkpoint.pt")
     assert final.meta["epoch"] == 12 and [r["epoch"] for r in final.meta["history"]] == list(range(1, 13))
     reference = vip2clip.create_model("tiny", image_size=SIZE, seed=111, top_k=4)  # the CLI seeds with --seed
-    train(reference, index, tmp_path / "ref", TrainConfig(epochs=12, batch_size=4, lr_fgp=1e-3))
+    train(reference, index, out_dir=tmp_path / "ref", config=TrainConfig(epochs=12, batch_size=4, lr_fgp=1e-3))
     for key, value in reference.trainable_state_dict().items():
         torch.testing.assert_close(final.state[key], value, atol=1e-5, rtol=1e-4)
 
@@ -233,12 +237,14 @@ def test_training_learns_bright_defects(tmp_path: Path) -> None:
         prediction = model.predict(images)
         labels = np.array([item["label"] for item in items])
         masks = torch.stack([item["mask"] for item in items]).numpy()
-        return compute_all(labels, prediction.pred_score.numpy(), masks, prediction.anomaly_map.numpy())["pixel_auroc"]
+        return compute_all(labels, prediction.pred_score.numpy(), masks=masks, maps=prediction.anomaly_map.numpy())[
+            "pixel_auroc"
+        ]
 
     model = vip2clip.create_model("tiny", image_size=size, seed=0, top_k=8)
     untrained = pixel_auroc(model)
     config = TrainConfig(epochs=12, batch_size=8, lr_prompt=1e-2, lr_fgp=1e-3)  # faster than the release for a test
-    result = train(model, train_index, tmp_path / "out", config)
+    result = train(model, train_index, out_dir=tmp_path / "out", config=config)
     losses = [r["total"] for r in result.history]
     assert losses[-1] < 0.9 * losses[0]
     trained = pixel_auroc(model)

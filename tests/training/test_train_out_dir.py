@@ -29,7 +29,7 @@ def bench(tmp_path: Path) -> DatasetIndex:
 
 
 def cli(bench: DatasetIndex, out: Path, epochs: int, *extra: str) -> int:
-    tiny = ["--backbone", "tiny", "--image-size", str(SIZE), "--top-k", "4", "--batch-size", "4", "--no-progress"]
+    tiny = ["--backbone", "tiny", "--image-size", str(SIZE), "--top-k", "4", "--train-batch-size", "4", "--no-progress"]
     return main(["train", "--data", str(bench.root), "--out", str(out), "--epochs", str(epochs), *tiny, *extra])
 
 
@@ -66,12 +66,12 @@ def test_the_log_is_rewritten_from_the_checkpoint_on_resume(bench: DatasetIndex,
     def model():
         return vip2clip.create_model("tiny", image_size=SIZE, seed=0, top_k=4)
 
-    train(model(), bench, out, TrainConfig(epochs=2, **FAST))
+    train(model(), bench, out_dir=out, config=TrainConfig(epochs=2, **FAST))
     # Killed after epoch 2's checkpoint, in the middle of its log line: the log lacks epoch 2.
     lines = (out / "train_log.jsonl").read_text().splitlines()
     (out / "train_log.jsonl").write_text(lines[0] + "\n" + lines[1][:10])
     (out / "checkpoint.pt").unlink()
-    train(model(), bench, out, TrainConfig(epochs=3, **FAST), resume=True)
+    train(model(), bench, out_dir=out, config=TrainConfig(epochs=3, **FAST), resume=True)
     assert log_epochs(out) == [1, 2, 3]
     assert [r["epoch"] for r in load_checkpoint(out / "checkpoint.pt").meta["history"]] == [1, 2, 3]
 

@@ -24,7 +24,7 @@ from vip2clip.utils.distributed import (
 
 @pytest.mark.parametrize(("n", "size", "unit"), list(itertools.product([0, 1, 5, 7, 16, 23], [1, 2, 3, 8], [1, 3, 8])))
 def test_shares_are_disjoint_contiguous_whole_batches_covering_everything(n: int, size: int, unit: int) -> None:
-    shares = [share_range(n, rank, size, unit) for rank in range(size)]
+    shares = [share_range(n, rank=rank, size=size, unit=unit) for rank in range(size)]
     assert [i for share in shares for i in share] == list(range(n))  # in rank order: the original order
     batches = [len(range(0, len(share), unit)) for share in shares]
     assert max(batches) - min(batches) <= 1 and batches == sorted(batches, reverse=True)  # the first take more
@@ -34,9 +34,9 @@ def test_shares_are_disjoint_contiguous_whole_batches_covering_everything(n: int
 
 def test_bad_shares_are_errors() -> None:
     with pytest.raises(ValueError):
-        share_range(4, 2, 2)
+        share_range(4, rank=2, size=2)
     with pytest.raises(ValueError):
-        share_range(4, 0, 2, unit=0)
+        share_range(4, rank=0, size=2, unit=0)
 
 
 def test_the_one_process_world_does_everything_locally() -> None:

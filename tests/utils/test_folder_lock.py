@@ -17,7 +17,7 @@ from vip2clip.data.synthetic import generate_benchmark
 from vip2clip.utils.folder_lock import LOCK_NAME, FolderBusyError, exclusive_folder
 
 MODEL_ARGS = ["--backbone", "tiny", "--image-size", "64", "--no-progress"]
-TRAINING = ["--epochs", "1", "--batch-size", "4"]
+TRAINING = ["--epochs", "1", "--train-batch-size", "4"]
 
 
 @pytest.fixture(scope="module")

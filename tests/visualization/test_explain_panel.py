@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vip2clip.inference.explain_run import Decision, ExplainItem, write_explanations
 from vip2clip.model.explain import Explanation
+from vip2clip.runs.explain_run import Decision, ExplainItem, write_explanations
 from vip2clip.visualization.explain_panel import EXPLAIN_STYLE, make_explanation_panel
 from vip2clip.visualization.panel import PanelText
 
@@ -21,8 +21,16 @@ def _explanation(attention: bool) -> Explanation:
     weights[0, :, 0, 0, 0] = 1.0  # normal prompt: top-left patch
     weights[0, :, 1, 1, 1] = 1.0  # anomalous prompt: bottom-right patch
     fused = layer_maps.mean(axis=1)
-    return Explanation(np.array([0.7], np.float32), fused, fused, layer_maps, layer_maps,
-                       weights if attention else None, (6, 12), (2, 2))  # fmt: skip
+    return Explanation(
+        pred_score=np.array([0.7], np.float32),
+        anomaly_map=fused,
+        fused_map=fused,
+        layer_maps=layer_maps,
+        smoothed_layer_maps=layer_maps,
+        attention=weights if attention else None,
+        layers=(6, 12),
+        grid=(2, 2),
+    )
 
 
 def _first_row_tile_colour(panel: Image.Image, column: int, tile: int) -> np.ndarray:
@@ -36,7 +44,13 @@ def _first_row_tile_colour(panel: Image.Image, column: int, tile: int) -> np.nda
 
 def test_panel_rows_and_colours() -> None:
     image = np.full((32, 32, 3), 128, np.uint8)
-    panel = make_explanation_panel(image, _explanation(True), 0, np.ones((32, 32), bool), PanelText(0.7, 0.5, "given"))
+    panel = make_explanation_panel(
+        image,
+        _explanation(True),
+        index=0,
+        mask=np.ones((32, 32), bool),
+        text=PanelText(pred_score=0.7, image_threshold=0.5, threshold_source="given"),
+    )
     tile = EXPLAIN_STYLE.min_side  # a 32-px image is enlarged to the minimum side
     blue_layer, red_layer = _first_row_tile_colour(panel, 1, tile), _first_row_tile_colour(panel, 2, tile)
     assert blue_layer[2] > blue_layer[0] and red_layer[0] > red_layer[2]  # layer 6 cold, layer 12 hot
@@ -54,6 +68,7 @@ def test_write_explanations_skips_unreadable_files(tiny_model, tmp_path: Path, c
     broken.write_bytes(b"not a png")
     items = [ExplainItem(broken, "explain/broken.png"), ExplainItem(good, "explain/a/good.png", "good.png")]
     with caplog.at_level(logging.WARNING):
-        written = write_explanations(tiny_model, items, tmp_path / "out", Decision(0.5, "given"), batch_size=1)
+        out_dir, decision = tmp_path / "out", Decision(0.5, "given")
+        written = write_explanations(tiny_model, items, out_dir=out_dir, decision=decision, batch_size=1)
     assert written == 1 and (tmp_path / "out/explain/a/good.png").is_file()
     assert not (tmp_path / "out/explain/broken.png").exists() and "broken.png" in caplog.text

@@ -25,7 +25,13 @@ from vip2clip.visualization.panel import (
 from vip2clip.visualization.text import fitted_text_image, text_image
 
 GREY = np.full((48, 48, 3), 128, dtype=np.uint8)
-TEXT = PanelText(0.8, 0.5, "F1-optimal", 0.4, "bottle / crack / 000.png (truth: anomalous)")
+TEXT = PanelText(
+    pred_score=0.8,
+    image_threshold=0.5,
+    threshold_source="F1-optimal",
+    pixel_threshold=0.4,
+    caption="bottle / crack / 000.png (truth: anomalous)",
+)
 
 
 def _crop(panel: Image.Image, box: tuple[int, int, int, int]) -> np.ndarray:
@@ -46,7 +52,7 @@ def test_heatmap_colours_and_overlay_size() -> None:
     pixels = np.asarray(overlay)
     assert pixels[0, 0, 2] > pixels[0, 0, 0] and pixels[-1, -1, 0] > pixels[-1, -1, 2]  # low blue, high red
     with pytest.raises(ValueError, match="low < high"):
-        normalize_map(np.zeros((2, 2)), 0.5, 0.5)
+        normalize_map(np.zeros((2, 2)), low=0.5, high=0.5)
 
 
 def test_a_calm_map_stays_cold_whatever_its_own_range() -> None:
@@ -72,7 +78,7 @@ def test_the_same_value_gets_the_same_colour_in_every_panel_of_a_run() -> None:
 
 
 def test_panel_has_titles_a_colour_bar_and_text_lines() -> None:
-    panel = make_panel(GREY, np.zeros((48, 48), dtype=np.float32), np.zeros((48, 48), bool), text=TEXT)
+    panel = make_panel(GREY, np.zeros((48, 48), dtype=np.float32), mask=np.zeros((48, 48), bool), text=TEXT)
     layout = layout_panel((48, 48), 3)
     tile_w, tile_h = tile_size((48, 48))
     assert (tile_w, tile_h) == (256, 256)  # small images are enlarged so that text fits
@@ -96,22 +102,44 @@ def test_panel_has_titles_a_colour_bar_and_text_lines() -> None:
 def test_mask_titles_and_empty_mask_tile() -> None:
     layout = layout_panel((48, 48), 3)
     mask = np.zeros((48, 48), bool)
-    truth, predicted = (make_panel(GREY, mask, mask, title, TEXT) for title in (GROUND_TRUTH, PREDICTED_MASK))
+    truth, predicted = (
+        make_panel(GREY, mask, mask=mask, mask_title=title, text=TEXT) for title in (GROUND_TRUTH, PREDICTED_MASK)
+    )
     assert not np.array_equal(_crop(truth, layout.titles[2]), _crop(predicted, layout.titles[2]))
     assert np.array_equal(_crop(truth, layout.tiles[2]), _crop(predicted, layout.tiles[2]))
-    empty = _crop(make_panel(GREY, mask, None, text=TEXT), layout.tiles[2])
+    empty = _crop(make_panel(GREY, mask, mask=None, text=TEXT), layout.tiles[2])
     assert (empty == empty[0, 0]).all() and 0 < empty[0, 0, 0] < 255  # grey, neither black (no defect) nor white
 
 
 @pytest.mark.parametrize(
     ("text", "words", "colour"),
     [
-        (PanelText(0.8, 0.5, "F1-optimal"), ("0.800 >= 0.500", "F1-optimal", "ANOMALOUS"), ANOMALOUS_COLOUR),
-        (PanelText(0.5, 0.5, "calibration"), (">= 0.500", "ANOMALOUS"), ANOMALOUS_COLOUR),  # as predict decides
-        (PanelText(0.2, 0.5, "F1-optimal"), ("0.200 < 0.500", "normal"), NORMAL_COLOUR),
-        (PanelText(0.8, None), ("0.800", "uncalibrated", "no decision"), NEUTRAL_COLOUR),
-        (PanelText(0.8, float("nan"), "F1-optimal"), ("uncalibrated",), NEUTRAL_COLOUR),
-        (PanelText(0.8, 0.5, ""), ("uncalibrated", "anomalous at the default 0.500"), NEUTRAL_COLOUR),
+        (
+            PanelText(pred_score=0.8, image_threshold=0.5, threshold_source="F1-optimal"),
+            ("0.800 >= 0.500", "F1-optimal", "ANOMALOUS"),
+            ANOMALOUS_COLOUR,
+        ),
+        (
+            PanelText(pred_score=0.5, image_threshold=0.5, threshold_source="calibration"),
+            (">= 0.500", "ANOMALOUS"),
+            ANOMALOUS_COLOUR,
+        ),  # as predict decides
+        (
+            PanelText(pred_score=0.2, image_threshold=0.5, threshold_source="F1-optimal"),
+            ("0.200 < 0.500", "normal"),
+            NORMAL_COLOUR,
+        ),
+        (PanelText(pred_score=0.8, image_threshold=None), ("0.800", "uncalibrated", "no decision"), NEUTRAL_COLOUR),
+        (
+            PanelText(pred_score=0.8, image_threshold=float("nan"), threshold_source="F1-optimal"),
+            ("uncalibrated",),
+            NEUTRAL_COLOUR,
+        ),
+        (
+            PanelText(pred_score=0.8, image_threshold=0.5, threshold_source=""),
+            ("uncalibrated", "anomalous at the default 0.500"),
+            NEUTRAL_COLOUR,
+        ),
     ],
 )
 def test_decision_line(text: PanelText, words: tuple[str, ...], colour: tuple[int, int, int]) -> None:
@@ -123,11 +151,21 @@ def test_decision_line(text: PanelText, words: tuple[str, ...], colour: tuple[in
 def test_text_lines_are_drawn_in_their_colours() -> None:
     layout = layout_panel((48, 48), 3)
     for score, channel in ((0.9, 0), (0.1, 1)):  # anomalous: red text; normal: green text
-        panel = make_panel(GREY, np.zeros((48, 48)), None, text=PanelText(score, 0.5, "F1-optimal", caption="x"))
+        panel = make_panel(
+            GREY,
+            np.zeros((48, 48)),
+            mask=None,
+            text=PanelText(pred_score=score, image_threshold=0.5, threshold_source="F1-optimal", caption="x"),
+        )
         line = _crop(panel, layout.lines[1])
         ink = line[(line != 255).any(axis=-1)]
         assert ink[:, channel].mean() > ink[:, 1 - channel].mean() + 40
-    lines = [line for line, _ in panel_lines(PanelText(0.9, 0.5, "F1-optimal", 0.3))]
+    lines = [
+        line
+        for line, _ in panel_lines(
+            PanelText(pred_score=0.9, image_threshold=0.5, threshold_source="F1-optimal", pixel_threshold=0.3)
+        )
+    ]
     assert lines[-1].endswith("pixel threshold 0.300") and "fixed 0.00-1.00" in lines[-1]
 
 
@@ -143,7 +181,7 @@ def test_tiles_keep_the_aspect_and_stay_within_the_style_range() -> None:
 
 def test_long_text_is_fitted_and_non_ascii_is_replaced() -> None:
     long = "a very long caption " * 10
-    assert fitted_text_image(long, 16, 200).width <= 200
+    assert fitted_text_image(long, 16, max_width=200).width <= 200
     assert text_image("défaut", 16).size == text_image("d?faut", 16).size
 
 
@@ -175,8 +213,8 @@ def test_every_tile_is_framed_so_an_all_white_mask_stays_visible() -> None:
     from vip2clip.visualization.panel import TILE_FRAME, PanelStyle, layout_panel
 
     image = np.full((40, 40, 3), 90, np.uint8)
-    panel = make_panel(image, np.zeros((40, 40), np.float32), np.ones((40, 40), bool), PREDICTED_MASK)
-    layout = layout_panel((40, 40), 1, PanelStyle())
+    panel = make_panel(image, np.zeros((40, 40), np.float32), mask=np.ones((40, 40), bool), mask_title=PREDICTED_MASK)
+    layout = layout_panel((40, 40), 1, style=PanelStyle())
     pixels = np.asarray(panel)
     for left, top, right, bottom in layout.tiles:
         middle = (top + bottom) // 2

@@ -42,7 +42,7 @@ RELEASE_LR_FGP = TrainConfig().lr_fgp
 RELEASE_TOP_K, RELEASE_PATCHES = ModelConfig().top_k, 37 * 37
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     """Demo settings. image_size None: 128 for the tiny backbone, the model's default (518) otherwise."""
 
@@ -64,7 +64,7 @@ class DemoConfig:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DemoResult:
     out_dir: Path
     result: EvaluationResult
@@ -146,6 +146,7 @@ def _generate_data(data_dir: Path, config: DemoConfig) -> tuple[DatasetIndex, Da
 def _print_summary(
     echo: Callable[[str], None],
     out_dir: Path,
+    *,
     result: EvaluationResult,
     checkpoint: Path,
     n_panels: int,
@@ -166,6 +167,7 @@ def _print_summary(
 
 def _run_stages(
     out_dir: Path,
+    *,
     backbone: str,
     clip_weights: str | Path | None,
     device: str,
@@ -174,7 +176,7 @@ def _run_stages(
 ) -> tuple[EvaluationResult, TrainResult, int, list[str]]:
     """Build the model, generate the data, train, evaluate: (result, training, top_k, notes)."""
     image_size = config.image_size or (128 if backbone == TINY_BACKBONE else None)
-    model = create_model(backbone, clip_weights, image_size=image_size, device=device, seed=config.seed)
+    model = create_model(backbone, clip_weights=clip_weights, image_size=image_size, device=device, seed=config.seed)
     # Set after building: the share depends on the backbone's patch size. Only the scoring reads top_k.
     top_k = scaled_top_k(model.config.image_size, model.backbone.patch_size)
     model.config = model.config.updated(top_k=top_k)
@@ -190,17 +192,17 @@ def _run_stages(
     train_config = TrainConfig(
         epochs=config.epochs, batch_size=config.batch_size, lr_fgp=config.lr_fgp, seed=config.seed
     )
-    trained = train(model, train_index, out_dir / "train", train_config)
+    trained = train(model, train_index, out_dir=out_dir / "train", config=train_config)
 
     echo("[3/3] zero-shot evaluation on 'structured' ...")
     eval_config = EvalConfig(max_panels=config.panels_per_class)
     result = evaluate_dataset(
         model,
         test_index,
-        out_dir,
-        eval_config,
-        "synthetic 'structured' (zero-shot)",
-        ModelIdentity.of(model, trained.checkpoint),
+        out_dir=out_dir,
+        config=eval_config,
+        name="synthetic 'structured' (zero-shot)",
+        identity=ModelIdentity.of(model, trained.checkpoint),
         save_maps=True,
         notes=notes,
     )
@@ -209,6 +211,7 @@ def _run_stages(
 
 def run_offline_demo(
     out_dir: str | Path = "vip2clip_demo",
+    *,
     backbone: str = TINY_BACKBONE,
     clip_weights: str | Path | None = None,
     device: str = "cpu",
@@ -231,7 +234,9 @@ def run_offline_demo(
     record = {"backbone": backbone, "config": asdict(config)}
     _write_marker(out_dir, {"status": "running", **record})
     try:
-        result, trained, top_k, notes = _run_stages(out_dir, backbone, clip_weights, device, config, echo)
+        result, trained, top_k, notes = _run_stages(
+            out_dir, backbone=backbone, clip_weights=clip_weights, device=device, config=config, echo=echo
+        )
     except BaseException as error:  # the marker must not say "running" for a run that stopped
         status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
         with contextlib.suppress(OSError):  # a full disk must not hide the error that stopped the demo
@@ -251,5 +256,15 @@ def run_offline_demo(
         },
     )
 
-    _print_summary(echo, out_dir, result, trained.checkpoint, len(panels), seconds, backbone)
-    return DemoResult(out_dir, result, trained.checkpoint, panels, seconds, notes)
+    _print_summary(
+        echo,
+        out_dir,
+        result=result,
+        checkpoint=trained.checkpoint,
+        n_panels=len(panels),
+        seconds=seconds,
+        backbone=backbone,
+    )
+    return DemoResult(
+        out_dir=out_dir, result=result, checkpoint=trained.checkpoint, panels=panels, seconds=seconds, notes=notes
+    )

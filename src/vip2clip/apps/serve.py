@@ -36,10 +36,10 @@ from vip2clip.inference.predictor import Predictor
 logger = logging.getLogger(__name__)
 
 
-def create_app(predictor: Predictor, limits: ServeLimits | None = None, examples: list[Example] | None = None):
+def create_app(predictor: Predictor, *, limits: ServeLimits | None = None, examples: list[Example] | None = None):
     """The FastAPI app of `vip2clip serve` for `predictor`: the routes of `vip2clip.apps.serve_routes` with their
     shared `ServeState` on `app.state.serve` (its job queue also on `app.state.jobs`)."""
-    state = ServeState.of(predictor, limits, examples)
+    state = ServeState.of(predictor, limits=limits, examples=examples)
     app = FastAPIOffline(  # /docs with Swagger UI's files from the fastapi-offline package: no CDN, works offline
         title="vip2clip",
         version=__version__,
@@ -114,13 +114,13 @@ def _protocol_with_header_timeout(seconds: float) -> type:
     return Protocol
 
 
-def make_server(predictor: Predictor, limits: ServeLimits | None = None, examples: list[Example] | None = None):
+def make_server(predictor: Predictor, *, limits: ServeLimits | None = None, examples: list[Example] | None = None):
     """A uvicorn.Server for the app (not yet running: `server.run(sockets=[listen(...)])`)."""
     import uvicorn
 
     limits = limits or ServeLimits()
     config = uvicorn.Config(
-        create_app(predictor, limits, examples),
+        create_app(predictor, limits=limits, examples=examples),
         http=_protocol_with_header_timeout(limits.header_timeout),
         log_config=None,  # uvicorn's records go through the CLI's logging set-up
         timeout_keep_alive=limits.keep_alive_timeout,  # type: ignore[arg-type]  (a float works)
@@ -151,11 +151,12 @@ def _saying_stopping(server):
 def serve(
     predictor: Predictor,
     sock: socket.socket,
+    *,
     limits: ServeLimits | None = None,
     examples: list[Example] | None = None,
 ) -> None:
     """Serve on the listening `sock` (see `listen`) until SIGINT/SIGTERM; prints the URL once it serves."""
-    server = make_server(predictor, limits, examples)
+    server = make_server(predictor, limits=limits, examples=examples)
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     start = server.startup

@@ -38,7 +38,7 @@ DISPLAY_SIDE = 768  # images are shown (not scored) at most this large
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ServeLimits:
     """max_upload_bytes: largest request body; max_pixels: largest image (checked from its header, before decoding);
     max_queue: requests admitted at once (uploading, waiting or running); header_timeout: seconds a connection may
@@ -225,7 +225,7 @@ def encode_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(rgb, mode="RGB")
 
 
-def prediction_payload(predictor: Predictor, image: Image.Image, images: bool = False) -> dict[str, Any]:
+def prediction_payload(predictor: Predictor, image: Image.Image, *, images: bool = False) -> dict[str, Any]:
     """Score, decision and thresholds of one RGB image; with `images`, the display PNGs as data URLs, at most
     DISPLAY_SIDE pixels: input, overlay (fixed 0..1 scale), encoded map, and the mask of the display-size map at the
     pixel threshold (the page's). ModelOutputError for a NaN or infinite output (fail closed)."""
@@ -238,7 +238,7 @@ def prediction_payload(predictor: Predictor, image: Image.Image, images: bool = 
     thresholds = predictor.thresholds
     payload: dict[str, Any] = {
         "pred_score": result.pred_score,
-        "pred_label": result.pred_label,
+        "pred_label": result.verdict,  # the API's word ("normal" / "anomalous"), not the boolean
         "max_pixel_score": result.max_pixel_score,
         "defect_area": result.defect_area,
         "width": image.width,
@@ -261,6 +261,6 @@ def prediction_payload(predictor: Predictor, image: Image.Image, images: bool = 
     return payload
 
 
-def predict_upload(predictor: Predictor, data: bytes, max_pixels: int, images: bool = False) -> dict[str, Any]:
+def predict_upload(predictor: Predictor, data: bytes, *, max_pixels: int, images: bool = False) -> dict[str, Any]:
     """Decode uploaded bytes (BadImageError / TooManyPixelsError) and predict: the job one request runs."""
-    return prediction_payload(predictor, decode_image_bytes(data, max_pixels), images)
+    return prediction_payload(predictor, decode_image_bytes(data, max_pixels), images=images)

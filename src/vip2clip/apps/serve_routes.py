@@ -55,7 +55,7 @@ router = APIRouter()
 class ApiError(Exception):
     """An answer `{"error": message}` with an HTTP status (and headers, e.g. Retry-After)."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
 
@@ -105,7 +105,7 @@ async def read_body(request: Request, limits: ServeLimits) -> bytes:
                     raise _too_large(limit)
     except TimeoutError:
         message = f"the upload did not arrive within {limits.body_timeout:g} s ({len(body)} bytes received)"
-        raise ApiError(408, message, {"Connection": "close"}) from None
+        raise ApiError(408, message, headers={"Connection": "close"}) from None
     return bytes(body)
 
 
@@ -131,7 +131,7 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass  # an unread body (/api/example): discarded
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ServeState:
     """What the routes share: the predictor, the limits, the job queue, the examples by name, the model's
     description and the colour bar's PNG."""
@@ -144,7 +144,7 @@ class ServeState:
     colour_bar: bytes
 
     @classmethod
-    def of(cls, predictor: Predictor, limits: ServeLimits | None = None, examples: list[Example] | None = None):
+    def of(cls, predictor: Predictor, *, limits: ServeLimits | None = None, examples: list[Example] | None = None):
         """The state of a server for `predictor` (default limits; the synthetic examples unless `examples`)."""
         limits = limits or ServeLimits()
         identity = predictor.identity.model
@@ -159,7 +159,14 @@ class ServeState:
             computation=ComputationInfo(**predictor.computation),
         )
         shown = synthetic_examples() if examples is None else examples
-        return cls(predictor, limits, JobQueue(limits.max_queue), {e.name: e for e in shown}, model, colour_bar_png())
+        return cls(
+            predictor=predictor,
+            limits=limits,
+            jobs=JobQueue(limits.max_queue),
+            examples={e.name: e for e in shown},
+            model=model,
+            colour_bar=colour_bar_png(),
+        )
 
 
 def state_of(request: Request) -> ServeState:
@@ -202,12 +209,12 @@ EXCEPTION_HANDLERS = (
 )
 
 
-async def answer(request: Request, response: Response, data: bytes, images: bool) -> Any:
+async def answer(request: Request, response: Response, *, data: bytes, images: bool) -> Any:
     """Run the job of one admitted request; the payload, or a never-delivered answer if the client left."""
     state = state_of(request)
     try:
         payload = await state.jobs.run(
-            lambda: predict_upload(state.predictor, data, state.limits.max_pixels, images),
+            lambda: predict_upload(state.predictor, data, max_pixels=state.limits.max_pixels, images=images),
             lambda: _wait_for_disconnect(request),
         )
     except TooManyPixelsError as error:
@@ -234,7 +241,7 @@ async def answer(request: Request, response: Response, data: bytes, images: bool
     openapi_extra={"requestBody": PREDICT_BODY},
     summary="Score one image",
 )
-async def predict(request: Request, response: Response, images: ImagesFlag = False) -> Any:
+async def predict(request: Request, response: Response, *, images: ImagesFlag = False) -> Any:
     """The image's anomaly score, decision, largest pixel score and defect area at the server's thresholds.
 
     Send the image's bytes as the body (`Content-Type: image/png`, `image/jpeg`, ... or
@@ -246,7 +253,7 @@ async def predict(request: Request, response: Response, images: ImagesFlag = Fal
             data = await read_body(request, state.limits)
         if kind == "multipart":
             data = await _multipart_file(request, data)
-        return await answer(request, response, data, images)
+        return await answer(request, response, data=data, images=images)
 
 
 @router.post(
@@ -255,12 +262,12 @@ async def predict(request: Request, response: Response, images: ImagesFlag = Fal
     responses=error_responses(404, 422, 500, 503),
     summary="Score a bundled example",
 )
-async def example(request: Request, response: Response, name: ExampleName, images: ImagesFlag = False) -> Any:
+async def example(request: Request, response: Response, *, name: ExampleName, images: ImagesFlag = False) -> Any:
     state = state_of(request)
     if name not in state.examples:
         raise ApiError(404, f"no example named {name!r}")
     with state.jobs.slot():
-        return await answer(request, response, state.examples[name].png, images)
+        return await answer(request, response, data=state.examples[name].png, images=images)
 
 
 @router.get("/api/examples", response_model=list[ExampleInfo], summary="The bundled synthetic examples")

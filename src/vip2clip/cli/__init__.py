@@ -113,4 +113,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         record_error(f"vip2clip {args.command}{where}: {type(error).__name__}: {error}")
         raise
     finally:
-        close(args.world, failed, outlive_peers=code != 0)  # rank 0 exits 1 after the others: not a failed rank
+        close(args.world, failed=failed, outlive_peers=code != 0)  # rank 0 exits 1 after the others: not a failed rank

@@ -103,7 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
         sock.close()
         raise
     try:
-        serve(predictor, sock, limits)
+        serve(predictor, sock, limits=limits)
     except KeyboardInterrupt:  # Ctrl+C, once uvicorn has closed the connections
         # Nothing is left to save, and the interpreter's teardown of torch and the model took 3-8 s: leave now.
         print("vip2clip serve: stopped", file=sys.stderr, flush=True)
@@ -118,5 +118,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     overrides = {"image_size": args.image_size, "epochs": args.epochs}
     config = DemoConfig(**{key: value for key, value in overrides.items() if value is not None})
-    run_offline_demo(args.out, args.backbone, args.clip_weights, args.device, config)
+    run_offline_demo(
+        args.out, backbone=args.backbone, clip_weights=args.clip_weights, device=args.device, config=config
+    )
     return 0

@@ -14,15 +14,16 @@ from typing import TYPE_CHECKING, Any
 from vip2clip.cli import CLIError
 from vip2clip.config import DEFAULT_BACKBONE
 from vip2clip.utils.distributed import LOCAL, World
+from vip2clip.utils.run_context import RunContext
 
 logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from vip2clip.inference.assembly import ModelSpec, PredictorSpec
-    from vip2clip.inference.mutual_rule import MutualRule
-    from vip2clip.inference.tiling import TileConfig
     from vip2clip.model.identity import ModelIdentity
     from vip2clip.model.vip2clip import ViP2CLIP
+    from vip2clip.scoring.mutual_rule import MutualRule
+    from vip2clip.scoring.tiling import TileConfig
     from vip2clip.utils.progress import Progress
 
 
@@ -34,7 +35,7 @@ PRECISION_HELP = (
 )
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, checkpoint: bool = True, precision: str = "fp32") -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, *, checkpoint: bool = True, precision: str = "fp32") -> None:
     """--backbone, --clip-weights, --random-init, --allow-other-clip-weights, --checkpoint, --image-size, --device,
     --precision (its default: `precision`, "auto" for the commands that deploy, "fp32" for the ones that measure),
     --compile."""
@@ -148,7 +149,7 @@ def add_tiling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def tiling_from_args(args: argparse.Namespace) -> TileConfig | None:
     """The TileConfig of --tile / --tile-overlap (None without --tile); CLIError for bad values."""
-    from vip2clip.inference.tiling import DEFAULT_OVERLAP, TileConfig
+    from vip2clip.scoring.tiling import DEFAULT_OVERLAP, TileConfig
 
     if args.tile is None:
         if args.tile_overlap is not None:
@@ -160,7 +161,7 @@ def tiling_from_args(args: argparse.Namespace) -> TileConfig | None:
         raise CLIError(f"--tile / --tile-overlap: {error}") from None
 
 
-def add_reference_arguments(parser: argparse.ArgumentParser, shots: bool = False, seed: bool = False) -> None:
+def add_reference_arguments(parser: argparse.ArgumentParser, *, shots: bool = False, seed: bool = False) -> None:
     """Reference images: --reference DIR (predict, calibrate, serve) or --shots K [--seed] (test, benchmark)."""
     group = parser.add_argument_group("reference images (few-shot; docs/few-shot.md)")
     if shots:
@@ -184,14 +185,14 @@ def add_reference_arguments(parser: argparse.ArgumentParser, shots: bool = False
 
 
 def reference_cache_from_args(args: argparse.Namespace) -> str:
-    from vip2clip.inference.references import default_cache_dir
+    from vip2clip.scoring.references import default_cache_dir
 
     return args.reference_cache or str(default_cache_dir())
 
 
 def add_mutual_arguments(parser: argparse.ArgumentParser, grouping: bool = False) -> None:
     """--mutual and its rule (predict, calibrate, test); --mutual-group (predict, calibrate)."""
-    from vip2clip.inference.mutual_rule import DEFAULT_GROUP, GROUPS, MutualRule
+    from vip2clip.scoring.mutual_rule import DEFAULT_GROUP, GROUPS, MutualRule
 
     default = MutualRule()
     group = parser.add_argument_group("batch zero-shot: images of a part score each other (docs/mutual.md)")
@@ -233,10 +234,12 @@ def mutual_from_args(args: argparse.Namespace) -> MutualRule | None:
     """The MutualRule of --mutual and its options (None without --mutual); CLIError for bad values."""
     if not getattr(args, "mutual", False):
         return None
-    from vip2clip.inference.mutual_rule import MutualRule
+    from vip2clip.scoring.mutual_rule import MutualRule
 
     try:
-        return MutualRule(args.mutual_share, args.mutual_others, args.mutual_weight, None, args.mutual_seed)
+        return MutualRule(
+            share=args.mutual_share, max_others=args.mutual_others, weight=args.mutual_weight, seed=args.mutual_seed
+        )
     except ValueError as error:
         raise CLIError(f"--mutual: {error}") from None
 
@@ -270,7 +273,7 @@ def holding_out_folder(command: str) -> Callable[[Callable[[argparse.Namespace],
 
             if not getattr(args, "out", None):
                 return run(args)
-            with exclusive_folder(args.out, f"vip2clip {command}", world_of(args).is_main):
+            with exclusive_folder(args.out, f"vip2clip {command}", take=world_of(args).is_main):
                 return run(args)
 
         return locked
@@ -290,6 +293,12 @@ def progress_for(args: argparse.Namespace) -> Progress:
         return tqdm(items, total=total, desc=desc, leave=False)
 
     return bars
+
+
+def run_context(args: argparse.Namespace) -> RunContext:
+    """The `run=` of the library calls a command makes: its progress bars (`progress_for`) and its process group
+    (`world_of`), built once per command."""
+    return RunContext(progress=progress_for(args), world=world_of(args))
 
 
 def model_spec_from_args(args: argparse.Namespace, **fixed: Any) -> ModelSpec:

@@ -51,7 +51,7 @@ def count_lines(index: DatasetIndex, split: str = "test") -> list[str]:
 
 def run_convert(args: argparse.Namespace) -> int:
     info = dataset_info(args.dataset)
-    result = convert_dataset(info.name, args.root, ConvertOptions(strict=args.strict, seed=args.seed))
+    result = convert_dataset(info.name, args.root, options=ConvertOptions(strict=args.strict, seed=args.seed))
     if args.check_images:
         report = validate_index(result.index)
         result.warnings += [finding.line() for finding in report.problems]

@@ -30,7 +30,7 @@ def _release_factory(args: argparse.Namespace, model, folder: Path):
     backbone's weights written to `folder` in OpenAI's layout), same image size, layers and heads' settings."""
     import torch
 
-    from vip2clip.evaluation.release_clone import ReleaseComputation
+    from vip2clip.paper.release_clone import ReleaseComputation
 
     width = model.backbone.clip.text_projection.shape[1]
     if width != RELEASE_WIDTH:
@@ -46,15 +46,20 @@ def _release_factory(args: argparse.Namespace, model, folder: Path):
     settings = {"n_ctx": config.n_context, "n_dynamic": config.n_dynamic, "top_k": config.top_k, "sigma": config.sigma}
     device = next(model.parameters()).device
     return lambda: ReleaseComputation(
-        args.release_dir, Path(weights), device, config.image_size, model.feature_layers, settings
+        args.release_dir,
+        Path(weights),
+        device=device,
+        image_size=config.image_size,
+        layers=model.feature_layers,
+        settings=settings,
     )
 
 
 def _comparability(args: argparse.Namespace, model, device_name: str) -> str | None:
     """The shared label (`evaluation.comparability`) of what keeps our costs from comparing with the paper's;
     random weights do not (a cost does not depend on the weights' values), size and device do."""
-    from vip2clip.evaluation.comparability import Comparability, compare_run
-    from vip2clip.evaluation.efficiency import PAPER_IMAGE_SIZE
+    from vip2clip.paper.comparability import Comparability, compare_run
+    from vip2clip.paper.efficiency import PAPER_IMAGE_SIZE
 
     run = compare_run({"backbone": model.backbone.name, "clip_weights": "any: costs do not depend on them"})
     reasons = list(run.reasons)
@@ -66,9 +71,9 @@ def _comparability(args: argparse.Namespace, model, device_name: str) -> str | N
 
 
 def run_efficiency(args: argparse.Namespace) -> int:
-    from vip2clip.evaluation.efficiency import measure, write_efficiency
-    from vip2clip.evaluation.paper import load_paper_numbers
-    from vip2clip.evaluation.release_clone import check_clone
+    from vip2clip.evaluation.paper_numbers import load_paper_numbers
+    from vip2clip.paper.efficiency import measure, write_efficiency
+    from vip2clip.paper.release_clone import check_clone
     from vip2clip.utils.measure import machine_description
 
     if world_of(args).distributed:
@@ -85,13 +90,20 @@ def run_efficiency(args: argparse.Namespace) -> int:
     device_name = machine.get("gpu", machine["cpu"])
     with tempfile.TemporaryDirectory(prefix="vip2clip-release-") as folder:
         release = _release_factory(args, model, Path(folder)) if args.release_dir is not None else None
-        costs, memory = measure(model, device_name, args.batch_size, args.repetitions, args.warmup, release)
+        costs, memory = measure(
+            model,
+            device_name=device_name,
+            batch_size=args.train_batch_size,
+            repetitions=args.repetitions,
+            warmup=args.warmup,
+            release=release,
+        )
     settings = {
         "comparability": _comparability(args, model, device_name),
         "image_size": model.config.image_size,
         "backbone": model.backbone.name,
         "precision": args.precision,
-        "batch_size": args.batch_size,
+        "batch_size": args.train_batch_size,  # the training step's batch (the file's key is unchanged)
         "repetitions": args.repetitions,
         "warmup": args.warmup,
         "memory": memory.kind,
@@ -104,7 +116,9 @@ def run_efficiency(args: argparse.Namespace) -> int:
         else "The release: its own CLIP, prompt learner (freshly initialised) and FGP from the clone, float32, on "
         "the same CLIP weights, image size and layers."
     )
-    written = write_efficiency(args.out, costs, load_paper_numbers("paper").efficiency, settings, note)
+    written = write_efficiency(
+        args.out, costs, paper=load_paper_numbers("paper").efficiency, settings=settings, note=note
+    )
     print(Path(written["markdown"]).read_text(encoding="utf-8"))
     print(f"efficiency: {written['markdown']} (+ .json)")
     return 0

@@ -18,10 +18,9 @@ from vip2clip.cli.common import (
     build_model,
     holding_out_folder,
     mutual_from_args,
-    progress_for,
     reference_cache_from_args,
+    run_context,
     tiling_from_args,
-    world_of,
 )
 from vip2clip.cli.explain import add_explain_argument, check_explain, explain_test
 from vip2clip.cli.train import add_train_arguments, train_config_from_args
@@ -84,12 +83,12 @@ def _eval_config(args: argparse.Namespace, classes: list[str] | None = None):
 
 def _check_shots(index, config) -> None:
     """--shots or --mutual that a class's images cannot serve is an error before any model is built or trained."""
-    from vip2clip.evaluation.scoring import check_mutual_classes, choose_shots
+    from vip2clip.evaluation.class_scoring import check_mutual_classes, choose_shots
 
     if config.shots:
-        choose_shots(index, list(config.classes or index.classes(config.split)), config.shots, config.seed)
+        choose_shots(index, list(config.classes or index.classes(config.split)), shots=config.shots, seed=config.seed)
     if config.mutual is not None:
-        check_mutual_classes(index, config.split, config.classes)
+        check_mutual_classes(index, split=config.split, classes=config.classes)
 
 
 def _add_paper_argument(parser: argparse.ArgumentParser, where: str) -> None:
@@ -103,7 +102,7 @@ def _add_paper_argument(parser: argparse.ArgumentParser, where: str) -> None:
 
 def _test_paper(args: argparse.Namespace, name: str):
     """The --reference of `test`, refused early when it has no numbers for the dataset being tested."""
-    from vip2clip.evaluation.paper import load_paper_numbers
+    from vip2clip.evaluation.paper_numbers import load_paper_numbers
 
     if not args.reference:
         return None
@@ -142,8 +141,9 @@ def run_test(args: argparse.Namespace) -> int:
     if not args.checkpoint and not is_untrained(args.backbone):
         raise CLIError("--checkpoint is required (a vip2clip or release checkpoint), or --backbone clip-zero-shot")
     config = _eval_config(args, args.classes)
-    check_explain(args, {"--tile": args.tile, "--shots": args.shots, "--mutual": args.mutual}, args.save_maps)
-    world = world_of(args)
+    check_explain(args, {"--tile": args.tile, "--shots": args.shots, "--mutual": args.mutual}, save_maps=args.save_maps)
+    run = run_context(args)
+    world = run.world
     with world.main_first():  # a native root is converted (and its index written) once
         index = resolve_index(args.data, args.dataset)
     _check_shots(index, config)
@@ -152,28 +152,29 @@ def run_test(args: argparse.Namespace) -> int:
     model, identity = build_model(args)
     out = Path(args.out)
     training = checkpoint_training(args.checkpoint, is_untrained(args.backbone))
-    overlap = count_test_overlap(training["digests"], index, config.split, config.classes, config.skip_bad)
+    overlap = count_test_overlap(
+        training["digests"], index, split=config.split, classes=config.classes, skip_bad=config.skip_bad
+    )
     note = overlap.note()
     record = {**training["record"], "zero_shot": overlap.to_dict()}
     result = evaluate_dataset(
         model,
         index,
-        out,
-        config,
-        name,
-        identity,
-        args.save_maps,
-        [note] if note else (),
-        progress_for(args),
-        world,
-        paper,
-        record,
+        out_dir=out,
+        config=config,
+        name=name,
+        identity=identity,
+        save_maps=args.save_maps,
+        notes=[note] if note else (),
+        run=run,
+        paper=paper,
+        training=record,
     )
     if not world.is_main:
         return 0
     print(class_table_markdown(result, name))
     if paper is not None:
-        print(class_paper_markdown(result, paper, name))
+        print(class_paper_markdown(result, paper, dataset=name))
     if note:
         print(f"note: {note}")
     print(f"results: {out / 'results.md'} (+ .csv, .json)")
@@ -182,7 +183,8 @@ def run_test(args: argparse.Namespace) -> int:
     if args.save_maps:
         print(f"panels: {out / 'maps'}")
     if args.explain:
-        explain_test(args, model, index, [c.name for c in result.classes], result.image_threshold)
+        classes = [c.name for c in result.classes]
+        explain_test(args, model, index=index, classes=classes, image_threshold=result.image_threshold)
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable file(s); listed in results.json")
     if config.shots:
@@ -256,7 +258,7 @@ def _register_benchmark(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run_benchmark)
 
 
-def refuse_overlaps(overlaps: dict, titles: dict[str, str], allow: bool) -> None:
+def refuse_overlaps(overlaps: dict, titles: dict[str, str], *, allow: bool) -> None:
     """CLIError naming every test dataset that holds training images, unless `allow`; the unknown case is
     said once (a warning)."""
     from vip2clip.data.zero_shot import UNKNOWN_NOTE
@@ -276,24 +278,23 @@ def refuse_overlaps(overlaps: dict, titles: dict[str, str], allow: bool) -> None
         logger.warning("%s", UNKNOWN_NOTE)
 
 
-def _train_for_benchmark(args: argparse.Namespace, index, sources, out: Path, seed: int):
+def _train_for_benchmark(args: argparse.Namespace, index, *, sources, out: Path, seed: int):
     """Train a fresh model on the --train data; returns (model, checkpoint path, training record)."""
     from dataclasses import replace
 
     from vip2clip.training.loop import train
 
-    config, world = replace(train_config_from_args(args), seed=seed), world_of(args)
+    config = replace(train_config_from_args(args), seed=seed)
     if args.seeds and config.cache_dir is None:  # the seeds' runs read one feature cache
         config = replace(config, cache_dir=str(Path(args.out) / "feature_cache"))
     model, _ = build_model(args, seed=config.seed)  # seeded like `vip2clip train`
     result = train(
         model,
         index,
-        out / "train",
-        config,
-        progress=progress_for(args),
+        out_dir=out / "train",
+        config=config,
         overwrite=args.overwrite,
-        world=world,
+        run=run_context(args),
         sources=sources,
     )
     record = {
@@ -332,7 +333,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     from vip2clip.cli.train import load_training_sources, split_specs
     from vip2clip.data.zero_shot import TrainedImages, count_test_overlap, index_digests
     from vip2clip.evaluation.benchmark import benchmark_datasets, check_test_folders, load_dataset, parse_dataset_spec
-    from vip2clip.evaluation.paper import load_paper_numbers
+    from vip2clip.evaluation.paper_numbers import load_paper_numbers
     from vip2clip.evaluation.reports import benchmark_table_markdown
     from vip2clip.model.identity import ModelIdentity
 
@@ -348,7 +349,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     tests = [parse_dataset_spec(text) for text in args.test]
     check_test_folders(tests)
     config = _eval_config(args)
-    out, world = Path(args.out), world_of(args)
+    out, run = Path(args.out), run_context(args)
+    world = run.world
     plan = _benchmark_plan(args, out)
     with world.main_first():
         indexes = [(spec, load_dataset(spec)) for spec in tests]  # all errors in the data before training
@@ -360,10 +362,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
     else:
         for text in train_texts:
             parse_dataset_spec(text)  # NAME=ROOT, as --test
-        index, sources = load_training_sources(train_texts, None, "test", world)
+        index, sources = load_training_sources(train_texts, dataset=None, split="test", world=world)
         trained = TrainedImages(set(index_digests(index, "test", skip_bad=args.skip_bad)))
-    overlaps = {spec.folder: count_test_overlap(trained, idx, "test", None, args.skip_bad) for spec, idx in indexes}
-    refuse_overlaps(overlaps, {spec.folder: spec.title for spec in tests}, args.allow_overlap)
+    overlaps = {spec.folder: count_test_overlap(trained, idx, skip_bad=args.skip_bad) for spec, idx in indexes}
+    refuse_overlaps(overlaps, {spec.folder: spec.title for spec in tests}, allow=args.allow_overlap)
     runs = {}
     for seed, folder in plan:
         if args.checkpoint or untrained:
@@ -371,27 +373,26 @@ def run_benchmark(args: argparse.Namespace) -> int:
             names = "+".join(parse_dataset_spec(text).title for text in train_texts) or None
             record = {"name": names, "trained": False, **training["record"]}
         else:
-            model, checkpoint, record = _train_for_benchmark(args, index, sources, folder, seed)
+            model, checkpoint, record = _train_for_benchmark(args, index, sources=sources, out=folder, seed=seed)
             identity = ModelIdentity.of(model, checkpoint)
         runs[seed] = benchmark_datasets(
             model,
             indexes,
-            folder,
-            config,
-            identity,
-            record,
-            args.save_maps,
-            progress_for(args),
-            paper,
-            world,
-            overlaps,
+            out_dir=folder,
+            config=config,
+            identity=identity,
+            training=record,
+            save_maps=args.save_maps,
+            run=run,
+            paper=paper,
+            overlaps=overlaps,
         )
     if not world.is_main:
         return 0
     if args.seeds:
-        from vip2clip.evaluation.seeds import seeds_table_markdown, write_seed_benchmark
+        from vip2clip.paper.seeds import seeds_table_markdown, write_seed_benchmark
 
-        write_seed_benchmark(out, runs, paper)
+        write_seed_benchmark(out, runs, reference=paper)
         print(seeds_table_markdown(runs, paper))
     else:
         print(benchmark_table_markdown(runs[plan[0][0]], paper=paper))

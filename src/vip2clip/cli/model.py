@@ -115,7 +115,7 @@ def run_download(args: argparse.Namespace) -> int:
     entry = get_pretrained(args.tag)
     if args.source_file is None and not entry.path.is_file():
         print(f"fetching {args.url or entry.url} ...")
-    path = download_pretrained(args.tag, args.source_file, args.url)
+    path = download_pretrained(args.tag, source_file=args.source_file, url=args.url)
     flag = "--clip-weights" if entry.kind == "clip" else "--checkpoint"
     print(f"{args.tag}: {path} ({entry.expected_hash} verified)")
     print(f"use it: {flag} {args.tag}")
@@ -133,8 +133,8 @@ def run_convert_checkpoint(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from vip2clip.inference.onnx_engine import MissingDependencyError
-    from vip2clip.inference.onnx_export import export_onnx
+    from vip2clip.onnx.engine import MissingDependencyError
+    from vip2clip.onnx.export import export_onnx
 
     if args.precision not in ("auto", "fp32") or args.compile:
         raise CLIError(

@@ -25,8 +25,7 @@ from vip2clip.cli.common import (
     add_tiling_arguments,
     holding_out_folder,
     predictor_spec_from_args,
-    progress_for,
-    world_of,
+    run_context,
 )
 from vip2clip.cli.explain import add_explain_argument, check_explain, explain_predictions
 
@@ -97,8 +96,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def build_predictor(args: argparse.Namespace, thresholds: bool = True) -> Predictor:
     """The Predictor of the parsed options (`Predictor.from_spec`): model (or the --onnx engine), tiling,
     references and (thresholds=True) the decision thresholds."""
-    from vip2clip.inference.onnx_engine import MissingDependencyError
     from vip2clip.inference.predictor import Predictor
+    from vip2clip.onnx.engine import MissingDependencyError
 
     try:
         predictor = Predictor.from_spec(predictor_spec_from_args(args, decide=thresholds))
@@ -134,18 +133,23 @@ def _print_groups(groups: list[dict]) -> None:
 
 @holding_out_folder("predict")
 def run_predict(args: argparse.Namespace) -> int:
-    from vip2clip.inference.folder_run import OutputOptions, predict_folder
+    from vip2clip.runs.folder_run import OutputOptions, predict_folder
 
     conflicting = {"--tile": args.tile, "--reference": args.reference, "--onnx": args.onnx, "--mutual": args.mutual}
     check_explain(args, conflicting)
-    world = world_of(args)
+    run = run_context(args)
     predictor = build_predictor(args)
     options = OutputOptions(args.overlays, args.panels, args.raw_maps)
-    mutual_group = args.mutual_group
     summary = predict_folder(
-        predictor, args.paths, args.out, args.overwrite, options, progress_for(args), world, mutual_group
+        predictor,
+        args.paths,
+        out_dir=args.out,
+        overwrite=args.overwrite,
+        options=options,
+        run=run,
+        mutual_group=args.mutual_group,
     )
-    if not world.is_main:  # the same exit code on every rank
+    if not run.world.is_main:  # the same exit code on every rank
         return 0 if summary.complete else 1
     for note in summary.scan.notes():
         print(f"note: {note}")
@@ -175,15 +179,20 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    from vip2clip.inference.folder_calibrate import calibrate_folder
+    from vip2clip.runs.folder_calibrate import calibrate_folder
 
-    predictor, world = build_predictor(args, thresholds=False), world_of(args)
+    predictor, run = build_predictor(args, thresholds=False), run_context(args)
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always" if world.is_main else "ignore", UserWarning)
+        warnings.simplefilter("always" if run.world.is_main else "ignore", UserWarning)
         calibration, failed, scan = calibrate_folder(
-            predictor, args.paths, args.quantile, args.pixel_quantile, progress_for(args), world, args.mutual_group
+            predictor,
+            args.paths,
+            image_quantile=args.quantile,
+            pixel_quantile=args.pixel_quantile,
+            run=run,
+            mutual_group=args.mutual_group,
         )
-    if not world.is_main:
+    if not run.world.is_main:
         return 0
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)

@@ -13,7 +13,7 @@ from vip2clip.cli.common import (
     add_progress_argument,
     holding_out_folder,
     model_spec_from_args,
-    progress_for,
+    run_context,
     world_of,
 )
 from vip2clip.cli.efficiency import add_efficiency_arguments, run_efficiency
@@ -81,7 +81,7 @@ def _datasets(args: argparse.Namespace, study):
     from dataclasses import replace
 
     from vip2clip.evaluation.benchmark import load_dataset, parse_dataset_spec
-    from vip2clip.evaluation.studies import Direction
+    from vip2clip.paper.studies import Direction
 
     if (args.train is None) != (args.test is None):
         raise CLIError("--train and --test go together (a protocol of your own); without them: --data")
@@ -139,9 +139,9 @@ def _factory(args: argparse.Namespace):
 @holding_out_folder("study")
 def run(args: argparse.Namespace) -> int:
     from vip2clip.evaluation.results import EvalConfig
-    from vip2clip.evaluation.studies import EFFICIENCY, describe_studies
-    from vip2clip.evaluation.study import StudyPlan, run_study, select_seeds
-    from vip2clip.evaluation.study_report import write_study
+    from vip2clip.paper.studies import EFFICIENCY, describe_studies
+    from vip2clip.paper.study import StudyPlan, run_study, select_seeds
+    from vip2clip.paper.study_report import write_study
 
     if args.list:
         print(describe_studies())
@@ -154,28 +154,37 @@ def run(args: argparse.Namespace) -> int:
     check_top_k(args, variants)
     seeds = select_seeds(args.seeds, args.seed)
     study, indexes, titles = _datasets(args, study)
-    world = world_of(args)
+    run = run_context(args)
     settings = run_settings(args)
     plan = StudyPlan(
-        study,
-        variants,
-        seeds,
-        indexes,
-        train_config_from_args(args),
-        EvalConfig(
+        study=study,
+        variants=variants,
+        seeds=seeds,
+        datasets=indexes,
+        train_config=train_config_from_args(args),
+        eval_config=EvalConfig(
             batch_size=args.eval_batch_size,
             num_workers=args.num_workers,
             skip_bad=args.skip_bad,
             map_dtype=args.map_dtype,
             cache_dtype=args.cache_dtype,
         ),
-        settings,
+        settings=settings,
     )
-    results = run_study(plan, args.out, _factory(args), args.overwrite, progress_for(args), world)
-    if not world.is_main:
+    results = run_study(plan, args.out, build=_factory(args), overwrite=args.overwrite, run=run)
+    if not run.world.is_main:
         return 0
-    comparison, notes = report_context(settings, study, indexes)
-    written = write_study(args.out, study, variants, seeds, results, titles, comparison=comparison, notes=notes)
+    comparison, notes = report_context(settings, study, indexes=indexes)
+    written = write_study(
+        args.out,
+        study,
+        variants=variants,
+        seeds=seeds,
+        results=results,
+        titles=titles,
+        comparison=comparison,
+        notes=notes,
+    )
     print(Path(written["markdown"]).read_text(encoding="utf-8"))
     print(f"study: {written['markdown']} (+ .csv, .json)")
     if "figure" in written:

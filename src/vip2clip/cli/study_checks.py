@@ -13,8 +13,8 @@ from vip2clip.cli import CLIError
 
 if TYPE_CHECKING:
     from vip2clip.data.index import DatasetIndex
-    from vip2clip.evaluation.comparability import Comparability
-    from vip2clip.evaluation.studies import Study, Variant
+    from vip2clip.paper.comparability import Comparability
+    from vip2clip.paper.studies import Study, Variant
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def add_study_mode_arguments(parser: argparse.ArgumentParser) -> None:
 def chosen_study(args: argparse.Namespace) -> tuple[Study, tuple[Variant, ...]]:
     """The study (the Top-K study as a test-time sweep with --top-k-at-test) and the variants --variants names;
     CLIError for --variants naming none."""
-    from vip2clip.evaluation.studies import get_study, top_k_at_test_time
+    from vip2clip.paper.studies import get_study, top_k_at_test_time
 
     study = get_study(args.name)
     if args.top_k_at_test:
@@ -90,15 +90,15 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def report_context(
-    settings: Mapping[str, Any], study: Study, indexes: Mapping[str, DatasetIndex], split: str = "test"
+    settings: Mapping[str, Any], study: Study, *, indexes: Mapping[str, DatasetIndex], split: str = "test"
 ) -> tuple[Comparability, list[str]]:
     """(what of the run may be compared with the paper, the notes under its table: empty classes)."""
-    from vip2clip.evaluation.comparability import compare_run
-    from vip2clip.evaluation.paper import load_paper_numbers
+    from vip2clip.evaluation.paper_numbers import load_paper_numbers
+    from vip2clip.paper.comparability import compare_run
 
     tests = [name for direction in study.protocol for name in direction.tests]
     classes = {name: indexes[name].classes(split) for name in tests}
-    comparison = compare_run(settings, classes, load_paper_numbers("paper"))
+    comparison = compare_run(settings, classes, reference=load_paper_numbers("paper"))
     notes = []
     for name in dict.fromkeys(tests):
         empty = [cls for cls, samples in indexes[name].splits.get(split, {}).items() if not samples]

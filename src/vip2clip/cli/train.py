@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,8 +16,7 @@ from vip2clip.cli.common import (
     add_progress_argument,
     build_model,
     holding_out_folder,
-    progress_for,
-    world_of,
+    run_context,
 )
 from vip2clip.config import TrainConfig
 from vip2clip.utils.distributed import World
@@ -54,15 +54,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+class _OldTrainingBatchFlag(argparse.Action):
+    """--batch-size of train, benchmark and study, where it was the training batch: accepted as --train-batch-size
+    with a notice on stderr while it lasts, so that the flag gets one meaning: the inference batch (test, predict)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: Any = None
+    ) -> None:
+        print(
+            f"{option_string} is now --train-batch-size in `{parser.prog}` (the training batch); the old spelling "
+            "will go",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
 def add_train_arguments(parser: argparse.ArgumentParser, data_loading: bool = True) -> None:
-    """The `TrainConfig` options, shared by `vip2clip train` and `vip2clip benchmark` (same names, same defaults).
+    """The `TrainConfig` options, shared by `vip2clip train`, `benchmark` and `study` (same names, same defaults).
 
     data_loading=False leaves out --skip-bad and --num-workers, for a command that already declares them with
     the same meaning for its other work (the benchmark's evaluation options); they then serve both.
     """
     group = parser.add_argument_group("training (defaults: the release's)")
     group.add_argument("--epochs", type=int, default=_DEFAULTS.epochs)
-    group.add_argument("--batch-size", type=int, default=_DEFAULTS.batch_size, help="training images per step")
+    group.add_argument(
+        "--train-batch-size", type=int, default=_DEFAULTS.batch_size, metavar="N", help="training images per step"
+    )
+    group.add_argument(
+        "--batch-size",
+        dest="train_batch_size",
+        type=int,
+        action=_OldTrainingBatchFlag,
+        default=argparse.SUPPRESS,
+        metavar="N",
+        help="deprecated spelling of --train-batch-size (the training batch here; it will go): --batch-size is the "
+        "inference batch of test, predict, calibrate and serve",
+    )
     group.add_argument(
         "--lr",
         "--lr-prompt",
@@ -90,7 +117,7 @@ def train_config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The TrainConfig of options added by `add_train_arguments` (ValueError for out-of-range values)."""
     return TrainConfig(
         epochs=args.epochs,
-        batch_size=args.batch_size,
+        batch_size=args.train_batch_size,
         lr_prompt=args.lr_prompt,
         lr_fgp=args.lr_fgp,
         seed=args.seed,
@@ -126,7 +153,7 @@ def _refuse_same_names(loaded: Sequence[tuple[str, Any, str]]) -> None:
 
 
 def load_training_sources(
-    texts: Sequence[str], dataset: str | None, split: str, world: World
+    texts: Sequence[str], *, dataset: str | None, split: str, world: World
 ) -> tuple[DatasetIndex, list[dict[str, Any]]]:
     """The training index of one or several --data/--train values (ROOT or NAME=ROOT) and the record of the
     sources with their image counts (several are merged: `data.sources.merge_sources`)."""
@@ -152,7 +179,7 @@ def load_training_sources(
     loaded = [(name, index) for name, index, _ in loaded]
     if len(loaded) == 1:
         name, index = loaded[0]
-        return index, [source_counts(name, index, split).to_dict()]
+        return index, [source_counts(name, index, split=split).to_dict()]
     merged = merge_sources(loaded, split)  # logs duplicates and differing image sizes
     return merged.index, merged.describe()
 
@@ -161,21 +188,21 @@ def load_training_sources(
 def run(args: argparse.Namespace) -> int:
     from vip2clip.training.loop import earlier_run, train
 
-    config = train_config_from_args(args)
-    world = world_of(args)
-    earlier_run(Path(args.out), args.resume, args.overwrite)  # refuse before the slow part: loading the model
-    index, sources = load_training_sources(args.data, args.dataset, args.split, world)
+    config, context = train_config_from_args(args), run_context(args)
+    world = context.world
+    # refuse before the slow part: loading the model
+    earlier_run(Path(args.out), resume=args.resume, overwrite=args.overwrite)
+    index, sources = load_training_sources(args.data, dataset=args.dataset, split=args.split, world=world)
     model, _ = build_model(args, seed=config.seed)
     result = train(
         model,
         index,
-        args.out,
-        config,
-        args.split,
-        args.resume,
-        progress_for(args),
+        out_dir=args.out,
+        config=config,
+        split=args.split,
+        resume=args.resume,
         overwrite=args.overwrite,
-        world=world,
+        run=context,
         sources=sources,
     )
     if not world.is_main:

@@ -44,6 +44,7 @@ class AnomalyDataset(Dataset):
         self,
         index: DatasetIndex,
         split: str = "test",
+        *,
         classes: Sequence[str] | None = None,
         image_size: int = 518,
         skip_bad: bool = False,

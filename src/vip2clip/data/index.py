@@ -30,7 +30,7 @@ class IndexFormatError(ValueError):
     """A meta.json that cannot be read as an index; the message names the file and the problem."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Sample:
     """One image of the index. `mask_path` is "" when there is no mask; `anomaly` is 0 or 1."""
 
@@ -191,7 +191,7 @@ def _parse_sample(raw: Any, cls_key: str, where: str) -> Sample:
     )
 
 
-def parse_index(data: Any, root: str | Path, source: str = INDEX_NAME) -> DatasetIndex:
+def parse_index(data: Any, root: str | Path, *, source: str = INDEX_NAME) -> DatasetIndex:
     """Decoded meta.json content -> DatasetIndex (lenient; see the module docstring). `source` names errors."""
     if not isinstance(data, Mapping):
         raise IndexFormatError(f"{source}: expected a JSON object of splits, got {type(data).__name__}")

@@ -106,7 +106,7 @@ def _convert_or_descend(info: ConverterInfo, root: Path, options: ConvertOptions
         inner = info.convert(wrapper, options)
     except ValueError:
         raise failure from None  # the wrapper holds no dataset either: the error about the root the user gave
-    rebased = Conversion(root, warnings=inner.warnings, notes=inner.notes)
+    rebased = Conversion(root=root, warnings=inner.warnings, notes=inner.notes)
     prefix = wrapper.name
     for split, samples in (("train", inner.train), ("test", inner.test)):
         getattr(rebased, split).extend(
@@ -117,7 +117,7 @@ def _convert_or_descend(info: ConverterInfo, root: Path, options: ConvertOptions
     return rebased
 
 
-def convert_dataset(name: str, root: str | Path, options: ConvertOptions | None = None) -> ConversionResult:
+def convert_dataset(name: str, root: str | Path, *, options: ConvertOptions | None = None) -> ConversionResult:
     """Run a converter on a native-layout root. With `options.strict`, any warning is an error (ValueError)."""
     options = options or ConvertOptions()
     info = dataset_info(name)

@@ -30,7 +30,7 @@ from vip2clip.utils.hashing import file_sha256
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SourceCount:
     """One source of a training set: its name, root, the images it contributes (normal / anomalous) and the
     images left out because an earlier source holds the same bytes."""
@@ -70,11 +70,11 @@ class MergedSources:
         return [source.to_dict() for source in self.sources]
 
 
-def source_counts(name: str, index: DatasetIndex, split: str) -> SourceCount:
+def source_counts(name: str, index: DatasetIndex, *, split: str) -> SourceCount:
     """The counts of one dataset used alone (no hashing, no size reading)."""
     samples = index.samples(split)
     anomalous = sum(1 for sample in samples if sample.anomaly)
-    return SourceCount(name, str(index.root), len(samples) - anomalous, anomalous)
+    return SourceCount(name=name, root=str(index.root), normal=len(samples) - anomalous, anomalous=anomalous)
 
 
 def _absolute(index: DatasetIndex, path: str) -> str:
@@ -139,7 +139,14 @@ def merge_sources(sources: Sequence[tuple[str, DatasetIndex]], split: str = "tes
         anomalous = sum(1 for sample in kept if sample.anomaly)
         sizes = _size_summary([sample.img_path for sample in kept])
         counts.append(
-            SourceCount(name, str(index.root), len(kept) - anomalous, anomalous, sum(duplicates.values()), sizes)
+            SourceCount(
+                name=name,
+                root=str(index.root),
+                normal=len(kept) - anomalous,
+                anomalous=anomalous,
+                duplicates=sum(duplicates.values()),
+                sizes=sizes,
+            )
         )
         merged.extend(kept)
     if len({count.sizes[:1] for count in counts if count.sizes}) > 1:

@@ -36,7 +36,7 @@ _DEFECT_COLOURS = {"scratch": (0.95, 0.95, 0.95), "blob": (1.0, 0.92, 0.65), "st
 _SPLIT_CODES = {"train": 0, "test": 1}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SynthConfig:
     """What `generate_benchmark` builds; validated on creation."""
 
@@ -64,7 +64,7 @@ class SynthConfig:
         return [f"{prefix}_{k}" for k in range(self.classes)]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class _ClassLook:
     """Per-class appearance: palette, sinusoid frequencies/orientations and (structured) the object shape."""
 
@@ -118,7 +118,7 @@ def _object_mask(shape: str, size: int, rng: np.random.Generator) -> np.ndarray:
     return distance < radius
 
 
-def normal_image(look: _ClassLook, style: str, size: int, rng: np.random.Generator) -> np.ndarray:
+def normal_image(look: _ClassLook, style: str, *, size: int, rng: np.random.Generator) -> np.ndarray:
     """A defect-free image, float [S, S, 3] with every value in [0, _NORMAL_MAX]."""
     if style == "textured":
         weight = _waves(look, size, rng, amplitude=0.5)[..., None]
@@ -178,7 +178,7 @@ def _defect_mask(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
             return mask
 
 
-def add_defect(pixels: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def add_defect(pixels: np.ndarray, kind: str, *, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Paint one defect of `kind` on float [S, S, 3]; returns (new pixels [S, S, 3], bool mask [S, S])."""
     size = pixels.shape[0]
     mask = _defect_mask(kind, size, rng)
@@ -220,27 +220,28 @@ def _write_class(out_dir: Path, config: SynthConfig, class_id: int, name: str) -
         for i in range(count):
             relative = f"{name}/{split}/good/{i:03d}.png"
             atomic_save_image(
-                _to_image(normal_image(look, config.style, size, image_rng(split, i))), out_dir / relative
+                _to_image(normal_image(look, config.style, size=size, rng=image_rng(split, i))), out_dir / relative
             )
-            samples.append(Sample(relative, "", name, "good", 0))
+            samples.append(Sample(img_path=relative, mask_path="", cls_name=name, specie_name="good", anomaly=0))
     per_kind: dict[str, int] = {}
     for j in range(config.n_test_defect):
         kind = DEFECT_KINDS[j % len(DEFECT_KINDS)]
         number = per_kind[kind] = per_kind.get(kind, -1) + 1
         rng = image_rng("test", 1000 + j)
-        pixels, mask = add_defect(normal_image(look, config.style, size, rng), kind, rng)
+        pixels, mask = add_defect(normal_image(look, config.style, size=size, rng=rng), kind, rng=rng)
         relative, mask_relative = (
             f"{name}/test/{kind}/{number:03d}.png",
             f"{name}/ground_truth/{kind}/{number:03d}_mask.png",
         )
         atomic_save_image(_to_image(pixels), out_dir / relative)
         atomic_save_image(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)), out_dir / mask_relative)
-        test.append(Sample(relative, mask_relative, name, kind, 1))
+        test.append(Sample(img_path=relative, mask_path=mask_relative, cls_name=name, specie_name=kind, anomaly=1))
     return train, test
 
 
 def generate_benchmark(
     out_dir: str | Path,
+    *,
     classes: int = 2,
     seed: int = 0,
     image_size: int = 128,
@@ -254,7 +255,15 @@ def generate_benchmark(
     Defect kinds cycle through DEFECT_KINDS (scratch, blob, patch, stain). Deterministic for a seed.
     Raises ValueError for bad arguments or a non-empty `out_dir` that is not an earlier benchmark.
     """
-    config = SynthConfig(classes, seed, image_size, n_train_good, n_test_good, n_test_defect, style)
+    config = SynthConfig(
+        classes=classes,
+        seed=seed,
+        image_size=image_size,
+        n_train_good=n_train_good,
+        n_test_good=n_test_good,
+        n_test_defect=n_test_defect,
+        style=style,
+    )
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,7 @@ def resize_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def resized_map_strips(
-    anomaly_map: np.ndarray, size: tuple[int, int], strip_pixels: int = STRIP_PIXELS
+    anomaly_map: np.ndarray, size: tuple[int, int], *, strip_pixels: int = STRIP_PIXELS
 ) -> Iterator[tuple[int, np.ndarray]]:
     """`resize_map(anomaly_map, size)` as (first row, float32 [rows, width]) strips of about `strip_pixels`, top
     to bottom, with the same numbers (every value is computed from its own taps): a picture drawn strip by strip

@@ -176,7 +176,7 @@ def check_index(index: DatasetIndex, listed: int = 10) -> None:
     )
 
 
-def validate_index(index: DatasetIndex, decode: bool = True, workers: int = 4) -> ValidationReport:
+def validate_index(index: DatasetIndex, *, decode: bool = True, workers: int = 4) -> ValidationReport:
     """Check every sample of every split against the files under `index.root`."""
     report = ValidationReport(
         source=str(index.root / INDEX_NAME),

@@ -97,6 +97,7 @@ def training_digests(meta: Mapping[str, Any]) -> TrainedImages | None:
 def index_digests(
     index: DatasetIndex,
     split: str = "test",
+    *,
     classes: Sequence[str] | None = None,
     hashed: str = PIXELS,
     skip_bad: bool = True,
@@ -118,6 +119,7 @@ def index_digests(
 def count_test_overlap(
     trained: TrainedImages | None,
     index: DatasetIndex,
+    *,
     split: str = "test",
     classes: Sequence[str] | None = None,
     skip_bad: bool = True,
@@ -126,8 +128,8 @@ def count_test_overlap(
     unknown, and no image is decoded), compared by what the checkpoint digested (pixels; bytes for an older one)."""
     if trained is None:
         return Overlap(None, len(index.samples(split, classes)))
-    digests = index_digests(index, split, classes, trained.hashed, skip_bad)
-    return count_overlap(digests, trained.digests, trained.hashed)
+    digests = index_digests(index, split, classes=classes, hashed=trained.hashed, skip_bad=skip_bad)
+    return count_overlap(digests, trained.digests, hashed=trained.hashed)
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class Overlap:
         }
 
 
-def count_overlap(test_digests: Sequence[str], trained: set[str] | None, hashed: str = PIXELS) -> Overlap:
+def count_overlap(test_digests: Sequence[str], trained: set[str] | None, *, hashed: str = PIXELS) -> Overlap:
     """The overlap of test images (their digests of kind `hashed`, one per image) with a training set (None:
     unknown)."""
     if trained is None:

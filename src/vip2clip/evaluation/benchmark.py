@@ -5,7 +5,7 @@
 that for each test dataset in OUT/NAME/ and writes the combined Table 1/2-style OUT/benchmark.{md,csv,json}.
 Training (when no checkpoint is given) is the caller's business (`vip2clip.training.loop.train`), so that the same
 functions serve `vip2clip test`, `vip2clip benchmark` and the demo. Under torchrun every rank calls them with its
-`world`; rank 0 writes the files.
+`run` (`RunContext`: the progress bars and the process group); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -23,17 +23,17 @@ from vip2clip import __version__
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.registry import DATASETS, dataset_info, resolve_index
 from vip2clip.data.zero_shot import UNKNOWN_NOTE, Overlap
+from vip2clip.evaluation.class_scoring import evaluated_identity
 from vip2clip.evaluation.evaluate import evaluate
-from vip2clip.evaluation.paper import PaperNumbers
+from vip2clip.evaluation.paper_numbers import PaperNumbers
 from vip2clip.evaluation.reports import BenchmarkEntry, write_benchmark, write_results, write_scores
 from vip2clip.evaluation.results import EvalConfig, EvaluationResult
-from vip2clip.evaluation.scoring import evaluated_identity
 from vip2clip.inference.calibration import METHOD_F1, make_calibration
 from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.utils.distributed import LOCAL, World
-from vip2clip.utils.progress import Progress, silent
+from vip2clip.utils.run_context import LOCAL_RUN, RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +105,14 @@ def load_dataset(spec: DatasetSpec) -> DatasetIndex:
     return resolve_index(spec.root, spec.name if spec.registered else None)
 
 
-def run_context(
-    model: ViP2CLIP, identity: ModelIdentity, dataset: Mapping[str, Any], config: EvalConfig, world: World = LOCAL
+def recorded_context(
+    model: ViP2CLIP, identity: ModelIdentity, *, dataset: Mapping[str, Any], config: EvalConfig, world: World = LOCAL
 ) -> dict[str, Any]:
     """What a results file records about how it was made: package, model identity (with the tiling and the
     few-shot protocol of `config`), dataset, protocol, and how many processes on which kind of device ran it."""
-    identity = evaluated_identity(identity, config.tiling, config.shots, config.seed, config.mutual)
+    identity = evaluated_identity(
+        identity, tiling=config.tiling, shots=config.shots, seed=config.seed, mutual=config.mutual
+    )
     return {
         "vip2clip_version": __version__,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -138,7 +140,7 @@ _UNDEFINED_REASON = {
 }
 
 
-def write_calibration(path: Path, identity: PredictorIdentity, result: EvaluationResult) -> Path | None:
+def write_calibration(path: Path, *, identity: PredictorIdentity, result: EvaluationResult) -> Path | None:
     """calibration.json with the F1-optimal thresholds, null for an undefined one (an image-level-only dataset
     has no pixel threshold, an all-anomalous one no image threshold), with a warning; None (not written) when
     both are undefined."""
@@ -170,14 +172,14 @@ def write_calibration(path: Path, identity: PredictorIdentity, result: Evaluatio
 def evaluate_dataset(
     model: ViP2CLIP,
     index: DatasetIndex,
+    *,
     out_dir: str | Path,
     config: EvalConfig,
     name: str,
     identity: ModelIdentity,
     save_maps: bool = False,
     notes: Sequence[str] = (),
-    progress: Progress = silent,
-    world: World = LOCAL,
+    run: RunContext = LOCAL_RUN,
     paper: PaperNumbers | None = None,
     training: Mapping[str, Any] | None = None,
 ) -> EvaluationResult:
@@ -188,13 +190,14 @@ def evaluate_dataset(
     `notes` go into results.md and results.json; a note on random backbone weights is added automatically.
     paper: numbers to compare with per class and for the mean (`name` is looked up in it).
     training: what the model was trained on and its overlap with these test images (`data.zero_shot`), recorded
-    in results.json as "training".
+    in results.json as "training". run: the progress bars and, under torchrun, the process group (every rank calls
+    this; rank 0 writes the files).
     """
     out_dir = Path(out_dir)
     if save_maps:
         config = replace(config, panels_dir=out_dir / MAPS_DIR)
-    result = evaluate(model, index, config, progress, world)
-    if not world.is_main:
+    result = evaluate(model, index, config=config, run=run)
+    if not run.world.is_main:
         return result
     dataset = {"name": name, "root": str(index.root), "split": config.split}
     if model.backbone.weights_source.startswith("random"):
@@ -214,13 +217,15 @@ def evaluate_dataset(
             f"mutual scoring: each class's test images scored each other (at most {rule.max_others} "
             f"others per image, share {rule.share}, weight {rule.weight}), not zero-shot.",
         ]
-    context = run_context(model, identity, dataset, config, world)
+    context = recorded_context(model, identity, dataset=dataset, config=config, world=run.world)
     if training is not None:
         context["training"] = dict(training)
-    write_results(out_dir, result, context, title=name, notes=notes, paper=paper, dataset=name)
+    write_results(out_dir, result, context=context, title=name, notes=notes, paper=paper, dataset=name)
     write_scores(out_dir / SCORES_NAME, result)
-    evaluated = evaluated_identity(identity, config.tiling, config.shots, config.seed, config.mutual)
-    write_calibration(out_dir / CALIBRATION_NAME, evaluated, result)
+    evaluated = evaluated_identity(
+        identity, tiling=config.tiling, shots=config.shots, seed=config.seed, mutual=config.mutual
+    )
+    write_calibration(out_dir / CALIBRATION_NAME, identity=evaluated, result=result)
     for path, reason in result.skipped:
         logger.warning("skipped %s: %s", path, reason)
     return result
@@ -229,14 +234,14 @@ def evaluate_dataset(
 def benchmark_datasets(
     model: ViP2CLIP,
     tests: Sequence[tuple[DatasetSpec, DatasetIndex]],
+    *,
     out_dir: str | Path,
     config: EvalConfig,
     identity: ModelIdentity,
     training: Mapping[str, Any] | None = None,
     save_maps: bool = False,
-    progress: Progress = silent,
+    run: RunContext = LOCAL_RUN,
     paper: PaperNumbers | None = None,
-    world: World = LOCAL,
     overlaps: Mapping[str, Overlap] | None = None,
 ) -> list[BenchmarkEntry]:
     """Evaluate every test dataset into OUT/NAME/ and write the combined OUT/benchmark.{md,csv,json}.
@@ -244,7 +249,8 @@ def benchmark_datasets(
     identity: `ModelIdentity.of(model, checkpoint)`; training: what the model was trained on (in benchmark.json);
     paper: numbers to compare with (`evaluation.paper.load_paper_numbers("paper")`), added to the tables;
     overlaps: per test dataset (by folder) its overlap with the training images (`data.zero_shot`), recorded in
-    its results and in benchmark.json, with a note when it is not zero-shot.
+    its results and in benchmark.json, with a note when it is not zero-shot. run: the progress bars and the
+    process group.
     """
     out_dir = Path(out_dir)
     check_test_folders([spec for spec, _ in tests])
@@ -258,24 +264,23 @@ def benchmark_datasets(
         result = evaluate_dataset(
             model,
             index,
-            out_dir / spec.folder,
-            config,
-            spec.title,
-            identity,
-            save_maps,
-            [note] if note else (),
-            progress,
-            world,
-            paper,
-            record,
+            out_dir=out_dir / spec.folder,
+            config=config,
+            name=spec.title,
+            identity=identity,
+            save_maps=save_maps,
+            notes=[note] if note else (),
+            run=run,
+            paper=paper,
+            training=record,
         )
         entries.append(BenchmarkEntry(spec.title, result))
         notes += [f"{spec.title}: {note}"] if note and overlap.known else []
     if any(not overlap.known for overlap in overlaps.values()):
         notes.append(UNKNOWN_NOTE)
-    if world.is_main:
+    if run.world.is_main:
         tested = {"tests": [{"name": s.title, "root": str(i.root)} for s, i in tests]}
-        context = run_context(model, identity, tested, config, world)
+        context = recorded_context(model, identity, dataset=tested, config=config, world=run.world)
         context["training"] = {**(training or {}), "zero_shot": {k: v.to_dict() for k, v in overlaps.items()}}
-        write_benchmark(out_dir, entries, context, paper=paper, notes=notes)
+        write_benchmark(out_dir, entries, context=context, paper=paper, notes=notes)
     return entries

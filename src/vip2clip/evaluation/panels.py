@@ -24,7 +24,7 @@ from vip2clip.data.dataset import AnomalyDataset
 from vip2clip.data.images import load_image
 from vip2clip.data.index import DatasetIndex, Sample
 from vip2clip.evaluation.results import ClassBatch
-from vip2clip.inference.explain_run import EXPLAIN_DIR, ExplainItem
+from vip2clip.runs.explain_run import EXPLAIN_DIR, ExplainItem
 from vip2clip.utils.fileio import atomic_save_image
 from vip2clip.visualization.panel import GROUND_TRUTH, PREDICTED_MASK, PanelStyle, PanelText, make_panel
 
@@ -54,7 +54,7 @@ def panel_caption(sample: Sample) -> str:
 
 
 def explain_items(
-    index: DatasetIndex, classes: Sequence[str], limit: int | None, split: str = "test"
+    index: DatasetIndex, classes: Sequence[str], *, limit: int | None, split: str = "test"
 ) -> list[ExplainItem]:
     """`test --save-maps --explain`: per class the images its panels show (`panel_order`), each to
     explain/CLASS/DEFECT_STEM.png with its ground truth where it has one."""
@@ -79,7 +79,7 @@ def _spool(array: np.ndarray, rows: np.ndarray, folder: Path) -> np.ndarray:
     return spooled
 
 
-@dataclass
+@dataclass(kw_only=True)
 class _SpooledClass:
     """The images of one class to draw: files, names, scores, truth, and their maps and masks [n, S, S]."""
 
@@ -100,7 +100,7 @@ class PanelSpool:
         self.limit = limit
         self._classes: list[_SpooledClass] = []
 
-    def add(self, dataset: AnomalyDataset, outputs: ClassBatch, chosen: Sequence[int] | None = None) -> None:
+    def add(self, dataset: AnomalyDataset, outputs: ClassBatch, *, chosen: Sequence[int] | None = None) -> None:
         """Spool up to `limit` images of one evaluated class (see `panel_order`). With the class split over ranks,
         `chosen` holds the dataset positions picked over the whole class, and this rank spools those it holds."""
         if outputs.anomaly_map is None or outputs.anomaly_map.size == 0:
@@ -126,7 +126,7 @@ class PanelSpool:
             )
         )
 
-    def write(self, image_threshold: float, pixel_threshold: float, model_size: int) -> int:
+    def write(self, image_threshold: float, pixel_threshold: float, *, model_size: int) -> int:
         """Draw every spooled image at these thresholds (NaN: undefined); returns the number of PNGs written.
 
         Tiles are drawn at most at `model_size` (the maps' resolution), at least at the style's minimum side.
@@ -148,7 +148,7 @@ class PanelSpool:
                     pixel_threshold=pixel_threshold if known["pixel"] else None,
                     caption=spooled.captions[i],
                 )
-                panel = make_panel(load_image(path), anomaly_map, mask, title, text, style)
+                panel = make_panel(load_image(path), anomaly_map, mask=mask, mask_title=title, text=text, style=style)
                 atomic_save_image(panel, self.out_dir / spooled.names[i])
                 written += 1
         self._classes.clear()  # frees the spooled files

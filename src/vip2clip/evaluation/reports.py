@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vip2clip.evaluation.paper import ClassComparison, PaperNumbers, difference
+from vip2clip.evaluation.paper_numbers import ClassComparison, PaperNumbers, difference
 from vip2clip.evaluation.results import EvaluationResult, result_to_dict
 from vip2clip.metrics import IMAGE_KEYS, METRIC_KEYS, PIXEL_KEYS
 from vip2clip.utils.fileio import atomic_write_json, atomic_write_text
@@ -56,7 +56,7 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def class_table_markdown(result: EvaluationResult, title: str | None = None, notes: Sequence[str] = ()) -> str:
+def class_table_markdown(result: EvaluationResult, title: str | None = None, *, notes: Sequence[str] = ()) -> str:
     """Per-class markdown table with a Mean row (paper layout, x100); `notes` are printed above the table."""
     rows = [[c.name, *(percent(c.metrics[k]) for k in METRIC_KEYS)] for c in result.classes]
     rows.append(["**Mean**", *(f"**{percent(result.mean[k])}**" for k in METRIC_KEYS)])
@@ -91,7 +91,7 @@ def _printed_difference(ours: float, paper: float) -> str:
     return f"{round(float(ours_text) - float(reference_text), 1) or 0.0:+.1f}"  # no "-0.0"
 
 
-def difference_triple(ours: Mapping[str, float], paper: Mapping[str, float] | None, keys: Sequence[str]) -> str:
+def difference_triple(ours: Mapping[str, float], paper: Mapping[str, float] | None, *, keys: Sequence[str]) -> str:
     """ "(+0.3, -, -1.2)": printed ours - printed reference, "-" where either is missing."""
     if paper is None:
         return "-"
@@ -99,21 +99,21 @@ def difference_triple(ours: Mapping[str, float], paper: Mapping[str, float] | No
 
 
 def comparison_cells(
-    paper: PaperNumbers | None, ours: Mapping[str, float], theirs: Mapping[str, float] | None, keys: Sequence[str]
+    paper: PaperNumbers | None, ours: Mapping[str, float], *, theirs: Mapping[str, float] | None, keys: Sequence[str]
 ) -> list[str]:
     if paper is None:
         return []
-    return [triple(theirs, keys) if theirs else "-", difference_triple(ours, theirs, keys)]
+    return [triple(theirs, keys) if theirs else "-", difference_triple(ours, theirs, keys=keys)]
 
 
-def paper_values(paper: PaperNumbers, name: str, keys: Sequence[str]) -> dict[str, float] | None:
+def paper_values(paper: PaperNumbers, name: str, *, keys: Sequence[str]) -> dict[str, float] | None:
     """The reference's values of one block for a dataset (None: it does not report that block)."""
     row = paper.row_for(name)
     return {k: row.values[k] for k in keys} if row and all(k in row.values for k in keys) else None
 
 
 def benchmark_table_markdown(
-    entries: Sequence[BenchmarkEntry], method: str = "ViP²-CLIP", paper: PaperNumbers | None = None
+    entries: Sequence[BenchmarkEntry], *, method: str = "ViP²-CLIP", paper: PaperNumbers | None = None
 ) -> str:
     """The paper's Table 1/2 layout: Task | Datasets | C | METHOD, image block then pixel block, AVERAGE rows;
     with a reference, two more columns: its values and ours - reference (see the module docstring)."""
@@ -121,20 +121,22 @@ def benchmark_table_markdown(
     for task, keys in BLOCKS:
         shown = _block_entries(entries, keys)
         for position, entry in enumerate(shown):
-            theirs = paper_values(paper, entry.name, keys) if paper else None
+            theirs = paper_values(paper, entry.name, keys=keys) if paper else None
             rows.append(
                 [
                     task if position == 0 else "",
                     entry.name,
                     str(len(entry.result.classes)),
                     triple(entry.result.mean, keys),
-                    *comparison_cells(paper, entry.result.mean, theirs, keys),
+                    *comparison_cells(paper, entry.result.mean, theirs=theirs, keys=keys),
                 ]
             )
         if shown:
             average = block_average(shown, keys)
             theirs = paper.block_average([e.name for e in shown], keys) if paper else None
-            rows.append(["", "AVERAGE", "-", triple(average, keys), *comparison_cells(paper, average, theirs, keys)])
+            rows.append(
+                ["", "AVERAGE", "-", triple(average, keys), *comparison_cells(paper, average, theirs=theirs, keys=keys)]
+            )
     header = ("Task", "Datasets", "C", method) + ((paper.name, f"ours - {paper.name}") if paper else ())
     table = markdown_table(header, rows) + "\n"
     if paper:
@@ -156,7 +158,7 @@ def _paper_cells(ours: Mapping[str, float], theirs: Mapping[str, float] | None) 
     return cells
 
 
-def class_paper_markdown(result: EvaluationResult, paper: PaperNumbers, dataset: str) -> str:
+def class_paper_markdown(result: EvaluationResult, paper: PaperNumbers, *, dataset: str) -> str:
     """The per-class comparison with `reference` of results.md (see the module docstring); dataset: its registry
     name, alias or title."""
     comparison = paper.compare_classes(dataset, [c.name for c in result.classes])
@@ -186,11 +188,11 @@ def _class_paper_json(result: EvaluationResult, paper: PaperNumbers, comparison:
     for c in result.classes:
         row = comparison.classes.get(c.name)
         values = row.values if row else {}
-        gaps = {k: v for k, v in difference(c.metrics, values, METRIC_KEYS).items() if k in values}
+        gaps = {k: v for k, v in difference(c.metrics, values, keys=METRIC_KEYS).items() if k in values}
         source = {"printed_name": row.printed_name, "tables": row.tables} if row else {"tables": {}}
         classes.append({"name": c.name, **source, "values": values, "difference": gaps})
     mean = comparison.mean or {}
-    gaps = {k: v for k, v in difference(result.mean, mean, METRIC_KEYS).items() if k in mean}
+    gaps = {k: v for k, v in difference(result.mean, mean, keys=METRIC_KEYS).items() if k in mean}
     return {
         **paper.describe(),
         "dataset": comparison.dataset,
@@ -222,7 +224,7 @@ def class_table_csv(result: EvaluationResult, comparison: ClassComparison | None
     def cells(ours: Mapping[str, float], theirs: Mapping[str, float] | None) -> list[str]:
         if comparison is None:
             return []
-        theirs, gaps = theirs or {}, difference(ours, theirs, METRIC_KEYS)
+        theirs, gaps = theirs or {}, difference(ours, theirs, keys=METRIC_KEYS)
         return [
             *(csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
             *(csv_number(gaps[k]) for k in METRIC_KEYS),
@@ -274,7 +276,7 @@ def benchmark_csv(entries: Sequence[BenchmarkEntry], paper: PaperNumbers | None 
         if paper is None:
             return []
         theirs = theirs or {}
-        gaps = difference(ours, theirs, METRIC_KEYS)
+        gaps = difference(ours, theirs, keys=METRIC_KEYS)
         return [
             table,
             *(csv_number(theirs.get(k, math.nan)) for k in METRIC_KEYS),
@@ -304,6 +306,7 @@ def benchmark_csv(entries: Sequence[BenchmarkEntry], paper: PaperNumbers | None 
 def write_results(
     out_dir: str | Path,
     result: EvaluationResult,
+    *,
     context: Mapping[str, Any],
     title: str | None = None,
     notes: Sequence[str] = (),
@@ -315,11 +318,11 @@ def write_results(
     title) per class and for the mean, and our differences to them."""
     out_dir = Path(out_dir)
     data = {**context, "notes": list(notes), "metrics_scale": "fraction (markdown: x100)", **result_to_dict(result)}
-    markdown = class_table_markdown(result, title, notes)
+    markdown = class_table_markdown(result, title, notes=notes)
     comparison = None
     if paper is not None:
         comparison = paper.compare_classes(dataset or title or "", [c.name for c in result.classes])
-        markdown += "\n" + class_paper_markdown(result, paper, dataset or title or "")
+        markdown += "\n" + class_paper_markdown(result, paper, dataset=dataset or title or "")
         data["reference"] = _class_paper_json(result, paper, comparison)
     return {
         "markdown": atomic_write_text(out_dir / "results.md", markdown),
@@ -334,7 +337,7 @@ def _paper_json(paper: PaperNumbers, entries: Sequence[BenchmarkEntry]) -> dict[
     for e in entries:
         row = paper.row_for(e.name)
         values = row.values if row else {}
-        gaps = {k: v for k, v in difference(e.result.mean, values, METRIC_KEYS).items() if k in values}
+        gaps = {k: v for k, v in difference(e.result.mean, values, keys=METRIC_KEYS).items() if k in values}
         source = {"table": row.table, "printed_name": row.printed_name} if row else {"table": None}
         datasets.append({"name": e.name, **source, "values": values, "difference": gaps})
     average = {}
@@ -343,7 +346,7 @@ def _paper_json(paper: PaperNumbers, entries: Sequence[BenchmarkEntry]) -> dict[
         theirs = paper.block_average([e.name for e in shown], keys)
         average[task] = theirs and {
             "values": theirs,
-            "difference": difference(block_average(shown, keys), theirs, keys),
+            "difference": difference(block_average(shown, keys), theirs, keys=keys),
         }
     return {**paper.describe(), "metrics_scale": "fraction", "datasets": datasets, "average": average}
 
@@ -351,6 +354,7 @@ def _paper_json(paper: PaperNumbers, entries: Sequence[BenchmarkEntry]) -> dict[
 def write_benchmark(
     out_dir: str | Path,
     entries: Sequence[BenchmarkEntry],
+    *,
     context: Mapping[str, Any],
     method: str = "ViP²-CLIP",
     paper: PaperNumbers | None = None,
@@ -373,7 +377,8 @@ def write_benchmark(
     return {
         "markdown": atomic_write_text(
             out_dir / "benchmark.md",
-            "".join(f"**Note:** {note}\n\n" for note in notes) + benchmark_table_markdown(entries, method, paper),
+            "".join(f"**Note:** {note}\n\n" for note in notes)
+            + benchmark_table_markdown(entries, method=method, paper=paper),
         ),
         "csv": atomic_write_text(out_dir / "benchmark.csv", benchmark_csv(entries, paper)),
         "json": atomic_write_json(out_dir / "benchmark.json", data),

@@ -12,21 +12,21 @@ from typing import Any
 import numpy as np
 
 from vip2clip.config import STORAGE_DTYPES
-from vip2clip.inference.mutual_rule import MutualRule
-from vip2clip.inference.tiling import TileConfig
 from vip2clip.metrics import METRIC_KEYS, PixelF1Histogram, PixelStats
 from vip2clip.outputs import ImageBatch
+from vip2clip.scoring.mutual_rule import MutualRule
+from vip2clip.scoring.tiling import TileConfig
 
 MAP_DTYPES = {name: np.dtype(name).type for name in STORAGE_DTYPES}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     """How to evaluate. panels_dir: write labelled panels there (`evaluation.panels`; None: no panels);
     max_panels: at most this many per class (anomalous and normal alternately; None: all). tiling: score tile by
     tile; shots: reference images per class from the train split, drawn with `seed`, their memories cached in
     `reference_cache` (None: not on disk); mutual: each class's images score each other (see
-    `vip2clip.evaluation.scoring`)."""
+    `vip2clip.evaluation.class_scoring`)."""
 
     split: str = "test"
     classes: tuple[str, ...] | None = None
@@ -57,7 +57,7 @@ class EvalConfig:
             raise ValueError(f"max_panels must be >= 0, got {self.max_panels}")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ClassResult:
     """One class: counts of the evaluated images, the six metrics (fractions, NaN when undefined) and the
     class's own F1-optimal thresholds (NaN when undefined)."""
@@ -71,7 +71,7 @@ class ClassResult:
     n_without_mask: int = 0  # anomalous images left out of the pixel metrics (no mask, in a class with masks)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvaluationResult:
     """All classes, their mean, the dataset-level F1-optimal thresholds and the files that were skipped."""
 

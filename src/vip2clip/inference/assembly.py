@@ -22,16 +22,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vip2clip.config import ModelConfig
-from vip2clip.inference.tiling import TileConfig
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.weights_policy import check_weights_choice
+from vip2clip.scoring.tiling import TileConfig
 
 if TYPE_CHECKING:
     from vip2clip.factory import SharedBackbones
     from vip2clip.inference.calibration import Calibration
-    from vip2clip.inference.mutual_rule import MutualRule
-    from vip2clip.inference.references import ReferenceMemory
     from vip2clip.model.vip2clip import ViP2CLIP
+    from vip2clip.scoring.mutual_rule import MutualRule
+    from vip2clip.scoring.references import ReferenceMemory
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ FIXED_BY_EXPORT = ("checkpoint", "clip_weights", "random_init", "backbone", "ima
 ONNX_BACKENDS = ("auto", "onnxruntime", "openvino")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """Where a model comes from.
 
@@ -79,7 +79,9 @@ class ModelSpec:
             raise ValueError(f"unknown model option(s) {unknown}; known: {', '.join(CONFIG_OVERRIDES)}")
         if self.onnx_backend not in ONNX_BACKENDS:
             raise ValueError(f"onnx_backend must be one of {ONNX_BACKENDS}, got {self.onnx_backend!r}")
-        check_weights_choice(self.clip_weights, self.random_init)  # the backbone is known once a checkpoint is read
+        check_weights_choice(
+            self.clip_weights, random_init=self.random_init
+        )  # the backbone is known once a checkpoint is read
 
     def fixed_by_export(self) -> list[str]:
         """The fields given that an ONNX export fixed (precision counts when fp16; top_k and sigma among the config
@@ -91,7 +93,7 @@ class ModelSpec:
         return given + (["precision"] if self.precision == "fp16" else [])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PredictorSpec:
     """A model and what the predictor does with it.
 
@@ -161,7 +163,7 @@ def load_engine(spec: ModelSpec) -> tuple[Any, ModelIdentity]:
     """(engine, its identity): the PyTorch model (`build_model`) or the ONNX engine of `spec.onnx` (no torch)."""
     if spec.onnx is None:
         return build_model(spec)
-    from vip2clip.inference.onnx_engine import import_optional, load_onnx
+    from vip2clip.onnx.engine import import_optional, load_onnx
 
     fixed = spec.fixed_by_export()
     if fixed:
@@ -173,7 +175,9 @@ def load_engine(spec: ModelSpec) -> tuple[Any, ModelIdentity]:
     offered = import_optional("onnxruntime", "the ONNX engine").get_available_providers() if cuda else ()
     if cuda and "CUDAExecutionProvider" not in offered:
         raise _no_onnx_cuda(spec.device, offered)  # before loading: a large model takes a while
-    engine = load_onnx(spec.onnx, _onnx_providers(spec.device, backend), backend, spec.precision)
+    engine = load_onnx(
+        spec.onnx, providers=_onnx_providers(spec.device, backend), backend=backend, precision=spec.precision
+    )
     if cuda and "CUDAExecutionProvider" not in engine.providers:
         raise _no_onnx_cuda(spec.device, engine.providers)
     logger.info("%s", engine.describe())
@@ -188,13 +192,15 @@ def _no_onnx_cuda(device: str, offered: Sequence[str]) -> ValueError:
     )
 
 
-def load_reference_memory(spec: PredictorSpec, engine: Any, identity: ModelIdentity) -> ReferenceMemory | None:
+def load_reference_memory(spec: PredictorSpec, *, engine: Any, identity: ModelIdentity) -> ReferenceMemory | None:
     """The memory of `spec.reference` (cached), None without it."""
     if spec.reference is None:
         return None
-    from vip2clip.inference.references import default_cache_dir, load_references  # imports torch
+    from vip2clip.scoring.references import default_cache_dir, load_references  # imports torch
 
     cache = default_cache_dir() if spec.reference_cache is None else spec.reference_cache
-    memory = load_references(engine, identity, spec.reference, spec.tiling, spec.batch_size, cache)
+    memory = load_references(
+        engine, identity, folder=spec.reference, tiling=spec.tiling, batch_size=spec.batch_size, cache_dir=cache
+    )
     logger.info("references: %d images of %s (%d patches)", len(memory.files), spec.reference, memory.n_patches)
     return memory

@@ -80,7 +80,7 @@ def check_threshold(value: object, name: str) -> float:
     return float(value)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Calibration:
     """Image and pixel decision thresholds plus the identity of the model they were computed for.
 
@@ -209,6 +209,7 @@ def _optional_float(value: float | None) -> float | None:
 def calibrate_from_normal(
     image_scores: Sequence[float] | np.ndarray,
     pixel_scores: Sequence[np.ndarray] | np.ndarray | StreamingQuantile,
+    *,
     identity: PredictorIdentity,
     image_quantile: float = DEFAULT_IMAGE_QUANTILE,
     pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
@@ -228,7 +229,7 @@ def calibrate_from_normal(
     if isinstance(pixel_scores, StreamingQuantile):
         pixel_quantile = pixel_scores.q
     image_threshold, pixel_threshold = normal_quantile_thresholds(
-        image_scores, pixel_scores, image_quantile, pixel_quantile
+        image_scores, pixel_scores, image_quantile=image_quantile, pixel_quantile=pixel_quantile
     )
     return make_calibration(
         identity,

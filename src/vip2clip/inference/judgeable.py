@@ -15,7 +15,7 @@ import re
 from typing import Any
 
 from vip2clip.config import TINY_BACKBONE, TINY_PATCH_SIZE
-from vip2clip.inference.tiling import MIN_TILE_SIZE
+from vip2clip.scoring.tiling import MIN_TILE_SIZE
 
 _VIT_NAME = re.compile(r"^ViT-[^-]+-(\d+)")  # open_clip's names: ViT-L-14-336, ViT-B-16, ... (patch size second)
 
@@ -33,7 +33,7 @@ def patch_size_of(model: Any) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def unjudgeable_problem(size: tuple[int, int], image_size: int, patch: int | None) -> str | None:
+def unjudgeable_problem(size: tuple[int, int], *, image_size: int, patch: int | None) -> str | None:
     """Why a model input of `size` = (width, height) cannot be judged by a model of input side `image_size` and
     patch size `patch` (see the module docstring), or None when it can (or the patch size is unknown)."""
     if patch is None:

@@ -8,20 +8,21 @@ the image's own size (bilinear), so masks and overlays line up with the original
 torch: with the ONNX engine, preprocessing, scoring and map resizing run on numpy and PIL alone.
 
 Options: `tiling` (a `TileConfig`) scores large images tile by tile and stitches the maps at the original size
-(`vip2clip.inference.tiling`); `references` (a `ReferenceMemory` of normal images of the part) fuses a
-nearest-neighbour map with the model's (`vip2clip.inference.references`); `mutual` (a `MutualRule`) lets the images
-given to one `score` / `predict` call judge each other (`vip2clip.inference.mutual`). All go into the predictor's
+(`vip2clip.scoring.tiling`); `references` (a `ReferenceMemory` of normal images of the part) fuses a
+nearest-neighbour map with the model's (`vip2clip.scoring.references`); `mutual` (a `MutualRule`) lets the images
+given to one `score` / `predict` call judge each other (`vip2clip.scoring.mutual`). All go into the predictor's
 identity, so that calibrations and prediction folders made with other options are refused.
 
-Vocabulary (as anomalib's): `pred_score` the image score, `pred_label` the decision, `anomaly_map` the map,
-`pred_mask` the defect pixels. An image is "anomalous" when pred_score >= the image threshold; a pixel is a defect
+Vocabulary (as anomalib's): `pred_score` the image score, `pred_label` the decision (a boolean: True anomalous; the
+word "normal" / "anomalous" / "error" that files use is `ImageItem.verdict`), `anomaly_map` the map, `pred_mask`
+the defect pixels. An image is anomalous when pred_score >= the image threshold; a pixel is a defect
 when its map value >= the pixel threshold. Both are probabilities in [0, 1] (other values are refused); without a
 calibration file or explicit thresholds both default to 0.5, which is uncalibrated and said so
 (`Thresholds.source`; thresholds live in `vip2clip.inference.thresholds`).
 
 Fail closed: an image whose score or map holds NaN or infinity (e.g. a checkpoint with NaN weights) is never
-"normal". Its pred_label is "error" and `ImageItem.error` says why; it has no defect pixels to report.
-Folder runs (`vip2clip predict`, `vip2clip calibrate`) live in `vip2clip.inference.folder_run`.
+"normal". Its pred_label is None (verdict "error") and `ImageItem.error` says why; it has no defect pixels to report.
+Folder runs (`vip2clip predict`, `vip2clip calibrate`) live in `vip2clip.runs.folder_run`.
 """
 
 from __future__ import annotations
@@ -45,15 +46,15 @@ from vip2clip.inference.assembly import ModelSpec, PredictorSpec, load_engine, l
 from vip2clip.inference.identity import PredictorIdentity
 from vip2clip.inference.judgeable import patch_size_of, unjudgeable_problem
 from vip2clip.inference.thresholds import DEFAULT_THRESHOLD, MUTUAL_UNCALIBRATED, Thresholds, resolve_thresholds
-from vip2clip.inference.tiling import StitchedMap, TileConfig
 from vip2clip.model.identity import ModelIdentity
-from vip2clip.outputs import ANOMALOUS, ERROR, NORMAL, ImageBatch, ImageItem
+from vip2clip.outputs import ImageBatch, ImageItem
+from vip2clip.scoring.tiling import StitchedMap, TileConfig
 
 if TYPE_CHECKING:
     import torch
 
-    from vip2clip.inference.mutual_rule import MutualRule
-    from vip2clip.inference.references import ReferenceMemory
+    from vip2clip.scoring.mutual_rule import MutualRule
+    from vip2clip.scoring.references import ReferenceMemory
 
 logger = logging.getLogger(__name__)
 
@@ -83,10 +84,11 @@ def non_finite_problem(pred_score: float, anomaly_map: np.ndarray) -> str | None
 
 
 def make_result(
-    pred_score: float, anomaly_map: np.ndarray, thresholds: Thresholds, scored: ImageItem | None = None
+    pred_score: float, anomaly_map: np.ndarray, *, thresholds: Thresholds, scored: ImageItem | None = None
 ) -> ImageItem:
     """The decided `ImageItem` of one image from its score and its map [H, W] (pure; `scored`: the scored item
-    whose input and image it keeps). Non-finite values give an "error" item (fail closed), never a "normal" one."""
+    whose input and image it keeps). Non-finite values give an item with an error and pred_label None (fail closed),
+    never a normal one."""
     anomaly_map = np.asarray(anomaly_map, dtype=np.float32)
     scored = scored or ImageItem()
     kept = {"source": scored.source, "image": scored.image, "self_reference": scored.self_reference}
@@ -94,9 +96,12 @@ def make_result(
     problem = non_finite_problem(float(pred_score), anomaly_map)
     if problem is not None:
         no_defects = np.zeros(anomaly_map.shape, dtype=bool)
-        return ImageItem(math.nan, anomaly_map, ERROR, no_defects, error=problem, **kept)
-    label = ANOMALOUS if pred_score >= thresholds.image else NORMAL
-    return ImageItem(float(pred_score), anomaly_map, label, anomaly_map >= thresholds.pixel, **kept)
+        return ImageItem(pred_score=math.nan, anomaly_map=anomaly_map, pred_mask=no_defects, error=problem, **kept)
+    anomalous = bool(pred_score >= thresholds.image)
+    defects = anomaly_map >= thresholds.pixel
+    return ImageItem(
+        pred_score=float(pred_score), anomaly_map=anomaly_map, pred_label=anomalous, pred_mask=defects, **kept
+    )
 
 
 @dataclass
@@ -126,7 +131,7 @@ class Predictor:
         identity: the model's `ModelIdentity` (default: the engine's, else `ModelIdentity.of(model)`).
         tiling: score large images tile by tile (`TileConfig`); None: whole images.
         references: a `ReferenceMemory` of normal images of the part, fused with the model's outputs.
-        mutual: score each call's images against each other (batch zero-shot, `vip2clip.inference.mutual`); its
+        mutual: score each call's images against each other (batch zero-shot, `vip2clip.scoring.mutual`); its
             fused scores are judged only against calibrated or explicit thresholds, never the default 0.5.
 
     Raises:
@@ -136,8 +141,9 @@ class Predictor:
         >>> import numpy as np, vip2clip
         >>> predictor = vip2clip.Predictor(vip2clip.create_model("tiny", image_size=64, seed=0))
         >>> result = predictor.predict(np.zeros((48, 80, 3), dtype=np.uint8))[0]  # any size: maps come back in it
-        >>> result.anomaly_map.shape, result.pred_mask.shape, result.pred_label in ("normal", "anomalous")
-        ((48, 80), (48, 80), True)
+        >>> result.anomaly_map.shape, result.pred_mask.shape, result.pred_label in (True, False), result.verdict in (
+        ...     "normal", "anomalous")
+        ((48, 80), (48, 80), True, True)
         >>> predictor = Predictor.from_checkpoint("checkpoint.pt", calibration="calibration.json")  # doctest: +SKIP
         >>> result = predictor.predict("part.png")[0]  # doctest: +SKIP
     """
@@ -146,6 +152,7 @@ class Predictor:
         self,
         model: InferenceEngine,
         thresholds: Thresholds | None = None,
+        *,
         batch_size: int = 8,
         identity: ModelIdentity | None = None,
         tiling: TileConfig | None = None,
@@ -158,7 +165,7 @@ class Predictor:
         self.references, self.mutual = references, mutual
         self.thresholds = thresholds or Thresholds(DEFAULT_THRESHOLD, DEFAULT_THRESHOLD, "default (uncalibrated)", True)
         if references is not None:
-            from vip2clip.inference.references import ReferenceEngine  # imports torch: only with references
+            from vip2clip.scoring.references import ReferenceEngine  # imports torch: only with references
         self.engine = model if references is None else ReferenceEngine(model, references)  # what scores
         self._identity = identity
         self._patch_size = patch_size_of(model)  # too small or thin images are refused (`check_judgeable`)
@@ -168,12 +175,22 @@ class Predictor:
         """The predictor of `spec` (`vip2clip.inference.assembly`: the one path the command line, the server and
         integrations take): the model or ONNX engine, the reference memory, the thresholds."""
         engine, identity = load_engine(spec.model)
-        memory = load_reference_memory(spec, engine, identity)
-        predictor = cls(engine, None, spec.batch_size, identity, spec.tiling, memory, spec.mutual)
+        memory = load_reference_memory(spec, engine=engine, identity=identity)
+        predictor = cls(
+            engine,
+            batch_size=spec.batch_size,
+            identity=identity,
+            tiling=spec.tiling,
+            references=memory,
+            mutual=spec.mutual,
+        )
         if not spec.decide:
             return predictor
         thresholds = resolve_thresholds(
-            predictor.identity, spec.calibration, spec.image_threshold, spec.pixel_threshold
+            predictor.identity,
+            spec.calibration,
+            image_threshold=spec.image_threshold,
+            pixel_threshold=spec.pixel_threshold,
         )
         return predictor.with_thresholds(thresholds)
 
@@ -181,6 +198,7 @@ class Predictor:
     def from_checkpoint(
         cls,
         checkpoint: str | Path | None,
+        *,
         backbone: str | None = None,
         clip_weights: str | Path | None = None,
         calibration: str | Path | calib.Calibration | None = None,
@@ -193,7 +211,6 @@ class Predictor:
         tiling: TileConfig | None = None,
         reference: str | Path | None = None,
         mutual: MutualRule | None = None,
-        *,
         random_init: bool = False,
         allow_other_weights: bool = False,
         **config: Any,
@@ -205,8 +222,8 @@ class Predictor:
         the reference images in the folder `reference` (cached in `default_cache_dir()`) and the thresholds
         (`resolve_thresholds`); `mutual`: score the images of each call together."""
         model = ModelSpec(
-            checkpoint,
-            clip_weights,
+            checkpoint=checkpoint,
+            clip_weights=clip_weights,
             random_init=random_init,
             backbone=backbone,
             image_size=image_size,
@@ -215,16 +232,15 @@ class Predictor:
             config=config,
             allow_other_weights=allow_other_weights,
         )
-        return cls.from_spec(
-            PredictorSpec(
-                model, tiling, reference, None, calibration, image_threshold, pixel_threshold, True, batch_size, mutual
-            )
-        )
+        decisions = {"calibration": calibration, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold}
+        options = {"tiling": tiling, "reference": reference, "batch_size": batch_size, "mutual": mutual}
+        return cls.from_spec(PredictorSpec(model=model, **options, **decisions))
 
     @classmethod
     def from_onnx(
         cls,
         path: str | Path,
+        *,
         calibration: str | Path | calib.Calibration | None = None,
         image_threshold: float | None = None,
         pixel_threshold: float | None = None,
@@ -238,7 +254,7 @@ class Predictor:
         file."""
         model = ModelSpec(onnx=path, onnx_backend=backend, precision=precision)
         decisions = {"calibration": calibration, "image_threshold": image_threshold, "pixel_threshold": pixel_threshold}
-        return cls.from_spec(PredictorSpec(model, tiling, batch_size=batch_size, **decisions))
+        return cls.from_spec(PredictorSpec(model=model, tiling=tiling, batch_size=batch_size, **decisions))
 
     @property
     def identity(self) -> PredictorIdentity:
@@ -272,11 +288,17 @@ class Predictor:
     def with_thresholds(self, thresholds: Thresholds) -> Predictor:
         """The same model and options with other thresholds (no reload)."""
         return Predictor(
-            self.model, thresholds, self.batch_size, self._identity, self.tiling, self.references, self.mutual
+            self.model,
+            thresholds,
+            batch_size=self.batch_size,
+            identity=self._identity,
+            tiling=self.tiling,
+            references=self.references,
+            mutual=self.mutual,
         )
 
     def score(
-        self, inputs: Iterable[T], load: Callable[[T], Image.Image] = to_rgb, group: str = ""
+        self, inputs: Iterable[T], load: Callable[[T], Image.Image] = to_rgb, *, group: str = ""
     ) -> Iterator[ImageItem]:
         """Decode `inputs` with `load`, score their model inputs (each image, or each of its tiles) in batches of
         `batch_size`, yield one scored `ImageItem` per input in order (`source`: the input). A BadImageError from
@@ -285,9 +307,9 @@ class Predictor:
         their accumulators). With `mutual`, the inputs are one group (named `group` in errors) scored together
         (`mutual_group.score_group`) before any is yielded."""
         if self.mutual is not None:
-            from vip2clip.inference.mutual_group import score_group  # imports torch: only in mutual mode
+            from vip2clip.scoring.mutual_group import score_group  # imports torch: only in mutual mode
 
-            yield from score_group(self, list(inputs), load, group).scored()
+            yield from score_group(self, list(inputs), load=load, name=group).scored()
             return
         queue: deque[_InFlight] = deque()
         batch: list[tuple[_InFlight, int]] = []
@@ -309,7 +331,7 @@ class Predictor:
             name = getattr(source, "path", None)
             self.check_judgeable(image, name)
             own = None if self.references is None else self.references.own_digest(image, name)
-            stitched = None if self.tiling is None else StitchedMap(image.size, self.tiling, name)
+            stitched = None if self.tiling is None else StitchedMap(image.size, self.tiling, name=name)
         except BadImageError as error:
             return _InFlight(ImageItem(source=source, error=error.problem))
         scored = ImageItem(source=source, image=image, self_reference=own is not None)  # leave-one-out when `own`
@@ -324,7 +346,7 @@ class Predictor:
             if item.stitched is None:
                 item.scored = replace(item.scored, pred_score=float(score), anomaly_map=anomaly_map)
                 continue
-            item.stitched.add(tile, anomaly_map, float(score))
+            item.stitched.add(tile, anomaly_map, score=float(score))
             if item.remaining == 0:
                 pred_score, stitched_map = item.stitched.finish()
                 item.scored, item.stitched = replace(item.scored, pred_score=pred_score, anomaly_map=stitched_map), None
@@ -335,14 +357,14 @@ class Predictor:
             raise ValueError(f"{scored.source} was not scored: {scored.error}")
         self._check_decidable()
         anomaly_map = resize_map(scored.anomaly_map, scored.image.size)
-        return make_result(scored.pred_score, anomaly_map, self.thresholds, scored)
+        return make_result(scored.pred_score, anomaly_map, thresholds=self.thresholds, scored=scored)
 
     def check_judgeable(self, image: Image.Image, name: str | Path | None = None) -> None:
         """BadImageError naming `name` when the model cannot judge `image` or its tiles: too small or too thin
         (`judgeable.unjudgeable_problem`)."""
         tiling = self.tiling
         unit = image.size if tiling is None else (min(tiling.size, image.width), min(tiling.size, image.height))
-        problem = unjudgeable_problem(unit, self.image_size, self._patch_size)
+        problem = unjudgeable_problem(unit, image_size=self.image_size, patch=self._patch_size)
         if problem is not None:
             raise BadImageError(name or "image", problem if tiling is None else f"its tiles: {problem}")
 

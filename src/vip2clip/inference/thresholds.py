@@ -39,6 +39,7 @@ class Thresholds:
 def resolve_thresholds(
     identity: PredictorIdentity,
     calibration: str | Path | calib.Calibration | None = None,
+    *,
     image_threshold: float | None = None,
     pixel_threshold: float | None = None,
 ) -> Thresholds:
@@ -61,8 +62,12 @@ def resolve_thresholds(
         loaded.check_compatible(identity)
         name = calibration if not isinstance(calibration, calib.Calibration) else "calibration"
         sources.append(f"calibration {name} ({loaded.method}, {loaded.n_images} images)")
-        image_threshold = _from_calibration(loaded.image_threshold, image_threshold, name, "image", "--threshold")
-        pixel_threshold = _from_calibration(loaded.pixel_threshold, pixel_threshold, name, "pixel", "--pixel-threshold")
+        image_threshold = _from_calibration(
+            loaded.image_threshold, image_threshold, name=name, kind="image", flag="--threshold"
+        )
+        pixel_threshold = _from_calibration(
+            loaded.pixel_threshold, pixel_threshold, name=name, kind="pixel", flag="--pixel-threshold"
+        )
     uncalibrated = image_threshold is None or pixel_threshold is None
     if uncalibrated and identity.mutual is not None:
         raise ValueError(MUTUAL_UNCALIBRATED)
@@ -77,7 +82,7 @@ def resolve_thresholds(
 
 
 def _from_calibration(
-    calibrated: float | None, explicit: float | None, name: object, kind: str, flag: str
+    calibrated: float | None, explicit: float | None, *, name: object, kind: str, flag: str
 ) -> float | None:
     """The explicit threshold, else the calibration's; ValueError when both are missing."""
     if explicit is not None:

@@ -9,9 +9,10 @@ The same computation as `vip2clip.Predictor` and `vip2clip test`: the model come
 take (`vip2clip.inference.assembly.build_model`, which calls `vip2clip.create_model`), anomalib's PreProcessor
 resizes and normalises as the release does and its PostProcessor thresholds the probabilities
 (`vip2clip.integrations.anomalib_processing`). Zero-shot by default (anomalib's zero-shot learning
-type); `shots=k` (few-shot learning type) makes k normal images of the data module's train split, drawn as
-`vip2clip test --shots k --seed s` draws them, the reference memory (`vip2clip.inference.references`), and
-`reference=FOLDER` takes a folder of normal images instead.
+type); few-shot with anomalib's WinCLIP's parameters: `k_shot=k` makes k normal images of the data module's train
+split, drawn as `vip2clip test --shots k --seed s` draws them, the reference memory
+(`vip2clip.scoring.references`); `few_shot_source=FOLDER` takes them from a folder of normal images instead (k of
+them, or all of them with k_shot=0). The old names `shots` and `reference` still work, with a FutureWarning.
 
 Training is refused: the release trains the prompts on an auxiliary dataset's *test* split (anomalous images with
 masks), which anomalib's loop, whose train split holds normal images and which never calls a zero-shot model's
@@ -23,6 +24,7 @@ warning says that nothing is trained and gives the command.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,21 +42,21 @@ from torch import nn  # noqa: E402
 from torchvision.transforms.v2 import Resize  # noqa: E402
 
 from vip2clip.data.images import load_image  # noqa: E402
-from vip2clip.evaluation.scoring import draw_shots  # noqa: E402
+from vip2clip.evaluation.class_scoring import draw_shots  # noqa: E402
 from vip2clip.inference.assembly import ModelSpec, build_model  # noqa: E402
-from vip2clip.inference.references import (  # noqa: E402
-    ReferenceEngine,
-    ReferenceMemory,
-    default_cache_dir,
-    memory_from_files,
-    reference_files,
-)
 from vip2clip.integrations.anomalib_processing import (  # noqa: E402
     ProbabilityPostProcessor,
     ReleasePreProcessor,
     is_tracing,
 )
 from vip2clip.model.vip2clip import ViP2CLIP as ViP2CLIPNetwork  # noqa: E402
+from vip2clip.scoring.references import (  # noqa: E402
+    ReferenceEngine,
+    ReferenceMemory,
+    default_cache_dir,
+    memory_from_files,
+    reference_files,
+)
 
 __all__ = ["ViP2CLIP"]
 
@@ -90,7 +92,7 @@ class _Scorer(nn.Module):
         elif self.references is None:
             prediction = self.network.predict(images)
         else:
-            prediction = ReferenceEngine(self.network, self.references).predict(images, exclude)
+            prediction = ReferenceEngine(self.network, self.references).predict(images, exclude=exclude)
         return InferenceBatch(pred_score=prediction.pred_score, anomaly_map=prediction.anomaly_map)
 
 
@@ -103,8 +105,11 @@ class ViP2CLIP(AnomalibModule):
     random_init, allow_other_weights: as `vip2clip.create_model`: clip_weights are required unless random_init (the
         tiny test backbone excepted), and a checkpoint runs on the CLIP weights it was trained with unless
         allow_other_weights (`vip2clip.model.weights_policy`).
-    shots: 0 (zero-shot) or k normal train images of the data module as references, drawn with `seed`.
-    reference: a folder of normal images as references instead (few-shot without a train split).
+    k_shot: 0 (zero-shot) or k normal train images of the data module as references, drawn with `seed` (anomalib's
+        WinCLIP's name and meaning).
+    few_shot_source: a folder of normal images to take the references from instead of the train split: k_shot of
+        them (drawn with `seed`), or all of them with k_shot=0 (where WinCLIP would ignore the folder).
+    shots, reference: the old names of k_shot and few_shot_source (a FutureWarning; they will go).
     reference_cache: where reference memories are cached (default ~/.cache/vip2clip/references).
     pre_processor, post_processor, evaluator, visualizer: anomalib's components (True: ours / anomalib's default).
     """
@@ -112,15 +117,16 @@ class ViP2CLIP(AnomalibModule):
     def __init__(
         self,
         checkpoint: str | Path | None = None,
+        *,
         backbone: str | None = None,
         clip_weights: str | Path | None = None,
         image_size: int | None = None,
         precision: str = "auto",
         top_k: int | None = None,
         sigma: float | None = None,
-        shots: int = 0,
+        k_shot: int = 0,
         seed: int = 111,
-        reference: str | Path | None = None,
+        few_shot_source: str | Path | None = None,
         reference_cache: str | Path | None = None,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
@@ -128,15 +134,14 @@ class ViP2CLIP(AnomalibModule):
         visualizer: Visualizer | bool = True,
         random_init: bool = False,
         allow_other_weights: bool = False,
+        shots: int | None = None,
+        reference: str | Path | None = None,
     ) -> None:
-        if shots < 0:
-            raise ValueError(f"shots must be >= 0, got {shots}")
-        if shots and reference is not None:
-            raise ValueError("give shots (normal train images of the data module) or reference (a folder), not both")
+        k_shot, few_shot_source = _few_shot_arguments(k_shot, few_shot_source, shots=shots, reference=reference)
         options = {name: value for name, value in (("top_k", top_k), ("sigma", sigma)) if value is not None}
         spec = ModelSpec(
-            checkpoint,
-            clip_weights,
+            checkpoint=checkpoint,
+            clip_weights=clip_weights,
             random_init=random_init,
             backbone=backbone,
             image_size=image_size,
@@ -154,8 +159,7 @@ class ViP2CLIP(AnomalibModule):
         )
         self.model = _Scorer(network)
         self.identity = identity
-        self.shots, self.seed = shots, seed
-        self.reference = None if reference is None else Path(reference)
+        self.k_shot, self.seed, self.few_shot_source = k_shot, seed, few_shot_source
         self.reference_cache = Path(reference_cache) if reference_cache is not None else default_cache_dir()
 
     @property
@@ -165,7 +169,7 @@ class ViP2CLIP(AnomalibModule):
 
     @property
     def learning_type(self) -> LearningType:
-        return LearningType.FEW_SHOT if self.shots or self.reference is not None else LearningType.ZERO_SHOT
+        return LearningType.FEW_SHOT if self.k_shot or self.few_shot_source is not None else LearningType.ZERO_SHOT
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
@@ -230,29 +234,40 @@ class ViP2CLIP(AnomalibModule):
         if datamodule is not None:
             self._report_resizes(datamodule)
         if self.learning_type == LearningType.FEW_SHOT and self.model.references is None:
-            files = reference_files(self.reference) if self.reference is not None else self._train_shots(datamodule)
-            memory = memory_from_files(self.network, self.identity, files, cache_dir=self.reference_cache)
+            files = self._train_shots(datamodule) if self.few_shot_source is None else self._source_shots()
+            memory = memory_from_files(self.network, self.identity, paths=files, cache_dir=self.reference_cache)
             logger.info("ViP2CLIP references: %d images (%d patches)", len(memory.files), memory.n_patches)
             self.model.references = memory
 
     def _train_shots(self, datamodule: Any) -> list[Path]:
-        """`shots` normal images of the data module's train split, drawn as `vip2clip test --shots` draws them:
+        """`k_shot` normal images of the data module's train split, drawn as `vip2clip test --shots` draws them:
         from the sorted paths, by the (seed, class) generator; the class is the data module's category (or name)."""
         train = getattr(datamodule, "train_data", None)
         if train is None:
             raise ValueError(
-                f"shots={self.shots} takes normal images from the data module's train split, and this run has no "
-                "data module with one; pass reference=FOLDER (--model.reference) with normal images instead"
+                f"k_shot={self.k_shot} takes normal images from the data module's train split, and this run has no "
+                "data module with one; pass few_shot_source=FOLDER (--model.few_shot_source) with normal images "
+                "instead"
             )
         samples = train.samples
-        paths = sorted(str(path) for path in samples.loc[samples.label_index == 0, "image_path"])
+        paths = [str(path) for path in samples.loc[samples.label_index == 0, "image_path"]]
         class_name = str(getattr(datamodule, "category", None) or datamodule.name)
-        if len(paths) < self.shots:
-            raise ValueError(
-                f"shots={self.shots}, but the train split of {datamodule.name} ({class_name}) holds {len(paths)} "
-                "normal image(s)"
-            )
-        return [Path(path) for path in draw_shots(paths, self.shots, self.seed, class_name)]
+        return self._draw(paths, where=f"the train split of {datamodule.name} ({class_name})", class_name=class_name)
+
+    def _source_shots(self) -> list[Path]:
+        """The images of `few_shot_source`: all of them with k_shot=0, else k_shot drawn as from a train split
+        (the folder's name as the class)."""
+        files = reference_files(self.few_shot_source)
+        if not self.k_shot:
+            return files
+        source = self.few_shot_source
+        return self._draw([str(path) for path in files], where=f"few_shot_source {source}", class_name=source.name)
+
+    def _draw(self, paths: list[str], *, where: str, class_name: str) -> list[Path]:
+        if len(paths) < self.k_shot:
+            raise ValueError(f"k_shot={self.k_shot}, but {where} holds {len(paths)} normal image(s)")
+        chosen = draw_shots(sorted(paths), shots=self.k_shot, seed=self.seed, class_name=class_name)
+        return [Path(path) for path in chosen]
 
     def _report_resizes(self, datamodule: Any) -> None:
         """A data module that resizes to another size than the model's: its images are resized again to the
@@ -275,13 +290,34 @@ class ViP2CLIP(AnomalibModule):
     def to_onnx(self, *args: Any, **kwargs: Any) -> Path:
         if self.model.references is not None:
             raise ValueError(
-                "a ViP2CLIP with reference images (shots / reference) is not exported: the reference memory needs "
-                "the PyTorch model; export the zero-shot model (shots=0) or use vip2clip's Predictor with --reference"
+                "a ViP2CLIP with reference images (k_shot / few_shot_source) is not exported: the reference memory "
+                "needs the PyTorch model; export the zero-shot model (k_shot=0, no few_shot_source) or use vip2clip's "
+                "Predictor with --reference"
             )
         # torch's exporter writes opset 18; anomalib asks for 14, whose conversion fails on this graph with a logged
         # traceback (the file then keeps opset 18 all the same): ask for what is written.
         kwargs.setdefault("opset_version", EXPORT_OPSET)
         return super().to_onnx(*args, **kwargs)
+
+
+def _few_shot_arguments(
+    k_shot: int, few_shot_source: str | Path | None, *, shots: int | None, reference: str | Path | None
+) -> tuple[int, Path | None]:
+    """(k_shot, few_shot_source) from anomalib's names or from their old names `shots` / `reference` (with a
+    FutureWarning); ValueError when a name and its old name are both given, or for a negative k_shot."""
+    given = {"k_shot": k_shot != 0, "few_shot_source": few_shot_source is not None}  # k_shot=0: the default
+    for old, new, old_value in (("shots", "k_shot", shots), ("reference", "few_shot_source", reference)):
+        if old_value is None:
+            continue
+        if given[new]:
+            raise ValueError(f"give {new} (anomalib's name) or {old} (its old name), not both")
+        message = f"ViP2CLIP's {old}= is now {new}= (anomalib's name, as in its WinCLIP); the old name will go"
+        warnings.warn(message, FutureWarning, stacklevel=3)
+    k_shot = k_shot if shots is None else shots
+    few_shot_source = few_shot_source if reference is None else reference
+    if k_shot < 0:
+        raise ValueError(f"k_shot must be >= 0, got {k_shot}")
+    return k_shot, None if few_shot_source is None else Path(few_shot_source)
 
 
 def _resizes(transform: Any) -> list[Resize]:

@@ -132,7 +132,7 @@ def _augments(trainer: Any) -> bool:
     return any(getattr(datamodule, name, None) is not None for name in names)
 
 
-def read_as_vip2clip(batch: Any, augmented: bool, side: int) -> None:
+def read_as_vip2clip(batch: Any, *, augmented: bool, side: int) -> None:
     """Before the transform, in place: a mask whose size differs from its image's is refused, as `vip2clip test`
     refuses it (anomalib would stretch it over the image), and the images that anomalib's `read_image` reads
     otherwise than vip2clip (16-bit, 32-bit and float files, which its `convert("RGB")` clips to white) are read
@@ -172,15 +172,15 @@ class ReleasePreProcessor(PreProcessor):
         self.register_buffer("std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1), persistent=False)
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        read_as_vip2clip(batch, _augments(trainer), self.image_size)
+        read_as_vip2clip(batch, augmented=_augments(trainer), side=self.image_size)
         super().on_validation_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_test_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0):
-        read_as_vip2clip(batch, _augments(trainer), self.image_size)
+        read_as_vip2clip(batch, augmented=_augments(trainer), side=self.image_size)
         super().on_test_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     def on_predict_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0):
-        read_as_vip2clip(batch, _augments(trainer), self.image_size)
+        read_as_vip2clip(batch, augmented=_augments(trainer), side=self.image_size)
         super().on_predict_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
 
     def forward(self, batch: torch.Tensor) -> torch.Tensor:

@@ -94,13 +94,13 @@ def pixel_metrics(stats: PixelStats) -> dict[str, float]:
         return {key: warn_undefined(key, str(undefined)) for key in PIXEL_KEYS}
     return {
         "pixel_auroc": ranking_auroc(data.ranking),
-        "pixel_aupro": guarded("pixel_aupro", lambda: aupro_cflow(data, 0.3, 200)),
+        "pixel_aupro": guarded("pixel_aupro", lambda: aupro_cflow(data, fpr_limit=0.3, num_thresholds=200)),
         "pixel_f1": ranking_best_f1(data.ranking)[0],
     }
 
 
 def compute_all(
-    labels: ArrayLike | None, scores: ArrayLike | None, masks: ArrayLike | None = None, maps: ArrayLike | None = None
+    labels: ArrayLike | None, scores: ArrayLike | None, *, masks: ArrayLike | None = None, maps: ArrayLike | None = None
 ) -> dict[str, float]:
     """The six metrics of one class as fractions in [0, 1], keyed by `METRIC_KEYS`.
 
@@ -108,7 +108,7 @@ def compute_all(
     Pass `masks=maps=None` for image-level-only data (pixel keys NaN, no warning) and `labels=scores=None` for
     pixel-only data; single-label image data (e.g. all anomalous) gives NaN image keys with warnings.
 
-    >>> m = compute_all([0, 1], [0.2, 0.9], [[[0, 0]], [[0, 1]]], [[[0.1, 0.3]], [[0.2, 0.8]]])
+    >>> m = compute_all([0, 1], [0.2, 0.9], masks=[[[0, 0]], [[0, 1]]], maps=[[[0.1, 0.3]], [[0.2, 0.8]]])
     >>> m["image_auroc"], m["pixel_auroc"], m["pixel_f1"]
     (1.0, 1.0, 1.0)
     """

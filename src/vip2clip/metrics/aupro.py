@@ -41,7 +41,7 @@ def _trapezoid(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2.0))
 
 
-def aupro_cflow(data: PixelData, fpr_limit: float, num_thresholds: int) -> float:
+def aupro_cflow(data: PixelData, *, fpr_limit: float, num_thresholds: int) -> float:
     """The community loop's AUPRO, computed at all its thresholds at once (see the module docstring)."""
     r, stats = data.ranking, data.stats
     lowest, highest = stats.extremes()
@@ -95,7 +95,7 @@ def _aupro_exact(data: PixelData, fpr_limit: float) -> float:
 
 def _aupro(data: PixelData, variant: str, fpr_limit: float, num_thresholds: int) -> float:
     if variant == "cflow":
-        return aupro_cflow(data, fpr_limit, num_thresholds)
+        return aupro_cflow(data, fpr_limit=fpr_limit, num_thresholds=num_thresholds)
     return _aupro_exact(data, fpr_limit)
 
 
@@ -109,7 +109,7 @@ def _check_aupro_options(variant: str, fpr_limit: float, num_thresholds: int) ->
 
 
 def aupro(
-    masks: ArrayLike, maps: ArrayLike, variant: str = "cflow", fpr_limit: float = 0.3, num_thresholds: int = 200
+    masks: ArrayLike, maps: ArrayLike, *, variant: str = "cflow", fpr_limit: float = 0.3, num_thresholds: int = 200
 ) -> float:
     """Area under the PRO curve up to `fpr_limit`, in [0, 1]. masks bool [N, H, W]; maps float [N, H, W].
 

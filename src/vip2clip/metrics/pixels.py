@@ -262,7 +262,8 @@ def pixel_data(stats: PixelStats) -> PixelData:
     pos_ge = np.cumsum(counts[::-1])[::-1]
     neg_ge = n_neg - stats.normal_at_or_below(values, strict=True)
     neg_gt = n_neg - stats.normal_at_or_below(values)
-    return PixelData(stats, Ranking(values, pos_ge, neg_ge, neg_gt, n_pos, n_neg))
+    ranking = Ranking(values=values, pos_ge=pos_ge, neg_ge=neg_ge, neg_gt=neg_gt, n_pos=n_pos, n_neg=n_neg)
+    return PixelData(stats, ranking)
 
 
 def pixel_auroc(masks: ArrayLike, maps: ArrayLike) -> float:

@@ -92,7 +92,7 @@ def pixel_inputs(masks: ArrayLike, maps: ArrayLike) -> tuple[np.ndarray, np.ndar
 # ---------------------------------------------------------------------------------------------------- ranking
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Ranking:
     """Counts at each distinct positive score v (the thresholds where a curve gains positives), ascending.
 
@@ -122,7 +122,14 @@ def _rank(pos_sorted: np.ndarray, all_sorted: np.ndarray) -> Ranking:
     pos_gt = np.append(pos_ge[1:], 0)
     all_ge = n_all - np.searchsorted(all_sorted, values, side="left")
     all_gt = n_all - np.searchsorted(all_sorted, values, side="right")
-    return Ranking(values, pos_ge, all_ge - pos_ge, all_gt - pos_gt, n_pos, n_all - n_pos)
+    return Ranking(
+        values=values,
+        pos_ge=pos_ge,
+        neg_ge=all_ge - pos_ge,
+        neg_gt=all_gt - pos_gt,
+        n_pos=n_pos,
+        n_neg=n_all - n_pos,
+    )
 
 
 def ranking_auroc(r: Ranking) -> float:

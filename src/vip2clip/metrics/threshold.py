@@ -41,7 +41,7 @@ class PixelF1Histogram:
         self.negative += np.bincount(keys[~masks], minlength=1 << 16)
 
     @classmethod
-    def from_counts(cls, values: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> PixelF1Histogram:
+    def from_counts(cls, values: np.ndarray, *, positive: np.ndarray, negative: np.ndarray) -> PixelF1Histogram:
         """The histogram of pixels given as counts per distinct value (values [U], defect and normal pixels [U],
         e.g. a `PixelStats`): equal to `add` on the pixels themselves, which round to the same float16 keys."""
         histogram = cls()
@@ -130,6 +130,7 @@ class StreamingQuantile:
 def normal_quantile_thresholds(
     image_scores: Sequence[float] | np.ndarray,
     pixel_scores: Sequence[np.ndarray] | np.ndarray | StreamingQuantile,
+    *,
     image_quantile: float = DEFAULT_IMAGE_QUANTILE,
     pixel_quantile: float = DEFAULT_PIXEL_QUANTILE,
 ) -> tuple[float, float]:

@@ -60,6 +60,7 @@ class FrozenCLIP(nn.Module):
     def __init__(
         self,
         clip: CLIP,
+        *,
         feature_layers: tuple[int, ...] | None = None,
         pos_embed_interpolation: str = "bilinear",
         name: str = "",
@@ -104,12 +105,12 @@ class FrozenCLIP(nn.Module):
         # Always eval: the backbone is frozen (no dropout, no patch dropout), whatever the parent does.
         return super().train(False)
 
-    def positional_embedding(self, grid: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def positional_embedding(self, grid: tuple[int, int], *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """[1 + h*w, W]: the class position as is, the square grid resized to `grid` (computed once per grid)."""
         key = (grid, device, dtype)
         if key not in self._pos_cache:
             self._pos_cache[key] = resize_positional_embedding(
-                self.clip.visual.positional_embedding.detach(), grid, self.pos_embed_interpolation
+                self.clip.visual.positional_embedding.detach(), grid, mode=self.pos_embed_interpolation
             ).to(device=device, dtype=dtype)
         return self._pos_cache[key]
 
@@ -128,6 +129,7 @@ class FrozenCLIP(nn.Module):
         self,
         transformer: nn.Module,
         x: torch.Tensor,
+        *,
         mask: torch.Tensor | None = None,
         causal: bool = False,
         taps: tuple[int, ...] = (),
@@ -144,7 +146,7 @@ class FrozenCLIP(nn.Module):
         tapped = []
         for index, block in enumerate(transformer.resblocks, start=1):
             if self.sdpa and sdpa_unsupported(block) is None:
-                x = self._block_forward(block, x, mask, causal, dtype)
+                x = self._block_forward(block, x, mask=mask, causal=causal, dtype=dtype)
             elif batch_first:
                 x = block(x, attn_mask=mask)
             else:
@@ -161,14 +163,14 @@ class FrozenCLIP(nn.Module):
         grid = (int(x.shape[2]), int(x.shape[3]))
         x = x.flatten(2).transpose(1, 2)  # [B, hw, W]
         cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid, x.device, x.dtype)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding(grid, device=x.device, dtype=x.dtype)
         last, taps = self._blocks(visual.transformer, visual.ln_pre(x), taps=self.feature_layers)
         patch_tokens = tuple(F.normalize(linear(visual.ln_post(t[:, 1:]), visual.proj.T), dim=-1) for t in taps)
         global_feature = F.normalize(last[:, 0] @ visual.proj, dim=-1)
         return ImageFeatures(patch_tokens, global_feature, grid)
 
     def encode_prompts(
-        self, embeddings: torch.Tensor, eot_positions: torch.Tensor, n_positions: int | None = None
+        self, embeddings: torch.Tensor, eot_positions: torch.Tensor, *, n_positions: int | None = None
     ) -> torch.Tensor:
         """Prompt embeddings [N, L, D_text] -> L2-normalised text features [N, D].
 
@@ -181,7 +183,7 @@ class FrozenCLIP(nn.Module):
             raise ValueError(f"n_positions={length} cuts off an end-of-text token at {int(eot_positions.max())}")
         x = embeddings[:, :length] + clip.positional_embedding[:length].to(embeddings.dtype)
         mask = None if clip.attn_mask is None else clip.attn_mask[:length, :length].to(x.device, x.dtype)
-        x, _ = self._blocks(clip.transformer, x, mask, self.text_causal)
+        x, _ = self._blocks(clip.transformer, x, mask=mask, causal=self.text_causal)
         x = clip.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot_positions]
         projection = clip.text_projection
@@ -211,7 +213,7 @@ def default_feature_layers(depth: int) -> tuple[int, ...]:
     return tuple(depth * quarter // 4 for quarter in (1, 2, 3, 4))
 
 
-def resize_positional_embedding(pos: torch.Tensor, grid: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+def resize_positional_embedding(pos: torch.Tensor, grid: tuple[int, int], *, mode: str = "bilinear") -> torch.Tensor:
     """[1 + g*g, W] -> [1 + h*w, W]: class position kept, square grid interpolated (align_corners=False)."""
     old = round((pos.shape[0] - 1) ** 0.5)
     if (old, old) == tuple(grid):
@@ -245,6 +247,7 @@ def sdpa_unsupported(block: nn.Module) -> str | None:
 def block_forward(
     block: ResidualAttentionBlock,
     x: torch.Tensor,
+    *,
     mask: torch.Tensor | None = None,
     causal: bool = False,
     dtype: torch.dtype | None = None,
@@ -259,13 +262,13 @@ def block_forward(
     """
     attn = block.attn
     low = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-    qkv = linear(low(block.ln_1(x)), attn.in_proj_weight, attn.in_proj_bias)  # [B, L, 3W]
+    qkv = linear(low(block.ln_1(x)), attn.in_proj_weight, bias=attn.in_proj_bias)  # [B, L, 3W]
     q, k, v = qkv.unflatten(-1, (3, attn.num_heads, attn.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)  # [B, h, L, d]
     if causal or mask is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))
-    out = linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, attn.out_proj.bias)  # [B, L, W]
+    out = linear(out.transpose(1, 2).flatten(2), attn.out_proj.weight, bias=attn.out_proj.bias)  # [B, L, W]
     x = x + block.ls_1(out)  # a bf16 branch is promoted to x's dtype in the addition itself
     return x + block.ls_2(mlp(block.mlp, low(block.ln_2(x))))
 

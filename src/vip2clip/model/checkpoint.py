@@ -61,7 +61,7 @@ class Checkpoint:
     path: Path | None = None
 
 
-def save_checkpoint(path: str | Path, config: ModelConfig, state: dict[str, torch.Tensor], **meta: Any) -> Path:
+def save_checkpoint(path: str | Path, config: ModelConfig, *, state: dict[str, torch.Tensor], **meta: Any) -> Path:
     """Write our checkpoint format: trainable weights + buffers, the full config and the package version."""
     payload = {
         "format": FORMAT,
@@ -84,7 +84,7 @@ def load_checkpoint(path: str | Path, base_config: ModelConfig | None = None) ->
     path = Path(resolve_weights(path, CHECKPOINT))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
-    payload = read_torch_file(path, "checkpoint", CheckpointError)
+    payload = read_torch_file(path, "checkpoint", error_type=CheckpointError)
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
         try:
             config = ModelConfig.from_dict(payload["config"])
@@ -159,11 +159,11 @@ def state_to_release(config: ModelConfig, state: dict[str, torch.Tensor]) -> dic
     return {"prompt_learner": prompt, "Zero_try": fgp}
 
 
-def convert_checkpoint(source: str | Path, destination: str | Path, to: str) -> Path:
+def convert_checkpoint(source: str | Path, destination: str | Path, *, to: str) -> Path:
     """Convert between formats: to="release" or to="vip2clip"."""
     checkpoint = load_checkpoint(source)
     if to == "release":
         return atomic_torch_save(state_to_release(checkpoint.config, checkpoint.state), destination)
     if to == "vip2clip":
-        return save_checkpoint(destination, checkpoint.config, checkpoint.state, **checkpoint.meta)
+        return save_checkpoint(destination, checkpoint.config, state=checkpoint.state, **checkpoint.meta)
     raise ValueError(f"unknown checkpoint format {to!r}; use 'release' or 'vip2clip'")

@@ -22,7 +22,7 @@ from vip2clip.model.backbone import ImageFeatures
 from vip2clip.model.fgp import FineGrainedPerception
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Explanation:
     """Arrays (float32, CPU) for a batch of B images of size H x W, L tapped layers on an h x w patch grid.
 
@@ -53,16 +53,16 @@ def _array(values: torch.Tensor) -> np.ndarray:
 
 
 def layer_maps(
-    probabilities: list[torch.Tensor], grid: tuple[int, int], size: tuple[int, int], sigma: float
+    probabilities: list[torch.Tensor], *, grid: tuple[int, int], size: tuple[int, int], sigma: float
 ) -> torch.Tensor:
     """Per layer [B, HW, 2] probabilities -> [B, L, H, W] anomalous maps, upsampled and smoothed with `sigma`
     (0: upsampled only)."""
     anomalous = [p.float()[..., utpa.ANOMALOUS_STATE] for p in probabilities]
-    return torch.stack([utpa.smooth_map(p, grid, size, sigma) for p in anomalous], 1)
+    return torch.stack([utpa.smooth_map(p, grid=grid, size=size, sigma=sigma) for p in anomalous], 1)
 
 
 def fgp_attention(
-    fgp: FineGrainedPerception | None, text: torch.Tensor, features: ImageFeatures
+    fgp: FineGrainedPerception | None, text: torch.Tensor, *, features: ImageFeatures
 ) -> torch.Tensor | None:
     """[B, L, 2, h, w]: each layer's FGP attention of the two prompts (text [B or 1, 2, D]) over its patches."""
     if fgp is None:
@@ -74,6 +74,7 @@ def fgp_attention(
 def make_explanation(
     pred_score: torch.Tensor,
     anomaly_map: torch.Tensor,
+    *,
     probabilities: list[torch.Tensor],
     attention: torch.Tensor | None,
     layers: tuple[int, ...],
@@ -83,14 +84,17 @@ def make_explanation(
     """The Explanation of one forward pass (see the module docstring); size = anomaly_map's [H, W]."""
     size = tuple(anomaly_map.shape[-2:])
     fused = utpa.smooth_map(
-        torch.stack([p.float()[..., utpa.ANOMALOUS_STATE] for p in probabilities]).mean(0), grid, size, 0.0
+        torch.stack([p.float()[..., utpa.ANOMALOUS_STATE] for p in probabilities]).mean(0),
+        grid=grid,
+        size=size,
+        sigma=0.0,
     )
     return Explanation(
         pred_score=_array(pred_score),
         anomaly_map=_array(anomaly_map),
         fused_map=_array(fused),
-        layer_maps=_array(layer_maps(probabilities, grid, size, 0.0)),
-        smoothed_layer_maps=_array(layer_maps(probabilities, grid, size, sigma)),
+        layer_maps=_array(layer_maps(probabilities, grid=grid, size=size, sigma=0.0)),
+        smoothed_layer_maps=_array(layer_maps(probabilities, grid=grid, size=size, sigma=sigma)),
         attention=None if attention is None else _array(attention),
         layers=tuple(layers),
         grid=tuple(grid),

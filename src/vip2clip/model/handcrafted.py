@@ -48,6 +48,6 @@ def handcrafted_text(backbone: FrozenCLIP, state_words: tuple[str, str]) -> torc
     for sentences in handcrafted_sentences(state_words):
         tokens = tokenize(sentences, context_length=context_length).to(device)
         eot = tokens.argmax(dim=-1)
-        features = backbone.encode_prompts(backbone.embed_tokens(tokens), eot, int(eot.max()) + 1)
+        features = backbone.encode_prompts(backbone.embed_tokens(tokens), eot, n_positions=int(eot.max()) + 1)
         states.append(F.normalize(features.float().mean(dim=0), dim=-1))
     return torch.stack(states).unsqueeze(0)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from vip2clip.model.vip2clip import ViP2CLIP
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelIdentity:
     """checkpoint / checkpoint_sha256: the trained-weights file (None for a model without one).
     backbone, weights (where the CLIP weights came from), fingerprint (`FrozenCLIP.fingerprint()`).

@@ -38,7 +38,7 @@ FP32_LIBRARIES = ("onednn", "mkl")
 LIBRARY_NAMES = {"onednn": "oneDNN", "mkl": "MKL (F.linear)"}
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x [..., in], weight [out, in], bias [out]) -> [..., out], through oneDNN when that is safe.
 
     x in bf16/fp16 with fp32 weights (the encoders' low-precision path): the product runs in x's dtype on kept
@@ -50,7 +50,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def low_precision_copy(tensor: torch.Tensor | None, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor | None:
+def low_precision_copy(tensor: torch.Tensor | None, dtype: torch.dtype, *, scale: float = 1.0) -> torch.Tensor | None:
     """`tensor * scale` in `dtype`: for a frozen tensor a copy kept while the tensor lives and is unchanged (its
     version counter), else a plain cast (autograd then flows to it)."""
     if tensor is None:
@@ -76,12 +76,12 @@ def mlp(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     fusion = _fused_activation(activation)
     if fusion is not None and _low_precision_applies(x, fc.weight) and _fusion_works(x.dtype):
         attr, algorithm, scale = fusion
-        w1, b1 = (low_precision_copy(t, x.dtype, scale) for t in (fc.weight, fc.bias))
+        w1, b1 = (low_precision_copy(t, x.dtype, scale=scale) for t in (fc.weight, fc.bias))
         hidden = torch.ops.mkldnn._linear_pointwise(x, w1, b1, attr, [], algorithm)
         # QuickGELU's 1/1.702 goes into the second product's weight (its bias stays).
-        w2, b2 = low_precision_copy(proj.weight, x.dtype, 1.0 / scale), low_precision_copy(proj.bias, x.dtype)
+        w2, b2 = low_precision_copy(proj.weight, x.dtype, scale=1.0 / scale), low_precision_copy(proj.bias, x.dtype)
         return torch.ops.mkldnn._linear_pointwise(hidden, w2, b2, "none", [], "")
-    return linear(activation(linear(x, fc.weight, fc.bias)), proj.weight, proj.bias)
+    return linear(activation(linear(x, fc.weight, bias=fc.bias)), proj.weight, bias=proj.bias)
 
 
 def _fused_activation(activation: nn.Module | None) -> tuple[str, str, float] | None:

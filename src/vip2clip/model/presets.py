@@ -17,7 +17,7 @@ from typing import Any
 from vip2clip.config import ModelConfig
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Preset:
     """One named configuration. image_size None: ModelConfig's default (518). paper: the tables/figures it is."""
 

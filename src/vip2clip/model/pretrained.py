@@ -32,7 +32,7 @@ class PretrainedError(ValueError):
     not match its published hash."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PublishedWeights:
     """One published file. sha256 or git_blob_sha1: the hash a download must match (a git repository publishes
     the blob id of each file it holds; the SHA-256 where the publisher gives one)."""
@@ -62,7 +62,7 @@ class PublishedWeights:
     def expected_hash(self) -> str:
         return f"sha256 {self.sha256}" if self.sha256 else f"git blob {self.git_blob_sha1}"
 
-    def verify(self, path: str | Path, origin: str | None = None, advice: str | None = None) -> None:
+    def verify(self, path: str | Path, *, origin: str | None = None, advice: str | None = None) -> None:
         """PretrainedError unless the file at `path` has this entry's published hash. origin: what the message calls
         the file (default: its path; a download's temporary file is no name for the user); advice: what to do."""
         found = file_sha256(path) if self.sha256 else git_blob_sha1(path)
@@ -150,7 +150,7 @@ def resolve_weights(value: str | Path | None, kind: str) -> str | Path | None:
     return entry.path
 
 
-def download_pretrained(tag: str, source_file: str | Path | None = None, url: str | None = None) -> Path:
+def download_pretrained(tag: str, *, source_file: str | Path | None = None, url: str | None = None) -> Path:
     """Fetch the published file `tag` (from its URL, another `url` such as a mirror, or a `source_file` fetched by
     hand), check its published hash and install it at its `path`; returns the path. Already installed and intact:
     nothing is fetched.
@@ -172,13 +172,15 @@ def download_pretrained(tag: str, source_file: str | Path | None = None, url: st
         advice = f"nothing was installed: it is another file than {entry.url}, or a part of it"
         check = functools.partial(entry.verify, origin=str(source_file), advice=advice)
         with Path(source_file).open("rb") as stream:
-            atomic_copy_stream(stream, entry.path, check)
+            atomic_copy_stream(stream, entry.path, check=check)
         entry.record_verified()
         return entry.path
     source = url or entry.url
     advice = "nothing was installed: the server sent another file than the published one"
     try:
-        fetch_url(source, entry.path, functools.partial(entry.verify, origin=f"the file from {source}", advice=advice))
+        fetch_url(
+            source, entry.path, check=functools.partial(entry.verify, origin=f"the file from {source}", advice=advice)
+        )
     except CutOffError:
         raise
     except DownloadError as error:

@@ -20,7 +20,7 @@ PLACEHOLDER = "X"
 class MetaNet(nn.Module):
     """r independent Linear(D->hidden)-ReLU-Linear(hidden->D) heads on (global feature + bias)."""
 
-    def __init__(self, dim: int, hidden: int, n_heads: int) -> None:
+    def __init__(self, dim: int, *, hidden: int, n_heads: int) -> None:
         super().__init__()
         self.bias = nn.Parameter(torch.randn(1, dim) * 0.02)
         self.heads = nn.ModuleList(
@@ -42,6 +42,7 @@ class VisualConditionedPrompts(nn.Module):
     def __init__(
         self,
         token_dim: int,
+        *,
         n_context: int = 7,
         n_dynamic: int = 3,
         metanet_hidden: int = 384,
@@ -54,7 +55,9 @@ class VisualConditionedPrompts(nn.Module):
         self.context_normal = nn.Parameter(torch.randn(n_context, token_dim) * 0.02)
         self.context_anomalous = nn.Parameter(torch.randn(n_context, token_dim) * 0.02)
         self.generic = nn.Parameter(torch.randn(n_dynamic, token_dim) * 0.02)
-        self.metanet = MetaNet(token_dim, metanet_hidden, n_dynamic) if use_vca and n_dynamic > 0 else None
+        self.metanet = (
+            MetaNet(token_dim, hidden=metanet_hidden, n_heads=n_dynamic) if use_vca and n_dynamic > 0 else None
+        )
         for state in STATES:
             # Placeholders; `set_sentences` fills them from the tokenizer, checkpoints overwrite them.
             self.register_buffer(f"prefix_{state}", torch.zeros(1, 1, token_dim))
@@ -88,7 +91,7 @@ class VisualConditionedPrompts(nn.Module):
             )
 
     def set_buffers(
-        self, state: str, prefix: torch.Tensor, word: torch.Tensor, suffix: torch.Tensor, tokens: torch.Tensor
+        self, state: str, *, prefix: torch.Tensor, word: torch.Tensor, suffix: torch.Tensor, tokens: torch.Tensor
     ) -> None:
         """Replace one state's fixed parts (shapes may change with the state word's token count)."""
         expected = 1 + self.n_context + word.shape[1] + self.n_dynamic + suffix.shape[1]

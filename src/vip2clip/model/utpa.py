@@ -28,7 +28,7 @@ def state_probabilities(similarity: torch.Tensor, temperature: float) -> torch.T
 
 
 def topk_image_logits(
-    similarities: list[torch.Tensor], probabilities: list[torch.Tensor], top_k: int, temperature: float
+    similarities: list[torch.Tensor], probabilities: list[torch.Tensor], *, top_k: int, temperature: float
 ) -> torch.Tensor:
     """Image logits [B, 2]: the mean raw similarity of each layer's top-K anomalous patches, over all layers, / tau."""
     pooled = []
@@ -39,7 +39,7 @@ def topk_image_logits(
     return torch.cat(pooled, dim=1).mean(dim=1) / temperature
 
 
-def global_image_logits(global_feature: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+def global_image_logits(global_feature: torch.Tensor, text: torch.Tensor, *, temperature: float) -> torch.Tensor:
     """Dual-branch baseline (UTPA off): global feature [B, D] against the prompts [B or 1, 2, D] -> [B, 2] / tau."""
     return (global_feature.unsqueeze(1) * text).sum(-1) / temperature
 
@@ -55,7 +55,7 @@ def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def smoothed_anomaly_map(
-    probabilities: list[torch.Tensor], grid: tuple[int, int], size: tuple[int, int], sigma: float
+    probabilities: list[torch.Tensor], *, grid: tuple[int, int], size: tuple[int, int], sigma: float
 ) -> torch.Tensor:
     """Layer-mean anomalous probability, upsampled (bilinear) and Gaussian-smoothed -> [B, H, W].
 
@@ -66,21 +66,21 @@ def smoothed_anomaly_map(
     grid that is ~20 MFLOP per image instead of a 65-tap convolution over 518x518 pixels, on the maps' device.
     """
     mean = torch.stack([p[..., ANOMALOUS_STATE] for p in probabilities]).mean(dim=0)  # [B, HW]
-    return smooth_map(mean, grid, size, sigma)
+    return smooth_map(mean, grid=grid, size=size, sigma=sigma)
 
 
-def smooth_map(values: torch.Tensor, grid: tuple[int, int], size: tuple[int, int], sigma: float) -> torch.Tensor:
+def smooth_map(values: torch.Tensor, *, grid: tuple[int, int], size: tuple[int, int], sigma: float) -> torch.Tensor:
     """Patch values [B, HW] -> [B, H, W]: bilinear upsampling then the Gaussian (sigma in output pixels, scipy
     "reflect" borders; sigma 0: upsampling only), as one cached matrix product per axis."""
     device, dtype = values.device, values.dtype
-    rows = _smoothing_operator(grid[0], size[0], float(sigma), device, dtype)  # [H, h]
-    cols = _smoothing_operator(grid[1], size[1], float(sigma), device, dtype)  # [W, w]
+    rows = _smoothing_operator(grid[0], size[0], sigma=float(sigma), device=device, dtype=dtype)  # [H, h]
+    cols = _smoothing_operator(grid[1], size[1], sigma=float(sigma), device=device, dtype=dtype)  # [W, w]
     return rows @ values.reshape(-1, *grid) @ cols.T
 
 
 @functools.lru_cache(maxsize=32)
 def _smoothing_operator(
-    length: int, size: int, sigma: float, device: torch.device, dtype: torch.dtype, truncate: float = 4.0
+    length: int, size: int, *, sigma: float, device: torch.device, dtype: torch.dtype, truncate: float = 4.0
 ) -> torch.Tensor:
     """[size, length]: 1-D bilinear upsampling then scipy-style Gaussian, built by applying both to unit impulses."""
     impulses = torch.eye(length, dtype=torch.float64).unsqueeze(0)  # [1, length (channels), length]

@@ -52,7 +52,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> tuple[str, 
     return "fp32", f"auto: fp32 (no native bf16 known on {device_type})"
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ForwardOutput:
     """The forward pass's raw outputs: what the losses read (training) and what `prediction_from_output` turns into
     an `ImageBatch` (the detection result, `vip2clip.outputs`).
@@ -168,7 +168,7 @@ class ViP2CLIP(nn.Module):
         batch, states = prompts.shape[:2]
         flat = prompts.reshape(batch * states, *prompts.shape[2:])
         with self._encoder_autocast():
-            features = self.backbone.encode_prompts(flat, eot.repeat(batch), n_positions)
+            features = self.backbone.encode_prompts(flat, eot.repeat(batch), n_positions=n_positions)
         return features.float().view(batch, states, -1)
 
     def forward_features(self, features: ImageFeatures) -> ForwardOutput:
@@ -182,10 +182,12 @@ class ViP2CLIP(nn.Module):
             similarities.append(similarity)
             probabilities.append(utpa.state_probabilities(similarity, cfg.temperature))
         if cfg.use_utpa:
-            logits = utpa.topk_image_logits(similarities, probabilities, cfg.top_k, cfg.temperature)
+            logits = utpa.topk_image_logits(similarities, probabilities, top_k=cfg.top_k, temperature=cfg.temperature)
         else:
-            logits = utpa.global_image_logits(features.global_feature, text, cfg.temperature)
-        return ForwardOutput(logits, similarities, probabilities, text, features.grid)
+            logits = utpa.global_image_logits(features.global_feature, text, temperature=cfg.temperature)
+        return ForwardOutput(
+            image_logits=logits, similarities=similarities, probabilities=probabilities, text=text, grid=features.grid
+        )
 
     def forward(self, images: torch.Tensor) -> ForwardOutput:
         return self.forward_features(self.encode_image(images))
@@ -194,7 +196,9 @@ class ViP2CLIP(nn.Module):
         """Image score and smoothed anomaly map [B, *size] from the outputs."""
         score = output.image_logits.float().softmax(dim=-1)[:, utpa.ANOMALOUS_STATE]
         probabilities = [p.float() for p in output.probabilities]
-        return ImageBatch(score, utpa.smoothed_anomaly_map(probabilities, output.grid, size, self.config.sigma))
+        return ImageBatch(
+            score, utpa.smoothed_anomaly_map(probabilities, grid=output.grid, size=size, sigma=self.config.sigma)
+        )
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image (any mode, any size) -> the normalised float tensor [3, S, S] this model takes, S its input size
@@ -220,15 +224,15 @@ class ViP2CLIP(nn.Module):
         that `predict` gives. images: as `predict`."""
         with self._evaluating():
             features, output, prediction = self._infer(images)
-            attention = fgp_attention(self.fgp, output.text, features)
+            attention = fgp_attention(self.fgp, output.text, features=features)
             return make_explanation(
                 prediction.pred_score,
                 prediction.anomaly_map,
-                output.probabilities,
-                attention,
-                self.feature_layers,
-                output.grid,
-                self.config.sigma,
+                probabilities=output.probabilities,
+                attention=attention,
+                layers=self.feature_layers,
+                grid=output.grid,
+                sigma=self.config.sigma,
             )
 
     def _infer(self, images: torch.Tensor | np.ndarray) -> tuple[ImageFeatures, ForwardOutput, ImageBatch]:
@@ -259,7 +263,8 @@ class ViP2CLIP(nn.Module):
         for state_name in ("normal", "anomalous"):
             parts = [f"prompts.{kind}_{state_name}" for kind in ("prefix", "state", "suffix", "tokens")]
             if all(part in state for part in parts):  # the state word's token count may differ from ours
-                self.prompts.set_buffers(state_name, *(state[part].to(own[part].device) for part in parts))
+                prefix, word, suffix, tokens = (state[part].to(own[part].device) for part in parts)
+                self.prompts.set_buffers(state_name, prefix=prefix, word=word, suffix=suffix, tokens=tokens)
         problem = state_mismatch(self.trainable_state_dict(), state)
         if problem:
             raise ValueError(f"checkpoint does not fit the model: {problem}")

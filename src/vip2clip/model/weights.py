@@ -58,7 +58,7 @@ def _is_openai_style_vit(config: dict | None) -> bool:
     )
 
 
-def load_clip(backbone: str, weights: str | Path | None, quick_gelu: bool = True) -> tuple[CLIP, str]:
+def load_clip(backbone: str, weights: str | Path | None, *, quick_gelu: bool = True) -> tuple[CLIP, str]:
     """Build an open_clip CLIP and load its weights.
 
     weights: None (random init, seeded), a local file (OpenAI state dict, OpenAI TorchScript archive,
@@ -152,7 +152,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if zipfile.is_zipfile(path) and _is_torchscript_archive(path):
         state = torch.jit.load(str(path), map_location="cpu").state_dict()
     else:
-        state = read_torch_file(path, "CLIP weights", WeightsError)
+        state = read_torch_file(path, "CLIP weights", error_type=WeightsError)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not state:

@@ -41,7 +41,7 @@ OTHER_WEIGHTS = (
 )
 
 
-def check_weights_choice(clip_weights: str | Path | None, random_init: bool, backbone: str | None = None) -> None:
+def check_weights_choice(clip_weights: str | Path | None, *, random_init: bool, backbone: str | None = None) -> None:
     """ValueError unless the CLIP weights were chosen: given, or random on purpose (not both), or the tiny test
     backbone (its weights are random by definition). backbone None: only the "not both" part (not known yet)."""
     if clip_weights and random_init:
@@ -59,7 +59,7 @@ def recorded_fingerprint(checkpoint: Checkpoint) -> tuple[str | None, str]:
     return backbone.get("fingerprint"), str(backbone.get("weights", "source not recorded"))
 
 
-def check_trained_weights(checkpoint: Checkpoint, fingerprint: str, source: str, allow_other_weights: bool) -> None:
+def check_trained_weights(checkpoint: Checkpoint, fingerprint: str, *, source: str, allow_other_weights: bool) -> None:
     """ValueError when `checkpoint` records CLIP weights other than the model's (`fingerprint`, from `source`),
     unless `allow_other_weights` (then a warning); a warning when it records none."""
     recorded, recorded_source = recorded_fingerprint(checkpoint)

@@ -1,13 +1,13 @@
 """Training loop of the release (paper Sec. 4.3): Adam on the prompt learner and FGP, no scheduler, no augmentation.
 
-The frozen image encoder runs once per image, into the feature cache (`vip2clip.training.feature_cache`); every
+The frozen image encoder runs once per image, into the feature cache (`vip2clip.features.feature_cache`); every
 epoch then reads cached rows, so only the text encoder (VCA prompts depend on the image's global feature) and the
 small heads run per batch. With `cache=False` the encoder runs on every batch instead.
 
 Each epoch visits the samples in an order drawn from (seed, epoch) alone, so a run resumed from its last
 checkpoint (`resume=True`: weights, Adam state, epoch, RNG state) takes the same steps as an uninterrupted one.
 The cache lives in OUT/feature_cache unless `cache_dir` is given (several runs may share one --cache-dir, also
-with other settings and at the same time: each setting has its own subfolder, see `training.cache_store`).
+with other settings and at the same time: each setting has its own subfolder, see `features.cache_store`).
 After every epoch OUT/last.pt is written atomically and one JSON line is appended to OUT/train_log.jsonl; the
 final model (the last epoch: no selection on any test set) is OUT/checkpoint.pt, loadable by
 `create_model(checkpoint=...)`. An epoch whose mean loss is NaN or infinite (a diverged run) stops training with an
@@ -36,6 +36,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +48,15 @@ from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.data.index import DatasetIndex
 from vip2clip.data.sources import source_counts
 from vip2clip.data.zero_shot import RECORD_KEY, training_record
+from vip2clip.features.feature_cache import FeatureCache, load_or_build_cache
 from vip2clip.model.backbone import ImageFeatures
 from vip2clip.model.checkpoint import load_checkpoint, save_checkpoint
 from vip2clip.model.handcrafted import NOTHING_TO_TRAIN
 from vip2clip.model.vip2clip import ViP2CLIP
-from vip2clip.training.feature_cache import FeatureCache, load_or_build_cache
 from vip2clip.training.losses import LossParts, training_loss
 from vip2clip.utils.distributed import LOCAL, World
 from vip2clip.utils.fileio import atomic_write_text, json_line
-from vip2clip.utils.progress import Progress, silent
+from vip2clip.utils.run_context import LOCAL_RUN, RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def build_optimizer(model: ViP2CLIP, config: TrainConfig) -> torch.optim.Adam:
     return torch.optim.Adam(groups)
 
 
-def epoch_batches(rows: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def epoch_batches(rows: list[int], batch_size: int, *, seed: int, epoch: int) -> list[list[int]]:
     """The shuffled batches of one epoch (epoch is 1-based), a pure function of (rows, seed, epoch)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(len(rows), generator=generator).tolist()
@@ -109,7 +110,7 @@ def local_share(batch: list[int], world: World) -> list[int]:
 
 
 def _cached_batches(
-    cache: FeatureCache, labels: list[int], batches: list[list[int]], device, world: World
+    cache: FeatureCache, labels: list[int], *, batches: list[list[int]], device, world: World
 ) -> Iterator[Batch | None]:
     for batch in batches:
         rows = local_share(batch, world)
@@ -124,7 +125,7 @@ def _cached_batches(
 
 
 def _encoded_batches(
-    model: ViP2CLIP, dataset: AnomalyDataset, batches: list[list[int]], workers: int, world: World, seen: list[str]
+    model: ViP2CLIP, dataset: AnomalyDataset, *, batches: list[list[int]], workers: int, world: World, seen: list[str]
 ) -> Iterator[Batch | None]:
     """The batches, encoded; the pixel digests of the images decoded are appended to `seen`."""
     device = next(model.parameters()).device
@@ -143,11 +144,11 @@ def _batch_loss(model: ViP2CLIP, batch: Batch) -> LossParts:
     features, masks, labels = batch
     output = model.forward_features(features)
     maps = output.probability_maps((masks.shape[-2], masks.shape[-1]))  # L x [B, 2, S, S]
-    return training_loss(maps, masks, output.image_logits, labels)
+    return training_loss(maps, masks, image_logits=output.image_logits, labels=labels)
 
 
 def train_step(
-    model: ViP2CLIP, optimizer: torch.optim.Optimizer, batch: Batch | None, world: World = LOCAL
+    model: ViP2CLIP, optimizer: torch.optim.Optimizer, *, batch: Batch | None, world: World = LOCAL
 ) -> dict[str, float] | None:
     """One optimisation step on a batch (this rank's share of it); returns the loss parts of the whole batch as
     floats, or None when the batch held no image on any rank (no step, as one process skips an empty batch)."""
@@ -179,14 +180,14 @@ def train_step(
 
 
 def run_epoch(
-    model: ViP2CLIP, optimizer: torch.optim.Optimizer, batches: Iterable[Batch | None], world: World = LOCAL
+    model: ViP2CLIP, optimizer: torch.optim.Optimizer, *, batches: Iterable[Batch | None], world: World = LOCAL
 ) -> dict[str, float]:
     """One pass over `batches`: mean loss parts, number of steps and seconds taken."""
     started = time.perf_counter()
     sums = dict.fromkeys(LOSS_PARTS, 0.0)
     steps = 0
     for batch in batches:
-        losses = train_step(model, optimizer, batch, world)
+        losses = train_step(model, optimizer, batch=batch, world=world)
         if losses is None:
             continue
         sums = {key: sums[key] + losses[key] for key in sums}
@@ -205,7 +206,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _run_meta(
-    model: ViP2CLIP, index: DatasetIndex, split: str, config: TrainConfig, world: World, sources: list[dict[str, Any]]
+    model: ViP2CLIP, index: DatasetIndex, *, split: str, config: TrainConfig, world: World, sources: list[dict]
 ) -> dict[str, Any]:
     backbone = model.backbone
     return {
@@ -238,7 +239,7 @@ def _resume(model: ViP2CLIP, optimizer: torch.optim.Optimizer, out_dir: Path, co
     return int(checkpoint.meta["epoch"]), list(checkpoint.meta["history"])
 
 
-def earlier_run(out_dir: Path, resume: bool, overwrite: bool) -> list[Path]:
+def earlier_run(out_dir: Path, *, resume: bool, overwrite: bool) -> list[Path]:
     """The files of an earlier run in OUT that `overwrite` replaces; refuses to mix runs (module docstring)."""
     if resume and overwrite:
         raise ValueError("give either resume (continue the run in OUT) or overwrite (start afresh), not both")
@@ -260,36 +261,43 @@ def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
 def _prepare_batches(
     model: ViP2CLIP,
     dataset: AnomalyDataset,
+    *,
     out_dir: Path,
     config: TrainConfig,
-    progress: Progress,
-    world: World,
+    run: RunContext,
     seen: list[str],
 ) -> tuple[list[int], Callable[[list[list[int]]], Iterator[Batch | None]], FeatureCache | None]:
     """(trainable rows, batches -> iterator of this rank's Batch, the cache or None): from the cache, or encoding
     (then the pixel digests of the images decoded go to `seen`)."""
+    world, workers = run.world, config.num_workers
     if not config.cache:
-        rows = list(range(len(dataset)))
-        return rows, lambda b: _encoded_batches(model, dataset, b, config.num_workers, world, seen), None
+        encode = partial(_encoded_batches, model, dataset, workers=workers, world=world, seen=seen)
+        return list(range(len(dataset))), lambda batches: encode(batches=batches), None
     directory = Path(config.cache_dir) if config.cache_dir else out_dir / CACHE_SUBDIR
     cache = load_or_build_cache(
-        model, dataset, directory, config.cache_dtype, config.batch_size, config.num_workers, progress, world
+        model,
+        dataset,
+        directory=directory,
+        dtype=config.cache_dtype,
+        batch_size=config.batch_size,
+        num_workers=workers,
+        run=run,
     )
     device = next(model.parameters()).device
     labels = dataset.labels
-    return cache.valid_indices, lambda b: _cached_batches(cache, labels, b, device, world), cache
+    return cache.valid_indices, lambda b: _cached_batches(cache, labels, batches=b, device=device, world=world), cache
 
 
 def train(
     model: ViP2CLIP,
     index: DatasetIndex,
+    *,
     out_dir: str | Path,
     config: TrainConfig | None = None,
     split: str = "test",
     resume: bool = False,
-    progress: Progress = silent,
     overwrite: bool = False,
-    world: World = LOCAL,
+    run: RunContext = LOCAL_RUN,
     sources: list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train `model`'s prompt learner and FGP on a split of `index`; checkpoints and log go to `out_dir`.
@@ -297,13 +305,12 @@ def train(
     sources: the datasets `index` was merged from, with their image counts (`data.sources.merge_sources`),
     recorded in the checkpoint and every log line (default: `index` itself). The checkpoint also records the
     SHA-256 of every training image (`data.zero_shot`). Raises ValueError when `out_dir` holds a run and neither
-    `resume` nor `overwrite` is given. Under torchrun every rank calls this with its `world` (see the module
-    docstring)."""
+    `resume` nor `overwrite` is given. `run`: the progress bars and, under torchrun, the process group (every
+    rank calls this with its `run.world`; see the module docstring)."""
     if model.config.text_prompts == "handcrafted":
         raise ValueError(NOTHING_TO_TRAIN)
-    config = config or TrainConfig()
-    out_dir = Path(out_dir)
-    replaced = earlier_run(out_dir, resume, overwrite)
+    config, out_dir, world = config or TrainConfig(), Path(out_dir), run.world
+    replaced = earlier_run(out_dir, resume=resume, overwrite=overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = AnomalyDataset(index, split, image_size=model.config.image_size, skip_bad=config.skip_bad)
     if len(dataset) == 0:
@@ -314,13 +321,13 @@ def train(
         torch.manual_seed(config.seed)
         random.seed(config.seed)
     seen: list[str] = []  # without a cache: the pixel digests of the images an epoch decoded
-    rows, make_batches, cache = _prepare_batches(model, dataset, out_dir, config, progress, world, seen)
-    sources = sources or [source_counts(index.root.name, index, split).to_dict()]
-    meta = _run_meta(model, index, split, config, world, sources)
-    digests = cache.image_digests(dataset, rows, world) if cache is not None else None
+    rows, make_batches, cache = _prepare_batches(model, dataset, out_dir=out_dir, config=config, run=run, seen=seen)
+    sources = sources or [source_counts(index.root.name, index, split=split).to_dict()]
+    meta = _run_meta(model, index, split=split, config=config, world=world, sources=sources)
+    digests = cache.image_digests(dataset, rows, world=world) if cache is not None else None
     if digests is not None:
         meta[RECORD_KEY] = training_record(digests, split)
-    run = {**world.describe(model), "sources": [f"{s['name']}: {s['images']} images" for s in sources]}
+    described = {**world.describe(model), "sources": [f"{s['name']}: {s['images']} images" for s in sources]}
     if world.is_main:  # every rank has checked OUT by now (the cache's collectives came first)
         for path in replaced:  # only now that the data and the cache are ready: a bad dataset keeps the earlier run
             path.unlink()
@@ -328,26 +335,20 @@ def train(
         _write_log(out_dir, history)
     model.train()
     for epoch in range(start + 1, config.epochs + 1):
-        batches = epoch_batches(rows, config.batch_size, config.seed, epoch)
-        steps = progress(make_batches(batches), total=len(batches), desc=f"epoch {epoch}/{config.epochs}")
-        record = {"epoch": epoch, **run_epoch(model, optimizer, steps, world), **run}
+        batches = epoch_batches(rows, config.batch_size, seed=config.seed, epoch=epoch)
+        steps = run.progress(make_batches(batches), total=len(batches), desc=f"epoch {epoch}/{config.epochs}")
+        record = {"epoch": epoch, **run_epoch(model, optimizer, batches=steps, world=world), **described}
         _refuse_divergence(record, out_dir)
         if RECORD_KEY not in meta:  # no cache: every image was decoded in this epoch (each rank its share)
             meta[RECORD_KEY] = training_record([d for part in world.all_gather(seen) for d in part], split)
         seen.clear()
         history.append(record)
         if world.is_main:
-            _save_epoch(model, optimizer, out_dir, meta, history)
-        logger.info(
-            "epoch %d/%d: loss %.4f (%d steps, %.1f s)",
-            epoch,
-            config.epochs,
-            record["total"],
-            record["steps"],
-            record["seconds"],
-        )
+            _save_epoch(model, optimizer, out_dir=out_dir, meta=meta, history=history)
+        losses = f"loss {record['total']:.4f} ({record['steps']} steps, {record['seconds']:.1f} s)"
+        logger.info("epoch %d/%d: %s", epoch, config.epochs, losses)
     model.eval()
-    return _finish_training(model, out_dir, meta, history, dataset, cache, world)
+    return _finish_training(model, out_dir, meta=meta, history=history, dataset=dataset, cache=cache, world=world)
 
 
 def _refuse_divergence(record: dict[str, Any], out_dir: Path) -> None:
@@ -364,7 +365,7 @@ def _refuse_divergence(record: dict[str, Any], out_dir: Path) -> None:
 
 
 def _save_epoch(
-    model: ViP2CLIP, optimizer: torch.optim.Optimizer, out_dir: Path, meta: dict[str, Any], history: list
+    model: ViP2CLIP, optimizer: torch.optim.Optimizer, *, out_dir: Path, meta: dict[str, Any], history: list
 ) -> None:
     """OUT/last.pt (weights, Adam state, RNG: what resuming needs) and the epoch's log line."""
     resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
@@ -372,7 +373,7 @@ def _save_epoch(
     save_checkpoint(
         out_dir / LAST_CHECKPOINT,
         model.config,
-        model.trainable_state_dict(),
+        state=model.trainable_state_dict(),
         **meta,
         epoch=epoch,
         history=history,
@@ -383,13 +384,13 @@ def _save_epoch(
 
 
 def _finish_training(
-    model: ViP2CLIP, out_dir: Path, meta: dict[str, Any], history: list, dataset: AnomalyDataset, cache, world: World
+    model: ViP2CLIP, out_dir: Path, *, meta: dict[str, Any], history: list, dataset: AnomalyDataset, cache, world: World
 ) -> TrainResult:
     """The final checkpoint (rank 0; every rank waits for it) and the files skipped on any rank."""
     done = history[-1]["epoch"] if history else 0
     final = out_dir / FINAL_CHECKPOINT
     if world.is_main:
-        save_checkpoint(final, model.config, model.trainable_state_dict(), **meta, epoch=done, history=history)
+        save_checkpoint(final, model.config, state=model.trainable_state_dict(), **meta, epoch=done, history=history)
     reports = world.gather(dataset.skipped)  # without the cache, images fail to decode on the rank that reads them
     world.barrier()  # the final checkpoint exists for every rank (evaluation after training hashes it)
     # Without the cache a file that fails to decode is met (and recorded) once per epoch.

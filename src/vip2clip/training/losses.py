@@ -26,7 +26,7 @@ DICE_SMOOTH = 1.0
 
 
 def focal_loss(
-    probabilities: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, smooth: float = FOCAL_SMOOTH
+    probabilities: torch.Tensor, target: torch.Tensor, *, gamma: float = 2.0, smooth: float = FOCAL_SMOOTH
 ) -> torch.Tensor:
     """Focal loss on probabilities [B, C, H, W] against class indices target [B, H, W] (0/1 floats ok) -> scalar."""
     num_classes = probabilities.shape[1]
@@ -37,7 +37,7 @@ def focal_loss(
     return (-((1.0 - pt) ** gamma) * pt.log()).mean()
 
 
-def dice_loss(probability: torch.Tensor, target: torch.Tensor, smooth: float = DICE_SMOOTH) -> torch.Tensor:
+def dice_loss(probability: torch.Tensor, target: torch.Tensor, *, smooth: float = DICE_SMOOTH) -> torch.Tensor:
     """Soft Dice loss of one channel [B, H, W] against a 0/1 target [B, H, W], averaged over the batch -> scalar."""
     p = probability.reshape(probability.shape[0], -1)
     g = target.reshape(target.shape[0], -1).to(p.dtype)
@@ -64,7 +64,7 @@ class LossParts:
 
 
 def training_loss(
-    probability_maps: Sequence[torch.Tensor], masks: torch.Tensor, image_logits: torch.Tensor, labels: torch.Tensor
+    probability_maps: Sequence[torch.Tensor], masks: torch.Tensor, *, image_logits: torch.Tensor, labels: torch.Tensor
 ) -> LossParts:
     """The release's loss: per layer map [B, 2, H, W] (normal, anomalous) vs masks [B, H, W], plus image CE."""
     focal = sum(focal_loss(maps, masks) for maps in probability_maps)

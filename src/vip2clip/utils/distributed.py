@@ -67,7 +67,7 @@ def torchrun_env() -> dict[str, int] | None:
     return env
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class World:
     """Where this process stands: rank in [0, size), its machine-local rank, the device it computes on, and the
     backend of the process group (None: one process, no group)."""
@@ -100,7 +100,7 @@ class World:
         """This rank's items of range(n): contiguous, disjoint across ranks, deterministic, made of whole units
         (batches) of `unit` items as a one-process run would form them; ranks in order cover range(n) in order.
         The first ranks take one unit more when the units do not divide evenly; a rank may get none."""
-        return share_range(n, self.rank, self.size, unit)
+        return share_range(n, rank=self.rank, size=self.size, unit=unit)
 
     def barrier(self) -> None:
         if self.distributed:
@@ -182,7 +182,7 @@ class World:
 LOCAL = World()
 
 
-def share_range(n: int, rank: int, size: int, unit: int = 1) -> range:
+def share_range(n: int, *, rank: int, size: int, unit: int = 1) -> range:
     """Items of range(n) for `rank` of `size`, in whole units of `unit` items (see `World.share`)."""
     if n < 0 or unit < 1 or not 0 <= rank < size:
         raise ValueError(f"bad share: n={n}, unit={unit}, rank={rank}, size={size}")
@@ -238,10 +238,10 @@ def init_from_env(device: str = "cpu", timeout_s: float = 1800.0) -> World:
         dist.init_process_group(backend, timeout=timeout)
         _object_group = None  # the default group is Gloo already
     logger.debug("rank %d/%d (local %d/%d) on %s with %s", rank, size, local_rank, local_size, device, backend)
-    return World(rank, size, local_rank, local_size, device, backend)
+    return World(rank=rank, size=size, local_rank=local_rank, local_size=local_size, device=device, backend=backend)
 
 
-def close(world: World, failed: bool = False, outlive_peers: bool = False) -> None:
+def close(world: World, *, failed: bool = False, outlive_peers: bool = False) -> None:
     """Leave the process group: after a barrier when every rank succeeded, at once after a failure (the other
     ranks may be waiting in a collective; torchrun stops them when this rank exits non-zero).
 

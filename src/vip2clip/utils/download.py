@@ -21,7 +21,7 @@ class CutOffError(DownloadError):
 
 
 def fetch_url(
-    url: str, destination: str | Path, check: Callable[[Path], None] | None = None, timeout: float = 60.0
+    url: str, destination: str | Path, *, check: Callable[[Path], None] | None = None, timeout: float = 60.0
 ) -> Path:
     """Download `url` to `destination` atomically, running `check` on the complete file first.
 
@@ -43,7 +43,7 @@ def fetch_url(
                 if check is not None:
                     check(path)
 
-            return atomic_copy_stream(response, destination, complete_then_check)
+            return atomic_copy_stream(response, destination, check=complete_then_check)
     except urllib.error.HTTPError as error:
         raise DownloadError(f"cannot download {url}: HTTP {error.code} {error.reason}") from error
     except (urllib.error.URLError, TimeoutError, ConnectionError) as error:

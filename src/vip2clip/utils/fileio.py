@@ -85,7 +85,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 
 def atomic_copy_stream(
-    source: IO[bytes], path: str | Path, check: Callable[[Path], None] | None = None, chunk: int = 1 << 20
+    source: IO[bytes], path: str | Path, *, check: Callable[[Path], None] | None = None, chunk: int = 1 << 20
 ) -> Path:
     """Copy a readable binary stream (a file, an HTTP response) to `path` atomically; `check(temp_path)` runs on
     the complete copy before it takes the destination's name (raise to refuse it: nothing is left behind)."""
@@ -119,7 +119,7 @@ def json_line(data: Any) -> str:
     return json.dumps(json_safe(data), allow_nan=False)
 
 
-def atomic_save_image(image: Image.Image, path: str | Path, image_format: str | None = None) -> Path:
+def atomic_save_image(image: Image.Image, path: str | Path, *, image_format: str | None = None) -> Path:
     """Save a PIL image atomically; the format follows the suffix unless `image_format` is given."""
     path = Path(path)
     image_format = image_format or Image.registered_extensions().get(path.suffix.lower())
@@ -172,7 +172,7 @@ def _not_a_torch_file(head: bytes) -> str | None:
     return f"it holds {what}"
 
 
-def read_torch_file(path: str | Path, what: str, error_type: type[Exception] = ValueError) -> Any:
+def read_torch_file(path: str | Path, what: str, *, error_type: type[Exception] = ValueError) -> Any:
     """torch.load on the CPU, tensors and plain data only. Every failure is an `error_type` naming the file and
     what is wrong with it in words (empty, JSON, an image, truncated, arbitrary pickled objects, TorchScript),
     never torch's own text (miniz errors, "[Errno 22]", advice to turn off weights_only)."""

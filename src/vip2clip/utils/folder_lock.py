@@ -8,7 +8,7 @@ file, so the operating system releases it when the process ends in any way (exit
 a lock file left by a killed run is not a lock, and the next run takes it over. A run removes the file as it
 ends (still holding the lock; a process that opened the file meanwhile finds it replaced and locks the new one,
 so removing it cannot let two runs in). Where `fcntl` is missing (Windows) nothing is locked. The feature
-cache's slots have their own waiting locks (`training.cache_store`): there a second process has a use for the
+cache's slots have their own waiting locks (`features.cache_store`): there a second process has a use for the
 result and waits for it.
 """
 
@@ -53,7 +53,7 @@ def _locked(path: Path, folder: Path, command: str) -> IO[str]:
 
 
 @contextlib.contextmanager
-def exclusive_folder(folder: str | Path, command: str, take: bool = True) -> Iterator[None]:
+def exclusive_folder(folder: str | Path, command: str, *, take: bool = True) -> Iterator[None]:
     """Hold FOLDER's lock while the block runs; FolderBusyError when another process holds it. FOLDER is created
     for the lock, and removed again when the block leaves nothing else in it (a refused run leaves no folder).
 

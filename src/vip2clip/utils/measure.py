@@ -49,6 +49,7 @@ def synchronizer(device: torch.device | str) -> Callable[[], None]:
 def time_interleaved(
     candidates: dict[str, Callable[[], object]],
     repeats: int,
+    *,
     warmup: int = 1,
     sync: Callable[[], None] = lambda: None,
     rotate: bool = False,

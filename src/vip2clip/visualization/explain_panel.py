@@ -44,7 +44,7 @@ _BACKGROUND: Colour = (255, 255, 255)
 
 
 def _grid(
-    tile: tuple[int, int], columns: int, rows: int, n_lines: int, style: PanelStyle
+    tile: tuple[int, int], columns: int, *, rows: int, n_lines: int, style: PanelStyle
 ) -> tuple[list[list[Box]], list[list[Box]], Box, int, tuple[Box, ...], tuple[int, int], int]:
     """Tile boxes [row][column], their title boxes, the colour bar beside row 1, where its numbers start, the
     text lines' boxes, the panel size and the font size."""
@@ -93,13 +93,16 @@ def _lines(text: PanelText, attention: bool, style: PanelStyle) -> list[tuple[st
     return lines
 
 
-def _overlay(rgb: Image.Image, values: np.ndarray, low: float, high: float, style: PanelStyle) -> Image.Image:
-    return heatmap_overlay(rgb, resize_map(np.asarray(values, dtype=np.float32), rgb.size), low, high, style.alpha)
+def _overlay(rgb: Image.Image, values: np.ndarray, *, low: float, high: float, style: PanelStyle) -> Image.Image:
+    return heatmap_overlay(
+        rgb, resize_map(np.asarray(values, dtype=np.float32), rgb.size), low=low, high=high, alpha=style.alpha
+    )
 
 
 def make_explanation_panel(
     image: Image.Image | np.ndarray,
     explanation: Explanation,
+    *,
     index: int = 0,
     mask: np.ndarray | None = None,
     text: PanelText | None = None,
@@ -111,13 +114,15 @@ def make_explanation_panel(
     tile = tile_size(rgb.size, style)
     rgb = rgb.resize(tile, Image.BICUBIC) if rgb.size != tile else rgb
     layers, attention = explanation.layers, explanation.attention
-    text = text or PanelText(float(explanation.pred_score[index]))
+    text = text or PanelText(pred_score=float(explanation.pred_score[index]))
     row = [(rgb, "input")]
     row += [
-        (_overlay(rgb, m, style.low, style.high, style), f"layer {n}")
+        (_overlay(rgb, m, low=style.low, high=style.high, style=style), f"layer {n}")
         for m, n in zip(explanation.smoothed_layer_maps[index], layers, strict=True)
     ]
-    row.append((_overlay(rgb, explanation.anomaly_map[index], style.low, style.high, style), "fused map"))
+    row.append(
+        (_overlay(rgb, explanation.anomaly_map[index], low=style.low, high=style.high, style=style), "fused map")
+    )
     if mask is not None:
         row.append((mask_tile(mask, tile), GROUND_TRUTH))
     rows = [row]
@@ -125,17 +130,24 @@ def make_explanation_panel(
         maps = attention[index, :, state]
         rows.append(
             [
-                (_overlay(rgb, m / max(float(m.max()), 1e-12), 0.0, 1.0, style), f"{prompt} prompt, layer {n}")
+                (
+                    _overlay(rgb, m / max(float(m.max()), 1e-12), low=0.0, high=1.0, style=style),
+                    f"{prompt} prompt, layer {n}",
+                )
                 for m, n in zip(maps, layers, strict=True)
             ]
         )
     lines = _lines(text, attention is not None, style)
-    tiles, titles, bar, labels_left, line_boxes, size, font = _grid(tile, len(row), len(rows), len(lines), style)
+    tiles, titles, bar, labels_left, line_boxes, size, font = _grid(
+        tile, len(row), rows=len(rows), n_lines=len(lines), style=style
+    )
     panel = Image.new("RGB", size, _BACKGROUND)
     for r, pictures in enumerate(rows):
         offset = 1 if r else 0  # attention rows sit under the layers, not under the input
         for c, (picture, title) in enumerate(pictures):
-            paste_titled(panel, picture, tiles[r][c + offset], title, titles[r][c + offset], font)
-    paste_colour_bar(panel, bar, labels_left, font, style)
-    paste_lines(panel, lines, line_boxes, font)
+            paste_titled(
+                panel, picture, box=tiles[r][c + offset], title=title, title_box=titles[r][c + offset], font=font
+            )
+    paste_colour_bar(panel, bar, labels_left=labels_left, font=font, style=style)
+    paste_lines(panel, lines, boxes=line_boxes, font=font)
     return panel

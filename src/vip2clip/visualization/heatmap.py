@@ -32,7 +32,7 @@ _JET_COLOURS = np.array(
 MAP_LOW, MAP_HIGH = 0.0, 1.0  # the fixed colour scale: map values drawn as the coldest and the hottest colour
 
 
-def normalize_map(anomaly_map: np.ndarray, low: float = MAP_LOW, high: float = MAP_HIGH) -> np.ndarray:
+def normalize_map(anomaly_map: np.ndarray, *, low: float = MAP_LOW, high: float = MAP_HIGH) -> np.ndarray:
     """Scale a map [H, W] from (low, high) to [0, 1], clipped (default: the fixed scale, an identity clip)."""
     if not high > low:
         raise ValueError(f"the colour scale needs low < high, got ({low}, {high})")
@@ -65,6 +65,7 @@ def as_rgb_array(image: Image.Image | np.ndarray) -> np.ndarray:
 def heatmap_overlay(
     image: Image.Image | np.ndarray,
     anomaly_map: np.ndarray,
+    *,
     low: float = MAP_LOW,
     high: float = MAP_HIGH,
     alpha: float = 0.5,
@@ -82,11 +83,11 @@ def heatmap_overlay(
     full_size = values.shape == (height, width)
     # The colour scale applies before a resize (clipped values are interpolated): to the small map, or per strip
     # of a full-size one (no full-size copy).
-    scaled = values if full_size else normalize_map(values, low, high)
+    scaled = values if full_size else normalize_map(values, low=low, high=high)
     overlay = Image.new("RGB", (width, height))
     for top, strip in resized_map_strips(scaled, (width, height)):
         rgb = np.asarray(source.crop((0, top, width, top + strip.shape[0])))
-        colours = jet(normalize_map(strip, low, high) if full_size else strip)
+        colours = jet(normalize_map(strip, low=low, high=high) if full_size else strip)
         blended = (1.0 - alpha) * rgb.astype(np.float32) + alpha * colours.astype(np.float32)
         overlay.paste(Image.fromarray(np.rint(blended).astype(np.uint8)), (0, top))
     return overlay

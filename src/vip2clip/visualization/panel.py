@@ -37,7 +37,7 @@ _EMPTY_TILE: Colour = (215, 215, 215)
 Box = tuple[int, int, int, int]  # left, top, right (exclusive), bottom (exclusive)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PanelStyle:
     """Sizes (pixels) and the colour scale. Tiles: longer side clamped to [min_side, max_side]."""
 
@@ -51,10 +51,10 @@ class PanelStyle:
     def __post_init__(self) -> None:
         if not 0 < self.min_side <= self.max_side:
             raise ValueError(f"need 0 < min_side <= max_side, got {self.min_side}, {self.max_side}")
-        normalize_map(np.zeros(1), self.low, self.high)  # checks low < high
+        normalize_map(np.zeros(1), low=self.low, high=self.high)  # checks low < high
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PanelText:
     """What a panel says under its pictures.
 
@@ -70,7 +70,7 @@ class PanelText:
     caption: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PanelLayout:
     """Where everything goes in a panel of `size` (width, height); boxes are (left, top, right, bottom)."""
 
@@ -104,7 +104,7 @@ def _tick_length(font: int) -> int:
     return max(3, font // 4)
 
 
-def layout_panel(image_size: tuple[int, int], n_lines: int, style: PanelStyle = PanelStyle()) -> PanelLayout:
+def layout_panel(image_size: tuple[int, int], n_lines: int, *, style: PanelStyle = PanelStyle()) -> PanelLayout:
     """The geometry of a panel for an image of `image_size` with `n_lines` lines of text under the tiles."""
     tile_w, tile_h = tile_size(image_size, style)
     font = font_size((tile_w, tile_h))
@@ -125,7 +125,9 @@ def layout_panel(image_size: tuple[int, int], n_lines: int, style: PanelStyle = 
         for i in range(n_lines)
     )
     height = (lines[-1][3] if lines else top + tile_h) + margin
-    return PanelLayout((width, height), font, titles, tiles, bar, labels_left, lines)
+    return PanelLayout(
+        size=(width, height), font_size=font, titles=titles, tiles=tiles, bar=bar, labels_left=labels_left, lines=lines
+    )
 
 
 def decision_line(text: PanelText) -> tuple[str, Colour]:
@@ -158,7 +160,9 @@ def panel_lines(text: PanelText, style: PanelStyle = PanelStyle()) -> list[tuple
     return [*lines, decision_line(text), (scale_line(text, style), NEUTRAL_COLOUR)]
 
 
-def colour_bar(width: int, height: int, style: PanelStyle = PanelStyle(), marker: float | None = None) -> Image.Image:
+def colour_bar(
+    width: int, height: int, *, style: PanelStyle = PanelStyle(), marker: float | None = None
+) -> Image.Image:
     """The colour scale as a vertical bar [height, width]: style.high at the top row, style.low at the bottom.
 
     marker: a map value drawn as a black line across the bar (e.g. the pixel threshold).
@@ -166,7 +170,7 @@ def colour_bar(width: int, height: int, style: PanelStyle = PanelStyle(), marker
     values = np.linspace(1.0, 0.0, height, dtype=np.float32)[:, None].repeat(width, axis=1)
     bar = Image.fromarray(jet(values))
     if marker is not None and np.isfinite(marker):
-        fraction = float(normalize_map(np.array(marker), style.low, style.high))
+        fraction = float(normalize_map(np.array(marker), low=style.low, high=style.high))
         row = round((1.0 - fraction) * (height - 1))
         ImageDraw.Draw(bar).rectangle((0, max(0, row - 1), width - 1, min(height - 1, row + 1)), fill=(0, 0, 0))
     return bar
@@ -183,6 +187,7 @@ def mask_tile(mask: np.ndarray | None, size: tuple[int, int]) -> Image.Image:
 def make_panel(
     image: Image.Image | np.ndarray,
     anomaly_map: np.ndarray,
+    *,
     mask: np.ndarray | None = None,
     mask_title: str = GROUND_TRUTH,
     text: PanelText | None = None,
@@ -193,40 +198,46 @@ def make_panel(
     text: the caption, score and decision (None: only the scale line)."""
     rgb = image if isinstance(image, Image.Image) else Image.fromarray(as_rgb_array(image))
     rgb = rgb if rgb.mode == "RGB" else rgb.convert("RGB")  # no full-size copy: the tile is a preview
-    lines = panel_lines(text, style) if text else [(scale_line(PanelText(0.0), style), NEUTRAL_COLOUR)]
-    layout = layout_panel(rgb.size, len(lines), style)
+    lines = panel_lines(text, style) if text else [(scale_line(PanelText(pred_score=0.0), style), NEUTRAL_COLOUR)]
+    layout = layout_panel(rgb.size, len(lines), style=style)
     tile = tile_size(rgb.size, style)
     rgb = rgb.resize(tile, Image.BICUBIC) if rgb.size != tile else rgb
     tiles = [
         rgb,
         heatmap_overlay(
-            rgb, resize_map(np.asarray(anomaly_map, dtype=np.float32), tile), style.low, style.high, style.alpha
+            rgb,
+            resize_map(np.asarray(anomaly_map, dtype=np.float32), tile),
+            low=style.low,
+            high=style.high,
+            alpha=style.alpha,
         ),
         mask_tile(mask, tile),
     ]
     titles = ["input", "anomaly map", mask_title if mask is not None else NO_MASK]
     panel = Image.new("RGB", layout.size, _BACKGROUND)
     for picture, box, title, title_box in zip(tiles, layout.tiles, titles, layout.titles, strict=True):
-        paste_titled(panel, picture, box, title, title_box, layout.font_size)
+        paste_titled(panel, picture, box=box, title=title, title_box=title_box, font=layout.font_size)
     marker = text.pixel_threshold if text else None
-    paste_colour_bar(panel, layout.bar, layout.labels_left, layout.font_size, style, marker)
-    paste_lines(panel, lines, layout.lines, layout.font_size)
+    paste_colour_bar(
+        panel, layout.bar, labels_left=layout.labels_left, font=layout.font_size, style=style, marker=marker
+    )
+    paste_lines(panel, lines, boxes=layout.lines, font=layout.font_size)
     return panel
 
 
-def paste_titled(panel: Image.Image, picture: Image.Image, box: Box, title: str, title_box: Box, font: int) -> None:
+def paste_titled(panel: Image.Image, picture: Image.Image, *, box: Box, title: str, title_box: Box, font: int) -> None:
     """A tile at `box`, framed, and its title centred in `title_box` (made smaller or cut short to fit). The frame
     sits in the gap around the tile: an all-white mask would otherwise merge into the white background."""
     panel.paste(picture, box[:2])
     ImageDraw.Draw(panel).rectangle((box[0] - 1, box[1] - 1, box[2], box[3]), outline=TILE_FRAME)
-    label = fitted_text_image(title, font, title_box[2] - title_box[0])
+    label = fitted_text_image(title, font, max_width=title_box[2] - title_box[0])
     panel.paste(label, (title_box[0] + (title_box[2] - title_box[0] - label.width) // 2, title_box[1]))
 
 
-def paste_lines(panel: Image.Image, lines: list[tuple[str, Colour]], boxes: tuple[Box, ...], font: int) -> None:
+def paste_lines(panel: Image.Image, lines: list[tuple[str, Colour]], *, boxes: tuple[Box, ...], font: int) -> None:
     """Lines of text (with their colours) into their boxes, each fitted to its box's width."""
     for (line, colour), box in zip(lines, boxes, strict=True):
-        panel.paste(fitted_text_image(line, font, box[2] - box[0], colour), box[:2])
+        panel.paste(fitted_text_image(line, font, max_width=box[2] - box[0], colour=colour), box[:2])
 
 
 def bar_labels_left(bar_right: int, font: int) -> int:
@@ -240,11 +251,11 @@ def bar_label_width(font: int, style: PanelStyle = PanelStyle()) -> int:
 
 
 def paste_colour_bar(
-    panel: Image.Image, bar: Box, labels_left: int, font: int, style: PanelStyle, marker: float | None = None
+    panel: Image.Image, bar: Box, *, labels_left: int, font: int, style: PanelStyle, marker: float | None = None
 ) -> None:
     """The colour bar at `bar` with tick marks and numbers at its top (high), middle and bottom (low)."""
     _, top, right, bottom = bar
-    panel.paste(colour_bar(right - bar[0], bottom - top, style, marker), bar[:2])
+    panel.paste(colour_bar(right - bar[0], bottom - top, style=style, marker=marker), bar[:2])
     draw = ImageDraw.Draw(panel)
     for fraction in (1.0, 0.5, 0.0):
         y = round(bottom - 1 - fraction * (bottom - 1 - top))

@@ -33,7 +33,7 @@ def scalable_text() -> bool:
     return isinstance(_font(12)[0], ImageFont.FreeTypeFont)
 
 
-def text_image(text: str, size: int, colour: Colour = BLACK, background: Colour = WHITE) -> Image.Image:
+def text_image(text: str, size: int, *, colour: Colour = BLACK, background: Colour = WHITE) -> Image.Image:
     """`text` on one line as an RGB image, about `size` pixels tall (the same height for every text of a size,
     so lines align), as wide as the text."""
     font, factor = _font(int(size))
@@ -49,14 +49,14 @@ def text_image(text: str, size: int, colour: Colour = BLACK, background: Colour 
 
 
 def fitted_text_image(
-    text: str, size: int, max_width: int, colour: Colour = BLACK, background: Colour = WHITE, min_size: int = 8
+    text: str, size: int, *, max_width: int, colour: Colour = BLACK, background: Colour = WHITE, min_size: int = 8
 ) -> Image.Image:
     """`text_image`, made smaller (down to `min_size`) and then cut short with ".." until it is <= max_width."""
-    image = text_image(text, size, colour, background)
+    image = text_image(text, size, colour=colour, background=background)
     while image.width > max_width and size > min_size:
         size -= 1
-        image = text_image(text, size, colour, background)
+        image = text_image(text, size, colour=colour, background=background)
     while image.width > max_width and len(text) > 1:
         text = text[:-3] + ".." if len(text) > 3 else text[:-1]
-        image = text_image(text, size, colour, background)
+        image = text_image(text, size, colour=colour, background=background)
     return image

@@ -26,7 +26,7 @@ class ConvertOptions:
     seed: int = 0
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Conversion:
     """What a converter found: samples of both splits, plus warnings (problems) and notes (information)."""
 
@@ -42,7 +42,9 @@ class Conversion:
     def relative(self, path: Path) -> str:
         return Path(os.path.relpath(path, self.root)).as_posix()
 
-    def add(self, split: str, image: Path, mask: Path | None, cls_name: str, specie_name: str, anomaly: bool) -> None:
+    def add(
+        self, split: str, image: Path, *, mask: Path | None, cls_name: str, specie_name: str, anomaly: bool
+    ) -> None:
         sample = Sample(
             img_path=self.relative(image),
             mask_path=self.relative(mask) if mask is not None and anomaly else "",
@@ -94,7 +96,7 @@ def find_child(folder: Path, name: str) -> Path | None:
     return None
 
 
-def locate(root: Path, marker: str, depth: int = 2) -> Path | None:
+def locate(root: Path, marker: str, *, depth: int = 2) -> Path | None:
     """The first folder at most `depth` levels below `root` (root itself first) that holds `marker`."""
     frontier = [root]
     for _ in range(depth + 1):
@@ -106,7 +108,7 @@ def locate(root: Path, marker: str, depth: int = 2) -> Path | None:
 
 
 def pair_masks(
-    images: Sequence[Path], mask_dir: Path | None, suffixes: Sequence[str], conversion: Conversion
+    images: Sequence[Path], mask_dir: Path | None, *, suffixes: Sequence[str], conversion: Conversion
 ) -> dict[Path, Path | None]:
     """Pair each image with the mask named `STEM + suffix + any image extension` in `mask_dir`, by name.
 
@@ -133,7 +135,7 @@ def pair_masks(
     return pairs
 
 
-def warn_unknown_dirs(folder: Path, known: Iterable[str], conversion: Conversion, what: str) -> None:
+def warn_unknown_dirs(folder: Path, known: Iterable[str], *, conversion: Conversion, what: str) -> None:
     """Report sub-folders of `folder` that the layout does not explain (compared case-insensitively)."""
     known_lower = {name.lower() for name in known}
     for child in list_dirs(folder):
@@ -144,7 +146,9 @@ def warn_unknown_dirs(folder: Path, known: Iterable[str], conversion: Conversion
 def warn_nested_dirs(folders: Iterable[Path], conversion: Conversion) -> None:
     """Report sub-folders of image folders (normal or defect folders): their images are not indexed."""
     for folder in folders:
-        warn_unknown_dirs(folder, (), conversion, "sub-folder in an image folder (its images are not indexed)")
+        warn_unknown_dirs(
+            folder, (), conversion=conversion, what="sub-folder in an image folder (its images are not indexed)"
+        )
 
 
 def single_wrapper(root: Path) -> Path | None:

@@ -40,7 +40,7 @@ def read_labels_txt(path: Path, conversion: Conversion) -> dict[str, bool]:
 def _convert_split(split_dir: Path, split: str, cls_name: str, conversion: Conversion) -> None:
     images = list_images(split_dir)
     label_dir = find_child(split_dir, "Label")
-    warn_unknown_dirs(split_dir, ("Label",), conversion, "folder (only Label/ is read)")
+    warn_unknown_dirs(split_dir, ("Label",), conversion=conversion, what="folder (only Label/ is read)")
     labels_txt = label_dir / "Labels.txt" if label_dir is not None else None
     if labels_txt is not None and labels_txt.is_file():
         flags = read_labels_txt(labels_txt, conversion)
@@ -59,29 +59,36 @@ def _convert_split(split_dir: Path, split: str, cls_name: str, conversion: Conve
             flag = f"{image.stem}_label".lower() in label_stems
         if flag:
             defective.append(image)
-    masks = pair_masks(defective, label_dir, ("_label",), conversion)
+    masks = pair_masks(defective, label_dir, suffixes=("_label",), conversion=conversion)
     for image in images:  # in file order, normal and defective interleaved as on disk
         anomalous = image in masks
-        conversion.add(split, image, masks.get(image), cls_name, "" if anomalous else "good", anomalous)
+        conversion.add(
+            split,
+            image,
+            mask=masks.get(image),
+            cls_name=cls_name,
+            specie_name="" if anomalous else "good",
+            anomaly=anomalous,
+        )
 
 
 def convert_dagm(root: Path, options: ConvertOptions) -> Conversion:
     """Convert a DAGM root holding Class1 .. Class10."""
-    conversion = Conversion(root)
+    conversion = Conversion(root=root)
     present = {d.name.lower(): d for d in list_dirs(root)}
     for cls_name in DAGM_CLASSES:
         cls_dir = present.get(cls_name.lower())
         if cls_dir is None:
             conversion.warn(root / cls_name, "class folder missing")
             continue
-        warn_unknown_dirs(cls_dir, ("Train", "Test"), conversion, f"folder in class {cls_name}")
+        warn_unknown_dirs(cls_dir, ("Train", "Test"), conversion=conversion, what=f"folder in class {cls_name}")
         for split in ("train", "test"):
             split_dir = find_child(cls_dir, split)
             if split_dir is None:
                 conversion.warn(cls_dir / split.capitalize(), "folder missing")
             else:
                 _convert_split(split_dir, split, cls_name, conversion)
-    warn_unknown_dirs(root, DAGM_CLASSES, conversion, "class folder")
+    warn_unknown_dirs(root, DAGM_CLASSES, conversion=conversion, what="class folder")
     if not conversion.test:
         raise ValueError(f"{root}: no DAGM test images found (expected Class1/Test/*.PNG ...)")
     return conversion

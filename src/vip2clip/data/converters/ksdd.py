@@ -81,7 +81,7 @@ def _write_crops(image_path: Path, label_path: Path, out: Path, conversion: Conv
     return results
 
 
-def derive_three_crops(kos_dirs: list[Path], out: Path, seed: int, conversion: Conversion) -> None:
+def derive_three_crops(kos_dirs: list[Path], out: Path, *, seed: int, conversion: Conversion) -> None:
     """Write the seeded 3-crop derivation (module docstring) of the raw kos folders into `out`."""
     if out.exists():
         shutil.rmtree(out)
@@ -109,14 +109,14 @@ def derive_three_crops(kos_dirs: list[Path], out: Path, seed: int, conversion: C
 
 def convert_ksdd(root: Path, options: ConvertOptions) -> Conversion:
     """Convert KSDD: the raw kosNN form (deriving the 3-crop set) or an already-derived MVTec-style copy."""
-    conversion = Conversion(root)
+    conversion = Conversion(root=root)
     kos_dirs = [d for d in list_dirs(root) if _KOS.match(d.name)]
     if kos_dirs:
-        derive_three_crops(kos_dirs, root / DERIVED_DIR, options.seed, conversion)
-        convert_class(root / DERIVED_DIR, KSDD_CLASS, ClassLayout(), conversion)
+        derive_three_crops(kos_dirs, root / DERIVED_DIR, seed=options.seed, conversion=conversion)
+        convert_class(root / DERIVED_DIR, KSDD_CLASS, layout=ClassLayout(), conversion=conversion)
         return conversion
     derived = next((d for d in [root, *list_dirs(root)] if (d / "test").is_dir()), None)
     if derived is None:
         raise ValueError(f"{root}: neither raw KSDD folders (kos01 ...) nor a derived copy (test/good, test/defect)")
-    convert_class(derived, KSDD_CLASS, ClassLayout(), conversion)
+    convert_class(derived, KSDD_CLASS, layout=ClassLayout(), conversion=conversion)
     return conversion

@@ -47,7 +47,7 @@ def _read_headct_labels(path: Path) -> dict[int, bool]:
 
 
 def convert_headct(root: Path, options: ConvertOptions) -> Conversion:
-    conversion = Conversion(root)
+    conversion = Conversion(root=root)
     folder = _image_folder(root, "head_ct")
     if folder is None:
         raise ValueError(f"{root}: no head_ct/ folder of images found")
@@ -62,7 +62,14 @@ def convert_headct(root: Path, options: ConvertOptions) -> Conversion:
         if image_id not in images:
             conversion.warn(folder / f"{image_id:03d}.png", "listed in labels.csv but missing on disk")
             continue
-        conversion.add("test", images.pop(image_id), None, "brain", "" if hemorrhage else "good", hemorrhage)
+        conversion.add(
+            "test",
+            images.pop(image_id),
+            mask=None,
+            cls_name="brain",
+            specie_name="" if hemorrhage else "good",
+            anomaly=hemorrhage,
+        )
     for image in images.values():
         conversion.warn(image, "image without a label in labels.csv; left out")
     return conversion
@@ -71,12 +78,19 @@ def convert_headct(root: Path, options: ConvertOptions) -> Conversion:
 def _yes_no(data: Path, cls_name: str, conversion: Conversion) -> None:
     for label, anomalous in (("no", False), ("yes", True)):
         for image in list_images(data / label):
-            conversion.add("test", image, None, cls_name, "yes" if anomalous else "good", anomalous)
+            conversion.add(
+                "test",
+                image,
+                mask=None,
+                cls_name=cls_name,
+                specie_name="yes" if anomalous else "good",
+                anomaly=anomalous,
+            )
 
 
 def convert_brainmri(root: Path, options: ConvertOptions) -> Conversion:
     # The download holds brain_tumor_dataset/{yes,no} and a duplicate top-level {yes,no}: count one copy.
-    conversion = Conversion(root)
+    conversion = Conversion(root=root)
     base = locate(root, "brain_tumor_dataset/yes", depth=1)
     data = base / "brain_tumor_dataset" if base is not None else locate(root, "yes", depth=1)
     if data is None or not (data / "no").is_dir():
@@ -89,20 +103,20 @@ def convert_brainmri(root: Path, options: ConvertOptions) -> Conversion:
 
 def convert_br35h(root: Path, options: ConvertOptions) -> Conversion:
     # Only yes/ and no/ count: pred/ is unlabelled and Br35H-Mask-RCNN/ holds copies.
-    conversion = Conversion(root)
+    conversion = Conversion(root=root)
     data = locate(root, "yes", depth=1)
     if data is None or not (data / "no").is_dir():
         raise ValueError(f"{root}: no yes/ and no/ folders found")
     ignored = [d for d in list_dirs(data) if d.name.lower() in ("pred", "br35h-mask-rcnn")]
     if ignored:
         conversion.notes.append(f"ignored (not labelled test data): {', '.join(str(d) for d in ignored)}")
-    warn_unknown_dirs(data, ("yes", "no", "pred", "Br35H-Mask-RCNN"), conversion, "folder")
+    warn_unknown_dirs(data, ("yes", "no", "pred", "Br35H-Mask-RCNN"), conversion=conversion, what="folder")
     _yes_no(data, "brain", conversion)
     return conversion
 
 
 def _paired_folders(
-    root: Path, layouts: Sequence[tuple[str, str]], suffix: str, cls_name: str, conversion: Conversion
+    root: Path, layouts: Sequence[tuple[str, str]], *, suffix: str, cls_name: str, conversion: Conversion
 ) -> None:
     """Anomalous images with masks from the first (image folder, mask folder) layout found under `root`."""
     found: dict[Path, tuple[Path, str, str]] = {}
@@ -116,34 +130,36 @@ def _paired_folders(
     for other_base, other_images, _ in others:
         conversion.notes.append(f"{other_base / other_images}: another copy of the images; ignored")
     mask_folder = base / mask_dir if (base / mask_dir).is_dir() else None
-    for image, mask in pair_masks(list_images(base / image_dir), mask_folder, (suffix,), conversion).items():
-        conversion.add("test", image, mask, cls_name, "", True)
+    for image, mask in pair_masks(
+        list_images(base / image_dir), mask_folder, suffixes=(suffix,), conversion=conversion
+    ).items():
+        conversion.add("test", image, mask=mask, cls_name=cls_name, specie_name="", anomaly=True)
 
 
 def convert_isic(root: Path, options: ConvertOptions) -> Conversion:
-    conversion = Conversion(root)
+    conversion = Conversion(root=root)
     layout = ("ISBI2016_ISIC_Part1_Test_Data", "ISBI2016_ISIC_Part1_Test_GroundTruth")
-    _paired_folders(root, [layout], "_Segmentation", "skin", conversion)
+    _paired_folders(root, [layout], suffix="_Segmentation", cls_name="skin", conversion=conversion)
     return conversion
 
 
 def convert_clinicdb(root: Path, options: ConvertOptions) -> Conversion:
-    conversion = Conversion(root)
+    conversion = Conversion(root=root)
     layouts = [("Original", "Ground Truth"), ("PNG/Original", "PNG/Ground Truth"), ("images", "masks")]
-    _paired_folders(root, layouts, "", "colon", conversion)
+    _paired_folders(root, layouts, suffix="", cls_name="colon", conversion=conversion)
     return conversion
 
 
 def convert_colondb(root: Path, options: ConvertOptions) -> Conversion:
-    conversion = Conversion(root)
-    _paired_folders(root, [("images", "masks")], "", "colon", conversion)
+    conversion = Conversion(root=root)
+    _paired_folders(root, [("images", "masks")], suffix="", cls_name="colon", conversion=conversion)
     return conversion
 
 
 def convert_kvasir(root: Path, options: ConvertOptions) -> Conversion:
     # Masks are JPEG: images.load_mask binarises them at half of 255 instead of > 0.
-    conversion = Conversion(root)
-    _paired_folders(root, [("images", "masks")], "", "colon", conversion)
+    conversion = Conversion(root=root)
+    _paired_folders(root, [("images", "masks")], suffix="", cls_name="colon", conversion=conversion)
     return conversion
 
 
@@ -152,7 +168,7 @@ def convert_endo(root: Path, options: ConvertOptions) -> Conversion:
     `images/` and `masks/` (masks paired by name, any image extension), at the root or one folder down
     (`EndoTect_2020_Segmentation_Test_Dataset/`). As the authors' index script reads it, every other folder beside
     `masks/` holds polyp images too, and a `good/` folder would hold normal ones."""
-    conversion = Conversion(root)
+    conversion = Conversion(root=root)
     base = locate(root, "masks", depth=1)
     if base is None or not (base / "masks").is_dir():
         raise ValueError(f"{root}: no masks/ folder found (EndoTect: images/ and masks/, paired by name)")
@@ -163,10 +179,10 @@ def convert_endo(root: Path, options: ConvertOptions) -> Conversion:
     for folder in folders:
         if folder.name.lower() == "good":
             for image in list_images(folder):
-                conversion.add("test", image, None, "colon", "good", False)
+                conversion.add("test", image, mask=None, cls_name="colon", specie_name="good", anomaly=False)
         else:
             anomalous += list_images(folder)
     # One pairing over all polyp folders: a mask is reported only when no folder has its image.
-    for image, mask in pair_masks(anomalous, base / "masks", ("",), conversion).items():
-        conversion.add("test", image, mask, "colon", "", True)
+    for image, mask in pair_masks(anomalous, base / "masks", suffixes=("",), conversion=conversion).items():
+        conversion.add("test", image, mask=mask, cls_name="colon", specie_name="", anomaly=True)
     return conversion

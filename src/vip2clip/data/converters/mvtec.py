@@ -42,16 +42,20 @@ class ClassLayout:
     mask_suffixes: tuple[str, ...] = ("_mask",)
 
 
-def convert_class(cls_dir: Path, cls_name: str, layout: ClassLayout, conversion: Conversion) -> None:
+def convert_class(cls_dir: Path, cls_name: str, *, layout: ClassLayout, conversion: Conversion) -> None:
     """Add one MVTec-style class folder (train normals; test normals and defects with their masks). Folders the
     layout does not explain (in the class, in train/, inside image folders) are reported."""
     train_dir, test_dir = find_child(cls_dir, "train"), find_child(cls_dir, "test")
-    warn_unknown_dirs(cls_dir, ("train", "test", "ground_truth"), conversion, f"folder in class {cls_name}")
+    warn_unknown_dirs(
+        cls_dir, ("train", "test", "ground_truth"), conversion=conversion, what=f"folder in class {cls_name}"
+    )
     if train_dir is not None:
-        warn_unknown_dirs(train_dir, (layout.normal_dir,), conversion, f"training folder (only {layout.normal_dir}/)")
+        warn_unknown_dirs(
+            train_dir, (layout.normal_dir,), conversion=conversion, what=f"training folder (only {layout.normal_dir}/)"
+        )
         warn_nested_dirs([train_dir / layout.normal_dir], conversion)
         for image in list_images(train_dir / layout.normal_dir):
-            conversion.add("train", image, None, cls_name, "good", False)
+            conversion.add("train", image, mask=None, cls_name=cls_name, specie_name="good", anomaly=False)
     if test_dir is None:
         conversion.warn(cls_dir, "class folder without a test/ folder; class skipped")
         return
@@ -61,12 +65,12 @@ def convert_class(cls_dir: Path, cls_name: str, layout: ClassLayout, conversion:
         conversion.warn(test_dir / layout.normal_dir, "no normal test images (folder missing)")
     warn_nested_dirs([test_dir / layout.normal_dir, *defect_dirs], conversion)
     for image in list_images(test_dir / layout.normal_dir):
-        conversion.add("test", image, None, cls_name, "good", False)
+        conversion.add("test", image, mask=None, cls_name=cls_name, specie_name="good", anomaly=False)
     for defect_dir in defect_dirs:
         mask_dir = find_child(ground_truth, defect_dir.name) if ground_truth is not None else None
-        pairs = pair_masks(list_images(defect_dir), mask_dir, layout.mask_suffixes, conversion)
+        pairs = pair_masks(list_images(defect_dir), mask_dir, suffixes=layout.mask_suffixes, conversion=conversion)
         for image, mask in pairs.items():
-            conversion.add("test", image, mask, cls_name, defect_dir.name, True)
+            conversion.add("test", image, mask=mask, cls_name=cls_name, specie_name=defect_dir.name, anomaly=True)
     if ground_truth is not None:
         defect_names = {d.name.lower() for d in defect_dirs}
         for mask_dir in list_dirs(ground_truth):
@@ -75,13 +79,13 @@ def convert_class(cls_dir: Path, cls_name: str, layout: ClassLayout, conversion:
 
 
 def convert_classes(
-    root: Path, classes: Sequence[str], layout: ClassLayout, conversion: Conversion, extra_ok: Sequence[str] = ()
+    root: Path, classes: Sequence[str], *, layout: ClassLayout, conversion: Conversion, extra_ok: Sequence[str] = ()
 ) -> None:
     """Convert every expected class folder under `root`; report missing classes and unknown folders."""
     present = {d.name: d for d in list_dirs(root)}
     for cls_name in classes:
         if cls_name in present:
-            convert_class(present[cls_name], cls_name, layout, conversion)
+            convert_class(present[cls_name], cls_name, layout=layout, conversion=conversion)
         else:
             conversion.warn(root / cls_name, "class folder missing")
     for name, folder in present.items():
@@ -96,21 +100,21 @@ def convert_classes(
 
 
 def convert_mvtec(root: Path, options: ConvertOptions) -> Conversion:
-    conversion = Conversion(root)
-    convert_classes(root, MVTEC_CLASSES, ClassLayout(), conversion)
+    conversion = Conversion(root=root)
+    convert_classes(root, MVTEC_CLASSES, layout=ClassLayout(), conversion=conversion)
     return conversion
 
 
 def convert_mpdd(root: Path, options: ConvertOptions) -> Conversion:
-    conversion = Conversion(root)
-    convert_classes(root, MPDD_CLASSES, ClassLayout(), conversion)
+    conversion = Conversion(root=root)
+    convert_classes(root, MPDD_CLASSES, layout=ClassLayout(), conversion=conversion)
     return conversion
 
 
 def convert_dtd(root: Path, options: ConvertOptions) -> Conversion:
     # The mask naming of DTD-Synthetic is not confirmed: accept `STEM_mask.*` and `STEM.*`.
-    conversion = Conversion(root)
-    convert_classes(root, DTD_CLASSES, ClassLayout(mask_suffixes=("_mask", "")), conversion)
+    conversion = Conversion(root=root)
+    convert_classes(root, DTD_CLASSES, layout=ClassLayout(mask_suffixes=("_mask", "")), conversion=conversion)
     return conversion
 
 
@@ -118,6 +122,8 @@ def convert_btad(root: Path, options: ConvertOptions) -> Conversion:
     # Masks share the image's stem; the extension differs by class (01: .bmp images, .png masks).
     base = locate(root, "BTech_Dataset_transformed", depth=1)
     data_root = base / "BTech_Dataset_transformed" if base is not None else root
-    conversion = Conversion(root)
-    convert_classes(data_root, BTAD_CLASSES, ClassLayout(normal_dir="ok", mask_suffixes=("",)), conversion)
+    conversion = Conversion(root=root)
+    convert_classes(
+        data_root, BTAD_CLASSES, layout=ClassLayout(normal_dir="ok", mask_suffixes=("",)), conversion=conversion
+    )
     return conversion

@@ -62,7 +62,9 @@ def _from_split_file(root: Path, split_file: Path, conversion: Conversion) -> No
         if mask is not None and not mask.is_file():
             conversion.warn(image, f"anomalous image without its mask ({mask} is missing)")
             mask = None
-        conversion.add(split, image, mask, cls_name, "anomaly" if anomaly else "good", anomaly)
+        conversion.add(
+            split, image, mask=mask, cls_name=cls_name, specie_name="anomaly" if anomaly else "good", anomaly=anomaly
+        )
 
 
 def _from_folders(root: Path, conversion: Conversion) -> None:
@@ -73,26 +75,28 @@ def _from_folders(root: Path, conversion: Conversion) -> None:
             continue
         images = present[cls_name] / "Data" / "Images"
         for image in list_images(images / "Normal"):
-            conversion.add("test", image, None, cls_name, "good", False)
+            conversion.add("test", image, mask=None, cls_name=cls_name, specie_name="good", anomaly=False)
         mask_dir = present[cls_name] / "Data" / "Masks" / "Anomaly"
-        for image, mask in pair_masks(list_images(images / "Anomaly"), mask_dir, ("",), conversion).items():
-            conversion.add("test", image, mask, cls_name, "anomaly", True)
+        for image, mask in pair_masks(
+            list_images(images / "Anomaly"), mask_dir, suffixes=("",), conversion=conversion
+        ).items():
+            conversion.add("test", image, mask=mask, cls_name=cls_name, specie_name="anomaly", anomaly=True)
 
 
 def convert_visa(root: Path, options: ConvertOptions) -> Conversion:
     """Convert a VisA root (the folder holding the class folders and `split_csv/`)."""
     base = locate(root, "candle/Data", depth=1) or locate(root, SPLIT_FILE, depth=1) or root
-    conversion = Conversion(root)
+    conversion = Conversion(root=root)
     split_file = base / SPLIT_FILE
     if split_file.is_file():
         _from_split_file(base, split_file, conversion)
     else:
         conversion.warn(split_file, "split file missing: every image goes to the test split")
         _from_folders(base, conversion)
-    warn_unknown_dirs(base, (*VISA_CLASSES, "split_csv"), conversion, "class folder")
+    warn_unknown_dirs(base, (*VISA_CLASSES, "split_csv"), conversion=conversion, what="class folder")
     for cls_dir in list_dirs(base):
         if cls_dir.name in VISA_CLASSES:
-            warn_unknown_dirs(cls_dir, ("Data",), conversion, f"folder in class {cls_dir.name}")
+            warn_unknown_dirs(cls_dir, ("Data",), conversion=conversion, what=f"folder in class {cls_dir.name}")
     if not conversion.test:
         raise ValueError(f"{root}: no VisA test images found")
     return conversion
