@@ -11,7 +11,7 @@
 #   open_clip_torch-3.3.0-py3-none-any.whl, ftfy-6.3.1-py3-none-any.whl, wcwidth-0.9.4-*.whl
 # (its other needs, torchvision timm huggingface_hub safetensors regex tqdm, are assumed present).
 # The whole script stops within BUDGET_S seconds (default 280). A dry run without a GPU:
-#   DEVICE=cpu BACKBONE=tiny BUDGET_S=120 bash benchmarks/gpu_check.sh
+#   DEVICE=cpu BACKBONE=tiny SIZE=512 BUDGET_S=120 bash benchmarks/gpu_check.sh   (518 is no multiple of tiny's patch)
 set -u
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/vip2clip_gpu}"
@@ -48,11 +48,12 @@ step() {
 
 DEVICE="${DEVICE:-cuda}"
 BACKBONE="${BACKBONE:-ViT-L-14-336}"
-COMMON=(--device "$DEVICE" --backbone "$BACKBONE" --sizes 518 --batches 8 --output "$RESULTS")
+SIZE="${SIZE:-518}"
+COMMON=(--device "$DEVICE" --backbone "$BACKBONE" --sizes "$SIZE" --batches 8 --output "$RESULTS")
 step 120 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision bf16 --repeats 20 --warmup 3
 step 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/model/test_precision.py tests/model/test_sdpa.py
 step 90 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision bf16 --repeats 10 --warmup 3 --attention mha
-step 60 python3 benchmarks/bench_memory.py --device "$DEVICE" --backbone "$BACKBONE" --precision bf16 --output "$RESULTS"
+step 60 python3 benchmarks/bench_memory.py --device "$DEVICE" --backbone "$BACKBONE" --size "$SIZE" --precision bf16 --output "$RESULTS"
 step 60 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision fp32 --repeats 10 --warmup 2
 step 150 python3 benchmarks/bench_inference.py "${COMMON[@]}" --precision bf16 --repeats 20 --warmup 3 --compile
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from open_clip.model import CLIP
-from open_clip.tokenizer import tokenize
 
 import vip2clip
 from vip2clip.model.weights import TINY_CLIP_CONFIG
+from vip2clip.testing.release_checkpoint import random_release_checkpoint
 from vip2clip.testing.release_reference import release_predict
 
 D = TINY_CLIP_CONFIG["embed_dim"]
@@ -27,47 +27,12 @@ def random_clip_state_dict(seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-def random_release_checkpoint(clip_state: dict, seed: int, n_ctx: int = 7, n_dyn: int = 3, hidden: int = 32) -> dict:
-    generator = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, std=0.1):
-        return std * torch.randn(*shape, generator=generator)
-
-    # The release's quirk: both prompts' fixed parts come from the anomalous sentence.
-    tokens = tokenize([" ".join(["X"] * n_ctx + ["damaged"] + ["X"] * n_dyn)])
-    embedded = clip_state["token_embedding.weight"][tokens]
-    prompt = {
-        "ctx_pos": rand(n_ctx, D),
-        "ctx_neg": rand(n_ctx, D),
-        "cls_ctx": rand(n_dyn, D),
-        "cls_prompter.bias": rand(1, D),
-    }
-    for h in range(n_dyn):
-        prompt.update(
-            {
-                f"cls_prompter.fc.{h}.0.weight": rand(hidden, D, std=0.3),
-                f"cls_prompter.fc.{h}.0.bias": rand(hidden),
-                f"cls_prompter.fc.{h}.2.weight": rand(D, hidden, std=0.3),
-                f"cls_prompter.fc.{h}.2.bias": rand(D),
-            }
-        )
-    for tag in ("pos", "neg"):
-        prompt[f"token_prefix_{tag}"] = embedded[:, :1].clone()
-        prompt[f"token_middle_{tag}"] = embedded[:, 1 + n_ctx : 2 + n_ctx].clone()
-        prompt[f"token_suffix_{tag}"] = embedded[:, 2 + n_ctx + n_dyn :].clone()
-        prompt[f"tokenized_prompts_{tag}"] = tokens.clone()
-    fgp = {"prompt_temp_l1": torch.tensor(0.07)}
-    for name in ("q_proj_pre", "k_proj_pre_1", "v_proj_pre_1", "proj_post_t"):
-        fgp[f"{name}.weight"] = rand(D, D, 1, std=0.4)
-        fgp[f"{name}.bias"] = rand(D)
-    return {"prompt_learner": prompt, "Zero_try": fgp}
-
-
 @pytest.fixture(scope="module")
 def release_files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("release")
     clip_state = random_clip_state_dict(seed=123)
-    checkpoint = random_release_checkpoint(clip_state, seed=7)
+    # larger weights than the release's defaults, and a small Meta-Net, so that a wrong computation shows
+    checkpoint = random_release_checkpoint(clip_state["token_embedding.weight"], 7, std=0.1, weight_std=0.4, hidden=32)
     torch.save(clip_state, folder / "clip.pt")
     torch.save(checkpoint, folder / "release.pth")
     return folder, clip_state, checkpoint

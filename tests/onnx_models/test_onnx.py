@@ -242,11 +242,16 @@ TORCH_FREE = textwrap.dedent(
     from vip2clip.inference.predictor import Predictor
 
     onnx, image, out = sys.argv[1:]
-    results = Predictor(load_onnx(onnx, precision="fp32")).predict([image])
+    engine = load_onnx(onnx, precision="fp32")
+    from PIL import Image
+
+    direct = engine.predict(engine.preprocess(Image.open(image))[None])  # the export's own transforms
+    results = Predictor(engine).predict([image])
     assert Predictor.from_onnx(onnx).identity.model.checkpoint_sha256
     assert main(["predict", image, "--onnx", onnx, "--out", out, "--no-progress"]) == 0
     loaded = sorted(name for name in sys.modules if name.split(".")[0] in ("torch", "open_clip", "torchvision"))
     result = {"score": results[0].pred_score, "map_sum": float(results[0].anomaly_map.sum()), "loaded": loaded}
+    result["direct_score"] = float(direct.pred_score[0])
     print(json.dumps(result))
     """
 )
@@ -266,6 +271,8 @@ def test_engine_predictor_and_cli_run_without_torch(exported: Exported, tmp_path
     assert reply["loaded"] == ["open_clip", "torch"]  # only the blocked entries: nothing imported them for real
     expected = Predictor(exported.model).predict(image)[0]
     assert reply["score"] == pytest.approx(expected.pred_score, abs=1e-5)
+    model_input = exported.model.preprocess(Image.open(image))[None]  # the torch model's transforms: the same input
+    assert reply["direct_score"] == pytest.approx(float(exported.model.predict(model_input).pred_score[0]), abs=1e-5)
     assert reply["map_sum"] == pytest.approx(float(expected.anomaly_map.sum()), rel=1e-5)
     assert (tmp_path / "out" / "predictions.csv").is_file()
 

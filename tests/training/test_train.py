@@ -145,6 +145,19 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(bench: DatasetIndex, t
         train(tiny_model(), bench, out_dir=tmp_path / "run", config=TrainConfig(epochs=4, batch_size=2), resume=True)
 
 
+def test_resume_on_other_clip_weights_is_refused(bench: DatasetIndex, tmp_path: Path) -> None:
+    train(tiny_model(), bench, out_dir=tmp_path / "run", config=TrainConfig(epochs=1, **FAST))
+    clip = tiny_model().backbone.clip
+    torch.save({key: value + 0.01 for key, value in clip.state_dict().items()}, tmp_path / "other-clip.pt")
+    other = tiny_model(clip_weights=tmp_path / "other-clip.pt")
+    recorded = load_checkpoint(tmp_path / "run" / "last.pt").meta["backbone"]["fingerprint"]
+    with pytest.raises(ValueError, match="its epochs were trained on CLIP weights with fingerprint") as error:
+        train(other, bench, out_dir=tmp_path / "run", config=TrainConfig(epochs=2, **FAST), resume=True)
+    assert recorded in str(error.value) and other.backbone.fingerprint() in str(error.value)
+    result = train(tiny_model(), bench, out_dir=tmp_path / "run", config=TrainConfig(epochs=2, **FAST), resume=True)
+    assert [r["epoch"] for r in result.history] == [1, 2]
+
+
 def test_final_checkpoint_loads_with_create_model(bench: DatasetIndex, tmp_path: Path) -> None:
     model = tiny_model(use_vca=False)
     result = train(model, bench, out_dir=tmp_path / "out", config=TrainConfig(epochs=1, **FAST))

@@ -56,7 +56,7 @@ def _release_factory(args: argparse.Namespace, model, folder: Path):
 
 
 def _comparability(args: argparse.Namespace, model, device_name: str) -> str | None:
-    """The shared label (`evaluation.comparability`) of what keeps our costs from comparing with the paper's;
+    """The shared label (`paper.comparability`) of what keeps our costs from comparing with the paper's;
     random weights do not (a cost does not depend on the weights' values), size and device do."""
     from vip2clip.paper.comparability import Comparability, compare_run
     from vip2clip.paper.efficiency import PAPER_IMAGE_SIZE

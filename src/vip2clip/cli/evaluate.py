@@ -309,7 +309,7 @@ def _train_for_benchmark(args: argparse.Namespace, index, *, sources, out: Path,
 
 def _benchmark_plan(args: argparse.Namespace, out: Path) -> list[tuple[int, Path]]:
     """(seed, output folder) of each model to train and evaluate; refuses an earlier run before any slow work."""
-    from vip2clip.training.loop import earlier_run
+    from vip2clip.training.run_files import earlier_run
 
     if not args.seeds:
         plan = [(args.seed, out)]

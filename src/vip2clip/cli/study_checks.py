@@ -1,6 +1,6 @@
 """`vip2clip study`'s checks of its options before any model is built, and what its report must say about the run:
 the variants asked for, the Top-K mode and grid, the data not used, the settings recorded in study_settings.json,
-and whether the run may be compared with the paper (`evaluation.comparability`)."""
+and whether the run may be compared with the paper (`paper.comparability`)."""
 
 from __future__ import annotations
 

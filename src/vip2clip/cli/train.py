@@ -186,7 +186,8 @@ def load_training_sources(
 
 @holding_out_folder("train")
 def run(args: argparse.Namespace) -> int:
-    from vip2clip.training.loop import earlier_run, train
+    from vip2clip.training.loop import train
+    from vip2clip.training.run_files import earlier_run
 
     config, context = train_config_from_args(args), run_context(args)
     world = context.world
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> int:
 def training_summary(checkpoint: Path, history: list[dict]) -> str:
     """What a finished `train` prints: the epochs and last losses in words, where the checkpoint and the
     machine-readable per-epoch log (train_log.jsonl beside it) are, and how to use the checkpoint."""
-    from vip2clip.training.loop import TRAIN_LOG
+    from vip2clip.training.run_files import TRAIN_LOG
 
     lines = [f"trained {len(history)} epoch(s)"]
     if history:

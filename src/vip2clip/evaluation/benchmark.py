@@ -247,7 +247,7 @@ def benchmark_datasets(
     """Evaluate every test dataset into OUT/NAME/ and write the combined OUT/benchmark.{md,csv,json}.
 
     identity: `ModelIdentity.of(model, checkpoint)`; training: what the model was trained on (in benchmark.json);
-    paper: numbers to compare with (`evaluation.paper.load_paper_numbers("paper")`), added to the tables;
+    paper: numbers to compare with (`evaluation.paper_numbers.load_paper_numbers("paper")`), added to the tables;
     overlaps: per test dataset (by folder) its overlap with the training images (`data.zero_shot`), recorded in
     its results and in benchmark.json, with a note when it is not zero-shot. run: the progress bars and the
     process group.

@@ -6,7 +6,7 @@ pixel-level block, one row per dataset holding "(AUROC, AP, F1)" or "(AUROC, PRO
 block. A dataset whose block is entirely undefined (the medical image-only or pixel-only sets) is left out of that
 block, as in Table 2. Undefined values are "-" in markdown, empty in CSV and null in JSON.
 
-With a reference (`benchmark --reference paper`, `evaluation.paper`) the benchmark table gains the reference's
+With a reference (`benchmark --reference paper`, `evaluation.paper_numbers`) the benchmark table gains the reference's
 numbers and ours - reference per dataset and metric ("-" where the reference has none); the markdown difference
 is that of the printed (rounded) values, so that it can be checked by eye; CSV and JSON keep full precision.
 A dataset's results (`test --reference paper`, and each dataset of such a benchmark) gain the same per class

@@ -8,7 +8,8 @@ model, which all build through it.
 2. A checkpoint runs on the CLIP weights it was trained with: `vip2clip train` records their fingerprint
    (`FrozenCLIP.fingerprint()`) in the checkpoint, and loading it on weights with another fingerprint is refused,
    naming both, unless allowed (`allow_other_weights=True` / `--allow-other-clip-weights`). Checkpoints that
-   record none (written before vip2clip recorded it, the authors' release files) load with a warning.
+   record none (written before vip2clip recorded it, the authors' release files) load with a warning. A training
+   run resumes only on the weights its epochs were trained on (`check_resumed_weights`, no override).
 
 Torch-free: `ModelSpec` validates its fields with `check_weights_choice` before anything is loaded.
 """
@@ -86,3 +87,15 @@ def check_trained_weights(checkpoint: Checkpoint, fingerprint: str, *, source: s
     if not allow_other_weights:
         raise ValueError(problem)
     logger.warning("%s (allowed: running it anyway)", problem.partition(": its scores")[0])
+
+
+def check_resumed_weights(checkpoint: Checkpoint, fingerprint: str, *, source: str) -> None:
+    """ValueError when a training run is resumed on CLIP weights (`fingerprint`, from `source`) other than those its
+    epochs were trained on: the next epochs would fit the prompts to another CLIP (no override). Checkpoints that
+    record no fingerprint (older ones) resume as before."""
+    recorded, recorded_source = recorded_fingerprint(checkpoint)
+    if recorded is not None and recorded != fingerprint:
+        raise ValueError(
+            f"cannot resume {checkpoint.path}: its epochs were trained on CLIP weights with fingerprint {recorded} "
+            f"({recorded_source}), this model has {fingerprint} ({source}): resume with those weights"
+        )

@@ -23,7 +23,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,15 @@ import numpy as np
 
 from vip2clip.config import ModelConfig
 from vip2clip.model.identity import ModelIdentity
+from vip2clip.model.preprocessing import preprocess_array
+from vip2clip.onnx.load_errors import OnnxLoadError, load_problem
 from vip2clip.onnx.openvino_precision import ExactHeads, runtime_precisions, split_encoder
 from vip2clip.outputs import ImageBatch
 from vip2clip.utils.cpu_features import auto_precision, cpu_features
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
 logger = logging.getLogger(__name__)
 
@@ -68,47 +70,6 @@ _ALL_BF16_WARNING = (
 
 class MissingDependencyError(ImportError):
     """An optional package of the `onnx` extra is not installed."""
-
-
-class OnnxLoadError(ValueError):
-    """An ONNX file (or its external data) that the runtime cannot load; one line naming the file and the problem."""
-
-
-# How ONNX Runtime and OpenVINO name an external-data file in their load errors, and say a model is no protobuf.
-_EXTERNAL_DATA = re.compile(r'External data path does not exist: "?([^"\n]+)|externally stored data in file \(([^,]+),')
-_EXTERNAL_DATA_SHORT = ("out of bounds or can not be read in full", "External initializer")
-_NOT_A_MODEL = (
-    "Protobuf parsing failed",
-    "No graph was found",
-    "INVALID_PROTOBUF",
-    "can't be parsed",
-    "Unable to read the model",
-)
-_CONTEXT_LINES = ("Exception from", "Check '", "[ONNXRuntimeError]", "FrontEnd API failed", "Loading input model")
-
-
-def load_problem(path: Path, error: Exception) -> str:
-    """One sentence for a runtime's load failure of `path`: not a protobuf / truncated, external data missing
-    or truncated, else the runtime's first line of substance (its messages lead with C++ source files)."""
-    message = str(error)
-    named = _EXTERNAL_DATA.search(message)
-    if named or any(marker in message for marker in _EXTERNAL_DATA_SHORT):
-        data = Path(next(filter(None, named.groups()))) if named else Path(path.name + ".data")
-        data = data if data.is_absolute() else path.parent / data
-        if not data.is_file():
-            return (
-                f"{path}: its external data (the weights) is missing at {data}: copy that file along with the "
-                "model (the export wrote it beside the model)"
-            )
-        return f"{path}: its external data file {data} is truncated or damaged (copy it again, or export again)"
-    if any(marker in message for marker in _NOT_A_MODEL):
-        return (
-            f"{path} is not a readable ONNX model ({path.stat().st_size:,} bytes): not a protobuf, or truncated "
-            "(copy it again, or export again with `vip2clip export`)"
-        )
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    substance = [line for line in lines if not line.startswith(_CONTEXT_LINES)] or lines or [type(error).__name__]
-    return f"{path}: the ONNX runtime cannot load it: {substance[0]}"
 
 
 def import_optional(name: str, purpose: str, *, extra: str = "onnx") -> ModuleType:
@@ -186,6 +147,11 @@ class OnnxEngine:
         return (
             f"{runtime} running the {self.file_precision} file {self.path.name} in {kernels}; {self.precision_reason}"
         )
+
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        """PIL image (any mode, any size) -> the normalised float32 array [3, S, S] this export takes, S its input
+        size (no torch): `engine.predict(np.stack([engine.preprocess(image) for image in images]))`."""
+        return preprocess_array(image, self.config.image_size)
 
     def predict(self, images: np.ndarray | torch.Tensor) -> ImageBatch:
         """images [B, 3, S, S] (normalised; numpy or torch) -> ImageBatch(pred_score [B], anomaly_map [B, S, S]).

@@ -1,7 +1,7 @@
 """Table 3 of the paper, computational efficiency (`vip2clip study efficiency`): trainable parameters, inference
 milliseconds per image (batch 1) and peak memory, measured on the device of the run, beside the paper's numbers
 (measured on an NVIDIA L20) and, given a clone of the authors' repository, the release's computation
-(`evaluation.release_clone`) measured side by side with ours.
+(`paper.release_clone`) measured side by side with ours.
 
 What is timed, for each computation: from a preprocessed image tensor on the device to the image score and the
 smoothed anomaly map (our `predict`; the release's test-time code path); image decoding and resizing are left

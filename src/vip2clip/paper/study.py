@@ -1,11 +1,11 @@
-"""Running one of the paper's studies (`evaluation.studies`): train every variant, test it, resumably.
+"""Running one of the paper's studies (`paper.studies`): train every variant, test it, resumably.
 
 Layout of a study folder OUT:
     study_settings.json               the study and the settings every variant shares (a re-run must match)
     feature_cache/                    one frozen-feature cache for every variant and every dataset
     models/KEY/seed-S/TRAIN/          a trained model (`training.loop` folder: checkpoint.pt, train_log.jsonl)
     runs/VARIANT/seed-S/TRAIN/TEST/   a variant's results on a test set (results.json ...), done.json when finished
-    study.md, study.csv, study.json, figure.png/.csv   the tables (`evaluation.study_report`)
+    study.md, study.csv, study.json, figure.png/.csv   the tables (`paper.study_report`)
 Variants that differ only in test-time options (Top-K with --top-k-at-test) share a model folder (KEY
 "shared-..."); the others have their own (KEY = the variant); untrained CLIP (Table 4's `none`) has none.
 
@@ -44,7 +44,8 @@ from vip2clip.evaluation.results import EvalConfig
 from vip2clip.model.identity import ModelIdentity
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.paper.studies import Direction, Study, Variant
-from vip2clip.training.loop import FINAL_CHECKPOINT, LAST_CHECKPOINT, train
+from vip2clip.training.loop import train
+from vip2clip.training.run_files import FINAL_CHECKPOINT, LAST_CHECKPOINT
 from vip2clip.utils.fileio import atomic_write_json
 from vip2clip.utils.folder_lock import LOCK_NAME
 from vip2clip.utils.hashing import json_digest
@@ -205,19 +206,27 @@ def _training_set(direction: Direction, datasets: Mapping[str, DatasetIndex]) ->
     return _Direction(merged.index, merged.describe())
 
 
-def _trained_model(
-    plan: StudyPlan,
-    variant: Variant,
-    *,
-    seed: int,
-    direction: Direction,
-    training: _Direction,
-    out_dir: Path,
-    build: ModelFactory,
-    run: RunContext,
-) -> tuple[ViP2CLIP, Path | None]:
+@dataclass(frozen=True, kw_only=True)
+class StudyUnit:
+    """One variant trained with one seed in one direction, then tested on the direction's datasets."""
+
+    plan: StudyPlan
+    variant: Variant
+    seed: int
+    direction: Direction
+    training: _Direction
+    out_dir: Path
+
+    @property
+    def folder(self) -> Path:
+        return self.out_dir / "runs" / self.variant.key / f"seed-{self.seed}" / self.direction.name
+
+
+def _trained_model(unit: StudyUnit, *, build: ModelFactory, run: RunContext) -> tuple[ViP2CLIP, Path | None]:
     """The unit's model: read back when trained, else trained (continued from its last epoch when killed);
     untrained CLIP as it is (no checkpoint)."""
+    plan, variant, seed, direction, training = unit.plan, unit.variant, unit.seed, unit.direction, unit.training
+    out_dir = unit.out_dir
     if not variant.trained:
         return build(variant.options, None, None), None
     folder = model_folder(out_dir, variant, seed=seed, direction=direction)
@@ -275,27 +284,16 @@ def read_done(path: Path, variant: Variant, *, direction: Direction) -> dict[str
     return datasets
 
 
-def run_unit(
-    plan: StudyPlan,
-    variant: Variant,
-    *,
-    seed: int,
-    direction: Direction,
-    training: _Direction,
-    out_dir: Path,
-    build: ModelFactory,
-    run: RunContext = LOCAL_RUN,
-) -> dict[str, dict[str, float]]:
+def run_unit(study_unit: StudyUnit, *, build: ModelFactory, run: RunContext = LOCAL_RUN) -> dict[str, dict[str, float]]:
     """Train (or read back) one variant for one seed and direction, test it; returns {test: mean metrics}."""
-    unit = out_dir / "runs" / variant.key / f"seed-{seed}" / direction.name
+    plan, variant, seed, direction = study_unit.plan, study_unit.variant, study_unit.seed, study_unit.direction
+    training, out_dir, unit = study_unit.training, study_unit.out_dir, study_unit.folder
     done = unit / DONE_FILE
     finished = read_done(done, variant, direction=direction)
     if finished is not None:
         logger.info("%s: finished earlier, read back", unit)
         return finished
-    model, checkpoint = _trained_model(
-        plan, variant, seed=seed, direction=direction, training=training, out_dir=out_dir, build=build, run=run
-    )
+    model, checkpoint = _trained_model(study_unit, build=build, run=run)
     identity = ModelIdentity.of(model, checkpoint)
     config = replace(plan.eval_config, feature_cache=cache_folder(plan, out_dir))
     means = {}
@@ -341,16 +339,9 @@ def run_study(
     for number, (variant, seed, direction) in enumerate(units, start=1):
         label = f"[{number}/{len(units)}] {variant.key} seed {seed} train {direction.name}:"
         logger.info("study %s %s", plan.study.name, label)
-        means = run_unit(
-            plan,
-            variant,
-            seed=seed,
-            direction=direction,
-            training=trainings[direction.name],
-            out_dir=out_dir,
-            build=build,
-            run=replace(run, progress=_labelled(run.progress, label)),
-        )
+        training = trainings[direction.name]
+        unit = StudyUnit(plan=plan, variant=variant, seed=seed, direction=direction, training=training, out_dir=out_dir)
+        means = run_unit(unit, build=build, run=replace(run, progress=_labelled(run.progress, label)))
         for test, mean in means.items():
             results[variant.key].setdefault(test, []).append(mean)
     return results

@@ -4,13 +4,13 @@ Tables 4-6 (`Study.rows == "variants"`): one row per variant; per test dataset a
 an image-level "(AUROC, AP, F1)" cell (the paper's order), each followed by the paper's cell and ours - paper.
 Table 9 (`rows == "datasets"`): one row per test dataset, image block then pixel block, with AVERAGE rows (the
 paper's printed AVERAGE when the block holds all of its datasets). The paper's numbers come from
-`paper_results.json` through `evaluation.paper` (its "studies"); a figure of the paper prints no numbers, so a
+`paper_results.json` through `evaluation.paper_numbers` (its "studies"); a figure of the paper prints no numbers, so a
 figure study shows ours only and says so.
 
-With several seeds a cell is "mean ± std" (x100, sample standard deviation, `evaluation.seeds`); the difference
+With several seeds a cell is "mean ± std" (x100, sample standard deviation, `paper.seeds`); the difference
 is mean - paper. study.csv and study.json hold every value at full precision, per seed.
 
-What may be compared with the paper is decided in one place, `evaluation.comparability` (`Comparability`, made by
+What may be compared with the paper is decided in one place, `paper.comparability` (`Comparability`, made by
 `compare_run` from the run's settings and test sets): every table here passes its `PaperStudy` through
 `Comparability.paper_of` and prints `markdown_lines`; a run on random weights or the tiny backbone shows no paper
 column and says why; the figure's title carries `label()`.
@@ -333,7 +333,7 @@ def write_study(
 ) -> dict[str, Path | str]:
     """study.md, study.csv, study.json and, for a figure study, figure.png and figure.csv in OUT; returns the paths
     (and "figure_note" when the PNG could not be drawn). `comparison` says what may be compared with the paper
-    (`evaluation.comparability`; default: everything); `notes` are printed under the table and kept in the JSON."""
+    (`paper.comparability`; default: everything); `notes` are printed under the table and kept in the JSON."""
     out_dir = Path(out_dir)
     reference = reference or load_paper_numbers("paper")
     paper = comparison.paper_of(_paper(study, reference))

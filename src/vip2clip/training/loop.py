@@ -36,13 +36,11 @@ import random
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from vip2clip import __version__
 from vip2clip.config import TrainConfig
 from vip2clip.data.dataset import AnomalyDataset, collate_items
 from vip2clip.data.index import DatasetIndex
@@ -50,22 +48,25 @@ from vip2clip.data.sources import source_counts
 from vip2clip.data.zero_shot import RECORD_KEY, training_record
 from vip2clip.features.feature_cache import FeatureCache, load_or_build_cache
 from vip2clip.model.backbone import ImageFeatures
-from vip2clip.model.checkpoint import load_checkpoint, save_checkpoint
+from vip2clip.model.checkpoint import save_checkpoint
 from vip2clip.model.handcrafted import NOTHING_TO_TRAIN
 from vip2clip.model.vip2clip import ViP2CLIP
 from vip2clip.training.losses import LossParts, training_loss
+from vip2clip.training.run_files import (
+    FINAL_CHECKPOINT,
+    LAST_CHECKPOINT,
+    earlier_run,
+    resume_run,
+    run_meta,
+    save_epoch,
+    write_log,
+)
 from vip2clip.utils.distributed import LOCAL, World
-from vip2clip.utils.fileio import atomic_write_text, json_line
 from vip2clip.utils.run_context import LOCAL_RUN, RunContext
 
 logger = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = "last.pt"
-FINAL_CHECKPOINT = "checkpoint.pt"
-TRAIN_LOG = "train_log.jsonl"
 CACHE_SUBDIR = "feature_cache"
-# Settings that may differ between a run and its resumption: they change at most the fp16 rounding of the features.
-_RESUMABLE_CHANGES = frozenset({"epochs", "num_workers", "cache", "cache_dir"})
 
 
 @dataclass
@@ -196,68 +197,6 @@ def run_epoch(
     return {**means, "steps": steps, "seconds": round(time.perf_counter() - started, 3)}
 
 
-def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-
-
-def _run_meta(
-    model: ViP2CLIP, index: DatasetIndex, *, split: str, config: TrainConfig, world: World, sources: list[dict]
-) -> dict[str, Any]:
-    backbone = model.backbone
-    return {
-        **world.describe(model),
-        "train_config": config.to_dict(),
-        "dataset": {"name": index.root.name, "root": str(index.root), "split": split},
-        "sources": sources,
-        "backbone": {"name": backbone.name, "weights": backbone.weights_source, "fingerprint": backbone.fingerprint()},
-        "precision": model.precision,
-        "trained_with": f"vip2clip {__version__}",
-    }
-
-
-def _resume(model: ViP2CLIP, optimizer: torch.optim.Optimizer, out_dir: Path, config: TrainConfig) -> tuple[int, list]:
-    """Restore weights, Adam state and RNG from OUT/last.pt; returns (epochs done, history)."""
-    path = out_dir / LAST_CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"cannot resume: {path} does not exist (no epoch of this run finished)")
-    checkpoint = load_checkpoint(path)
-    if checkpoint.config != model.config:
-        raise ValueError(f"cannot resume {path}: it was trained with another model configuration ({checkpoint.config})")
-    before = checkpoint.meta["train_config"]
-    changed = sorted(k for k, v in config.to_dict().items() if k not in _RESUMABLE_CHANGES and before.get(k) != v)
-    if changed:
-        raise ValueError(f"cannot resume {path} with different training settings: {changed} (were {before})")
-    model.load_trainable_state_dict(checkpoint.state)
-    optimizer.load_state_dict(checkpoint.meta["optimizer"])
-    _set_rng_state(checkpoint.meta["rng"])
-    logger.info("resuming %s after epoch %d", path, checkpoint.meta["epoch"])
-    return int(checkpoint.meta["epoch"]), list(checkpoint.meta["history"])
-
-
-def earlier_run(out_dir: Path, *, resume: bool, overwrite: bool) -> list[Path]:
-    """The files of an earlier run in OUT that `overwrite` replaces; refuses to mix runs (module docstring)."""
-    if resume and overwrite:
-        raise ValueError("give either resume (continue the run in OUT) or overwrite (start afresh), not both")
-    earlier = [out_dir / name for name in (LAST_CHECKPOINT, FINAL_CHECKPOINT, TRAIN_LOG) if (out_dir / name).exists()]
-    if earlier and not resume and not overwrite:
-        state = "a finished training run" if (out_dir / FINAL_CHECKPOINT).exists() else "an unfinished training run"
-        raise ValueError(
-            f"{out_dir} holds {state} ({', '.join(path.name for path in earlier)}); pass --resume to continue it, "
-            "--overwrite to replace it, or choose another --out"
-        )
-    return [] if resume else earlier
-
-
-def _write_log(out_dir: Path, history: list[dict[str, Any]]) -> None:
-    """OUT/train_log.jsonl holding exactly `history` (one strict JSON line per epoch)."""
-    atomic_write_text(out_dir / TRAIN_LOG, "".join(json_line(record) + "\n" for record in history))
-
-
 def _prepare_batches(
     model: ViP2CLIP,
     dataset: AnomalyDataset,
@@ -271,8 +210,12 @@ def _prepare_batches(
     (then the pixel digests of the images decoded go to `seen`)."""
     world, workers = run.world, config.num_workers
     if not config.cache:
-        encode = partial(_encoded_batches, model, dataset, workers=workers, world=world, seen=seen)
-        return list(range(len(dataset))), lambda batches: encode(batches=batches), None
+        rows = list(range(len(dataset)))
+        return (
+            rows,
+            lambda b: _encoded_batches(model, dataset, batches=b, workers=workers, world=world, seen=seen),
+            None,
+        )
     directory = Path(config.cache_dir) if config.cache_dir else out_dir / CACHE_SUBDIR
     cache = load_or_build_cache(
         model,
@@ -316,14 +259,14 @@ def train(
     if len(dataset) == 0:
         raise ValueError(f"{index.root}: split {split!r} has no usable samples to train on")
     optimizer = build_optimizer(model, config)
-    start, history = _resume(model, optimizer, out_dir, config) if resume else (0, [])
+    start, history = resume_run(model, optimizer, out_dir=out_dir, config=config) if resume else (0, [])
     if not resume:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
     seen: list[str] = []  # without a cache: the pixel digests of the images an epoch decoded
     rows, make_batches, cache = _prepare_batches(model, dataset, out_dir=out_dir, config=config, run=run, seen=seen)
     sources = sources or [source_counts(index.root.name, index, split=split).to_dict()]
-    meta = _run_meta(model, index, split=split, config=config, world=world, sources=sources)
+    meta = run_meta(model, index, split=split, config=config, world=world, sources=sources)
     digests = cache.image_digests(dataset, rows, world=world) if cache is not None else None
     if digests is not None:
         meta[RECORD_KEY] = training_record(digests, split)
@@ -332,7 +275,7 @@ def train(
         for path in replaced:  # only now that the data and the cache are ready: a bad dataset keeps the earlier run
             path.unlink()
             logger.info("replacing the earlier run in %s: removed %s", out_dir, path.name)
-        _write_log(out_dir, history)
+        write_log(out_dir, history)
     model.train()
     for epoch in range(start + 1, config.epochs + 1):
         batches = epoch_batches(rows, config.batch_size, seed=config.seed, epoch=epoch)
@@ -344,7 +287,7 @@ def train(
         seen.clear()
         history.append(record)
         if world.is_main:
-            _save_epoch(model, optimizer, out_dir=out_dir, meta=meta, history=history)
+            save_epoch(model, optimizer, out_dir=out_dir, meta=meta, history=history)
         losses = f"loss {record['total']:.4f} ({record['steps']} steps, {record['seconds']:.1f} s)"
         logger.info("epoch %d/%d: %s", epoch, config.epochs, losses)
     model.eval()
@@ -362,25 +305,6 @@ def _refuse_divergence(record: dict[str, Any], out_dir: Path) -> None:
         f"training diverged in epoch {epoch} (loss {record['total']}); its weights are not saved ({kept}). "
         "Lower --lr / --lr-fgp and train again (--overwrite)"
     )
-
-
-def _save_epoch(
-    model: ViP2CLIP, optimizer: torch.optim.Optimizer, *, out_dir: Path, meta: dict[str, Any], history: list
-) -> None:
-    """OUT/last.pt (weights, Adam state, RNG: what resuming needs) and the epoch's log line."""
-    resume_state = {"optimizer": optimizer.state_dict(), "rng": _rng_state()}
-    epoch = history[-1]["epoch"]
-    save_checkpoint(
-        out_dir / LAST_CHECKPOINT,
-        model.config,
-        state=model.trainable_state_dict(),
-        **meta,
-        epoch=epoch,
-        history=history,
-        **resume_state,
-    )
-    with open(out_dir / TRAIN_LOG, "a", encoding="utf-8") as log:
-        log.write(json_line(history[-1]) + "\n")
 
 
 def _finish_training(
