@@ -218,33 +218,38 @@ class StudyUnit:
     out_dir: Path
 
     @property
-    def folder(self) -> Path:
+    def results_folder(self) -> Path:
+        """OUT/runs/KEY/seed-S/TRAIN: the unit's test results and its done.json."""
         return self.out_dir / "runs" / self.variant.key / f"seed-{self.seed}" / self.direction.name
+
+    @property
+    def model_folder(self) -> Path:
+        """Where the unit's model is trained (`model_folder`)."""
+        return model_folder(self.out_dir, self.variant, seed=self.seed, direction=self.direction)
 
 
 def _trained_model(unit: StudyUnit, *, build: ModelFactory, run: RunContext) -> tuple[ViP2CLIP, Path | None]:
     """The unit's model: read back when trained, else trained (continued from its last epoch when killed);
     untrained CLIP as it is (no checkpoint)."""
-    plan, variant, seed, direction, training = unit.plan, unit.variant, unit.seed, unit.direction, unit.training
-    out_dir = unit.out_dir
+    variant = unit.variant
     if not variant.trained:
         return build(variant.options, None, None), None
-    folder = model_folder(out_dir, variant, seed=seed, direction=direction)
+    folder = unit.model_folder
     checkpoint = folder / FINAL_CHECKPOINT
     if not checkpoint.is_file():
-        config = replace(plan.train_config, seed=seed, cache_dir=str(cache_folder(plan, out_dir)))
+        config = replace(unit.plan.train_config, seed=unit.seed, cache_dir=str(cache_folder(unit.plan, unit.out_dir)))
         resume = (folder / LAST_CHECKPOINT).is_file()
-        model = build(variant.options, seed, None)
+        model = build(variant.options, unit.seed, None)
         train(
             model,
-            training.index,
+            unit.training.index,
             out_dir=folder,
             config=config,
             split="test",
             resume=resume,
             overwrite=not resume,
             run=run,
-            sources=training.sources,
+            sources=unit.training.sources,
         )
         if not variant.test_options:
             return model, checkpoint
@@ -284,27 +289,26 @@ def read_done(path: Path, variant: Variant, *, direction: Direction) -> dict[str
     return datasets
 
 
-def run_unit(study_unit: StudyUnit, *, build: ModelFactory, run: RunContext = LOCAL_RUN) -> dict[str, dict[str, float]]:
+def run_unit(unit: StudyUnit, *, build: ModelFactory, run: RunContext = LOCAL_RUN) -> dict[str, dict[str, float]]:
     """Train (or read back) one variant for one seed and direction, test it; returns {test: mean metrics}."""
-    plan, variant, seed, direction = study_unit.plan, study_unit.variant, study_unit.seed, study_unit.direction
-    training, out_dir, unit = study_unit.training, study_unit.out_dir, study_unit.folder
-    done = unit / DONE_FILE
+    plan, variant, direction, folder = unit.plan, unit.variant, unit.direction, unit.results_folder
+    done = folder / DONE_FILE
     finished = read_done(done, variant, direction=direction)
     if finished is not None:
-        logger.info("%s: finished earlier, read back", unit)
+        logger.info("%s: finished earlier, read back", folder)
         return finished
-    model, checkpoint = _trained_model(study_unit, build=build, run=run)
+    model, checkpoint = _trained_model(unit, build=build, run=run)
     identity = ModelIdentity.of(model, checkpoint)
-    config = replace(plan.eval_config, feature_cache=cache_folder(plan, out_dir))
+    config = replace(plan.eval_config, feature_cache=cache_folder(plan, unit.out_dir))
     means = {}
     for test in direction.tests:
-        record = {"sources": training.sources, "zero_shot": {"zero_shot": True, "checked": "before the study"}}
+        record = {"sources": unit.training.sources, "zero_shot": {"zero_shot": True, "checked": "before the study"}}
         if not variant.trained:
             record = {"sources": [], "trained": False, "zero_shot": {"zero_shot": True, "checked": "untrained"}}
         result = evaluate_dataset(
             model,
             plan.datasets[test],
-            out_dir=unit / test,
+            out_dir=folder / test,
             config=config,
             name=_title(test),
             identity=identity,
@@ -313,7 +317,7 @@ def run_unit(study_unit: StudyUnit, *, build: ModelFactory, run: RunContext = LO
         )
         means[test] = dict(result.mean)
     if run.world.is_main:
-        atomic_write_json(done, {**_unit_record(variant, direction), "seed": seed, "datasets": means})
+        atomic_write_json(done, {**_unit_record(variant, direction), "seed": unit.seed, "datasets": means})
     run.world.barrier()
     return means
 
